@@ -1,0 +1,5 @@
+"""cadenced: a sending daemon for sales outreach cadences."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,213 @@
+"""argparse commands; the only place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from daemon import __version__, enroll, readside
+from daemon.config import Config, config_path_from, effective_dict, load_config
+from daemon.errors import CadencedError, ConfigError
+from daemon.readside import iso
+from daemon.store import MESSAGE_STATES, Store
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(config_path_from(args.config))
+    for warning in config.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    return config
+
+
+def _open_store(config: Config, *, create: bool = True) -> Store:
+    return Store.open(config.daemon.database, create=create)
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    problems: list[str] = []
+    if config.daemon.database.exists():
+        store = _open_store(config, create=False)
+        try:
+            problems = enroll.pin_problems(config, store.pins())
+        finally:
+            store.close()
+    if problems:
+        raise ConfigError(problems, str(config.path))
+    if args.print:
+        sys.stdout.write(tomli_w.dumps(effective_dict(config)))
+    else:
+        _out(
+            f"{config.path}: ok ({len(config.users)} users, {len(config.mailboxes)} mailboxes, "
+            f"{len(config.cadences)} cadences, {len(config.automations)} automations)"
+        )
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config)
+    try:
+        importer = enroll.Importer(store, config, args.cadence, args.adder)
+        report = importer.run(Path(args.file), time.time())
+    finally:
+        store.close()
+    if args.json:
+        _json(report.as_dict())
+        return 0
+    _out(f"enrolled {report.enrolled}, skipped {report.skipped} (already enrolled), rejected {len(report.rejected)}")
+    for mailbox, n in sorted(report.assignments.items()):
+        _out(f"  {mailbox}: {n}")
+    for r in report.rejected:
+        _out(f"  line {r.line}: {r.email or '-'}: {r.reason}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config)
+    try:
+        document = readside.status(config, store, time.time())
+    finally:
+        store.close()
+    if args.json:
+        _json(document)
+        return 0
+    _out("mailboxes:")
+    for m in document["mailboxes"]:
+        waiting = f"waiting for {m['waiting_for']}" if m["waiting_for"] else ""
+        nxt = f"next {m['next_send_at']}" if m["next_send_at"] else "nothing due"
+        _out(
+            f"  {m['address']:<32} {m['state']:<12} sent {m['sent_today']}/{m['daily_limit']}  "
+            f"scheduled {m['scheduled']}  error {m['error']}  {nxt} {waiting}".rstrip()
+        )
+    _out("cadences:")
+    for c in document["cadences"]:
+        counts = ", ".join(f"{k} {v}" for k, v in c["enrollments"].items()) or "no enrollments"
+        _out(f"  {c['name']}: {counts}")
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config)
+    try:
+        rows = store.outbox(state=args.state, mailbox=args.mailbox, cadence=args.cadence, limit=args.limit)
+    finally:
+        store.close()
+    messages = [
+        {
+            "id": r["id"],
+            "cadence": r["cadence"],
+            "prospect": r["prospect"],
+            "step": r["step"],
+            "mailbox": r["mailbox"],
+            "state": r["state"],
+            "reason": r["reason"],
+            "due_at": iso(r["due_at"]),
+            "sent_at": iso(r["sent_at"]),
+            "message_id": r["message_id"],
+            "attempts": r["attempts"],
+            "smtp_code": r["smtp_code"],
+            "detail": r["detail"],
+        }
+        for r in rows
+    ]
+    if args.json:
+        _json({"messages": messages})
+        return 0
+    if not messages:
+        _out("no messages")
+    for m in messages:
+        when = f"sent {m['sent_at']}" if m["sent_at"] else f"due {m['due_at']}"
+        why = f" ({m['reason']})" if m["reason"] else ""
+        _out(
+            f"{m['id']:>7} {m['state']}{why:<16} {m['cadence']} step {m['step']} "
+            f"{m['mailbox']} → {m['prospect']} {when}"
+        )
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="configuration file (default: $CADENCED_CONFIG or /etc/cadenced/config.toml)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="cadenced", description="Sending daemon for sales outreach cadences.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"cadenced {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", parents=[common], help="validate the configuration")
+    p.add_argument("--print", action="store_true", help="print the effective configuration as TOML")
+    p.set_defaults(handler=cmd_check)
+
+    p = sub.add_parser("enroll", parents=[common], help="enroll prospects from a CSV file")
+    p.add_argument("--cadence", required=True)
+    p.add_argument("--as", dest="adder", required=True, metavar="USER", help="the user who adds them")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("file", metavar="FILE.csv")
+    p.set_defaults(handler=cmd_enroll)
+
+    p = sub.add_parser("status", parents=[common], help="mailboxes and cadences at a glance")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("outbox", parents=[common], help="list the outbox")
+    p.add_argument("--state", choices=MESSAGE_STATES)
+    p.add_argument("--mailbox")
+    p.add_argument("--cadence")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_outbox)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        head = f"{exc.source}: " if exc.source else ""
+        if len(exc.problems) == 1:
+            sys.stderr.write(f"cadenced: {head}{exc.problems[0]}\n")
+        else:
+            sys.stderr.write(f"cadenced: {head}{len(exc.problems)} problems\n")
+            for problem in exc.problems:
+                sys.stderr.write(f"  {problem}\n")
+        return exc.exit_code
+    except CadencedError as exc:
+        sys.stderr.write(f"cadenced: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

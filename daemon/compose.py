@@ -1,0 +1,143 @@
+"""Pure: templates and prospect data → email messages with thread headers."""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.sandbox import SandboxedEnvironment
+
+STANDARD_FIELDS = ("email", "first_name", "last_name", "company")
+SENDER_FIELDS = ("sender_name", "sender_address")
+_DEFAULT_FILTERS = frozenset({"default", "d"})
+
+_ENV = SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+)
+
+
+class TemplateProblem(Exception):
+    """A template failed to compile or render; the message says why, without data values."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Template:
+    """A compiled template with the prospect fields it cannot render without."""
+
+    source: str
+    compiled: jinja2.Template
+    required: frozenset[str]
+
+    def render(self, variables: Mapping[str, Any]) -> str:
+        try:
+            return self.compiled.render(variables)
+        except jinja2.UndefinedError as exc:
+            raise TemplateProblem(f"undefined variable: {exc.message}") from None
+        except jinja2.TemplateError as exc:
+            raise TemplateProblem(str(exc)) from None
+        except Exception as exc:  # a template may divide by zero, index past the end...
+            raise TemplateProblem(f"{type(exc).__name__}: {exc}") from None
+
+
+def compile_template(source: str) -> Template:
+    """Compile `source`; raise TemplateProblem with the line on a syntax error."""
+    try:
+        tree = _ENV.parse(source)
+        compiled = _ENV.from_string(tree)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateProblem(f"line {exc.lineno}: {exc.message}") from None
+    return Template(source, compiled, frozenset(_required_names(tree)))
+
+
+def _required_names(tree: nodes.Template) -> set[str]:
+    """Names the template reads without a `default` filter or an `is defined` test.
+
+    A cheap pre-check for enrollment: a row lacking one of these is rendered for
+    real to confirm, so a name used only inside `{% if name %}` costs a render,
+    never a wrong rejection.
+    """
+    guarded: set[int] = set()
+    for flt in tree.find_all(nodes.Filter):
+        if flt.name in _DEFAULT_FILTERS and isinstance(flt.node, nodes.Name):
+            guarded.add(id(flt.node))
+    for test in tree.find_all(nodes.Test):
+        if test.name in {"defined", "undefined"} and isinstance(test.node, nodes.Name):
+            guarded.add(id(test.node))
+    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in {"store", "param"}}
+    return {
+        n.name for n in tree.find_all(nodes.Name) if n.ctx == "load" and id(n) not in guarded and n.name not in assigned
+    }
+
+
+def prospect_variables(fields: Mapping[str, str], sender_name: str, sender_address: str) -> dict[str, str]:
+    """Template variables of one prospect: its non-empty fields plus the sender's."""
+    variables = {k: v for k, v in fields.items() if v != ""}
+    variables["sender_name"] = sender_name
+    variables["sender_address"] = sender_address
+    return variables
+
+
+def sample_variables(extra_fields: tuple[str, ...]) -> dict[str, str]:
+    """The sample prospect `check` renders every step against."""
+    sample = {
+        "email": "pat.sample@example.com",
+        "first_name": "Pat",
+        "last_name": "Sample",
+        "company": "Example Corp",
+    }
+    for name in extra_fields:
+        sample.setdefault(name, f"sample {name}")
+    return prospect_variables(sample, "Sam Sender", "sam@sender.example")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What compose needs to know about one message to send."""
+
+    from_name: str
+    from_address: str
+    to_address: str
+    subject: str
+    body: str
+    message_id: str
+    date: float
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+
+
+def make_message_id(outbox_id: int, attempt_token: str, sender_address: str) -> str:
+    """A Message-ID on the sender's domain, unique per outbox row."""
+    domain = sender_address.rpartition("@")[2] or "localhost"
+    return f"<cadenced.{outbox_id}.{attempt_token}@{domain}>"
+
+
+def thread_subject(first_subject: str, own_subject: str | None) -> str:
+    """A follow-up without its own subject goes as a reply in the thread."""
+    if own_subject:
+        return own_subject
+    if first_subject.lower().startswith("re:"):
+        return first_subject
+    return f"Re: {first_subject}"
+
+
+def build_message(out: Outgoing) -> EmailMessage:
+    """The RFC 5322 message for one send."""
+    msg = EmailMessage()
+    msg["From"] = email.utils.formataddr((out.from_name, out.from_address))
+    msg["To"] = out.to_address
+    msg["Subject"] = out.subject
+    msg["Date"] = email.utils.formatdate(out.date, localtime=False, usegmt=True)
+    msg["Message-ID"] = out.message_id
+    if out.in_reply_to:
+        msg["In-Reply-To"] = out.in_reply_to
+    if out.references:
+        msg["References"] = " ".join(out.references)
+    msg.set_content(out.body)
+    return msg

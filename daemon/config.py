@@ -1,0 +1,847 @@
+"""TOML → frozen dataclasses; every check names its TOML path."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+import zoneinfo
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon import compose
+from daemon.errors import ConfigError
+
+DEFAULT_PATH = "/etc/cadenced/config.toml"
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+MASK = "********"
+
+T = TypeVar("T")
+_MISSING: Any = object()
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_HOURS = re.compile(r"(\d{2}):(\d{2})-(\d{2}):(\d{2})")
+_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+class Secret:
+    """A password or token: its repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(********)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """How to log in: a password from a file, the environment, a credential, or inline."""
+
+    username: str
+    secret: Secret | None
+    source: str  # "password_file:/path", "password_env:VAR", "credential:NAME", "password", ""
+    mechanism: str = "password"  # password | xoauth2
+    token_command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """An SMTP or IMAP endpoint of one mailbox."""
+
+    host: str
+    port: int
+    security: str  # tls | starttls | none
+    ca_file: str
+    allow_plaintext: bool
+    auth: Auth
+    timeout: float
+    poll: float = 60.0  # IMAP only
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """When a mailbox may send: local days and hours, the daily limit, the gap."""
+
+    timezone: str
+    days: frozenset[int]  # 0 = Monday
+    hours: tuple[tuple[int, int], ...]  # minutes after local midnight, [start, end)
+    daily_limit: int
+    gap: tuple[float, float]  # seconds, min and max
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    address: str
+    name: str
+    owner: str
+    schedule: Schedule
+    smtp: Server
+    imap: Server | None
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    number: int  # 1-based
+    wait: float  # seconds
+    subject: compose.Template | None
+    body: compose.Template
+    body_file: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cadence:
+    name: str
+    users: tuple[str, ...]
+    mailboxes: tuple[str, ...]
+    pool: tuple[str, ...]  # mailbox addresses in file order
+    auto_rotate: bool
+    rotate_among: str  # cadence | owner | adder
+    sender: str
+    stop_on_reply: bool
+    fields: tuple[str, ...]
+    steps: tuple[Step, ...]
+
+    def required_fields(self) -> frozenset[str]:
+        names: set[str] = set()
+        for step in self.steps:
+            names |= step.body.required
+            if step.subject is not None:
+                names |= step.subject.required
+        return frozenset(names - set(compose.SENDER_FIELDS))
+
+
+@dataclass(frozen=True, slots=True)
+class Automation:
+    name: str
+    cadence: str
+    owner: str
+    watch: Path
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    database: Path
+    log_format: str
+    log_level: str
+    max_connections: int
+    shutdown_grace: float
+    retry_delays: tuple[float, ...]
+    idle_close: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    daemon: DaemonSettings
+    defaults: Schedule
+    users: tuple[User, ...]
+    mailboxes: tuple[Mailbox, ...]
+    cadences: tuple[Cadence, ...]
+    automations: tuple[Automation, ...]
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def mailbox(self, address: str) -> Mailbox:
+        for m in self.mailboxes:
+            if m.address == address:
+                return m
+        raise KeyError(address)
+
+    def cadence(self, name: str) -> Cadence:
+        for c in self.cadences:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def user_names(self) -> frozenset[str]:
+        return frozenset(u.name for u in self.users)
+
+
+# --- values -----------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """`45s`, `30m`, `4h`, `3d`, `1d12h` → seconds. Raises ValueError."""
+    m = _DURATION.fullmatch(text.strip())
+    if not text.strip() or m is None or not any(m.groups()):
+        raise ValueError(f"not a duration (use 45s, 30m, 4h, 3d or sums such as 1d12h), got {text!r}")
+    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return float(d * 86400 + h * 3600 + mi * 60 + s)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds → the shortest duration text that parses back to them."""
+    rest = int(seconds)
+    if rest == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts)
+
+
+def parse_gap(text: str) -> tuple[float, float]:
+    """`2m-5m` or `30s` → (min, max) seconds."""
+    low, sep, high = text.partition("-")
+    a = parse_duration(low)
+    b = parse_duration(high) if sep else a
+    if b < a:
+        raise ValueError(f"range must go from low to high, got {text!r}")
+    return (a, b)
+
+
+def parse_hours(text: str) -> tuple[int, int]:
+    """`09:00-17:00` → (540, 1020) minutes; `00:00-24:00` is all day."""
+    m = _HOURS.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"must look like 09:00-17:00, got {text!r}")
+    h1, m1, h2, m2 = (int(g) for g in m.groups())
+    if h1 > 23 or m1 > 59 or m2 > 59 or h2 > 24 or (h2 == 24 and m2 != 0):
+        raise ValueError(f"not a time of day in {text!r}")
+    start, end = h1 * 60 + m1, h2 * 60 + m2
+    if end <= start:
+        raise ValueError(f"end must be after start (a range may not cross midnight), got {text!r}")
+    return (start, end)
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def valid_address(text: str) -> bool:
+    return len(text) <= 254 and _ADDRESS.fullmatch(text) is not None and "." in text.rpartition("@")[2]
+
+
+# --- reading tables ----------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.warnings: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}")
+
+
+class _Table:
+    """One TOML table being read: typed getters that record problems, then unknown keys."""
+
+    def __init__(self, data: dict[str, Any], path: str, problems: _Problems) -> None:
+        self.data = data
+        self.path = path
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _get(self, key: str, kind: type | tuple[type, ...], kind_name: str, default: Any) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _MISSING:
+                self.problems.add(self.at(key), "is required")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.problems.add(self.at(key), f"must be {kind_name}, got {_type_name(value)}")
+            return default if default is not _MISSING else None
+        return value
+
+    def string(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, str, "a string", default)
+
+    def boolean(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, bool, "true or false", default)
+
+    def integer(self, key: str, default: Any, low: int, high: int) -> Any:
+        value = self._get(key, int, "an integer", default)
+        if isinstance(value, int) and not low <= value <= high:
+            self.problems.add(self.at(key), f"must be {low}-{high}, got {value}")
+            return default
+        return value
+
+    def choice(self, key: str, default: Any, choices: tuple[str, ...]) -> Any:
+        value = self.string(key, default)
+        if isinstance(value, str) and value not in choices:
+            self.problems.add(self.at(key), f"must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+    def strings(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, list, "a list of strings", default)
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    self.problems.add(f"{self.at(key)}[{i}]", f"must be a string, got {_type_name(item)}")
+                    return default
+        return value
+
+    def parsed(self, key: str, default: Any, parse: Callable[[str], T]) -> T | Any:
+        text = self.string(key, _MISSING if default is _MISSING else None)
+        if text is None:
+            return default
+        try:
+            return parse(text)
+        except ValueError as exc:
+            self.problems.add(self.at(key), str(exc))
+            return default
+
+    def table(self, key: str, required: bool = False) -> _Table | None:
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                self.problems.add(self.at(key), "is required")
+            return None
+        value = self.data[key]
+        if not isinstance(value, dict):
+            self.problems.add(self.at(key), f"must be a table, got {_type_name(value)}")
+            return None
+        return _Table(value, self.at(key), self.problems)
+
+    def tables(self, key: str, label: Callable[[int, dict[str, Any]], str] | None = None) -> Iterator[_Table]:
+        self.seen.add(key)
+        value = self.data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.problems.add(self.at(key), f"must be an array of tables ([[{key}]]), got {_type_name(value)}")
+            return
+        for i, item in enumerate(value):
+            suffix = label(i, item) if label else f"[{i}]"
+            yield _Table(item, self.at(key) + suffix, self.problems)
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                self.problems.add(self.at(key), "unknown key")
+
+
+def _type_name(value: object) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _cadence_label(i: int, item: dict[str, Any]) -> str:
+    name = item.get("name")
+    return f'."{name}"' if isinstance(name, str) and name else f"[{i}]"
+
+
+# --- the schema ---------------------------------------------------------------
+
+
+_FALLBACK_SCHEDULE = Schedule("UTC", frozenset(range(5)), ((540, 1020),), 50, (120.0, 300.0))
+
+
+def _schedule(t: _Table, base: Schedule) -> Schedule:
+    tz = t.string("timezone", base.timezone)
+    if isinstance(tz, str) and t.has("timezone"):
+        try:
+            zoneinfo.ZoneInfo(tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            t.problems.add(t.at("timezone"), f"unknown time zone {tz!r} (use an IANA name such as Europe/Berlin)")
+            tz = base.timezone
+    days_list = t.strings("days", None)
+    days = base.days
+    if days_list is not None:
+        picked: set[int] = set()
+        for i, d in enumerate(days_list):
+            if d.lower() not in DAYS:
+                t.problems.add(f"{t.at('days')}[{i}]", f"must be one of {', '.join(DAYS)}, got {d!r}")
+            else:
+                picked.add(DAYS.index(d.lower()))
+        if not days_list:
+            t.problems.add(t.at("days"), "must name at least one day")
+        days = frozenset(picked) or base.days
+    hours_list = t.strings("hours", None)
+    hours = base.hours
+    if hours_list is not None:
+        ranges = []
+        for i, h in enumerate(hours_list):
+            try:
+                ranges.append(parse_hours(h))
+            except ValueError as exc:
+                t.problems.add(f"{t.at('hours')}[{i}]", str(exc))
+        if not hours_list:
+            t.problems.add(t.at("hours"), "must name at least one range")
+        hours = merge_ranges(ranges) or base.hours
+    limit = t.integer("daily_limit", base.daily_limit, 0, 100_000)
+    gap = t.parsed("gap", base.gap, parse_gap)
+    return Schedule(tz, days, hours, limit, gap)
+
+
+def _secret(t: _Table, base_dir: Path, problems: _Problems, config_path: Path) -> tuple[Secret | None, str]:
+    sources = [k for k in ("password_file", "password_env", "credential", "password") if t.has(k)]
+    if len(sources) > 1:
+        t.problems.add(t.path, f"give only one of {', '.join(sources)}")
+    if not sources:
+        return None, ""
+    key = sources[0]
+    for other in sources[1:]:
+        t.seen.add(other)
+    value = t.string(key)
+    if not isinstance(value, str):
+        return None, ""
+    if key == "password_file":
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        try:
+            return Secret(path.read_text(encoding="utf-8").rstrip("\r\n")), f"password_file:{path}"
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            t.problems.add(t.at(key), f"cannot read {path}: {reason}")
+            return None, ""
+    if key == "password_env":
+        if value not in os.environ:
+            t.problems.add(t.at(key), f"environment variable {value} is not set")
+            return None, ""
+        return Secret(os.environ[value]), f"password_env:{value}"
+    if key == "credential":
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            t.problems.add(t.at(key), "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
+            return None, ""
+        path = Path(creds) / value
+        try:
+            return Secret(path.read_text(encoding="utf-8").rstrip("\r\n")), f"credential:{value}"
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            t.problems.add(t.at(key), f"cannot read credential {value}: {reason}")
+            return None, ""
+    try:
+        mode = config_path.stat().st_mode
+    except OSError:
+        mode = 0
+    if mode & (stat.S_IROTH | stat.S_IRGRP):
+        problems.warnings.append(
+            f"{t.at('password')}: inline password in {config_path}, which others can read; "
+            "use password_file, password_env or credential"
+        )
+    return Secret(value), "password"
+
+
+def _server(t: _Table, kind: str, base_dir: Path, problems: _Problems, config_path: Path) -> Server:
+    host = t.string("host", "")
+    default_port = {"smtp": 587, "imap": 993}[kind]
+    port = t.integer("port", default_port, 1, 65535)
+    security = t.choice("security", "starttls" if kind == "smtp" else "tls", ("tls", "starttls", "none"))
+    ca_file = t.string("ca_file", "")
+    if ca_file:
+        ca_path = Path(ca_file) if Path(ca_file).is_absolute() else base_dir / ca_file
+        if not ca_path.is_file():
+            t.problems.add(t.at("ca_file"), f"no such file {ca_path}")
+        ca_file = str(ca_path)
+    allow_plaintext = t.boolean("allow_plaintext", False)
+    username = t.string("username", "")
+    mechanism = t.choice("auth", "password", ("password", "xoauth2"))
+    token_command = t.strings("token_command", [])
+    secret, source = _secret(t, base_dir, problems, config_path)
+    timeout = t.parsed("timeout", 60.0, parse_duration)
+    poll = t.parsed("poll", 60.0, parse_duration) if kind == "imap" else 60.0
+    if not host:
+        t.problems.add(t.at("host"), "is required")
+    if mechanism == "xoauth2" and not token_command:
+        t.problems.add(t.at("token_command"), 'is required with auth = "xoauth2"')
+    if mechanism == "password" and token_command:
+        t.problems.add(t.at("token_command"), 'only goes with auth = "xoauth2"')
+    if security == "none" and (secret is not None or token_command) and not allow_plaintext:
+        t.problems.add(
+            t.at("security"),
+            '"none" would send the password in clear text; set allow_plaintext = true to allow it',
+        )
+    if (secret is not None or token_command) and not username:
+        t.problems.add(t.at("username"), "is required when a password or token is given")
+    t.finish()
+    auth = Auth(username, secret, source, mechanism, tuple(token_command))
+    return Server(host, port, security, ca_file, allow_plaintext, auth, timeout, poll)
+
+
+def _template(t: _Table, key: str, source: str | None) -> compose.Template | None:
+    if source is None:
+        return None
+    try:
+        return compose.compile_template(source)
+    except compose.TemplateProblem as exc:
+        t.problems.add(t.at(key), f"template error: {exc}")
+        return None
+
+
+def _step(t: _Table, number: int, base_dir: Path) -> Step | None:
+    wait = t.parsed("wait", 0.0, parse_duration)
+    subject_text = t.string("subject", None)
+    body_text = t.string("body", None)
+    body_file = t.string("body_file", "")
+    sender = t.string("sender", "")
+    t.finish()
+    if subject_text is not None and ("\r" in subject_text or "\n" in subject_text):
+        t.problems.add(t.at("subject"), "must be one line")
+        subject_text = None
+    if body_text is not None and body_file:
+        t.problems.add(t.path, "give body or body_file, not both")
+    elif body_text is None and body_file:
+        path = Path(body_file) if Path(body_file).is_absolute() else base_dir / body_file
+        try:
+            body_text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            t.problems.add(t.at("body_file"), f"cannot read {path}: {reason}")
+            return None
+        body_file = str(path)
+    elif body_text is None:
+        t.problems.add(t.path, "needs body or body_file")
+        return None
+    if number == 1 and not subject_text:
+        t.problems.add(t.at("subject"), "is required on the first step (later steps without one reply in its thread)")
+    subject = _template(t, "subject", subject_text) if subject_text else None
+    body = _template(t, "body_file" if body_file else "body", body_text)
+    if body is None:
+        return None
+    return Step(number, wait, subject, body, body_file, sender)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and build the whole configuration, or raise ConfigError with every problem."""
+    config_path = Path(path)
+    try:
+        raw_bytes = config_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], str(config_path)) from None
+    try:
+        data = tomllib.loads(raw_bytes.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        raise ConfigError([f"line {line}: not UTF-8"], str(config_path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"], str(config_path)) from None
+    return build_config(data, config_path)
+
+
+def build_config(data: dict[str, Any], config_path: Path) -> Config:
+    problems = _Problems()
+    base_dir = config_path.parent
+    root = _Table(data, "", problems)
+
+    d = root.table("daemon") or _Table({}, "daemon", problems)
+    db_text = d.string("database", "/var/lib/cadenced/cadenced.db")
+    database = Path(db_text) if Path(db_text).is_absolute() else base_dir / db_text
+    daemon = DaemonSettings(
+        database=database,
+        log_format=d.choice("log_format", "auto", ("auto", "json", "console")),
+        log_level=d.choice("log_level", "info", ("debug", "info", "warning", "error")),
+        max_connections=d.integer("max_connections", 100, 1, 100_000),
+        shutdown_grace=d.parsed("shutdown_grace", 30.0, parse_duration),
+        retry_delays=tuple(_retry_delays(d)),
+        idle_close=d.parsed("idle_close", 60.0, parse_duration),
+    )
+    d.finish()
+
+    dt = root.table("defaults") or _Table({}, "defaults", problems)
+    defaults = _schedule(dt, _FALLBACK_SCHEDULE)
+    dt.finish()
+
+    users: list[User] = []
+    for t in root.tables("users"):
+        name = t.string("name")
+        t.finish()
+        if isinstance(name, str):
+            if not name:
+                t.problems.add(t.at("name"), "must not be empty")
+            elif any(u.name == name for u in users):
+                t.problems.add(t.at("name"), f"duplicate user {name!r}")
+            else:
+                users.append(User(name))
+    user_names = {u.name for u in users}
+
+    mailboxes: list[Mailbox] = []
+    for t in root.tables("mailboxes"):
+        address = t.string("address")
+        if isinstance(address, str):
+            if not valid_address(address):
+                t.problems.add(t.at("address"), f"not an email address: {address!r}")
+            elif any(m.address.lower() == address.lower() for m in mailboxes):
+                t.problems.add(t.at("address"), f"duplicate mailbox {address!r}")
+        name = t.string("name", "")
+        if isinstance(name, str) and ("\r" in name or "\n" in name):
+            t.problems.add(t.at("name"), "must be one line")
+        owner = t.string("owner")
+        if isinstance(owner, str) and owner not in user_names:
+            t.problems.add(t.at("owner"), f"unknown user {owner!r}")
+        schedule = _schedule(t, defaults)
+        paused = t.boolean("paused", False)
+        smtp_t = t.table("smtp", required=True)
+        smtp = _server(smtp_t, "smtp", base_dir, problems, config_path) if smtp_t else None
+        imap_t = t.table("imap")
+        imap = _server(imap_t, "imap", base_dir, problems, config_path) if imap_t else None
+        t.finish()
+        if isinstance(address, str) and isinstance(owner, str) and smtp is not None:
+            mailboxes.append(Mailbox(address, name or "", owner, schedule, smtp, imap, bool(paused)))
+
+    cadences: list[Cadence] = []
+    for t in root.tables("cadences", _cadence_label):
+        cadence = _cadence(t, mailboxes, user_names, base_dir)
+        if cadence is not None:
+            if any(c.name == cadence.name for c in cadences):
+                t.problems.add(t.at("name"), f"duplicate cadence {cadence.name!r}")
+            else:
+                cadences.append(cadence)
+
+    automations: list[Automation] = []
+    for t in root.tables("automations"):
+        name = t.string("name")
+        cad = t.string("cadence")
+        owner = t.string("owner")
+        watch = t.string("watch")
+        t.finish()
+        if isinstance(cad, str) and not any(c.name == cad for c in cadences):
+            t.problems.add(t.at("cadence"), f"unknown cadence {cad!r}")
+        if isinstance(owner, str) and owner not in user_names:
+            t.problems.add(t.at("owner"), f"unknown user {owner!r}")
+        if isinstance(name, str) and any(a.name == name for a in automations):
+            t.problems.add(t.at("name"), f"duplicate automation {name!r}")
+        if all(isinstance(v, str) for v in (name, cad, owner, watch)):
+            wpath = Path(watch) if Path(watch).is_absolute() else base_dir / watch
+            automations.append(Automation(name, cad, owner, wpath))
+    root.finish()
+
+    if problems.items:
+        raise ConfigError(problems.items, str(config_path))
+    return Config(
+        path=config_path,
+        daemon=daemon,
+        defaults=defaults,
+        users=tuple(users),
+        mailboxes=tuple(mailboxes),
+        cadences=tuple(cadences),
+        automations=tuple(automations),
+        warnings=tuple(problems.warnings),
+    )
+
+
+def _retry_delays(d: _Table) -> list[float]:
+    texts = d.strings("retry_delays", ["5m", "30m", "2h"])
+    delays = []
+    for i, text in enumerate(texts or []):
+        try:
+            delays.append(parse_duration(text))
+        except ValueError as exc:
+            d.problems.add(f"{d.at('retry_delays')}[{i}]", str(exc))
+    return delays
+
+
+def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir: Path) -> Cadence | None:
+    name = t.string("name")
+    users = t.strings("users", [])
+    direct = t.strings("mailboxes", [])
+    auto_rotate = t.boolean("auto_rotate", True)
+    rotate_among = t.choice("rotate_among", "cadence", ("cadence", "owner", "adder"))
+    sender = t.string("sender", "")
+    stop_on_reply = t.boolean("stop_on_reply", True)
+    fields = t.strings("fields", [])
+    known = {m.address for m in mailboxes}
+    for i, u in enumerate(users or []):
+        if u not in user_names:
+            t.problems.add(f"{t.at('users')}[{i}]", f"unknown user {u!r}")
+    for i, a in enumerate(direct or []):
+        if a not in known:
+            t.problems.add(f"{t.at('mailboxes')}[{i}]", f"unknown mailbox {a!r}")
+    for i, f in enumerate(fields or []):
+        if not f.isidentifier():
+            t.problems.add(f"{t.at('fields')}[{i}]", f"not a template variable name: {f!r}")
+    wanted = set(direct or [])
+    pool = tuple(m.address for m in mailboxes if m.address in wanted or m.owner in set(users or []))
+    if (users or direct) and not pool:
+        t.problems.add(t.path, "the pool is empty: its users own no mailbox and it names none")
+    elif not users and not direct:
+        t.problems.add(t.path, "needs users or mailboxes to send from")
+    if sender and sender not in pool:
+        t.problems.add(t.at("sender"), f"{sender!r} is not a mailbox of this cadence's pool")
+    if sender and auto_rotate:
+        t.problems.add(t.at("sender"), "a fixed sender needs auto_rotate = false")
+    steps: list[Step] = []
+    step_tables = list(t.tables("steps"))
+    if not step_tables:
+        t.problems.add(t.at("steps"), "a cadence needs at least one step")
+    for number, st in enumerate(step_tables, start=1):
+        step = _step(st, number, base_dir)
+        if step is None:
+            continue
+        if step.sender:
+            if auto_rotate:
+                st.problems.add(
+                    st.at("sender"),
+                    '"Assign to Sender" is disabled under auto-rotate: set auto_rotate = false to use it',
+                )
+            elif step.sender not in pool:
+                st.problems.add(st.at("sender"), f"{step.sender!r} is not a mailbox of this cadence's pool")
+        steps.append(step)
+    t.finish()
+    if not isinstance(name, str):
+        return None
+    if not name:
+        t.problems.add(t.at("name"), "must not be empty")
+        return None
+    for step, st in zip(steps, step_tables, strict=False):
+        _check_render(st, step, tuple(fields or []))
+    return Cadence(
+        name=name,
+        users=tuple(users or []),
+        mailboxes=tuple(direct or []),
+        pool=pool,
+        auto_rotate=bool(auto_rotate),
+        rotate_among=rotate_among,
+        sender=sender or "",
+        stop_on_reply=bool(stop_on_reply),
+        fields=tuple(fields or []),
+        steps=tuple(steps),
+    )
+
+
+def _check_render(t: _Table, step: Step, fields: tuple[str, ...]) -> None:
+    sample = compose.sample_variables(fields)
+    for key, template in (("subject", step.subject), ("body_file" if step.body_file else "body", step.body)):
+        if template is None:
+            continue
+        try:
+            template.render(sample)
+        except compose.TemplateProblem as exc:
+            hint = ""
+            if "undefined" in str(exc):
+                hint = (
+                    " (prospect fields are email, first_name, last_name, company and the names in"
+                    " fields = [...]; use default(...) for a fallback)"
+                )
+            t.problems.add(t.at(key), f"{exc}{hint}")
+
+
+def config_path_from(arg: str | None) -> Path:
+    """--config beats CADENCED_CONFIG beats the default path."""
+    return Path(arg or os.environ.get("CADENCED_CONFIG") or DEFAULT_PATH)
+
+
+# --- printing -------------------------------------------------------------------
+
+
+def _schedule_dict(s: Schedule) -> dict[str, Any]:
+    return {
+        "timezone": s.timezone,
+        "days": [DAYS[d] for d in sorted(s.days)],
+        "hours": [f"{a // 60:02d}:{a % 60:02d}-{b // 60:02d}:{b % 60:02d}" for a, b in s.hours],
+        "daily_limit": s.daily_limit,
+        "gap": format_duration(s.gap[0])
+        if s.gap[0] == s.gap[1]
+        else f"{format_duration(s.gap[0])}-{format_duration(s.gap[1])}",
+    }
+
+
+def _server_dict(s: Server, kind: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "host": s.host,
+        "port": s.port,
+        "security": s.security,
+        "ca_file": s.ca_file,
+        "allow_plaintext": s.allow_plaintext,
+        "timeout": format_duration(s.timeout),
+        "username": s.auth.username,
+    }
+    if s.auth.mechanism == "xoauth2":
+        out["auth"] = "xoauth2"
+        out["token_command"] = list(s.auth.token_command)
+    kind_of_source = s.auth.source.partition(":")[0]
+    if kind_of_source == "password":
+        out["password"] = MASK
+    elif kind_of_source:
+        out[kind_of_source] = s.auth.source.partition(":")[2]
+    if kind == "imap":
+        out["poll"] = format_duration(s.poll)
+    return out
+
+
+def effective_dict(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain TOML data, secrets masked."""
+    d = config.daemon
+    return {
+        "daemon": {
+            "database": str(d.database),
+            "log_format": d.log_format,
+            "log_level": d.log_level,
+            "max_connections": d.max_connections,
+            "shutdown_grace": format_duration(d.shutdown_grace),
+            "retry_delays": [format_duration(x) for x in d.retry_delays],
+            "idle_close": format_duration(d.idle_close),
+        },
+        "defaults": _schedule_dict(config.defaults),
+        "users": [{"name": u.name} for u in config.users],
+        "mailboxes": [
+            {
+                "address": m.address,
+                "name": m.name,
+                "owner": m.owner,
+                "paused": m.paused,
+                **_schedule_dict(m.schedule),
+                "smtp": _server_dict(m.smtp, "smtp"),
+                **({"imap": _server_dict(m.imap, "imap")} if m.imap else {}),
+            }
+            for m in config.mailboxes
+        ],
+        "cadences": [
+            {
+                "name": c.name,
+                "users": list(c.users),
+                "mailboxes": list(c.mailboxes),
+                "auto_rotate": c.auto_rotate,
+                "rotate_among": c.rotate_among,
+                "sender": c.sender,
+                "stop_on_reply": c.stop_on_reply,
+                "fields": list(c.fields),
+                "steps": [
+                    {
+                        "wait": format_duration(s.wait),
+                        **({"subject": s.subject.source} if s.subject else {}),
+                        **({"body_file": s.body_file} if s.body_file else {"body": s.body.source}),
+                        "sender": s.sender,
+                    }
+                    for s in c.steps
+                ],
+            }
+            for c in config.cadences
+        ],
+        "automations": [
+            {"name": a.name, "cadence": a.cadence, "owner": a.owner, "watch": str(a.watch)} for a in config.automations
+        ],
+    }

@@ -1,0 +1,336 @@
+"""The database: schema, migrations, every SQL statement, transactions."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
+ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
+PENDING = ("scheduled", "sending", "error")
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE suppressions (
+        email TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE cadence_pins (
+        cadence TEXT PRIMARY KEY,
+        auto_rotate INTEGER NOT NULL,
+        rotate_among TEXT NOT NULL,
+        pinned_at REAL NOT NULL
+    );
+    CREATE TABLE enrollments (
+        id INTEGER PRIMARY KEY,
+        cadence TEXT NOT NULL,
+        email TEXT NOT NULL,
+        mailbox TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        adder TEXT NOT NULL,
+        fields TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'active',
+        created_at REAL NOT NULL,
+        ended_at REAL,
+        UNIQUE (email, cadence)
+    );
+    CREATE TABLE rotation_counts (
+        cadence TEXT NOT NULL,
+        mailbox TEXT NOT NULL,
+        enrollments INTEGER NOT NULL,
+        PRIMARY KEY (cadence, mailbox)
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        enrollment_id INTEGER NOT NULL REFERENCES enrollments(id),
+        step INTEGER NOT NULL,
+        mailbox TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        due_at REAL NOT NULL,
+        sent_at REAL,
+        message_id TEXT,
+        subject TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        smtp_code INTEGER,
+        detail TEXT,
+        UNIQUE (enrollment_id, step)
+    );
+    CREATE INDEX messages_due ON messages (mailbox, due_at) WHERE state = 'scheduled';
+    CREATE INDEX messages_open ON messages (state, mailbox) WHERE state IN ('sending', 'error');
+    CREATE INDEX messages_by_message_id ON messages (message_id) WHERE message_id IS NOT NULL;
+    CREATE TABLE daily_counts (
+        mailbox TEXT NOT NULL,
+        day TEXT NOT NULL,
+        sent INTEGER NOT NULL,
+        PRIMARY KEY (mailbox, day)
+    );
+    CREATE TABLE mailbox_health (
+        mailbox TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        reason TEXT,
+        since REAL NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        next_probe_at REAL,
+        last_send_at REAL,
+        not_before REAL,
+        waiting_for TEXT
+    );
+    """,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    cadence: str
+    auto_rotate: bool
+    rotate_among: str
+    enrollments: int
+
+
+class Store:
+    """One SQLite connection in WAL mode; writes go through `transaction()`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    # --- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> Store:
+        if not create and not path.exists():
+            raise StoreError(f"{path}: no database here yet (nothing has been enrolled)")
+        if create:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"{path}: cannot create its folder: {exc.strerror}") from None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open database: {exc}") from None
+        store = cls(conn, path)
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"{path}: cannot switch the database to WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{path}: not a cadenced database ({exc})") from None
+        except StoreError:
+            conn.close()
+            raise
+        return store
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: database schema {version} is newer than this cadenced knows "
+                f"({SCHEMA_VERSION}); upgrade cadenced"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if version == 0:
+            tables = self.conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            if tables:
+                raise StoreError(f"{self.path}: an SQLite database of another program (tables, no cadenced schema)")
+        with self.transaction():
+            current = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            for v in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[v].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {v}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT: one writer at a time across processes."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # --- pins -----------------------------------------------------------------
+
+    def pins(self) -> dict[str, Pin]:
+        rows = self.conn.execute(
+            """SELECT p.cadence, p.auto_rotate, p.rotate_among,
+                      (SELECT count(*) FROM enrollments e WHERE e.cadence = p.cadence)
+               FROM cadence_pins p"""
+        ).fetchall()
+        return {r[0]: Pin(r[0], bool(r[1]), r[2], r[3]) for r in rows}
+
+    def pin(self, cadence: str, auto_rotate: bool, rotate_among: str, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO cadence_pins VALUES (?, ?, ?, ?) ON CONFLICT (cadence) DO NOTHING",
+            (cadence, int(auto_rotate), rotate_among, now),
+        )
+
+    # --- enrollment -------------------------------------------------------------
+
+    def suppressed(self, emails: Sequence[str]) -> dict[str, str]:
+        rows = self.conn.execute(
+            "SELECT email, reason FROM suppressions WHERE email IN (SELECT value FROM json_each(?))",
+            (_json_list(emails),),
+        )
+        return dict(rows.fetchall())
+
+    def suppress(self, email: str, reason: str, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO suppressions VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING",
+            (email, reason, now),
+        )
+
+    def enrolled(self, cadence: str, emails: Sequence[str]) -> set[str]:
+        """Which of these addresses this cadence already has (a prospect is its address)."""
+        rows = self.conn.execute(
+            "SELECT email FROM enrollments WHERE cadence = ? AND email IN (SELECT value FROM json_each(?))",
+            (cadence, _json_list(emails)),
+        )
+        return {r[0] for r in rows}
+
+    def rotation_counts(self, cadence: str) -> dict[str, int]:
+        rows = self.conn.execute("SELECT mailbox, enrollments FROM rotation_counts WHERE cadence = ?", (cadence,))
+        return dict(rows.fetchall())
+
+    def count_enrollments(self, cadence: str, added: dict[str, int]) -> None:
+        """Keep the per-mailbox tally rotation balances on (SPEC §3: fewest so far)."""
+        self.conn.executemany(
+            """INSERT INTO rotation_counts VALUES (?, ?, ?) ON CONFLICT (cadence, mailbox)
+               DO UPDATE SET enrollments = enrollments + excluded.enrollments""",
+            ((cadence, mailbox, n) for mailbox, n in added.items()),
+        )
+
+    def insert_enrollments(self, rows: Sequence[tuple[Any, ...]], first_due: Sequence[tuple[str, float]]) -> None:
+        """rows: (cadence, email, mailbox, owner, adder, fields_json, created_at).
+
+        Each gets its step-1 message, scheduled at the matching `first_due` (mailbox, due_at).
+        """
+        start = self.conn.execute("SELECT coalesce(max(id), 0) FROM enrollments").fetchone()[0] + 1
+        self.conn.executemany(
+            """INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            ((start + i, *row) for i, row in enumerate(rows)),
+        )
+        self.conn.executemany(
+            "INSERT INTO messages (enrollment_id, step, mailbox, state, due_at) VALUES (?, 1, ?, 'scheduled', ?)",
+            ((start + i, mailbox, due) for i, (mailbox, due) in enumerate(first_due)),
+        )
+
+    # --- mailbox health ---------------------------------------------------------
+
+    def mailbox_states(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT mailbox, state FROM mailbox_health").fetchall())
+
+    def set_mailbox_state(self, mailbox: str, state: str, reason: str | None, now: float) -> None:
+        self.conn.execute(
+            """INSERT INTO mailbox_health (mailbox, state, reason, since) VALUES (?, ?, ?, ?)
+               ON CONFLICT (mailbox) DO UPDATE SET state = excluded.state, reason = excluded.reason,
+               since = excluded.since""",
+            (mailbox, state, reason, now),
+        )
+
+    # --- read side -----------------------------------------------------------------
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM mailbox_health")
+        names = [d[0] for d in cur.description]
+        return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+    def message_counts(self) -> dict[tuple[str, str], int]:
+        rows = self.conn.execute(
+            "SELECT mailbox, 'scheduled', count(*) FROM messages WHERE state = 'scheduled' GROUP BY mailbox "
+            "UNION ALL SELECT mailbox, state, count(*) FROM messages WHERE state IN ('sending', 'error') "
+            "GROUP BY mailbox, state"
+        )
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    def sent_on(self, mailbox: str, day: str) -> int:
+        row = self.conn.execute(
+            "SELECT sent FROM daily_counts WHERE mailbox = ? AND day = ?", (mailbox, day)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def enrollment_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for cadence, state, n in self.conn.execute(
+            "SELECT cadence, state, count(*) FROM enrollments GROUP BY cadence, state"
+        ):
+            out.setdefault(cadence, {})[state] = n
+        return out
+
+    def earliest_due(self, mailbox: str) -> float | None:
+        row = self.conn.execute(
+            "SELECT min(due_at) FROM messages WHERE mailbox = ? AND state = 'scheduled'", (mailbox,)
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def outbox(
+        self,
+        *,
+        state: str | None = None,
+        mailbox: str | None = None,
+        cadence: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if state:
+            where.append("m.state = ?")
+            args.append(state)
+        if mailbox:
+            where.append("m.mailbox = ?")
+            args.append(mailbox)
+        if cadence:
+            where.append("e.cadence = ?")
+            args.append(cadence)
+        sql = """SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+                        m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
+                 FROM messages m JOIN enrollments e ON e.id = m.enrollment_id"""
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY m.id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        keys = (
+            "id",
+            "cadence",
+            "prospect",
+            "step",
+            "mailbox",
+            "state",
+            "reason",
+            "due_at",
+            "sent_at",
+            "message_id",
+            "attempts",
+            "smtp_code",
+            "detail",
+        )
+        return [dict(zip(keys, r, strict=True)) for r in self.conn.execute(sql, args)]
+
+
+def _json_list(values: Sequence[Any]) -> str:
+    return json.dumps(list(values))

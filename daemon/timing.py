@@ -1,0 +1,151 @@
+"""Pure: delivery windows, gaps, daily limits, "next allowed instant".
+
+Instants are POSIX seconds (float, UTC). A mailbox's window is the set of
+instants whose wall-clock time in its zone falls on one of its days and inside
+one of its hour ranges; DST gaps and folds follow from that definition: a range
+starting inside a spring-forward gap opens at the jump, and the repeated hour
+of an autumn fold counts twice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from daemon.config import Schedule
+
+HORIZON_DAYS = 9  # any weekly window opens within a week; two more days cover DST edges
+
+
+@lru_cache(maxsize=256)
+def zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def local(t: float, tz: str) -> datetime:
+    return datetime.fromtimestamp(t, zone(tz))
+
+
+def local_day(t: float, tz: str) -> str:
+    """The mailbox's calendar day of instant `t`, the key of its daily counter."""
+    return local(t, tz).date().isoformat()
+
+
+def _minute_of_day(dt: datetime) -> float:
+    return dt.hour * 60 + dt.minute + dt.second / 60 + dt.microsecond / 60e6
+
+
+def in_window(t: float, s: Schedule) -> bool:
+    dt = local(t, s.timezone)
+    if dt.weekday() not in s.days:
+        return False
+    minute = _minute_of_day(dt)
+    return any(start <= minute < end for start, end in s.hours)
+
+
+def _wall_to_instant(day: date, minute: int, tz: str) -> float:
+    """The first instant whose local wall time on `day` is at or after `minute`."""
+    zi = zone(tz)
+    # Aware datetime + timedelta is wall-clock arithmetic; zoneinfo then picks the offset.
+    wall = datetime(day.year, day.month, day.day, tzinfo=zi) + timedelta(minutes=minute)
+    early = wall.replace(fold=0).timestamp()
+    if local(early, tz).replace(tzinfo=None) == wall.replace(tzinfo=None):
+        return early
+    # The wall time does not exist (spring-forward gap): the answer is the jump itself.
+    late = wall.replace(fold=1).timestamp()
+    lo, hi = min(early, late), max(early, late)
+    target = wall.replace(tzinfo=None)
+    while hi - lo > 0.5:
+        mid = (lo + hi) / 2
+        if local(mid, tz).replace(tzinfo=None) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return float(round(hi))
+
+
+def _transitions(day: date, tz: str) -> list[float]:
+    """Instants on local `day` where the zone's UTC offset changes."""
+    zi = zone(tz)
+    start = datetime(day.year, day.month, day.day, tzinfo=zi).timestamp()
+    end = start + 86400 + 3 * 3600
+    if local(start, tz).utcoffset() == local(end, tz).utcoffset():
+        return []
+    lo, hi = start, end
+    off = local(lo, tz).utcoffset()
+    while hi - lo > 0.5:
+        mid = (lo + hi) / 2
+        if local(mid, tz).utcoffset() == off:
+            lo = mid
+        else:
+            hi = mid
+    return [float(round(hi))]
+
+
+def next_open(t: float, s: Schedule) -> float:
+    """The earliest instant at or after `t` inside the window."""
+    if in_window(t, s):
+        return t
+    first = local(t, s.timezone).date() - timedelta(days=1)
+    best: float | None = None
+    for i in range(HORIZON_DAYS):
+        day = first + timedelta(days=i)
+        if best is not None and datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() > best + 2 * 86400:
+            break
+        candidates = [_wall_to_instant(day, start, s.timezone) for start, _ in s.hours if day.weekday() in s.days]
+        candidates += _transitions(day, s.timezone)
+        for c in candidates:
+            if c >= t and (best is None or c < best) and in_window(c, s):
+                best = c
+    if best is None:
+        raise ValueError("the window never opens")  # only a window made entirely of DST gaps
+    return best
+
+
+def next_local_midnight(t: float, tz: str) -> float:
+    """The first instant of the local day after `t`'s."""
+    day = local(t, tz).date() + timedelta(days=1)
+    return _wall_to_instant(day, 0, tz)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """When a mailbox may send next, and what holds it back (SPEC §9 `waiting_for`)."""
+
+    at: float | None  # None: never (a daily limit of 0)
+    waiting_for: str | None  # None | window | gap | daily_limit
+
+
+def next_allowed(
+    now: float,
+    s: Schedule,
+    gap_until: float | None,
+    sent_on: Mapping[str, int] | Callable[[str], int],
+) -> Decision:
+    """The first instant at or after `now` the mailbox may send, under window, gap and daily limit."""
+    if s.daily_limit <= 0:
+        return Decision(None, "daily_limit")
+    count = sent_on if callable(sent_on) else (lambda day: sent_on.get(day, 0))
+    t = now
+    reason: str | None = None
+    if gap_until is not None and gap_until > t:
+        t, reason = gap_until, "gap"
+    for _ in range(HORIZON_DAYS * 2):
+        opened = next_open(t, s)
+        if opened > t and reason is None:
+            reason = "window"
+        t = opened
+        if count(local_day(t, s.timezone)) < s.daily_limit:
+            return Decision(t, reason)
+        t = next_local_midnight(t, s.timezone)
+        reason = "daily_limit"
+    return Decision(None, "daily_limit")
+
+
+def draw_gap(s: Schedule, rng: random.Random) -> float:
+    low, high = s.gap
+    return low if high <= low else rng.uniform(low, high)

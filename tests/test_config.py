@@ -1,0 +1,230 @@
+"""`cadenced check`: the schema, its errors with their places, secrets and templates."""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemon.config import format_duration, load_config, parse_duration, parse_gap, parse_hours
+from tests.conftest import Project
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_passes_and_prints_back(tmp_path: Path, project: Project) -> None:
+    for name in ("config.example.toml", "templates", "secrets.example"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    project.config_path = tmp_path / "config.example.toml"
+    result = project.run("check", write=False)
+    assert result.code == 0, result.err
+    assert "2 mailboxes" in result.out
+    printed = project.run("check", "--print", write=False)
+    assert printed.code == 0
+    data = tomllib.loads(printed.out)
+    assert data["mailboxes"][0]["daily_limit"] == 40
+    assert data["mailboxes"][1]["daily_limit"] == 50  # inherited from [defaults]
+    assert data["mailboxes"][0]["hours"] == ["08:30-12:00", "13:00-17:30"]
+    assert "example-password-change-me" not in printed.out
+    # The printed effective config is itself a valid config.
+    (tmp_path / "printed.toml").write_text(printed.out)
+    project.config_path = tmp_path / "printed.toml"
+    assert project.run("check", write=False).code == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("45s", 45), ("30m", 1800), ("4h", 14400), ("3d", 259200), ("1d12h", 129600), ("0s", 0), ("1h30m15s", 5415)],
+)
+def test_durations(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "3", "3x", "h", "1m1d", "-5m", "1.5h", "5 m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_gap_and_hours() -> None:
+    assert parse_gap("2m-5m") == (120, 300)
+    assert parse_gap("30s") == (30, 30)
+    with pytest.raises(ValueError):
+        parse_gap("5m-2m")
+    assert parse_hours("00:00-24:00") == (0, 1440)
+    for bad in ("17:00-09:00", "9-17", "09:00-24:30", "25:00-26:00"):
+        with pytest.raises(ValueError):
+            parse_hours(bad)
+
+
+def test_every_error_is_listed_with_its_place(project: Project) -> None:
+    project.add_mailboxes(2)
+    project.data["mailboxes"][1]["smtp"]["port"] = 0
+    project.data["mailboxes"][0]["timezone"] = "Mars/Olympus"
+    project.data["mailboxes"][0]["colour"] = "blue"
+    project.data["defaults"]["gap"] = "5m-2m"
+    cadence = project.add_cadence(steps=2)
+    cadence["steps"][1]["wait"] = "soon"
+    cadence["users"] = ["alice", "carol"]
+    project.data["daemon"]["max_connections"] = "many"
+    result = project.run("check")
+    assert result.code == 2
+    for expected in (
+        "mailboxes[1].smtp.port: must be 1-65535, got 0",
+        "mailboxes[0].timezone: unknown time zone 'Mars/Olympus'",
+        "mailboxes[0].colour: unknown key",
+        "defaults.gap: range must go from low to high",
+        'cadences."c1".steps[1].wait: not a duration',
+        "cadences.\"c1\".users[1]: unknown user 'carol'",
+        "daemon.max_connections: must be an integer, got a string",
+    ):
+        assert expected in result.err, result.err
+    assert "7 problems" in result.err
+
+
+def test_malformed_toml_names_the_line(project: Project) -> None:
+    project.write('[daemon]\ndatabase = "x.db"\nlog_level = \n')
+    result = project.run("check", write=False)
+    assert result.code == 2
+    assert "line 3" in result.err and str(project.config_path) in result.err
+
+
+def test_missing_config_file(tmp_path: Path, project: Project) -> None:
+    project.config_path = tmp_path / "nope.toml"
+    result = project.run("check", write=False)
+    assert result.code == 2 and "nope.toml: cannot read" in result.err
+
+
+def test_config_from_environment(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence()
+    project.write()
+    monkeypatch.setenv("CADENCED_CONFIG", str(project.config_path))
+    from daemon.cli import main
+
+    assert main(["check"]) == 0
+
+
+def test_secrets_from_file_env_and_credential(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    (project.root / "pw").write_text("s3cret-file\n")
+    creds = project.root / "creds"
+    creds.mkdir()
+    (creds / "bob-smtp").write_text("s3cret-cred")
+    monkeypatch.setenv("BOB_PW", "s3cret-env")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    project.add_mailboxes(1, smtp={"username": "u", "password_file": "pw", "security": "starttls"})
+    project.add_mailboxes(1, owner="bob", smtp={"username": "u", "password_env": "BOB_PW", "security": "tls"})
+    project.add_mailboxes(
+        1, owner="bob", prefix="x", smtp={"username": "u", "credential": "bob-smtp", "security": "tls"}
+    )
+    project.add_cadence()
+    project.write()
+    config = load_config(project.config_path)
+    assert [m.smtp.auth.secret.reveal() for m in config.mailboxes if m.smtp.auth.secret] == [
+        "s3cret-file",
+        "s3cret-env",
+        "s3cret-cred",
+    ]
+    printed = project.run("check", "--print")
+    assert printed.code == 0
+    assert "s3cret" not in printed.out + printed.err
+    assert "s3cret" not in repr(config)
+
+
+def test_secret_problems_name_the_place(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_PW", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    project.add_mailboxes(1, smtp={"username": "u", "password_file": "missing-pw", "security": "tls"})
+    project.add_mailboxes(1, smtp={"username": "u", "password_env": "NO_SUCH_PW", "security": "tls"})
+    project.add_mailboxes(1, smtp={"username": "u", "credential": "x", "security": "tls"})
+    project.add_mailboxes(1, smtp={"username": "u", "password": "inline-pw-123", "security": "none"})
+    project.add_cadence()
+    result = project.run("check")
+    assert result.code == 2
+    assert "mailboxes[0].smtp.password_file: cannot read" in result.err
+    assert "mailboxes[1].smtp.password_env: environment variable NO_SUCH_PW is not set" in result.err
+    assert "mailboxes[2].smtp.credential: CREDENTIALS_DIRECTORY is not set" in result.err
+    assert 'mailboxes[3].smtp.security: "none" would send the password in clear text' in result.err
+    assert "inline-pw-123" not in result.err + result.out
+
+
+def test_inline_password_readable_by_others_warns(project: Project) -> None:
+    project.add_mailboxes(1, smtp={"username": "u", "password": "inline-pw-123", "security": "tls"})
+    project.add_cadence()
+    project.write()
+    project.config_path.chmod(0o644)
+    result = project.run("check", write=False)
+    assert result.code == 0
+    assert "warning: mailboxes[0].smtp.password: inline password" in result.err
+    assert "inline-pw-123" not in result.err + result.out
+    project.config_path.chmod(0o600)
+    assert "warning" not in project.run("check", write=False).err
+
+
+def test_templates_are_rendered_at_check(project: Project) -> None:
+    project.add_mailboxes(1)
+    cadence = project.add_cadence(steps=3)
+    cadence["steps"][0]["subject"] = "For {{ title }}"
+    cadence["steps"][1]["body"] = "{% if %}"
+    cadence["steps"][2]["body_file"] = "tpl/step3.txt"
+    del cadence["steps"][2]["body"]
+    (project.root / "tpl").mkdir()
+    (project.root / "tpl" / "step3.txt").write_text("Bye {{ first_name }} from {{ sender_name }}")
+    result = project.run("check")
+    assert result.code == 2
+    assert "cadences.\"c1\".steps[0].subject: undefined variable: 'title' is undefined" in result.err
+    assert 'cadences."c1".steps[1].body: template error: line 1' in result.err
+    assert "steps[2]" not in result.err  # body_file resolved next to the config and rendered fine
+    cadence["fields"] = ["title"]
+    cadence["steps"][1]["body"] = "ok"
+    assert project.run("check").code == 0
+
+
+def test_missing_body_file(project: Project) -> None:
+    project.add_mailboxes(1)
+    cadence = project.add_cadence()
+    cadence["steps"][0]["body_file"] = "nope.txt"
+    del cadence["steps"][0]["body"]
+    result = project.run("check")
+    assert result.code == 2 and 'cadences."c1".steps[0].body_file: cannot read' in result.err
+
+
+def test_step_sender_needs_auto_rotate_off(project: Project) -> None:
+    (a,) = project.add_mailboxes(1)
+    cadence = project.add_cadence(steps=2)
+    cadence["steps"][1]["sender"] = a
+    result = project.run("check")
+    assert result.code == 2
+    assert '"Assign to Sender" is disabled under auto-rotate' in result.err
+    cadence["auto_rotate"] = False
+    assert project.run("check").code == 0
+    cadence["steps"][1]["sender"] = "stranger@else.example"
+    result = project.run("check")
+    assert result.code == 2 and "is not a mailbox of this cadence's pool" in result.err
+
+
+def test_cross_references(project: Project) -> None:
+    project.add_mailboxes(1, owner="zed")
+    project.add_cadence(users=["alice"], mailboxes=["ghost@x.example"])
+    project.data["automations"] = [{"name": "a", "cadence": "nope", "owner": "carol", "watch": "in"}]
+    result = project.run("check")
+    assert result.code == 2
+    assert "mailboxes[0].owner: unknown user 'zed'" in result.err
+    assert "cadences.\"c1\".mailboxes[0]: unknown mailbox 'ghost@x.example'" in result.err
+    assert "automations[0].cadence: unknown cadence 'nope'" in result.err
+    assert "automations[0].owner: unknown user 'carol'" in result.err
+
+
+def test_wrong_types_and_shapes(project: Project) -> None:
+    project.data["users"] = {"name": "alice"}
+    project.data["defaults"]["days"] = ["mon", "funday"]
+    project.data["defaults"]["daily_limit"] = True
+    result = project.run("check")
+    assert result.code == 2
+    assert "users: must be an array of tables ([[users]]), got a table" in result.err
+    assert "defaults.days[1]: must be one of mon, tue" in result.err
+    assert "defaults.daily_limit: must be an integer, got a boolean" in result.err

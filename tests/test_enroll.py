@@ -1,0 +1,289 @@
+"""`cadenced enroll`: rows validated one by one, rotation, pinning, the read side."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tests.conftest import Project
+
+
+def senders(project: Project, cadence: str = "c1") -> Counter[str]:
+    result = project.run("outbox", "--cadence", cadence, "--json")
+    assert result.code == 0, result.err
+    return Counter(m["mailbox"] for m in result.json()["messages"])
+
+
+def test_ten_over_two_and_three(project: Project) -> None:
+    two = project.add_mailboxes(2)
+    project.add_cadence("two", mailboxes=two, users=[])
+    three = project.add_mailboxes(3, owner="bob")
+    project.add_cadence("three", users=["bob"])
+    r = project.enroll(project.people(10), cadence="two")
+    assert r.code == 0, r.err
+    assert r.json()["assignments"] == {two[0]: 5, two[1]: 5}
+    r = project.enroll(project.people(10), cadence="three")
+    assert sorted(r.json()["assignments"].values(), reverse=True) == [4, 3, 3]
+    assert r.json()["assignments"][three[0]] == 4  # ties go to the first in the file
+    assert senders(project, "three") == Counter({three[0]: 4, three[1]: 3, three[2]: 3})
+
+
+def test_batches_keep_the_balance(project: Project) -> None:
+    boxes = project.add_mailboxes(3)
+    project.add_cadence()
+    project.enroll(project.people(4))
+    project.enroll(project.people(5, start=4, name="more.csv"))
+    assert sorted(senders(project).values()) == [3, 3, 3]
+    assert set(senders(project)) == set(boxes)
+
+
+def test_bad_rows_are_rejected_alone(project: Project) -> None:
+    project.add_mailboxes(2)
+    project.add_cadence()
+    project.write()
+    first = project.enroll(project.csv(["old@prospects.example,Old,Co"], name="first.csv"))
+    assert first.json()["enrolled"] == 1
+    csv_text = (
+        "email,first_name,company,owner\n"  # line 1
+        "good1@prospects.example,A,Co,\n"  # 2
+        "not-an-address,B,Co,\n"  # 3
+        '"evil@prospects.example","C\r\nBcc: x@y.example",Co,\n'  # 4-5
+        "carl@prospects.example,C,Co,zed\n"  # 6
+        "GOOD1@prospects.example,A,Co,\n"  # 7
+        "old@prospects.example,Old,Co,\n"  # 8
+        "good2@prospects.example,D,Co,bob\n"  # 9
+        "short@prospects.example,E\n"  # 10
+        "\n"  # 11: blank, ignored
+        "good3@prospects.example,F,Co,alice\n"  # 12
+    )
+    r = project.enroll(project.csv(csv_text))
+    assert r.code == 0, r.err
+    report = r.json()
+    assert report["enrolled"] == 3
+    assert report["skipped"] == 1
+    assert [(x["line"], x["reason"]) for x in report["rejected"]] == [
+        (3, "not a valid email address"),
+        (4, "line break in field 'first_name'"),
+        (6, "unknown owner 'zed'"),
+        (7, "duplicate of line 2"),
+        (10, "expected 4 fields, got 2"),
+    ]
+    emails = {m["prospect"] for m in project.run("outbox", "--json").json()["messages"]}
+    assert emails == {
+        "old@prospects.example",
+        "good1@prospects.example",
+        "good2@prospects.example",
+        "good3@prospects.example",
+    }
+
+
+def test_suppressed_addresses_are_rejected(project: Project) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence()
+    project.write()
+    path = project.people(3)
+    db = sqlite3.connect(project.root / "cadenced.db") if (project.root / "cadenced.db").exists() else None
+    assert db is None
+    project.run("status")  # creates the database
+    with sqlite3.connect(project.root / "cadenced.db") as db:
+        db.execute("INSERT INTO suppressions VALUES ('p1@prospects.example', 'bounced 550 5.1.1', 0)")
+    r = project.enroll(path).json()
+    assert r["enrolled"] == 2
+    assert r["rejected"] == [
+        {"line": 3, "email": "p1@prospects.example", "reason": "address is suppressed (bounced 550 5.1.1)"}
+    ]
+
+
+def test_unusable_files_change_nothing(project: Project) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence()
+    project.write()
+    project.enroll(project.people(2))
+    before = project.run("outbox", "--json").out
+    (project.root / "latin1.csv").write_bytes(
+        b"email,first_name\nok@prospects.example,Ann\nj@prospects.example,J\xf6rg\n"
+    )
+    r = project.enroll(project.root / "latin1.csv")
+    assert r.code == 2 and "latin1.csv:3: not UTF-8" in r.err
+    r = project.enroll(project.csv("p@prospects.example,Pat\nq@prospects.example,Q\n", name="nohead.csv"))
+    assert r.code == 2 and "nohead.csv:1: no 'email' column" in r.err
+    r = project.enroll(project.csv("", name="empty.csv"))
+    assert r.code == 2 and "empty file" in r.err
+    r = project.enroll(project.root / "missing.csv")
+    assert r.code == 2 and "missing.csv: cannot read" in r.err
+    r = project.run("enroll", "--cadence", "nope", "--as", "alice", str(project.people(1)))
+    assert r.code == 2 and "unknown cadence 'nope'" in r.err
+    r = project.run("enroll", "--cadence", "c1", "--as", "zed", str(project.people(1)))
+    assert r.code == 2 and "unknown user 'zed'" in r.err
+    assert project.run("outbox", "--json").out == before
+
+
+def test_unavailable_mailboxes_take_no_new_enrollments(project: Project) -> None:
+    a, b, c = project.add_mailboxes(3)
+    project.data["mailboxes"][2]["paused"] = True
+    project.add_cadence()
+    project.write()
+    project.run("status")
+    with sqlite3.connect(project.root / "cadenced.db") as db:
+        db.execute("INSERT INTO mailbox_health (mailbox, state, since) VALUES (?, 'disconnected', 0)", (a,))
+    r = project.enroll(project.people(4)).json()
+    assert r["assignments"] == {b: 4}
+    status = {m["address"]: m for m in project.run("status", "--json").json()["mailboxes"]}
+    assert (status[a]["state"], status[b]["state"], status[c]["state"]) == ("disconnected", "connected", "paused")
+    assert status[a]["waiting_for"] == "reconnect"
+
+
+def test_rotate_among_owner_and_adder(project: Project) -> None:
+    a1, a2 = project.add_mailboxes(2, owner="alice")
+    (b1,) = project.add_mailboxes(1, owner="bob")
+    project.add_cadence("own", users=["alice", "bob"], rotate_among="owner")
+    project.add_cadence("add", users=["alice", "bob"], rotate_among="adder")
+    project.write()
+    rows = [f"a{i}@prospects.example,alice" for i in range(4)] + [f"b{i}@prospects.example,bob" for i in range(3)]
+    path = project.csv(rows, header="email,owner")
+    assert project.enroll(path, cadence="own").json()["assignments"] == {a1: 2, a2: 2, b1: 3}
+    r = project.enroll(path, cadence="add", adder="bob").json()
+    assert r["assignments"] == {b1: 7}
+    project.data["users"].append({"name": "carol"})
+    r = project.enroll(path, cadence="add", adder="carol").json()
+    assert r["enrolled"] == 0 and r["skipped"] == 7
+    r = project.enroll(project.people(1), cadence="add", adder="carol").json()
+    assert r["rejected"][0]["reason"] == "adder 'carol' has no mailbox in this cadence's pool"
+
+
+def test_without_auto_rotate(project: Project) -> None:
+    a1, a2 = project.add_mailboxes(2)
+    (b1,) = project.add_mailboxes(1, owner="bob")
+    project.add_cadence("fixed", users=["alice", "bob"], auto_rotate=False, sender=a2)
+    project.add_cadence("first", users=["alice", "bob"], auto_rotate=False)
+    step_sender = project.add_cadence("stepped", users=["alice", "bob"], auto_rotate=False, steps=2)
+    step_sender["steps"][0]["sender"] = b1
+    project.write()
+    assert project.enroll(project.people(3), cadence="fixed").json()["assignments"] == {a2: 3}
+    assert project.enroll(project.people(3), cadence="first", adder="bob").json()["assignments"] == {b1: 3}
+    assert project.enroll(project.people(3), cadence="first", adder="alice").json()["skipped"] == 3
+    assert project.enroll(project.people(2, start=5), cadence="first").json()["assignments"] == {a1: 2}
+    assert project.enroll(project.people(2), cadence="stepped").json()["assignments"] == {b1: 2}
+
+
+def test_rotation_rules_are_pinned(project: Project) -> None:
+    project.add_mailboxes(2)
+    cadence = project.add_cadence(auto_rotate=False)
+    project.add_cadence("other")
+    assert project.run("check").code == 0  # nothing enrolled: free to change
+    project.enroll(project.people(3))
+    cadence["auto_rotate"] = True
+    result = project.run("check")
+    assert result.code == 2
+    assert 'cadences."c1": auto_rotate was false, the config says true: fixed by 3 enrollments' in result.err
+    r = project.enroll(project.people(2, start=10))
+    assert r.code == 1 and "fixed by 3 enrollments" in r.err
+    r = project.enroll(project.people(2, start=10), cadence="other")
+    assert r.code == 0  # another cadence is not held back
+    cadence["auto_rotate"] = False
+    project.data["cadences"][1]["rotate_among"] = "owner"
+    result = project.run("check")
+    assert (
+        result.code == 2 and "rotate_among was 'cadence', the config says 'owner': fixed by 2 enrollments" in result.err
+    )
+
+
+def test_templates_need_their_columns(project: Project) -> None:
+    project.add_mailboxes(1)
+    cadence = project.add_cadence(fields=["title"])
+    cadence["steps"][0]["body"] = "Dear {{ title }} {{ last_name | default('') }}"
+    project.write()
+    r = project.enroll(project.people(2))
+    assert r.code == 2 and "step 1 body cannot be filled from this file's columns" in r.err
+    path = project.csv(["a@prospects.example,CTO", "b@prospects.example,"], header="email,title")
+    r = project.enroll(path).json()
+    assert r["enrolled"] == 1
+    assert r["rejected"][0]["line"] == 3 and "'title' is undefined" in r["rejected"][0]["reason"]
+
+
+def test_status_and_outbox_shapes(project: Project) -> None:
+    boxes = project.add_mailboxes(2)
+    project.add_cadence(steps=2)
+    project.enroll(project.people(3))
+    status = project.run("status", "--json").json()
+    assert {"mailboxes", "cadences"} <= set(status)
+    for m in status["mailboxes"]:
+        assert {
+            "address",
+            "state",
+            "sent_today",
+            "daily_limit",
+            "next_send_at",
+            "waiting_for",
+            "scheduled",
+            "error",
+        } <= set(m)
+    assert [m["scheduled"] for m in status["mailboxes"]] == [2, 1]
+    assert status["cadences"][0]["enrollments"]["active"] == 3
+    messages = project.run("outbox", "--state", "scheduled", "--mailbox", boxes[0], "--json").json()["messages"]
+    assert len(messages) == 2
+    keys = {
+        "id",
+        "cadence",
+        "prospect",
+        "step",
+        "mailbox",
+        "state",
+        "reason",
+        "due_at",
+        "sent_at",
+        "message_id",
+        "attempts",
+    }
+    assert all(keys <= set(m) for m in messages)
+    assert {m["step"] for m in messages} == {1}
+    text = project.run("status")
+    assert text.code == 0 and boxes[0] in text.out
+    assert project.run("outbox", "--state", "sent").out.strip() == "no messages"
+
+
+def test_database_problems(project: Project) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence()
+    project.write()
+    db = project.root / "cadenced.db"
+    db.write_bytes(b"this is not sqlite at all" * 100)
+    r = project.run("status")
+    assert r.code == 2 and "not a cadenced database" in r.err
+    db.unlink()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    r = project.run("status")
+    assert r.code == 2 and "schema 99 is newer than this cadenced knows" in r.err
+    db.unlink()
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE other (x)")
+    r = project.enroll(project.people(1))
+    assert r.code == 2 and "another program" in r.err
+
+
+def test_readers_and_writers_in_separate_processes(project: Project) -> None:
+    project.add_mailboxes(3)
+    project.add_cadence()
+    project.write()
+    paths = [project.people(2000, start=i * 2000, name=f"part{i}.csv") for i in range(3)]
+    cmd = [sys.executable, "-m", "daemon", "--config", str(project.config_path)]
+    procs = [subprocess.Popen([*cmd, "enroll", "--cadence", "c1", "--as", "alice", str(p)]) for p in paths]
+    readers = [subprocess.run([*cmd, "status", "--json"], capture_output=True, check=False) for _ in range(3)]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    assert all(r.returncode == 0 for r in readers), [r.stderr for r in readers]
+    counts = senders(project)
+    assert sum(counts.values()) == 6000
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_entry_point_runs(project: Project, tmp_path: Path) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence()
+    project.write()
+    exe = str(Path(sys.executable).parent / "cadenced")
+    r = subprocess.run([exe, "--config", str(project.config_path), "check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
