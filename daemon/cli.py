@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import tomli_w
 
 from daemon import __version__, enroll, readside
@@ -148,6 +149,44 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    from daemon import logs
+    from daemon.service import Daemon
+
+    logs.configure(config.daemon.log_format, config.daemon.log_level)
+    daemon = Daemon(config.path, config)
+    anyio.run(daemon.run, backend="asyncio")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config)
+    try:
+        document = readside.plan(config, store, time.time(), args.days)
+    finally:
+        store.close()
+    if args.json:
+        _json(document)
+        return 0
+    if not document["days"]:
+        _out(f"nothing to send in the next {args.days} days")
+    current = None
+    for row in document["days"]:
+        if row["date"] != current:
+            current = row["date"]
+            _out(current)
+        _out(f"  {row['mailbox']:<40} {row['sends']:>6}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon import demo
+
+    return demo.main(keep=args.keep)
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -186,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_outbox)
+
+    p = sub.add_parser("run", parents=[common], help="the daemon (foreground; systemd Type=notify)")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("plan", parents=[common], help="forecast sends per mailbox per day, sending nothing")
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("demo", help="a self-contained run against a local SMTP server on loopback")
+    p.add_argument("--keep", action="store_true", help="keep the demo's folder (config, database) afterwards")
+    p.set_defaults(handler=cmd_demo)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,3 +69,53 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         mine = enrollments.get(c.name, {})
         cadences.append({"name": c.name, "enrollments": {s: mine.get(s, 0) for s in ENROLLMENT_STATES}})
     return {"mailboxes": mailboxes, "cadences": cadences, "generated_at": iso(now)}
+
+
+def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
+    """Forecast sends per mailbox per local day, with the daemon's own timing functions.
+
+    Scheduled messages and the follow-ups their sends will create are played
+    forward; each mailbox's gap is taken at the middle of its range.
+    """
+    horizon = now + days * 86400
+    health = store.health()
+    heap: list[tuple[float, int, str, int, str]] = []
+    seq = 0
+    live = [m for m in config.mailboxes if mailbox_state(m.paused, health.get(m.address)) == "connected"]
+    for m in live:
+        for due, step, _enrollment, cadence_name in store.scheduled_for_plan(m.address, horizon):
+            heap.append((due, seq, m.address, step, cadence_name))
+            seq += 1
+    heapq.heapify(heap)
+    mailboxes = {m.address: m for m in live}
+    counts: dict[str, dict[str, int]] = {}
+    free_at: dict[str, float] = {}
+    for m in live:
+        today = timing.local_day(now, m.schedule.timezone)
+        counts[m.address] = {today: store.sent_on(m.address, today)}
+        h = health.get(m.address)
+        free_at[m.address] = max(now, (h or {}).get("not_before") or now)
+    forecast: dict[tuple[str, str], int] = {}
+    while heap:
+        due, _, address, step, cadence_name = heapq.heappop(heap)
+        if address not in mailboxes:
+            continue
+        box = mailboxes[address]
+        decision = timing.next_allowed(max(due, free_at[address]), box.schedule, None, counts[address])
+        if decision.at is None or decision.at >= horizon:
+            continue
+        day = timing.local_day(decision.at, box.schedule.timezone)
+        counts[address][day] = counts[address].get(day, 0) + 1
+        forecast[(day, address)] = forecast.get((day, address), 0) + 1
+        free_at[address] = decision.at + sum(box.schedule.gap) / 2
+        try:
+            steps = config.cadence(cadence_name).steps
+        except KeyError:
+            continue
+        if step < len(steps):
+            nxt = steps[step]
+            target = nxt.sender or address
+            heapq.heappush(heap, (decision.at + nxt.wait, seq, target, step + 1, cadence_name))
+            seq += 1
+    rows = [{"date": day, "mailbox": address, "sends": n} for (day, address), n in sorted(forecast.items())]
+    return {"days": rows, "generated_at": iso(now), "horizon_days": days}

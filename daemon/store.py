@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +62,7 @@ _MIGRATIONS: dict[int, str] = {
         message_id TEXT,
         subject TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
+        transient_failures INTEGER NOT NULL DEFAULT 0,
         smtp_code INTEGER,
         detail TEXT,
         UNIQUE (enrollment_id, step)
@@ -84,7 +85,8 @@ _MIGRATIONS: dict[int, str] = {
         next_probe_at REAL,
         last_send_at REAL,
         not_before REAL,
-        waiting_for TEXT
+        quota_day TEXT,
+        limit_logged_day TEXT
     );
     """,
 }
@@ -330,6 +332,297 @@ class Store:
             "detail",
         )
         return [dict(zip(keys, r, strict=True)) for r in self.conn.execute(sql, args)]
+
+    # --- the sending side --------------------------------------------------------
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits: how the daemon notices other commands."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def recover_sending(self, now: float) -> list[int]:
+        """Messages left in `sending` by a crash: maybe delivered, so never resent by themselves."""
+        with self.transaction():
+            rows = self.conn.execute(
+                """UPDATE messages SET state = 'error', reason = 'uncertain',
+                   detail = 'found in sending at start-up: the daemon stopped mid-transaction'
+                   WHERE state = 'sending' RETURNING id"""
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def snapshot(self, mailbox: str, day: str) -> Snapshot:
+        row = self.conn.execute(
+            """SELECT (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled'),
+                      (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
+                      h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
+                      h.next_probe_at, h.failures
+               FROM (SELECT 1) LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
+            (mailbox, day),
+        ).fetchone()
+        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0)
+
+    def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
+        """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
+        with self.transaction():
+            row = self.conn.execute(
+                """SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+                          m.attempts, m.transient_failures, e.mailbox
+                   FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+                   WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
+                   ORDER BY m.due_at, m.id LIMIT 1""",
+                (mailbox, now),
+            ).fetchone()
+            if row is None:
+                return None
+            attempts = row[8] + 1
+            mid = message_id(row[0], attempts)
+            self.conn.execute(
+                """UPDATE messages SET state = 'sending', attempts = ?, message_id = ?, reason = NULL, detail = NULL
+                   WHERE id = ?""",
+                (attempts, mid, row[0]),
+            )
+        return Claimed(
+            id=row[0],
+            enrollment_id=row[1],
+            step=row[2],
+            mailbox=row[3],
+            cadence=row[4],
+            email=row[5],
+            fields=json.loads(row[6]),
+            due_at=row[7],
+            attempts=attempts,
+            transient_failures=row[9],
+            sticky=row[10],
+            message_id=mid,
+        )
+
+    def thread(self, enrollment_id: int, before_step: int) -> list[tuple[int, str, str]]:
+        """(step, message_id, subject) of the enrollment's sent messages, in order."""
+        rows = self.conn.execute(
+            """SELECT step, message_id, subject FROM messages
+               WHERE enrollment_id = ? AND state = 'sent' AND step < ? ORDER BY step""",
+            (enrollment_id, before_step),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def record_sent(
+        self,
+        c: Claimed,
+        now: float,
+        code: int,
+        text: str,
+        subject: str,
+        day: str,
+        gap_until: float,
+        next_step: tuple[int, str, float] | None,
+    ) -> None:
+        """Sent: the message, the day's count, the gap and the next step, in one commit."""
+        with self.transaction():
+            self.conn.execute(
+                """UPDATE messages SET state = 'sent', sent_at = ?, smtp_code = ?, detail = ?, subject = ?
+                   WHERE id = ?""",
+                (now, code, text, subject, c.id),
+            )
+            self.conn.execute(
+                """INSERT INTO daily_counts VALUES (?, ?, 1)
+                   ON CONFLICT (mailbox, day) DO UPDATE SET sent = sent + 1""",
+                (c.mailbox, day),
+            )
+            self.conn.execute(
+                """INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before)
+                   VALUES (?, 'connected', ?, ?, ?)
+                   ON CONFLICT (mailbox) DO UPDATE SET last_send_at = excluded.last_send_at,
+                   not_before = excluded.not_before""",
+                (c.mailbox, now, now, gap_until),
+            )
+            if next_step is not None:
+                step, mailbox, due = next_step
+                self.conn.execute(
+                    """INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
+                       SELECT id, ?, ?, 'scheduled', ? FROM enrollments WHERE id = ? AND state = 'active'
+                       ON CONFLICT (enrollment_id, step) DO NOTHING""",
+                    (step, mailbox, due, c.enrollment_id),
+                )
+            else:
+                self.conn.execute(
+                    "UPDATE enrollments SET state = 'finished', ended_at = ? WHERE id = ? AND state = 'active'",
+                    (now, c.enrollment_id),
+                )
+
+    def reschedule(self, message: int, due_at: float, code: int | None, detail: str, transient: bool) -> None:
+        """Back to `scheduled` (a 4xx to retry later, or a deferral): nothing was delivered."""
+        with self.transaction():
+            self.conn.execute(
+                """UPDATE messages SET state = 'scheduled', due_at = ?, smtp_code = ?, detail = ?,
+                   transient_failures = transient_failures + ? WHERE id = ?""",
+                (due_at, code, detail, int(transient), message),
+            )
+
+    def record_error(self, message: int, reason: str, code: int | None, detail: str) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE messages SET state = 'error', reason = ?, smtp_code = ?, detail = ? WHERE id = ?",
+                (reason, code, detail, message),
+            )
+
+    def record_failed(self, c: Claimed, now: float, code: int | None, detail: str) -> list[int]:
+        """A permanent refusal: the message failed, the enrollment bounced, the address suppressed."""
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE messages SET state = 'failed', smtp_code = ?, detail = ? WHERE id = ?",
+                (code, detail, c.id),
+            )
+            self.conn.execute(
+                "UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE id = ?", (now, c.enrollment_id)
+            )
+            self.suppress(c.email, f"bounced {code or ''} {detail}".strip()[:200], now)
+            return self._cancel_pending("e.email = ?", (c.email,), now, "address suppressed after a bounce")
+
+    def _cancel_pending(self, where: str, args: tuple[Any, ...], now: float, detail: str) -> list[int]:
+        rows = self.conn.execute(
+            f"""UPDATE messages SET state = 'cancelled', detail = ?
+                WHERE state IN ('scheduled', 'error') AND enrollment_id IN
+                (SELECT e.id FROM enrollments e WHERE {where}) RETURNING id""",
+            (detail, *args),
+        ).fetchall()
+        self.conn.execute(
+            f"""UPDATE enrollments SET state = 'stopped', ended_at = ?
+                WHERE state = 'active' AND id IN (SELECT e.id FROM enrollments e WHERE {where})""",
+            (now, *args),
+        )
+        return [r[0] for r in rows]
+
+    def disconnect(self, mailbox: str, now: float, detail: str, next_probe_at: float) -> list[int]:
+        """The mailbox refuses us: it goes to the retry queue with all its scheduled messages."""
+        with self.transaction():
+            self.conn.execute(
+                """INSERT INTO mailbox_health (mailbox, state, reason, since, failures, next_probe_at)
+                   VALUES (?, 'disconnected', ?, ?, 1, ?)
+                   ON CONFLICT (mailbox) DO UPDATE SET
+                   since = CASE WHEN state = 'disconnected' THEN since ELSE excluded.since END,
+                   failures = CASE WHEN state = 'disconnected' THEN failures + 1 ELSE 1 END,
+                   state = 'disconnected', reason = excluded.reason, next_probe_at = excluded.next_probe_at""",
+                (mailbox, detail, now, next_probe_at),
+            )
+            rows = self.conn.execute(
+                """UPDATE messages SET state = 'error', reason = 'disconnected', detail = ?
+                   WHERE mailbox = ? AND state IN ('scheduled', 'sending') RETURNING id""",
+                (detail, mailbox),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def reconnect(self, mailbox: str, now: float) -> list[int]:
+        """A probe succeeded: connected again, its `disconnected` errors back to `scheduled`."""
+        with self.transaction():
+            self.set_mailbox_state(mailbox, "connected", None, now)
+            self.conn.execute(
+                "UPDATE mailbox_health SET failures = 0, next_probe_at = NULL WHERE mailbox = ?", (mailbox,)
+            )
+            rows = self.conn.execute(
+                """UPDATE messages SET state = 'scheduled', reason = NULL, detail = 'back from the retry queue'
+                   WHERE mailbox = ? AND state = 'error' AND reason = 'disconnected' RETURNING id""",
+                (mailbox,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def catch_due_while_down(self, mailbox: str, now: float) -> list[int]:
+        """Messages reaching their due time while the mailbox is down join its error section."""
+        with self.transaction():
+            rows = self.conn.execute(
+                """UPDATE messages SET state = 'error', reason = 'disconnected',
+                   detail = 'came due while the mailbox was disconnected'
+                   WHERE mailbox = ? AND state = 'scheduled' AND due_at <= ? RETURNING id""",
+                (mailbox, now),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def set_probe(self, mailbox: str, next_probe_at: float, detail: str) -> None:
+        with self.transaction():
+            self.conn.execute(
+                """UPDATE mailbox_health SET next_probe_at = ?, failures = failures + 1, reason = ?
+                   WHERE mailbox = ?""",
+                (next_probe_at, detail, mailbox),
+            )
+
+    def mark_deferred(self, mailbox: str, until: float, detail: str) -> list[int]:
+        """Say on each due message why it waits; returns the ones newly told (logged once each)."""
+        with self.transaction():
+            rows = self.conn.execute(
+                """UPDATE messages SET detail = ?1 WHERE mailbox = ?2 AND state = 'scheduled' AND due_at < ?3
+                   AND (detail IS NULL OR detail != ?1) RETURNING id""",
+                (detail, mailbox, until),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def note_limit(self, mailbox: str, day: str, quota: bool, now: float) -> bool:
+        """Record that `day` is full for `mailbox`; True the first time (to log it once)."""
+        with self.transaction():
+            self.conn.execute(
+                """INSERT INTO mailbox_health (mailbox, state, since) VALUES (?, 'connected', ?)
+                   ON CONFLICT (mailbox) DO NOTHING""",
+                (mailbox, now),
+            )
+            if quota:
+                self.conn.execute("UPDATE mailbox_health SET quota_day = ? WHERE mailbox = ?", (day, mailbox))
+            changed = self.conn.execute(
+                """UPDATE mailbox_health SET limit_logged_day = ?1 WHERE mailbox = ?2
+                   AND (limit_logged_day IS NULL OR limit_logged_day != ?1) RETURNING mailbox""",
+                (day, mailbox),
+            ).fetchall()
+        return bool(changed)
+
+    def orphan_removed_mailboxes(self, configured: set[str], now: float) -> list[tuple[str, int]]:
+        """Pending messages of mailboxes no longer in the config go to error/mailbox_removed."""
+        known = {r[0] for r in self.conn.execute("SELECT DISTINCT mailbox FROM rotation_counts")}
+        known |= {r[0] for r in self.conn.execute("SELECT mailbox FROM mailbox_health")}
+        out: list[tuple[str, int]] = []
+        for mailbox in sorted(known - configured):
+            with self.transaction():
+                rows = self.conn.execute(
+                    """UPDATE messages SET state = 'error', reason = 'mailbox_removed',
+                       detail = 'its mailbox left the config: use outbox reassign to move it'
+                       WHERE mailbox = ? AND state IN ('scheduled', 'sending') RETURNING id""",
+                    (mailbox,),
+                ).fetchall()
+            out += [(mailbox, r[0]) for r in rows]
+        return out
+
+    def scheduled_for_plan(self, mailbox: str, until: float) -> list[tuple[float, int, int, str]]:
+        """(due_at, step, enrollment_id, cadence) of scheduled messages due before `until`."""
+        rows = self.conn.execute(
+            """SELECT m.due_at, m.step, m.enrollment_id, e.cadence FROM messages m
+               JOIN enrollments e ON e.id = m.enrollment_id
+               WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at < ? ORDER BY m.due_at""",
+            (mailbox, until),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    earliest_due: float | None
+    sent_today: int
+    gap_until: float | None
+    state: str
+    quota_day: str | None
+    limit_logged_day: str | None
+    next_probe_at: float | None
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    id: int
+    enrollment_id: int
+    step: int
+    mailbox: str
+    cadence: str
+    email: str
+    fields: dict[str, str]
+    due_at: float
+    attempts: int
+    transient_failures: int
+    sticky: str
+    message_id: str
 
 
 def _json_list(values: Sequence[Any]) -> str:

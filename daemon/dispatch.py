@@ -1,0 +1,442 @@
+"""Per-mailbox sender loops: claim → compose → send → record; the retry queue.
+
+APScheduler holds one date job per mailbox (when that mailbox may next send)
+and one housekeeping job that notices commits by other processes. Jobs only
+set an event; the SMTP work runs in the dispatcher's task group, where
+shutdown can drain it. The outbox in the database is the truth: there is no
+timer per message, and a wake costs one indexed look-up of what is due.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from daemon import compose, logs, smtp, timing
+from daemon.config import Cadence, Config, Mailbox, Step
+from daemon.readside import iso
+from daemon.store import Claimed, Snapshot, Store
+
+T = TypeVar("T")
+PROBE_FIRST = 30.0
+PROBE_MAX = 1800.0
+CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
+
+
+class AsyncStore:
+    """The daemon's one SQLite connection, used from worker threads one call at a time."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.limiter = anyio.CapacityLimiter(1)
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.errors = 0
+        self.in_flight = 0
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.db = AsyncStore(store)
+        self.clock = clock
+        self.rng = random.Random()
+        self.log = logs.get()
+        self.stats = Stats()
+        self.stopping = False
+        self.runners: dict[str, MailboxRunner] = {}
+        self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
+        self.scheduler = AsyncIOScheduler(
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1}
+        )
+        self._tg: TaskGroup | None = None
+        self._data_version = -1
+        self.alive_at = time.monotonic()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run every mailbox's loop until stop(); returns when all in-flight sends are recorded."""
+        self._data_version = await self.db(self.db.store.data_version)
+        self.scheduler.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for mailbox in self.config.mailboxes:
+                    self._start(mailbox)
+                self.scheduler.add_job(self._notice_changes, "interval", seconds=CHANGE_POLL, id="housekeeping:changes")
+                task_status.started()
+        finally:
+            self.scheduler.shutdown(wait=False)
+
+    def _start(self, mailbox: Mailbox) -> None:
+        runner = MailboxRunner(self, mailbox)
+        self.runners[mailbox.address] = runner
+        assert self._tg is not None
+        self._tg.start_soon(runner.run, name=f"mailbox {mailbox.address}")
+
+    def stop(self) -> None:
+        """Take no new message; loops finish the transaction in hand and return."""
+        self.stopping = True
+        for runner in self.runners.values():
+            runner.wake()
+
+    def apply(self, config: Config) -> list[str]:
+        """Switch to a new (already validated) config; returns the removed mailbox addresses."""
+        old = {m.address for m in self.config.mailboxes}
+        self.config = config
+        new = {m.address: m for m in config.mailboxes}
+        removed = sorted(old - set(new))
+        for address in removed:
+            runner = self.runners.pop(address)
+            runner.removed = True
+            runner.wake()
+            self._unschedule(address)
+        for address, mailbox in new.items():
+            runner_or_none = self.runners.get(address)
+            if runner_or_none is None:
+                self._start(mailbox)
+            else:
+                runner_or_none.mailbox = mailbox
+                runner_or_none.wake()
+        return removed
+
+    async def _notice_changes(self) -> None:
+        """Housekeeping job: another process committed (an enrollment, a retry): wake every loop."""
+        self.alive_at = time.monotonic()
+        version = await self.db(self.db.store.data_version)
+        if version != self._data_version:
+            self._data_version = version
+            for runner in self.runners.values():
+                runner.wake()
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def schedule(self, address: str, at: float | None) -> None:
+        job_id = f"mailbox:{address}"
+        if at is None:
+            self._unschedule(address)
+            return
+        runner = self.runners.get(address)
+        if runner is None:
+            return
+        self.scheduler.add_job(runner.wake_job, "date", run_date=_aware(at), id=job_id, replace_existing=True)
+
+    def _unschedule(self, address: str) -> None:
+        job = self.scheduler.get_job(f"mailbox:{address}")
+        if job is not None:
+            job.remove()
+
+
+def _aware(ts: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class MailboxRunner:
+    """The sender loop of one mailbox: its window, gap, limit, connection and retry queue."""
+
+    def __init__(self, dispatcher: Dispatcher, mailbox: Mailbox) -> None:
+        self.d = dispatcher
+        self.mailbox = mailbox
+        self.address = mailbox.address
+        self.conn = smtp.Connection(mailbox)
+        self.holds_slot = False
+        self.removed = False
+        self._event = anyio.Event()
+        self.next_wake: float | None = None
+        self.log = dispatcher.log.bind(mailbox=mailbox.address)
+        self.domain = mailbox.address.rpartition("@")[2]
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wake_job(self) -> None:
+        """APScheduler's job for this mailbox: only signals."""
+        self.wake()
+
+    async def run(self) -> None:
+        try:
+            while not self.d.stopping and not self.removed:
+                self._event = anyio.Event()
+                try:
+                    acted = await self.step()
+                except Exception:
+                    self.log.exception("mailbox.loop_error")
+                    acted = False
+                    self.next_wake = self.d.clock() + 5
+                if acted:
+                    continue
+                if self.d.stopping or self.removed:
+                    break
+                await self.sleep()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
+
+    async def sleep(self) -> None:
+        now = self.d.clock()
+        if self.next_wake is not None and self.next_wake <= now:
+            return
+        self.d.schedule(self.address, self.next_wake)
+        if self.conn.is_open:
+            with anyio.move_on_after(self.d.config.daemon.idle_close):
+                await self._event.wait()
+                return
+            await self._close()
+        await self._event.wait()
+
+    async def _close(self) -> None:
+        await self.conn.close()
+        if self.holds_slot:
+            self.d.connections.release_on_behalf_of(self)
+            self.holds_slot = False
+
+    # --- one decision ----------------------------------------------------------------------
+
+    async def step(self) -> bool:
+        """Send one message if one may go now; else set next_wake. True when something happened."""
+        mailbox = self.mailbox
+        schedule = mailbox.schedule
+        now = self.d.clock()
+        day = timing.local_day(now, schedule.timezone)
+        snap: Snapshot = await self.d.db(self.d.db.store.snapshot, self.address, day)
+        self.next_wake = None
+        if mailbox.paused:
+            return False
+        if snap.state == "disconnected":
+            return await self._retry_queue(snap, now)
+        if snap.earliest_due is None:
+            return False
+        full = schedule.daily_limit if snap.quota_day == day else snap.sent_today
+        decision = timing.next_allowed(max(now, snap.earliest_due), schedule, snap.gap_until, {day: full})
+        if decision.at is None or decision.at > now:
+            if snap.earliest_due <= now:
+                self.next_wake = decision.at
+                await self._explain_wait(decision, snap, day, now)
+            else:
+                # Wake when it comes due, to say on it why it waits; then sleep until allowed.
+                self.next_wake = snap.earliest_due
+            return False
+        claimed = await self.d.db(self.d.db.store.claim, self.address, now, self._message_id)
+        if claimed is None:
+            return True  # raced with a retry or reassign: look again
+        await self._send(claimed)
+        return True
+
+    def _message_id(self, outbox_id: int, attempt: int) -> str:
+        return f"<cadenced.{outbox_id}.{attempt}.{secrets.token_hex(4)}@{self.domain}>"
+
+    async def _explain_wait(self, decision: timing.Decision, snap: Snapshot, day: str, now: float) -> None:
+        """Every waiting message says why (SPEC: `deferred: daily_limit until <time>`)."""
+        reason = decision.waiting_for or "window"
+        until = iso(decision.at) if decision.at is not None else "further notice (daily_limit = 0)"
+        if reason == "daily_limit" and snap.limit_logged_day != day:
+            if await self.d.db(self.d.db.store.note_limit, self.address, day, False, now):
+                self.log.info(
+                    "mailbox.limit_reached",
+                    sent_today=snap.sent_today,
+                    daily_limit=self.mailbox.schedule.daily_limit,
+                    next_send_at=until,
+                )
+        if reason == "gap":
+            return  # a pause of minutes is not worth a line per message
+        # Everything due before the mailbox may send again waits for the same reason.
+        horizon = decision.at if decision.at is not None else float("inf")
+        ids = await self.d.db(self.d.db.store.mark_deferred, self.address, horizon, f"deferred: {reason} until {until}")
+        for message in ids:
+            self.log.info("message.deferred", message=message, reason=reason, until=until)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    async def _send(self, c: Claimed) -> None:
+        self.d.stats.in_flight += 1
+        try:
+            # Shielded: a shutdown lets the transaction in hand finish (each SMTP step is bounded).
+            with anyio.CancelScope(shield=True):
+                await self._send_shielded(c)
+        finally:
+            self.d.stats.in_flight -= 1
+
+    async def _send_shielded(self, c: Claimed) -> None:
+        log = self.log.bind(cadence=c.cadence, prospect=c.email, step=c.step, message=c.id, message_id=c.message_id)
+        composed = await self._compose(c, log)
+        if composed is None:
+            return
+        message, subject = composed
+        if not self.holds_slot:
+            await self.d.connections.acquire_on_behalf_of(self)
+            self.holds_slot = True
+        reused = self.conn.is_open
+        try:
+            try:
+                accepted = await self.conn.send(message, self.address, c.email)
+            except smtp.SmtpFailure as failure:
+                if not (reused and failure.kind == smtp.DISCONNECTED and failure.code is None):
+                    raise
+                # The server closed an idle connection under us; nothing was sent: one fresh try.
+                accepted = await self.conn.send(message, self.address, c.email)
+        except smtp.SmtpFailure as failure:
+            if not self.conn.is_open:
+                await self._close()
+            await self._failed(c, failure, log)
+            return
+        now = self.d.clock()
+        schedule = self.mailbox.schedule
+        gap_until = now + timing.draw_gap(schedule, self.d.rng)
+        next_step = self._next_step(c, now)
+        await self.d.db(
+            self.d.db.store.record_sent,
+            c,
+            now,
+            accepted.code,
+            accepted.text,
+            subject,
+            timing.local_day(now, schedule.timezone),
+            gap_until,
+            next_step,
+        )
+        self.d.stats.sent += 1
+        log.info("message.sent", smtp_code=accepted.code, subject=subject)
+
+    def _next_step(self, c: Claimed, now: float) -> tuple[int, str, float] | None:
+        try:
+            cadence = self.d.config.cadence(c.cadence)
+        except KeyError:
+            return None
+        if c.step >= len(cadence.steps):
+            return None
+        nxt = cadence.steps[c.step]
+        return (nxt.number, nxt.sender or c.sticky, now + nxt.wait)
+
+    async def _compose(self, c: Claimed, log: Any) -> tuple[Any, str] | None:
+        cadence, step = self._step_of(c)
+        if cadence is None or step is None:
+            detail = "its cadence is no longer in the config" if cadence is None else "its step was removed"
+            await self.d.db(self.d.db.store.record_error, c.id, "config_changed", None, detail)
+            self.d.stats.errors += 1
+            log.warning("message.error", reason="config_changed", detail=detail)
+            return None
+        thread = await self.d.db(self.d.db.store.thread, c.enrollment_id, c.step)
+        variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address)
+        try:
+            body = step.body.render(variables)
+            if step.subject is not None:
+                subject = step.subject.render(variables)
+            else:
+                first = thread[0][2] if thread else None
+                if first is None:
+                    first_step = cadence.steps[0]
+                    first = first_step.subject.render(variables) if first_step.subject else ""
+                subject = compose.thread_subject(first, None)
+        except compose.TemplateProblem as exc:
+            await self.d.db(self.d.db.store.record_error, c.id, "template", None, str(exc))
+            self.d.stats.errors += 1
+            log.warning("message.error", reason="template", detail=str(exc))
+            return None
+        subject = " ".join(subject.split())
+        references = tuple(mid for _, mid, _ in thread if mid)
+        out = compose.Outgoing(
+            from_name=self.mailbox.name,
+            from_address=self.address,
+            to_address=c.email,
+            subject=subject,
+            body=body,
+            message_id=c.message_id,
+            date=self.d.clock(),
+            in_reply_to=references[-1] if references else None,
+            references=references,
+        )
+        return compose.build_message(out), subject
+
+    def _step_of(self, c: Claimed) -> tuple[Cadence | None, Step | None]:
+        try:
+            cadence = self.d.config.cadence(c.cadence)
+        except KeyError:
+            return None, None
+        if c.step > len(cadence.steps):
+            return cadence, None
+        return cadence, cadence.steps[c.step - 1]
+
+    async def _failed(self, c: Claimed, f: smtp.SmtpFailure, log: Any) -> None:
+        db, store = self.d.db, self.d.db.store
+        now = self.d.clock()
+        schedule = self.mailbox.schedule
+        if f.kind == smtp.DISCONNECTED:
+            ids = await db(store.disconnect, self.address, now, f.text, now + PROBE_FIRST)
+            self.d.stats.errors += 1
+            log.warning("mailbox.disconnected", smtp_code=f.code, detail=f.text, moved_to_error=len(ids))
+            log.info("message.error", reason="disconnected", smtp_code=f.code)
+            self.next_wake = now + PROBE_FIRST
+        elif f.kind == smtp.UNCERTAIN:
+            await db(store.record_error, c.id, "uncertain", f.code, f.text)
+            self.d.stats.errors += 1
+            log.warning("message.error", reason="uncertain", smtp_code=f.code, detail=f.text)
+        elif f.kind == smtp.TRANSIENT:
+            delays = self.d.config.daemon.retry_delays
+            if c.transient_failures < len(delays):
+                due = now + delays[c.transient_failures]
+                detail = f"{f.code} {f.text}; retry {c.transient_failures + 1} of {len(delays)} at {iso(due)}"
+                await db(store.reschedule, c.id, due, f.code, detail, True)
+                log.info("message.deferred", reason="transient", smtp_code=f.code, until=iso(due), detail=f.text)
+            else:
+                await db(store.record_error, c.id, "retries_exhausted", f.code, f.text)
+                self.d.stats.errors += 1
+                log.warning("message.error", reason="retries_exhausted", smtp_code=f.code, detail=f.text)
+        elif f.kind == smtp.QUOTA:
+            day = timing.local_day(now, schedule.timezone)
+            decision = timing.next_allowed(now, schedule, None, {day: schedule.daily_limit})
+            until = iso(decision.at) if decision.at else "further notice"
+            detail = f"deferred: daily_limit until {until} (provider quota: {f.code} {f.text})"
+            await db(store.reschedule, c.id, c.due_at, f.code, detail, False)
+            if await db(store.note_limit, self.address, day, True, now):
+                log.warning("mailbox.limit_reached", smtp_code=f.code, detail=f.text, next_send_at=until)
+            log.info("message.deferred", reason="daily_limit", smtp_code=f.code, until=until)
+        else:
+            cancelled = await db(store.record_failed, c, now, f.code, f.text)
+            self.d.stats.errors += 1
+            log.warning("message.failed", smtp_code=f.code, detail=f.text)
+            log.info("bounce.detected", source="smtp", smtp_code=f.code)
+            for message in cancelled:
+                self.log.info("message.cancelled", message=message, prospect=c.email, reason="suppressed")
+
+    # --- the retry queue ----------------------------------------------------------------------
+
+    async def _retry_queue(self, snap: Snapshot, now: float) -> bool:
+        db, store = self.d.db, self.d.db.store
+        caught = await db(store.catch_due_while_down, self.address, now)
+        for message in caught:
+            self.log.info("message.error", message=message, reason="disconnected")
+        if snap.next_probe_at is not None and snap.next_probe_at > now:
+            self.next_wake = snap.next_probe_at
+            if snap.earliest_due is not None and snap.earliest_due > now:
+                self.next_wake = min(snap.next_probe_at, snap.earliest_due)
+            return False
+        try:
+            await self.conn.probe()
+        except smtp.SmtpFailure as f:
+            delay = min(PROBE_FIRST * 2 ** max(snap.failures, 0), PROBE_MAX)
+            await db(store.set_probe, self.address, now + delay, f.text)
+            self.next_wake = now + delay
+            self.log.info("mailbox.probe_failed", smtp_code=f.code, detail=f.text, next_probe_at=iso(now + delay))
+            return False
+        back = await db(store.reconnect, self.address, now)
+        self.log.info("mailbox.reconnected", returned_to_scheduled=len(back))
+        for message in back:
+            self.log.info("message.retried", message=message, reason="reconnected")
+        return True

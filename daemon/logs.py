@@ -1,0 +1,91 @@
+"""structlog set-up: one event per line, JSON or console, library logs through the same renderer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# syslog priorities journald reads from a "<N>" prefix
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
+_NOISY = ("aiosmtplib", "apscheduler", "aioimaplib", "mail.log", "asyncio")
+_SECRET_KEYS = frozenset({"password", "passwd", "token", "secret", "authorization", "auth_string"})
+
+
+def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Last line of defence: a field named like a secret never reaches the output."""
+    for key in list(event):
+        if key.lower() in _SECRET_KEYS:
+            event[key] = "********"
+    return event
+
+
+class _JournalPrefix:
+    """Under journald, `<N>` before each line sets the entry's priority."""
+
+    def __init__(self, renderer: Processor) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
+        level = str(event.get("level", "info"))
+        rendered = self.renderer(logger, name, event)
+        text = rendered.decode() if isinstance(rendered, bytes) else str(rendered)
+        return f"<{_PRIORITY.get(level, 6)}>{text}"
+
+
+def wants_json(log_format: str, stream: TextIO) -> bool:
+    if log_format == "json":
+        return True
+    if log_format == "console":
+        return False
+    return not stream.isatty()
+
+
+def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+    """Set up structlog and route stdlib logging (aiosmtplib, APScheduler, aioimaplib) through it."""
+    out = stream if stream is not None else sys.stdout
+    as_json = wants_json(log_format, out)
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    renderer: Processor
+    if as_json:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        tracebacks: Processor = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+        tracebacks = structlog.processors.StackInfoRenderer()
+    if os.environ.get("JOURNAL_STREAM"):
+        renderer = _JournalPrefix(renderer)
+    structlog.configure(
+        processors=[*shared, tracebacks, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, tracebacks],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS.get(level, logging.INFO))
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def get(**bound: Any) -> Any:
+    return structlog.get_logger("cadenced", **bound)

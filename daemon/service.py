@@ -1,0 +1,207 @@
+"""Lifecycle: startup → serve (signals, reload) → shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from daemon import enroll, logs
+from daemon.config import Cadence, Config, load_config
+from daemon.dispatch import Dispatcher
+from daemon.errors import ConfigError
+from daemon.store import Store
+from daemon.systemd import Notifier, watchdog_interval
+
+
+def describe_changes(old: Config, new: Config) -> dict[str, list[str]]:
+    """What a reload changed, by name, for `config.reloaded`."""
+    changes: dict[str, list[str]] = {}
+    for kind, before, after in (
+        ("mailboxes", {m.address: m for m in old.mailboxes}, {m.address: m for m in new.mailboxes}),
+        ("cadences", {c.name: c for c in old.cadences}, {c.name: c for c in new.cadences}),
+        ("automations", {a.name: a for a in old.automations}, {a.name: a for a in new.automations}),
+    ):
+        added = sorted(set(after) - set(before))
+        removed = sorted(set(before) - set(after))
+        changed = sorted(k for k in set(before) & set(after) if _differs(before[k], after[k]))
+        for label, items in (("added", added), ("removed", removed), ("changed", changed)):
+            if items:
+                changes[f"{kind}_{label}"] = items
+    if old.daemon != new.daemon:
+        changes["daemon_changed"] = [
+            f for f in old.daemon.__slots__ if getattr(old.daemon, f) != getattr(new.daemon, f)
+        ]
+    return changes
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, Cadence) and isinstance(b, Cadence):
+        return _cadence_shape(a) != _cadence_shape(b)  # templates compare by identity: compare sources
+    return bool(a != b)
+
+
+def _cadence_shape(c: Cadence) -> tuple[Any, ...]:
+    steps = tuple((s.wait, s.subject.source if s.subject else None, s.body.source, s.sender) for s in c.steps)
+    return (c.users, c.mailboxes, c.pool, c.auto_rotate, c.rotate_among, c.sender, c.stop_on_reply, steps)
+
+
+class Daemon:
+    """`cadenced run`: reload() and stop() are callable directly; signals call them too."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        config: Config,
+        *,
+        notifier: Notifier | None = None,
+        handle_signals: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.handle_signals = handle_signals
+        self.clock = clock
+        self.config_path = config_path
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.log = logs.get()
+        self.store: Store | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._stop = anyio.Event()
+        self._served = anyio.Event()
+        self._forced = False
+        self.started_at = time.time()
+
+    # --- phases ---------------------------------------------------------------------------
+
+    def startup(self) -> Dispatcher:
+        config = self.config
+        store = Store.open(config.daemon.database)
+        problems = enroll.pin_problems(config, store.pins())
+        if problems:
+            store.close()
+            raise ConfigError(problems, str(self.config_path))
+        self.store = store
+        now = time.time()
+        for message in store.recover_sending(now):
+            self.log.warning(
+                "message.error", message=message, reason="uncertain", detail="found in sending at start-up"
+            )
+        for address, message in store.orphan_removed_mailboxes({m.address for m in config.mailboxes}, now):
+            self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
+        self.dispatcher = Dispatcher(config, store, clock=self.clock)
+        return self.dispatcher
+
+    async def run(self) -> None:
+        dispatcher = self.startup()
+        self.log.info(
+            "daemon.started",
+            pid=os.getpid(),
+            config=str(self.config_path),
+            database=str(self.config.daemon.database),
+            mailboxes=len(self.config.mailboxes),
+            cadences=len(self.config.cadences),
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.handle_signals:
+                    tg.start_soon(self._signals, tg)
+                await tg.start(self._serve, dispatcher)
+                self.notifier.ready(self.status_line())
+                interval = watchdog_interval()
+                if interval:
+                    tg.start_soon(self._watchdog, interval)
+                await self._stop.wait()
+                await self._drain(dispatcher)
+                tg.cancel_scope.cancel()
+        finally:
+            self.shutdown()
+
+    async def _serve(self, dispatcher: Dispatcher, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await dispatcher.serve(task_status=task_status)
+        finally:
+            self._served.set()
+
+    async def _drain(self, dispatcher: Dispatcher) -> None:
+        grace = self.config.daemon.shutdown_grace
+        self.log.info("daemon.stopping", in_flight=dispatcher.stats.in_flight, grace_seconds=grace)
+        self.notifier.stopping("stopping: finishing SMTP transactions in flight")
+        dispatcher.stop()
+        with anyio.move_on_after(grace):
+            await self._served.wait()
+
+    def shutdown(self) -> None:
+        d = self.dispatcher
+        if self.store is not None:
+            self.store.close()
+        if d is not None:
+            self.log.info(
+                "daemon.stopped",
+                sent=d.stats.sent,
+                errors=d.stats.errors,
+                in_flight_cancelled=d.stats.in_flight,
+                uptime_seconds=round(time.time() - self.started_at, 1),
+                summary=f"sent {d.stats.sent}, errors {d.stats.errors}, in flight cancelled {d.stats.in_flight}",
+            )
+
+    # --- control ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> bool:
+        """Read and validate the whole file; apply it at once, or keep the old one and say why."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            assert self.store is not None
+            problems = enroll.pin_problems(new, self.store.pins())
+            if problems:
+                raise ConfigError(problems, str(self.config_path))
+        except ConfigError as exc:
+            self.log.error("config.reload_failed", config=str(self.config_path), errors=exc.problems)
+            self.notifier.ready(self.status_line())
+            return False
+        old, self.config = self.config, new
+        changes = describe_changes(old, new)
+        assert self.dispatcher is not None
+        removed = self.dispatcher.apply(new)
+        now = time.time()
+        for address, message in self.store.orphan_removed_mailboxes({m.address for m in new.mailboxes}, now):
+            self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
+        self.log.info("config.reloaded", config=str(self.config_path), removed_mailboxes=removed, **changes)
+        self.notifier.ready(self.status_line())
+        return True
+
+    def status_line(self) -> str:
+        d = self.dispatcher
+        sent = d.stats.sent if d else 0
+        errors = d.stats.errors if d else 0
+        return f"{len(self.config.mailboxes)} mailboxes, sent {sent}, errors {errors}"
+
+    async def _signals(self, tg: TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif self._stop.is_set():
+                    if signum == signal.SIGINT:
+                        self.log.warning("daemon.forced_exit", detail="second SIGINT: not waiting any longer")
+                        self._forced = True
+                        tg.cancel_scope.cancel()
+                else:
+                    self.stop()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            d = self.dispatcher
+            # Only while the dispatcher makes progress: its housekeeping job runs every second.
+            if d is not None and time.monotonic() - d.alive_at < max(interval * 2, 5):
+                self.notifier.watchdog()
+            await anyio.sleep(interval)
