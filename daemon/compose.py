@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import email.policy
 import email.utils
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
 from typing import Any
 
 import jinja2
@@ -15,6 +18,10 @@ from jinja2.sandbox import SandboxedEnvironment
 STANDARD_FIELDS = ("email", "first_name", "last_name", "company")
 SENDER_FIELDS = ("sender_name", "sender_address")
 _DEFAULT_FILTERS = frozenset({"default", "d"})
+_POLICY = email.policy.compat32.clone(linesep="\r\n")
+_ASCII = Charset("us-ascii")
+_UTF8 = Charset("utf-8")
+_UTF8.body_encoding = QP
 
 _ENV = SandboxedEnvironment(
     undefined=jinja2.StrictUndefined,
@@ -127,17 +134,24 @@ def thread_subject(first_subject: str, own_subject: str | None) -> str:
     return f"Re: {first_subject}"
 
 
-def build_message(out: Outgoing) -> EmailMessage:
-    """The RFC 5322 message for one send."""
-    msg = EmailMessage()
-    msg["From"] = email.utils.formataddr((out.from_name, out.from_address))
+def build_message(out: Outgoing) -> bytes:
+    """The RFC 5322 message for one send, CRLF line ends, ready for DATA.
+
+    The standard library's compat32 API is used on purpose: the same message
+    through EmailMessage's header registry costs seven times as much, and at a
+    few hundred sends a second that is most of the daemon's CPU.
+    """
+    msg = Message()
+    msg["From"] = email.utils.formataddr((out.from_name, out.from_address), charset="utf-8")
     msg["To"] = out.to_address
-    msg["Subject"] = out.subject
-    msg["Date"] = email.utils.formatdate(out.date, localtime=False, usegmt=True)
+    msg["Subject"] = out.subject if out.subject.isascii() else Header(out.subject, "utf-8").encode()
+    msg["Date"] = email.utils.formatdate(out.date, usegmt=True)
     msg["Message-ID"] = out.message_id
     if out.in_reply_to:
         msg["In-Reply-To"] = out.in_reply_to
     if out.references:
         msg["References"] = " ".join(out.references)
-    msg.set_content(out.body)
-    return msg
+    msg["MIME-Version"] = "1.0"
+    plain = out.body.isascii() and all(len(line) <= 998 for line in out.body.splitlines())
+    msg.set_payload(out.body, _ASCII if plain else _UTF8)
+    return msg.as_bytes(policy=_POLICY)

@@ -239,7 +239,10 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 def valid_address(text: str) -> bool:
-    return len(text) <= 254 and _ADDRESS.fullmatch(text) is not None and "." in text.rpartition("@")[2]
+    # ASCII only: sending to an internationalised address needs SMTPUTF8, which cadenced does not speak.
+    return (
+        len(text) <= 254 and text.isascii() and _ADDRESS.fullmatch(text) is not None and "." in text.rpartition("@")[2]
+    )
 
 
 # --- reading tables ----------------------------------------------------------

@@ -12,8 +12,11 @@ from __future__ import annotations
 import functools
 import random
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -32,14 +35,110 @@ CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
 
 
 class AsyncStore:
-    """The daemon's one SQLite connection, used from worker threads one call at a time."""
+    """The daemon's database calls, made so that the event loop never waits on a lock.
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    A call runs first on the event loop on a connection with no busy timeout:
+    SQLite in WAL mode answers in well under a millisecond, and handing every
+    call to a worker thread made each one wait for the GIL several times over.
+    Only when another process holds the write lock (an import, a retry) does
+    the call fail at once with SQLITE_BUSY; it then runs again, in a worker
+    thread, on a second connection that waits for the lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.fast = Store.open(path)
+        self.fast.conn.execute("PRAGMA busy_timeout = 0")
+        self.slow = Store.open(path)
         self.limiter = anyio.CapacityLimiter(1)
+        self.waited = 0
+        self._queue: list[_Call] = []
+        self._pending = anyio.Event()
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
+        """`fn(store, *args)`: every write in it is one transaction, so a busy retry repeats nothing."""
+        try:
+            return fn(self.fast, *args)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        self.waited += 1
+        return await anyio.to_thread.run_sync(functools.partial(fn, self.slow, *args), limiter=self.limiter)
+
+    async def grouped(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(store, *args)` inside a transaction shared with the other mailboxes' calls.
+
+        Group commit: while one batch commits, the next calls queue up, and each
+        batch costs one BEGIN/COMMIT. Each call is its own savepoint, so one that
+        fails is rolled back alone. A caller resumes only after the commit.
+        """
+        call = _Call(lambda store: fn(store, *args))
+        self._queue.append(call)
+        self._pending.set()
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[no-any-return]
+
+    async def committer(self) -> None:
+        while True:
+            await self._pending.wait()
+            self._pending = anyio.Event()
+            batch, self._queue = self._queue, []
+            try:
+                self._run_batch(self.fast, batch)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                self.waited += 1
+                await anyio.to_thread.run_sync(self._run_batch, self.slow, batch, limiter=self.limiter)
+            for call in batch:
+                call.done.set()
+
+    @staticmethod
+    def _run_batch(store: Store, batch: list[_Call]) -> None:
+        with store.transaction():
+            for i, call in enumerate(batch):
+                call.result, call.error = None, None
+                store.conn.execute(f"SAVEPOINT call{i}")
+                try:
+                    call.result = call.fn(store)
+                except Exception as exc:
+                    store.conn.execute(f"ROLLBACK TO call{i}")
+                    call.error = exc
+                store.conn.execute(f"RELEASE call{i}")
+
+    def close(self) -> None:
+        self.fast.close()
+        self.slow.close()
+
+
+class _Call:
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[Store], Any]) -> None:
+        self.fn = fn
+        self.done = anyio.Event()
+        self.result: Any = None
+        self.error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    snap: Snapshot
+    day: str
+    decision: timing.Decision | None
+    claimed: Claimed | None
+    thread: list[tuple[int, str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A delivery accepted by the server, to be committed by the next turn."""
+
+    record: tuple[Any, ...]
+    log: Any
+    code: int
+    subject: str
 
 
 class Stats:
@@ -50,9 +149,9 @@ class Stats:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, database: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.db = AsyncStore(store)
+        self.db = AsyncStore(database)
         self.clock = clock
         self.rng = random.Random()
         self.log = logs.get()
@@ -71,15 +170,20 @@ class Dispatcher:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every mailbox's loop until stop(); returns when all in-flight sends are recorded."""
-        self._data_version = await self.db(self.db.store.data_version)
+        self._data_version = await self.db(Store.data_version)
         self.scheduler.start()
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                for mailbox in self.config.mailboxes:
-                    self._start(mailbox)
-                self.scheduler.add_job(self._notice_changes, "interval", seconds=CHANGE_POLL, id="housekeeping:changes")
-                task_status.started()
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self.db.committer, name="group commit")
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    for mailbox in self.config.mailboxes:
+                        self._start(mailbox)
+                    self.scheduler.add_job(
+                        self._notice_changes, "interval", seconds=CHANGE_POLL, id="housekeeping:changes"
+                    )
+                    task_status.started()
+                outer.cancel_scope.cancel()  # every loop has returned: nothing more to commit
         finally:
             self.scheduler.shutdown(wait=False)
 
@@ -118,7 +222,7 @@ class Dispatcher:
     async def _notice_changes(self) -> None:
         """Housekeeping job: another process committed (an enrollment, a retry): wake every loop."""
         self.alive_at = time.monotonic()
-        version = await self.db(self.db.store.data_version)
+        version = await self.db(Store.data_version)
         if version != self._data_version:
             self._data_version = version
             for runner in self.runners.values():
@@ -160,6 +264,7 @@ class MailboxRunner:
         self.removed = False
         self._event = anyio.Event()
         self.next_wake: float | None = None
+        self._pending: Sent | None = None
         self.log = dispatcher.log.bind(mailbox=mailbox.address)
         self.domain = mailbox.address.rpartition("@")[2]
 
@@ -187,6 +292,7 @@ class MailboxRunner:
                 await self.sleep()
         finally:
             with anyio.CancelScope(shield=True):
+                await self.flush()
                 await self._close()
 
     async def sleep(self) -> None:
@@ -211,33 +317,70 @@ class MailboxRunner:
 
     async def step(self) -> bool:
         """Send one message if one may go now; else set next_wake. True when something happened."""
-        mailbox = self.mailbox
-        schedule = mailbox.schedule
         now = self.d.clock()
-        day = timing.local_day(now, schedule.timezone)
-        snap: Snapshot = await self.d.db(self.d.db.store.snapshot, self.address, day)
+        pending, self._pending = self._pending, None
+        turn = await self.d.db.grouped(self._turn, now, pending)
+        if pending is not None:
+            self._sent(pending)
         self.next_wake = None
-        if mailbox.paused:
+        snap, day = turn.snap, turn.day
+        if self.mailbox.paused:
             return False
         if snap.state == "disconnected":
             return await self._retry_queue(snap, now)
-        if snap.earliest_due is None:
+        if turn.claimed is not None:
+            await self._send(turn.claimed, turn.thread)
+            return True
+        if snap.earliest_due is None or turn.decision is None:
             return False
-        full = schedule.daily_limit if snap.quota_day == day else snap.sent_today
-        decision = timing.next_allowed(max(now, snap.earliest_due), schedule, snap.gap_until, {day: full})
-        if decision.at is None or decision.at > now:
-            if snap.earliest_due <= now:
-                self.next_wake = decision.at
-                await self._explain_wait(decision, snap, day, now)
-            else:
-                # Wake when it comes due, to say on it why it waits; then sleep until allowed.
-                self.next_wake = snap.earliest_due
-            return False
-        claimed = await self.d.db(self.d.db.store.claim, self.address, now, self._message_id)
-        if claimed is None:
+        decision = turn.decision
+        if decision.at is not None and decision.at <= now:
             return True  # raced with a retry or reassign: look again
-        await self._send(claimed)
-        return True
+        if snap.earliest_due <= now:
+            self.next_wake = decision.at
+            await self._explain_wait(decision, snap, day, now)
+        else:
+            # Wake when it comes due, to say on it why it waits; then sleep until allowed.
+            self.next_wake = snap.earliest_due
+        return False
+
+    def _turn(self, store: Store, now: float, pending: Sent | None) -> Turn:
+        """In one transaction (a worker thread): record the last send, look, and claim the next.
+
+        The send just made is committed before the next one is claimed, so every
+        state change is durable before the next action, at one commit per message.
+        """
+        schedule = self.mailbox.schedule
+        day = timing.local_day(now, schedule.timezone)
+        with store.transaction():
+            if pending is not None:
+                store.record_sent(*pending.record)
+            snap = store.snapshot(self.address, day)
+            if self.mailbox.paused or snap.state == "disconnected" or snap.earliest_due is None:
+                return Turn(snap, day, None, None, [])
+            full = schedule.daily_limit if snap.quota_day == day else snap.sent_today
+            decision = timing.next_allowed(max(now, snap.earliest_due), schedule, snap.gap_until, {day: full})
+            if decision.at is None or decision.at > now:
+                return Turn(snap, day, decision, None, [])
+            claimed = store.claim(self.address, now, self._message_id)
+            thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
+            return Turn(snap, day, decision, claimed, thread)
+
+    def _sent(self, pending: Sent) -> None:
+        self.d.stats.sent += 1
+        pending.log.info("message.sent", smtp_code=pending.code, subject=pending.subject)
+
+    async def flush(self) -> None:
+        """Commit a send not yet recorded (on the way out)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await self.d.db(self._record_only, pending)
+            self._sent(pending)
+
+    @staticmethod
+    def _record_only(store: Store, pending: Sent) -> None:
+        with store.transaction():
+            store.record_sent(*pending.record)
 
     def _message_id(self, outbox_id: int, attempt: int) -> str:
         return f"<cadenced.{outbox_id}.{attempt}.{secrets.token_hex(4)}@{self.domain}>"
@@ -247,7 +390,7 @@ class MailboxRunner:
         reason = decision.waiting_for or "window"
         until = iso(decision.at) if decision.at is not None else "further notice (daily_limit = 0)"
         if reason == "daily_limit" and snap.limit_logged_day != day:
-            if await self.d.db(self.d.db.store.note_limit, self.address, day, False, now):
+            if await self.d.db(Store.note_limit, self.address, day, False, now):
                 self.log.info(
                     "mailbox.limit_reached",
                     sent_today=snap.sent_today,
@@ -258,24 +401,24 @@ class MailboxRunner:
             return  # a pause of minutes is not worth a line per message
         # Everything due before the mailbox may send again waits for the same reason.
         horizon = decision.at if decision.at is not None else float("inf")
-        ids = await self.d.db(self.d.db.store.mark_deferred, self.address, horizon, f"deferred: {reason} until {until}")
+        ids = await self.d.db(Store.mark_deferred, self.address, horizon, f"deferred: {reason} until {until}")
         for message in ids:
             self.log.info("message.deferred", message=message, reason=reason, until=until)
 
     # --- sending ------------------------------------------------------------------------------
 
-    async def _send(self, c: Claimed) -> None:
+    async def _send(self, c: Claimed, thread: list[tuple[int, str, str]]) -> None:
         self.d.stats.in_flight += 1
         try:
             # Shielded: a shutdown lets the transaction in hand finish (each SMTP step is bounded).
             with anyio.CancelScope(shield=True):
-                await self._send_shielded(c)
+                await self._send_shielded(c, thread)
         finally:
             self.d.stats.in_flight -= 1
 
-    async def _send_shielded(self, c: Claimed) -> None:
+    async def _send_shielded(self, c: Claimed, thread: list[tuple[int, str, str]]) -> None:
         log = self.log.bind(cadence=c.cadence, prospect=c.email, step=c.step, message=c.id, message_id=c.message_id)
-        composed = await self._compose(c, log)
+        composed = await self._compose(c, thread, log)
         if composed is None:
             return
         message, subject = composed
@@ -299,9 +442,7 @@ class MailboxRunner:
         now = self.d.clock()
         schedule = self.mailbox.schedule
         gap_until = now + timing.draw_gap(schedule, self.d.rng)
-        next_step = self._next_step(c, now)
-        await self.d.db(
-            self.d.db.store.record_sent,
+        record = (
             c,
             now,
             accepted.code,
@@ -309,10 +450,10 @@ class MailboxRunner:
             subject,
             timing.local_day(now, schedule.timezone),
             gap_until,
-            next_step,
+            self._next_step(c, now),
         )
-        self.d.stats.sent += 1
-        log.info("message.sent", smtp_code=accepted.code, subject=subject)
+        # Committed by the next turn, before anything else is claimed or sent.
+        self._pending = Sent(record, log, accepted.code, subject)
 
     def _next_step(self, c: Claimed, now: float) -> tuple[int, str, float] | None:
         try:
@@ -324,15 +465,14 @@ class MailboxRunner:
         nxt = cadence.steps[c.step]
         return (nxt.number, nxt.sender or c.sticky, now + nxt.wait)
 
-    async def _compose(self, c: Claimed, log: Any) -> tuple[Any, str] | None:
+    async def _compose(self, c: Claimed, thread: list[tuple[int, str, str]], log: Any) -> tuple[bytes, str] | None:
         cadence, step = self._step_of(c)
         if cadence is None or step is None:
             detail = "its cadence is no longer in the config" if cadence is None else "its step was removed"
-            await self.d.db(self.d.db.store.record_error, c.id, "config_changed", None, detail)
+            await self.d.db(Store.record_error, c.id, "config_changed", None, detail)
             self.d.stats.errors += 1
             log.warning("message.error", reason="config_changed", detail=detail)
             return None
-        thread = await self.d.db(self.d.db.store.thread, c.enrollment_id, c.step)
         variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address)
         try:
             body = step.body.render(variables)
@@ -345,7 +485,7 @@ class MailboxRunner:
                     first = first_step.subject.render(variables) if first_step.subject else ""
                 subject = compose.thread_subject(first, None)
         except compose.TemplateProblem as exc:
-            await self.d.db(self.d.db.store.record_error, c.id, "template", None, str(exc))
+            await self.d.db(Store.record_error, c.id, "template", None, str(exc))
             self.d.stats.errors += 1
             log.warning("message.error", reason="template", detail=str(exc))
             return None
@@ -374,17 +514,17 @@ class MailboxRunner:
         return cadence, cadence.steps[c.step - 1]
 
     async def _failed(self, c: Claimed, f: smtp.SmtpFailure, log: Any) -> None:
-        db, store = self.d.db, self.d.db.store
+        db = self.d.db
         now = self.d.clock()
         schedule = self.mailbox.schedule
         if f.kind == smtp.DISCONNECTED:
-            ids = await db(store.disconnect, self.address, now, f.text, now + PROBE_FIRST)
+            ids = await db(Store.disconnect, self.address, now, f.text, now + PROBE_FIRST)
             self.d.stats.errors += 1
             log.warning("mailbox.disconnected", smtp_code=f.code, detail=f.text, moved_to_error=len(ids))
             log.info("message.error", reason="disconnected", smtp_code=f.code)
             self.next_wake = now + PROBE_FIRST
         elif f.kind == smtp.UNCERTAIN:
-            await db(store.record_error, c.id, "uncertain", f.code, f.text)
+            await db(Store.record_error, c.id, "uncertain", f.code, f.text)
             self.d.stats.errors += 1
             log.warning("message.error", reason="uncertain", smtp_code=f.code, detail=f.text)
         elif f.kind == smtp.TRANSIENT:
@@ -392,10 +532,10 @@ class MailboxRunner:
             if c.transient_failures < len(delays):
                 due = now + delays[c.transient_failures]
                 detail = f"{f.code} {f.text}; retry {c.transient_failures + 1} of {len(delays)} at {iso(due)}"
-                await db(store.reschedule, c.id, due, f.code, detail, True)
+                await db(Store.reschedule, c.id, due, f.code, detail, True)
                 log.info("message.deferred", reason="transient", smtp_code=f.code, until=iso(due), detail=f.text)
             else:
-                await db(store.record_error, c.id, "retries_exhausted", f.code, f.text)
+                await db(Store.record_error, c.id, "retries_exhausted", f.code, f.text)
                 self.d.stats.errors += 1
                 log.warning("message.error", reason="retries_exhausted", smtp_code=f.code, detail=f.text)
         elif f.kind == smtp.QUOTA:
@@ -403,12 +543,12 @@ class MailboxRunner:
             decision = timing.next_allowed(now, schedule, None, {day: schedule.daily_limit})
             until = iso(decision.at) if decision.at else "further notice"
             detail = f"deferred: daily_limit until {until} (provider quota: {f.code} {f.text})"
-            await db(store.reschedule, c.id, c.due_at, f.code, detail, False)
-            if await db(store.note_limit, self.address, day, True, now):
+            await db(Store.reschedule, c.id, c.due_at, f.code, detail, False)
+            if await db(Store.note_limit, self.address, day, True, now):
                 log.warning("mailbox.limit_reached", smtp_code=f.code, detail=f.text, next_send_at=until)
             log.info("message.deferred", reason="daily_limit", smtp_code=f.code, until=until)
         else:
-            cancelled = await db(store.record_failed, c, now, f.code, f.text)
+            cancelled = await db(Store.record_failed, c, now, f.code, f.text)
             self.d.stats.errors += 1
             log.warning("message.failed", smtp_code=f.code, detail=f.text)
             log.info("bounce.detected", source="smtp", smtp_code=f.code)
@@ -418,8 +558,8 @@ class MailboxRunner:
     # --- the retry queue ----------------------------------------------------------------------
 
     async def _retry_queue(self, snap: Snapshot, now: float) -> bool:
-        db, store = self.d.db, self.d.db.store
-        caught = await db(store.catch_due_while_down, self.address, now)
+        db = self.d.db
+        caught = await db(Store.catch_due_while_down, self.address, now)
         for message in caught:
             self.log.info("message.error", message=message, reason="disconnected")
         if snap.next_probe_at is not None and snap.next_probe_at > now:
@@ -431,11 +571,11 @@ class MailboxRunner:
             await self.conn.probe()
         except smtp.SmtpFailure as f:
             delay = min(PROBE_FIRST * 2 ** max(snap.failures, 0), PROBE_MAX)
-            await db(store.set_probe, self.address, now + delay, f.text)
+            await db(Store.set_probe, self.address, now + delay, f.text)
             self.next_wake = now + delay
             self.log.info("mailbox.probe_failed", smtp_code=f.code, detail=f.text, next_probe_at=iso(now + delay))
             return False
-        back = await db(store.reconnect, self.address, now)
+        back = await db(Store.reconnect, self.address, now)
         self.log.info("mailbox.reconnected", returned_to_scheduled=len(back))
         for message in back:
             self.log.info("message.retried", message=message, reason="reconnected")

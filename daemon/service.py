@@ -94,7 +94,7 @@ class Daemon:
             )
         for address, message in store.orphan_removed_mailboxes({m.address for m in config.mailboxes}, now):
             self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
-        self.dispatcher = Dispatcher(config, store, clock=self.clock)
+        self.dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
         return self.dispatcher
 
     async def run(self) -> None:
@@ -140,6 +140,8 @@ class Daemon:
         d = self.dispatcher
         if self.store is not None:
             self.store.close()
+        if d is not None:
+            d.db.close()
         if d is not None:
             self.log.info(
                 "daemon.stopped",

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import email.policy
 import re
 import ssl
 from dataclasses import dataclass
-from email.message import EmailMessage
 
 import aiosmtplib
 import anyio
@@ -121,7 +119,7 @@ class Connection:
         finally:
             await self.close()
 
-    async def send(self, message: EmailMessage, sender: str, recipient: str) -> Accepted:
+    async def send(self, message: bytes, sender: str, recipient: str) -> Accepted:
         """One transaction; raise SmtpFailure classified by where it failed."""
         if not self.is_open:
             await self.open()
@@ -134,7 +132,7 @@ class Connection:
                 phase = "rcpt"
                 await client.rcpt(recipient)
                 phase = "data"
-                response = await client.data(message.as_bytes(policy=email.policy.SMTP))
+                response = await client.data(message)
             return Accepted(response.code, _clean(response.message))
         except aiosmtplib.SMTPResponseException as exc:
             # A definite answer: nothing was delivered (or DATA was refused).

@@ -165,7 +165,10 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT: one writer at a time across processes."""
+        """BEGIN IMMEDIATE … COMMIT: one writer at a time across processes; nests into an open one."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn

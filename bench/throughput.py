@@ -1,0 +1,256 @@
+"""Benchmark: the daemon's sending rate against a raw aiosmtplib loop, in the same run.
+
+1. N messages over M mailboxes (gap 0, limits out of the way) through a real
+   `cadenced run` process to a local sink: Postfix `smtp-sink` when installed,
+   aiosmtpd's Sink otherwise, in a process of its own.
+2. The baseline: a bare aiosmtplib loop sending the same messages over the same
+   number of connections to the same sink.
+3. The daemon with 1,000,000 enrollments in its database (one message due now,
+   the rest tomorrow): its time from start to first send and its peak RSS.
+
+Targets: daemon >= 0.9 of the raw loop; <= 150 MB peak RSS; <= 2 s to first send.
+
+    python bench/throughput.py [--messages N] [--mailboxes M] [--enrollments E]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiosmtplib
+import tomli_w
+
+from daemon import compose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sink did not listen on {port}")
+
+
+def start_sink(port: int) -> tuple[subprocess.Popen[bytes], str]:
+    sink = shutil.which("smtp-sink") or ("/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
+    if sink:
+        cmd = [sink, *(["-u", "nobody"] if os.geteuid() == 0 else []), f"127.0.0.1:{port}", "1024"]
+        name = "postfix smtp-sink"
+    else:
+        cmd = [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}", "-c", "aiosmtpd.handlers.Sink"]
+        name = "aiosmtpd Sink"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, name
+
+
+def write_config(root: Path, port: int, mailboxes: int, database: Path) -> Path:
+    smtp = {"host": "127.0.0.1", "port": port, "security": "none", "timeout": "30s"}
+    config = {
+        "daemon": {"database": str(database), "log_format": "json", "log_level": "info", "max_connections": 1000},
+        "defaults": {
+            "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+            "hours": ["00:00-24:00"],
+            "daily_limit": 100_000,
+            "gap": "0s",
+        },
+        "users": [{"name": "bench"}],
+        "mailboxes": [
+            {"address": f"sender{i}@bench.example", "name": f"Sender {i}", "owner": "bench", "smtp": smtp}
+            for i in range(mailboxes)
+        ],
+        "cadences": [
+            {
+                "name": "bench",
+                "users": ["bench"],
+                "steps": [{"subject": "Hello {{ company }}", "body": "Hi {{ first_name }},\n\nA short note.\n"}],
+            }
+        ],
+    }
+    path = root / f"bench-{mailboxes}.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def cadenced(*args: str) -> list[str]:
+    return [sys.executable, "-m", "daemon", *args]
+
+
+def enroll(config: Path, root: Path, n: int) -> None:
+    csv = root / "prospects.csv"
+    csv.write_text("email,first_name,company\n" + "".join(f"p{i}@sink.example,P{i},Co{i}\n" for i in range(n)))
+    subprocess.run(
+        cadenced("--config", str(config), "enroll", "--cadence", "bench", "--as", "bench", str(csv)),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def count_sent(db: Path) -> tuple[int, float | None, float | None]:
+    with sqlite3.connect(db, timeout=30) as conn:
+        row = conn.execute("SELECT count(*), min(sent_at), max(sent_at) FROM messages WHERE state = 'sent'").fetchone()
+    return int(row[0]), row[1], row[2]
+
+
+def run_daemon(config: Path, db: Path, n: int, timeout: float = 600) -> tuple[float, float]:
+    """(seconds from the first send to the last, seconds from process start to the first send)."""
+    started = time.time()
+    proc = subprocess.Popen(cadenced("--config", str(config), "run"), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            sent, first, last = count_sent(db)
+            if sent >= n:
+                assert first is not None and last is not None
+                return last - first, first - started
+            time.sleep(0.2)
+        raise RuntimeError(f"daemon sent {count_sent(db)[0]} of {n} in {timeout}s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+async def raw_loop(port: int, n: int, mailboxes: int) -> float:
+    """The same messages, composed the same way, over `mailboxes` connections: no database at all."""
+
+    def message(i: int, sender: str) -> bytes:
+        # Composed by the daemon's own function, so the two sides send the same bytes.
+        return compose.build_message(
+            compose.Outgoing(
+                from_name=f"Sender {i % mailboxes}",
+                from_address=sender,
+                to_address=f"p{i}@sink.example",
+                subject=f"Hello Co{i}",
+                body=f"Hi P{i},\n\nA short note.\n",
+                message_id=compose.make_message_id(i, "raw", sender),
+                date=time.time(),
+            )
+        )
+
+    async def one_connection(k: int) -> None:
+        sender = f"sender{k}@bench.example"
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, use_tls=False, timeout=30)
+        await client.connect()
+        for i in range(k, n, mailboxes):
+            await client.sendmail(sender, [f"p{i}@sink.example"], message(i, sender))
+        await client.quit()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_connection(k) for k in range(mailboxes)))
+    return time.perf_counter() - start
+
+
+def big_database(db: Path, enrollments: int) -> None:
+    """E enrollments of one cadence over 20 mailboxes: one message due now, the rest tomorrow."""
+    now = time.time()
+    with sqlite3.connect(db) as conn:
+        conn.execute("BEGIN")
+        conn.execute(
+            """WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+               INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+               SELECT i, 'bench', 'big' || i || '@sink.example', 'sender' || (i % 20) || '@bench.example',
+                      'bench', 'bench', '{"first_name":"Big","company":"Co"}', ? FROM n""",
+            (enrollments, now),
+        )
+        conn.execute(
+            """INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
+               SELECT id, 1, mailbox, 'scheduled', CASE WHEN id = 1 THEN ? ELSE ? END FROM enrollments""",
+            (now, now + 86400),
+        )
+        conn.execute(
+            """INSERT INTO rotation_counts SELECT cadence, mailbox, count(*) FROM enrollments
+               GROUP BY cadence, mailbox"""
+        )
+        conn.execute("INSERT INTO cadence_pins VALUES ('bench', 1, 'cadence', ?)", (now,))
+        conn.execute("COMMIT")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def startup_and_memory(root: Path, port: int, enrollments: int) -> tuple[float, float]:
+    db = root / "big.db"
+    config = write_config(root, port, 20, db)
+    subprocess.run(cadenced("--config", str(config), "status"), check=True, stdout=subprocess.DEVNULL)  # schema
+    big_database(db, enrollments)
+    started = time.time()
+    proc = subprocess.Popen(cadenced("--config", str(config), "run"), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        first = None
+        while time.monotonic() < deadline and first is None:
+            first = count_sent(db)[1]
+            time.sleep(0.02)
+        time.sleep(3)  # let it settle into its steady state before reading the high-water mark
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    if first is None:
+        raise RuntimeError("no first send within 60 s")
+    return first - started, rss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--mailboxes", type=int, default=10)
+    parser.add_argument("--enrollments", type=int, default=1_000_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        port = free_port()
+        sink, sink_name = start_sink(port)
+        try:
+            raw = asyncio.run(raw_loop(port, args.messages, args.mailboxes))
+            db = root / "throughput.db"
+            config = write_config(root, port, args.mailboxes, db)
+            enroll(config, root, args.messages)
+            daemon_span, first_send = run_daemon(config, db, args.messages)
+            raw_rate = args.messages / raw
+            daemon_rate = args.messages / daemon_span
+            startup, rss = startup_and_memory(root, port, args.enrollments)
+        finally:
+            sink.terminate()
+            sink.wait(timeout=10)
+    print(f"sink:                       {sink_name}")
+    print(f"messages / connections:     {args.messages} / {args.mailboxes}")
+    print(f"raw aiosmtplib loop:        {raw_rate:,.0f} messages/s")
+    print(f"cadenced run:               {daemon_rate:,.0f} messages/s (every state change committed)")
+    print(f"ratio daemon / raw:         {daemon_rate / raw_rate:.2f}   (target >= 0.9)")
+    print(f"first send after start:     {first_send:.2f} s ({args.messages} enrolled)")
+    print(
+        f"with {args.enrollments:,} enrollments: first send {startup:.2f} s (target <= 2), "
+        f"peak RSS {rss:.0f} MB (target <= 150)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Real servers on loopback for the tests: aiosmtpd with TLS, AUTH and failure injection."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Delivery:
+    sender: str
+    recipient: str
+    headers: email.message.EmailMessage
+
+    def __getitem__(self, name: str) -> str:
+        value = self.headers[name]
+        return "" if value is None else str(value)
+
+
+@dataclass
+class Recorder:
+    """The handler: records deliveries; `fail_rcpt`/`fail_data` inject replies per recipient."""
+
+    deliveries: list[Delivery] = field(default_factory=list)
+    fail_rcpt: dict[str, str] = field(default_factory=dict)
+    fail_data: dict[str, str] = field(default_factory=dict)
+    on_data: Callable[[str], None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cond: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if address in self.fail_rcpt:
+            return self.fail_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        rcpt = envelope.rcpt_tos[0]
+        if self.on_data is not None:
+            self.on_data(rcpt)
+        if rcpt in self.fail_data:
+            return self.fail_data[rcpt]
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        with self.cond:
+            for r in envelope.rcpt_tos:
+                self.deliveries.append(Delivery(envelope.mail_from, r, msg))  # type: ignore[arg-type]
+            self.cond.notify_all()
+        return "250 2.0.0 queued"
+
+    def wait_for(self, n: int, timeout: float = 20.0) -> list[Delivery]:
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.deliveries) >= n, timeout=timeout):
+                raise AssertionError(f"waited {timeout}s for {n} deliveries, got {len(self.deliveries)}")
+            return list(self.deliveries)
+
+
+class Authenticator:
+    def __init__(self, username: str, password: str) -> None:
+        self.username, self.password = username, password
+        self.logins = 0
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        if isinstance(auth_data, LoginPassword):
+            if auth_data.login.decode() == self.username and auth_data.password.decode() == self.password:
+                self.logins += 1
+                return AuthResult(success=True)
+        return AuthResult(success=False, handled=False)
+
+
+class Pki:
+    """A test CA and a loopback certificate signed by it."""
+
+    def __init__(self, root: Path) -> None:
+        self.ca = trustme.CA()
+        self.cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.ca_file = root / "test-ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(ctx)
+        return ctx
+
+
+class SmtpServer:
+    """aiosmtpd in this process, on a free loopback port: `none`, `starttls` or implicit `tls`."""
+
+    def __init__(
+        self,
+        security: str = "none",
+        pki: Pki | None = None,
+        auth: Authenticator | None = None,
+        recorder: Recorder | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.recorder = recorder or Recorder()
+        self.port = port or free_port()
+        self.security = security
+        kwargs: dict[str, Any] = {}
+        if security == "starttls":
+            assert pki is not None
+            kwargs.update(tls_context=pki.server_context(), require_starttls=True)
+        if security == "tls":
+            assert pki is not None
+            kwargs.update(ssl_context=pki.server_context())
+        if auth is not None:
+            # With implicit TLS aiosmtpd does not count the session as TLS; it is, from the first byte.
+            kwargs.update(authenticator=auth, auth_require_tls=security == "starttls")
+        self.controller = Controller(self.recorder, hostname="127.0.0.1", port=self.port, **kwargs)
+        self._started = False
+
+    def start(self) -> SmtpServer:
+        self.controller.start()
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        if self._started:
+            self.controller.stop()
+            self._started = False
+
+    def smtp_config(self, **extra: Any) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.port, "security": self.security, "timeout": "5s", **extra}
