@@ -13,9 +13,9 @@ from typing import Any
 import anyio
 import tomli_w
 
-from daemon import __version__, enroll, readside
+from daemon import __version__, enroll, operate, readside
 from daemon.config import Config, config_path_from, effective_dict, load_config
-from daemon.errors import CadencedError, ConfigError
+from daemon.errors import CadencedError, ConfigError, Refused, UsageError
 from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store
 
@@ -110,6 +110,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
+    if args.action == "retry":
+        return cmd_outbox_retry(args)
+    if args.action == "reassign":
+        return cmd_outbox_reassign(args)
     config = _load(args)
     store = _open_store(config)
     try:
@@ -188,6 +192,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(keep=args.keep)
 
 
+def cmd_outbox_retry(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config, create=False)
+    try:
+        outcome = operate.retry(store, args.id, args.mailbox_of, args.all)
+    finally:
+        store.close()
+    if args.json:
+        _json({"retried": outcome.messages})
+    else:
+        _out(f"retried {len(outcome.messages)} message(s): {_ids(outcome.messages)}")
+    return 0
+
+
+def cmd_outbox_reassign(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config, create=False)
+    try:
+        outcome = operate.reassign(store, config, args.id, args.source, args.to)
+    finally:
+        store.close()
+    if args.json:
+        _json({"reassigned": outcome.messages, "enrollments": outcome.enrollments, "to": args.to})
+    else:
+        _out(
+            f"reassigned {outcome.enrollments} enrollment(s) to {args.to}; "
+            f"{len(outcome.messages)} message(s) now leave from it: {_ids(outcome.messages)}"
+        )
+    return 0
+
+
+def _ids(ids: list[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:20])
+    return shown + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+
+
+def cmd_mailbox_test(args: argparse.Namespace) -> int:
+    config = _load(args)
+    try:
+        mailbox = config.mailbox(args.address)
+    except KeyError:
+        raise UsageError(f"unknown mailbox {args.address!r}") from None
+    from daemon import smtp
+
+    async def probe() -> None:
+        await smtp.Connection(mailbox).probe()
+
+    server = mailbox.smtp
+    try:
+        anyio.run(probe, backend="asyncio")
+    except smtp.SmtpFailure as failure:
+        code = f" ({failure.code})" if failure.code else ""
+        raise Refused(
+            f"{args.address}: SMTP {server.host}:{server.port} {server.security}: {failure.text}{code}"
+        ) from None
+    _out(f"{args.address}: SMTP {server.host}:{server.port} {server.security}: connected, EHLO and login ok")
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -219,13 +282,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("outbox", parents=[common], help="list the outbox")
+    p = sub.add_parser("outbox", parents=[common], help="list the outbox; retry or reassign messages")
     p.add_argument("--state", choices=MESSAGE_STATES)
     p.add_argument("--mailbox")
     p.add_argument("--cadence")
     p.add_argument("--limit", type=int)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_outbox)
+    p.set_defaults(handler=cmd_outbox, action=None)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    r = actions.add_parser("retry", parents=[common], help="move error messages back to scheduled")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, nargs="+", metavar="N")
+    which.add_argument("--mailbox", dest="mailbox_of", metavar="M")
+    which.add_argument("--all", action="store_true")
+    r.add_argument("--json", action="store_true")
+    r = actions.add_parser("reassign", parents=[common], help="change the sender, sticky from then on")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, nargs="+", metavar="N")
+    which.add_argument("--from", dest="source", metavar="M")
+    r.add_argument("--to", required=True, metavar="M2")
+    r.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("mailbox", parents=[common], help="mailbox tools")
+    tools = p.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    t = tools.add_parser("test", parents=[common], help="try the SMTP login of a mailbox and report")
+    t.add_argument("address")
+    t.set_defaults(handler=cmd_mailbox_test)
 
     p = sub.add_parser("run", parents=[common], help="the daemon (foreground; systemd Type=notify)")
     p.set_defaults(handler=cmd_run)

@@ -150,6 +150,7 @@ class DaemonSettings:
     shutdown_grace: float
     retry_delays: tuple[float, ...]
     idle_close: float
+    probe_backoff: tuple[float, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,6 +572,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         shutdown_grace=d.parsed("shutdown_grace", 30.0, parse_duration),
         retry_delays=tuple(_retry_delays(d)),
         idle_close=d.parsed("idle_close", 60.0, parse_duration),
+        probe_backoff=d.parsed("probe_backoff", (30.0, 1800.0), parse_gap),
     )
     d.finish()
 
@@ -807,6 +809,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
             "shutdown_grace": format_duration(d.shutdown_grace),
             "retry_delays": [format_duration(x) for x in d.retry_delays],
             "idle_close": format_duration(d.idle_close),
+            "probe_backoff": f"{format_duration(d.probe_backoff[0])}-{format_duration(d.probe_backoff[1])}",
         },
         "defaults": _schedule_dict(config.defaults),
         "users": [{"name": u.name} for u in config.users],

@@ -29,8 +29,6 @@ from daemon.readside import iso
 from daemon.store import Claimed, Snapshot, Store
 
 T = TypeVar("T")
-PROBE_FIRST = 30.0
-PROBE_MAX = 1800.0
 CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
 
 
@@ -358,7 +356,7 @@ class MailboxRunner:
             snap = store.snapshot(self.address, day)
             if self.mailbox.paused or snap.state == "disconnected" or snap.earliest_due is None:
                 return Turn(snap, day, None, None, [])
-            full = schedule.daily_limit if snap.quota_day == day else snap.sent_today
+            full = timing.day_count(snap.sent_today, schedule.daily_limit, snap.quota_day, day)
             decision = timing.next_allowed(max(now, snap.earliest_due), schedule, snap.gap_until, {day: full})
             if decision.at is None or decision.at > now:
                 return Turn(snap, day, decision, None, [])
@@ -518,11 +516,12 @@ class MailboxRunner:
         now = self.d.clock()
         schedule = self.mailbox.schedule
         if f.kind == smtp.DISCONNECTED:
-            ids = await db(Store.disconnect, self.address, now, f.text, now + PROBE_FIRST)
+            first_probe = self.d.config.daemon.probe_backoff[0]
+            ids = await db(Store.disconnect, self.address, now, f.text, now + first_probe)
             self.d.stats.errors += 1
             log.warning("mailbox.disconnected", smtp_code=f.code, detail=f.text, moved_to_error=len(ids))
             log.info("message.error", reason="disconnected", smtp_code=f.code)
-            self.next_wake = now + PROBE_FIRST
+            self.next_wake = now + first_probe
         elif f.kind == smtp.UNCERTAIN:
             await db(Store.record_error, c.id, "uncertain", f.code, f.text)
             self.d.stats.errors += 1
@@ -570,7 +569,8 @@ class MailboxRunner:
         try:
             await self.conn.probe()
         except smtp.SmtpFailure as f:
-            delay = min(PROBE_FIRST * 2 ** max(snap.failures, 0), PROBE_MAX)
+            low, high = self.d.config.daemon.probe_backoff
+            delay = min(low * 2 ** max(snap.failures, 0), high)
             await db(Store.set_probe, self.address, now + delay, f.text)
             self.next_wake = now + delay
             self.log.info("mailbox.probe_failed", smtp_code=f.code, detail=f.text, next_probe_at=iso(now + delay))

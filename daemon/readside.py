@@ -46,7 +46,8 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
             waiting_for = None
         elif earliest is not None:
             gap_until = h["not_before"] if h else None
-            decision = timing.next_allowed(max(now, earliest), m.schedule, gap_until, {today: sent_today})
+            full = timing.day_count(sent_today, m.schedule.daily_limit, h["quota_day"] if h else None, today)
+            decision = timing.next_allowed(max(now, earliest), m.schedule, gap_until, {today: full})
             next_send_at = decision.at
             waiting_for = decision.waiting_for
         mailboxes.append(

@@ -94,6 +94,9 @@ class Daemon:
             )
         for address, message in store.orphan_removed_mailboxes({m.address for m in config.mailboxes}, now):
             self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
+        with store.transaction():
+            for m in config.mailboxes:
+                store.probe_now(m.address, now)  # the password may have changed while we were down
         self.dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
         return self.dispatcher
 
@@ -177,6 +180,11 @@ class Daemon:
         now = time.time()
         for address, message in self.store.orphan_removed_mailboxes({m.address for m in new.mailboxes}, now):
             self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
+        before = {m.address: m.smtp for m in old.mailboxes}
+        with self.store.transaction():
+            for m in new.mailboxes:
+                if before.get(m.address) not in (None, m.smtp):
+                    self.store.probe_now(m.address, now)  # new credentials or server: try at once
         self.log.info("config.reloaded", config=str(self.config_path), removed_mailboxes=removed, **changes)
         self.notifier.ready(self.status_line())
         return True

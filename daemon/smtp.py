@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 from dataclasses import dataclass
@@ -73,19 +74,6 @@ class Connection:
 
     def _client(self) -> aiosmtplib.SMTP:
         server = self.mailbox.smtp
-        auth = server.auth
-        kwargs: dict[str, object] = {}
-        if auth.mechanism == "xoauth2":
-            command = auth.token_command
-
-            async def generate() -> str:
-                return await _token(command)
-
-            kwargs["username"] = auth.username
-            kwargs["oauth_token_generator"] = generate
-        elif auth.secret is not None:
-            kwargs["username"] = auth.username
-            kwargs["password"] = auth.secret.reveal()
         return aiosmtplib.SMTP(
             hostname=server.host,
             port=server.port,
@@ -94,8 +82,15 @@ class Connection:
             validate_certs=True,
             tls_context=tls_context(server) if server.security != "none" else None,
             timeout=server.timeout,
-            **kwargs,  # type: ignore[arg-type]
         )
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        # Our own step after connect(), so a refused login leaves the connection in our hands to close.
+        auth = self.mailbox.smtp.auth
+        if auth.mechanism == "xoauth2":
+            await client.auth_xoauth2(auth.username, await _token(auth.token_command))
+        elif auth.secret is not None:
+            await client.login(auth.username, auth.secret.reveal())
 
     async def open(self) -> None:
         """Connect, TLS, EHLO and AUTH; raise SmtpFailure(DISCONNECTED) on any failure."""
@@ -104,12 +99,16 @@ class Connection:
         try:
             with anyio.fail_after(self.mailbox.smtp.timeout * 3):
                 await client.connect()
+                await self._login(client)
         except aiosmtplib.SMTPResponseException as exc:
             await _abort(client)
             raise SmtpFailure(DISCONNECTED, exc.code, _clean(exc.message)) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as exc:
             await _abort(client)
             raise SmtpFailure(DISCONNECTED, None, _describe(exc)) from None
+        except BaseException:
+            await _abort(client)
+            raise
         self.client = client
 
     async def probe(self) -> None:
@@ -167,14 +166,27 @@ async def _reset(client: aiosmtplib.SMTP) -> None:
 
 
 async def _abort(client: aiosmtplib.SMTP) -> None:
-    """Say QUIT when the connection is healthy, else drop it; never raise."""
+    """Say QUIT when the connection is healthy, else drop it; never raise.
+
+    Returns once the transport is really gone (a TLS close needs the loop a
+    moment longer), so a short-lived loop such as `mailbox test` leaks nothing.
+    """
+    protocol = client.protocol
     if client.is_connected:
         try:
             with anyio.fail_after(5):
                 await client.quit()
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             pass
+    transport = client.transport
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()  # no TLS close handshake to wait for: the socket goes now
     client.close()
+    if protocol is not None:
+        with anyio.move_on_after(2):
+            # aiosmtplib exposes no event for a finished close: look, briefly and bounded.
+            while protocol.transport is not None:  # noqa: ASYNC110
+                await anyio.sleep(0.005)
 
 
 def _clean(text: str) -> str:

@@ -551,7 +551,7 @@ class Store:
         with self.transaction():
             rows = self.conn.execute(
                 """UPDATE messages SET detail = ?1 WHERE mailbox = ?2 AND state = 'scheduled' AND due_at < ?3
-                   AND (detail IS NULL OR detail != ?1) RETURNING id""",
+                   AND (detail IS NULL OR substr(detail, 1, length(?1)) != ?1) RETURNING id""",
                 (detail, mailbox, until),
             ).fetchall()
         return [r[0] for r in rows]
@@ -588,6 +588,73 @@ class Store:
                 ).fetchall()
             out += [(mailbox, r[0]) for r in rows]
         return out
+
+    # --- operator actions on the outbox -------------------------------------------
+
+    def messages_by_id(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        rows = self.conn.execute(
+            """SELECT m.id, m.state, m.reason, m.mailbox, m.enrollment_id, m.step, e.cadence, e.email
+               FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+               WHERE m.id IN (SELECT value FROM json_each(?))""",
+            (_json_list(list(ids)),),
+        )
+        keys = ("id", "state", "reason", "mailbox", "enrollment_id", "step", "cadence", "email")
+        return {r[0]: dict(zip(keys, r, strict=True)) for r in rows}
+
+    def error_ids(self, mailbox: str | None) -> list[int]:
+        sql = "SELECT id FROM messages WHERE state = 'error'"
+        args: tuple[Any, ...] = ()
+        if mailbox is not None:
+            sql += " AND mailbox = ?"
+            args = (mailbox,)
+        return [r[0] for r in self.conn.execute(sql + " ORDER BY id", args)]
+
+    def pending_ids(self, mailbox: str) -> list[int]:
+        """Messages of `mailbox` not yet sent: scheduled, sending or in the error section."""
+        rows = self.conn.execute(
+            "SELECT id FROM messages WHERE mailbox = ? AND state IN ('scheduled', 'sending', 'error') ORDER BY id",
+            (mailbox,),
+        )
+        return [r[0] for r in rows]
+
+    def retry(self, ids: Sequence[int]) -> int:
+        """error → scheduled, on the operator's word (uncertain ones included)."""
+        rows = self.conn.execute(
+            """UPDATE messages SET state = 'scheduled', reason = NULL, transient_failures = 0,
+               detail = 'retried by the operator (was ' || coalesce(reason, 'error') || ')'
+               WHERE state = 'error' AND id IN (SELECT value FROM json_each(?)) RETURNING id""",
+            (_json_list(list(ids)),),
+        ).fetchall()
+        return len(rows)
+
+    def reassign(self, enrollment_ids: Sequence[int], to: str) -> list[int]:
+        """Move enrollments to `to`: their sticky sender and every message not yet sent."""
+        ids = _json_list(list(enrollment_ids))
+        for cadence, mailbox, n in self.conn.execute(
+            """SELECT cadence, mailbox, count(*) FROM enrollments
+               WHERE id IN (SELECT value FROM json_each(?)) AND mailbox != ? GROUP BY cadence, mailbox""",
+            (ids, to),
+        ).fetchall():
+            self.count_enrollments(cadence, {mailbox: -n, to: n})
+        self.conn.execute(
+            "UPDATE enrollments SET mailbox = ? WHERE id IN (SELECT value FROM json_each(?))",
+            (to, ids),
+        )
+        rows = self.conn.execute(
+            """UPDATE messages SET mailbox = ?1, state = 'scheduled', reason = NULL, transient_failures = 0,
+               detail = 'reassigned to ' || ?1 || ' (was ' || mailbox || ')'
+               WHERE state IN ('scheduled', 'error') AND enrollment_id IN (SELECT value FROM json_each(?2))
+               RETURNING id""",
+            (to, ids),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def probe_now(self, mailbox: str, now: float) -> None:
+        """A changed password (reload, restart): try the disconnected mailbox at once."""
+        self.conn.execute(
+            "UPDATE mailbox_health SET next_probe_at = ? WHERE mailbox = ? AND state = 'disconnected'",
+            (now, mailbox),
+        )
 
     def scheduled_for_plan(self, mailbox: str, until: float) -> list[tuple[float, int, int, str]]:
         """(due_at, step, enrollment_id, cadence) of scheduled messages due before `until`."""

@@ -146,6 +146,11 @@ def next_allowed(
     return Decision(None, "daily_limit")
 
 
+def day_count(sent: int, limit: int, quota_day: str | None, day: str) -> int:
+    """Sends that count against `day`: a provider's quota refusal that day fills it."""
+    return max(sent, limit) if quota_day == day else sent
+
+
 def draw_gap(s: Schedule, rng: random.Random) -> float:
     low, high = s.gap
     return low if high <= low else rng.uniform(low, high)

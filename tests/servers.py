@@ -41,6 +41,8 @@ class Recorder:
     deliveries: list[Delivery] = field(default_factory=list)
     fail_rcpt: dict[str, str] = field(default_factory=dict)
     fail_data: dict[str, str] = field(default_factory=dict)
+    drop: dict[str, str] = field(default_factory=dict)  # recipient → "rcpt" | "data": hang up there
+    fail_once: dict[str, str] = field(default_factory=dict)  # recipient → reply, given once at DATA
     on_data: Callable[[str], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     cond: threading.Condition = field(init=False)
@@ -49,6 +51,9 @@ class Recorder:
         self.cond = threading.Condition(self.lock)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if self.drop.get(address) == "rcpt":
+            server.transport.close()  # the connection is lost before DATA: nothing delivered
+            return "250 OK"
         if address in self.fail_rcpt:
             return self.fail_rcpt[address]
         envelope.rcpt_tos.append(address)
@@ -60,7 +65,16 @@ class Recorder:
             self.on_data(rcpt)
         if rcpt in self.fail_data:
             return self.fail_data[rcpt]
+        if rcpt in self.fail_once:
+            return self.fail_once.pop(rcpt)
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        if self.drop.get(rcpt) == "data":
+            # Accepted here, but the client never hears so: delivery is uncertain to it.
+            with self.cond:
+                self.deliveries.append(Delivery(envelope.mail_from, rcpt, msg))  # type: ignore[arg-type]
+                self.cond.notify_all()
+            server.transport.close()
+            return "250 OK"
         with self.cond:
             for r in envelope.rcpt_tos:
                 self.deliveries.append(Delivery(envelope.mail_from, r, msg))  # type: ignore[arg-type]
