@@ -173,11 +173,16 @@ async def test_server_down_and_back_delivers_each_once_from_its_sticky_sender(pr
         cadence = project.add_cadence(steps=3)
         for step in cadence["steps"][1:]:
             step["wait"] = "1s"
-        b.stop()
         project.enroll(project.people(10))
         async with running(project.config_path):
-            await until(lambda: project.run("status", "--json").json()["mailboxes"][1]["state"] == "disconnected")
+            # b sends its five first emails, then its server goes away with the follow-ups still due.
+            await anyio.to_thread.run_sync(b.recorder.wait_for, 5)
+            b.stop()
+            await until(
+                lambda: project.run("status", "--json").json()["mailboxes"][1]["state"] == "disconnected", within=30
+            )
             await anyio.to_thread.run_sync(a.recorder.wait_for, 15, 30.0)
+            assert len(b.recorder.deliveries) < 15
             b_again = SmtpServer(port=b.port, recorder=b.recorder).start()
             try:
                 await anyio.to_thread.run_sync(b.recorder.wait_for, 15, 30.0)
