@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,3 +276,76 @@ class Importer:
             pool.append(rotation.PoolMember(address, mailbox.owner, available))
         rules = rotation.Rules(cadence.auto_rotate, cadence.rotate_among, cadence.sender, cadence.steps[0].sender)
         return rotation.Rotator(rules, pool, self.store.rotation_counts(cadence.name))
+
+
+# --- list automations ----------------------------------------------------------------
+
+SETTLE_SECONDS = 2.0  # a CSV must be unchanged this long before it is read (half-written files wait)
+
+
+@dataclass(slots=True)
+class FolderState:
+    """What one automation's folder looked like at the last scan: path → (size, mtime)."""
+
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    file: str
+    moved_to: str
+    report: Report | None
+    error: str
+
+
+def ready_files(folder: Path, state: FolderState, now: float) -> list[Path]:
+    """*.csv files in `folder` that have not changed for SETTLE_SECONDS (and since the last scan)."""
+    ready, current = [], {}
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+    except OSError:
+        return []
+    for path in entries:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        current[str(path)] = (st.st_size, st.st_mtime)
+        unchanged = state.seen.get(str(path)) == (st.st_size, st.st_mtime)
+        if unchanged and now - st.st_mtime >= SETTLE_SECONDS:
+            ready.append(path)
+    state.seen = current
+    return ready
+
+
+def _place(path: Path, folder: Path, now: float) -> Path:
+    folder.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    target = folder / f"{stamp}-{path.name}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder / f"{stamp}-{n}-{path.name}"
+    return target
+
+
+def import_dropped(store: Store, config: Config, cadence: str, owner: str, path: Path, now: float) -> Imported:
+    """Enroll one dropped CSV with the automation's owner as the adder, then file it away.
+
+    processed/ gets the CSV and a `.report.json` (rejected rows with their lines);
+    failed/ gets a file that could not be read at all, with a `.error.txt` saying why.
+    A crash before the move re-reads the file: its rows are then skipped, not doubled.
+    """
+    try:
+        report = Importer(store, config, cadence, owner).run(path, now)
+    except (UsageError, Refused) as exc:
+        target = _place(path, path.parent / "failed", now)
+        path.rename(target)
+        target.with_name(target.name + ".error.txt").write_text(f"{exc}\n", encoding="utf-8")
+        return Imported(path.name, str(target), None, str(exc))
+    target = _place(path, path.parent / "processed", now)
+    path.rename(target)
+    target.with_name(target.name + ".report.json").write_text(
+        json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8"
+    )
+    return Imported(path.name, str(target), report, "")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 
 from daemon import enroll, logs
 from daemon.config import Cadence, Config, load_config
@@ -74,7 +74,6 @@ class Daemon:
         self.dispatcher: Dispatcher | None = None
         self._stop = anyio.Event()
         self._served = anyio.Event()
-        self._forced = False
         self.started_at = time.time()
 
     # --- phases ---------------------------------------------------------------------------
@@ -102,20 +101,21 @@ class Daemon:
 
     async def run(self) -> None:
         dispatcher = self.startup()
-        self.log.info(
-            "daemon.started",
-            pid=os.getpid(),
-            config=str(self.config_path),
-            database=str(self.config.daemon.database),
-            mailboxes=len(self.config.mailboxes),
-            cadences=len(self.config.cadences),
-        )
         try:
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:
-                    tg.start_soon(self._signals, tg)
+                    await tg.start(self._signals)
                 await tg.start(self._serve, dispatcher)
+                self.log.info(
+                    "daemon.started",
+                    pid=os.getpid(),
+                    config=str(self.config_path),
+                    database=str(self.config.daemon.database),
+                    mailboxes=len(self.config.mailboxes),
+                    cadences=len(self.config.cadences),
+                )
                 self.notifier.ready(self.status_line())
+                tg.start_soon(self._automations, dispatcher)
                 interval = watchdog_interval()
                 if interval:
                     tg.start_soon(self._watchdog, interval)
@@ -195,18 +195,76 @@ class Daemon:
         errors = d.stats.errors if d else 0
         return f"{len(self.config.mailboxes)} mailboxes, sent {sent}, errors {errors}"
 
-    async def _signals(self, tg: TaskGroup) -> None:
+    async def _signals(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.reload()
                 elif self._stop.is_set():
                     if signum == signal.SIGINT:
+                        # The operator insists: leave now. A message caught in `sending` is
+                        # settled as uncertain at the next start, so nothing is sent twice.
                         self.log.warning("daemon.forced_exit", detail="second SIGINT: not waiting any longer")
-                        self._forced = True
-                        tg.cancel_scope.cancel()
+                        sys.stdout.flush()
+                        os._exit(130)
                 else:
                     self.stop()
+
+    async def _automations(self, dispatcher: Dispatcher) -> None:
+        """List automations: an APScheduler job signals every second; CSVs that settled are enrolled."""
+        wake = anyio.Event()
+        folders: dict[str, enroll.FolderState] = {}
+
+        async def signal_scan() -> None:
+            wake.set()
+
+        dispatcher.scheduler.add_job(signal_scan, "interval", seconds=1, id="housekeeping:automations")
+        while True:
+            await wake.wait()
+            wake = anyio.Event()
+            for automation in self.config.automations:
+                if automation.name not in folders:
+                    try:
+                        automation.watch.mkdir(parents=True, exist_ok=True)
+                    except OSError as exc:
+                        self.log.error("automation.failed", automation=automation.name, detail=str(exc))
+                state = folders.setdefault(automation.name, enroll.FolderState())
+                for path in enroll.ready_files(automation.watch, state, time.time()):
+                    await self._import(automation.name, automation.cadence, automation.owner, path)
+
+    async def _import(self, name: str, cadence: str, owner: str, path: Path) -> None:
+        config = self.config
+
+        def work() -> enroll.Imported:
+            store = Store.open(config.daemon.database)
+            try:
+                return enroll.import_dropped(store, config, cadence, owner, path, time.time())
+            finally:
+                store.close()
+
+        try:
+            result = await anyio.to_thread.run_sync(work)
+        except OSError as exc:
+            self.log.error("automation.failed", automation=name, file=path.name, detail=str(exc))
+            return
+        if result.report is None:
+            self.log.warning(
+                "automation.imported", automation=name, file=result.file, moved_to=result.moved_to, error=result.error
+            )
+            return
+        report = result.report
+        self.log.info(
+            "automation.imported",
+            automation=name,
+            cadence=cadence,
+            file=result.file,
+            moved_to=result.moved_to,
+            enrolled=report.enrolled,
+            skipped=report.skipped,
+            rejected=len(report.rejected),
+            assignments=report.assignments,
+        )
 
     async def _watchdog(self, interval: float) -> None:
         while True:

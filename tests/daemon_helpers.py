@@ -61,3 +61,76 @@ def next_weekday_at(weekday: int, hour: int, tz: str, after: float | None = None
     while day.weekday() != weekday:
         day += timedelta(days=1)
     return datetime(day.year, day.month, day.day, hour, tzinfo=zone).timestamp()
+
+
+class DaemonProcess:
+    """`cadenced run` as a real process: its JSON log lines, collected as they come."""
+
+    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+        import threading
+
+        cmd = [sys.executable, "-m", "daemon", "--config", str(config_path), "run"]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        self.proc.stdout.close()
+
+    def events(self) -> list[dict[str, Any]]:
+        import json
+
+        with self._cond:
+            return [json.loads(line) for line in self.lines]
+
+    def wait_event(self, name: str, within: float = 20.0, after: int = 0, **fields: Any) -> dict[str, Any]:
+        """The first event `name` (with these fields) logged after the first `after` lines."""
+        import json
+
+        def find() -> dict[str, Any] | None:
+            for line in self.lines[after:]:
+                event = json.loads(line)
+                if event.get("event") == name and all(event.get(k) == v for k, v in fields.items()):
+                    return event  # type: ignore[no-any-return]
+            return None
+
+        with self._cond:
+            found: dict[str, Any] | None = None
+            self._cond.wait_for(lambda: (found := find()) is not None or self.proc.poll() is not None, within)
+            found = find()
+        if found is None:
+            raise AssertionError(f"no {name} {fields} within {within}s; log:\n" + "\n".join(self.lines[-30:]))
+        return found
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, within: float = 30.0) -> int:
+        code = self.proc.wait(timeout=within)
+        self._reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait()
