@@ -478,6 +478,8 @@ def _server(t: _Table, kind: str, base_dir: Path, problems: _Problems, config_pa
     secret, source = _secret(t, base_dir, problems, config_path)
     timeout = t.parsed("timeout", 60.0, parse_duration)
     poll = t.parsed("poll", 60.0, parse_duration) if kind == "imap" else 60.0
+    if kind == "imap" and security == "starttls":
+        t.problems.add(t.at("security"), 'STARTTLS is not offered for IMAP: use "tls" (port 993)')
     if not host:
         t.problems.add(t.at("host"), "is required")
     if mechanism == "xoauth2" and not token_command:

@@ -161,6 +161,7 @@ class Dispatcher:
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1}
         )
         self._tg: TaskGroup | None = None
+        self._config_changed = anyio.Event()
         self._data_version = -1
         self.alive_at = time.monotonic()
 
@@ -177,6 +178,7 @@ class Dispatcher:
                     self._tg = tg
                     for mailbox in self.config.mailboxes:
                         self._start(mailbox)
+                    outer.start_soon(self._watch_replies, name="imap watchers")
                     self.scheduler.add_job(
                         self._notice_changes, "interval", seconds=CHANGE_POLL, id="housekeeping:changes"
                     )
@@ -184,6 +186,40 @@ class Dispatcher:
                 outer.cancel_scope.cancel()  # every loop has returned: nothing more to commit
         finally:
             self.scheduler.shutdown(wait=False)
+
+    async def _watch_replies(self) -> None:
+        """One IMAP watcher per mailbox with [imap]; restarted when its settings change by reload."""
+        from daemon.imap import Watcher
+
+        running: dict[str, tuple[Any, anyio.CancelScope]] = {}
+        async with anyio.create_task_group() as tg:
+            while True:
+                wanted = {m.address: m for m in self.config.mailboxes if m.imap is not None}
+                for address, (imap, scope) in list(running.items()):
+                    if address not in wanted or wanted[address].imap != imap:
+                        scope.cancel()
+                        del running[address]
+                for address, mailbox in wanted.items():
+                    if address not in running:
+                        scope = anyio.CancelScope()
+                        running[address] = (mailbox.imap, scope)
+                        watcher = Watcher(mailbox, self.db, lambda: self.config, self._waker(address))
+                        tg.start_soon(self._run_watcher, watcher, scope)
+                await self._config_changed.wait()
+                self._config_changed = anyio.Event()
+
+    def _waker(self, address: str) -> Callable[[], None]:
+        def wake() -> None:
+            runner = self.runners.get(address)
+            if runner is not None:
+                runner.wake()
+
+        return wake
+
+    @staticmethod
+    async def _run_watcher(watcher: Any, scope: anyio.CancelScope) -> None:
+        with scope:
+            await watcher.run()
 
     def _start(self, mailbox: Mailbox) -> None:
         runner = MailboxRunner(self, mailbox)
@@ -201,6 +237,7 @@ class Dispatcher:
         """Switch to a new (already validated) config; returns the removed mailbox addresses."""
         old = {m.address for m in self.config.mailboxes}
         self.config = config
+        self._config_changed.set()
         new = {m.address: m for m in config.mailboxes}
         removed = sorted(old - set(new))
         for address in removed:

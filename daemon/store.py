@@ -76,6 +76,11 @@ _MIGRATIONS: dict[int, str] = {
         sent INTEGER NOT NULL,
         PRIMARY KEY (mailbox, day)
     );
+    CREATE TABLE imap_state (
+        mailbox TEXT PRIMARY KEY,
+        uidvalidity INTEGER NOT NULL,
+        last_uid INTEGER NOT NULL
+    );
     CREATE TABLE mailbox_health (
         mailbox TEXT PRIMARY KEY,
         state TEXT NOT NULL,
@@ -439,17 +444,9 @@ class Store:
             )
             if next_step is not None:
                 step, mailbox, due = next_step
-                self.conn.execute(
-                    """INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
-                       SELECT id, ?, ?, 'scheduled', ? FROM enrollments WHERE id = ? AND state = 'active'
-                       ON CONFLICT (enrollment_id, step) DO NOTHING""",
-                    (step, mailbox, due, c.enrollment_id),
-                )
+                self.schedule_step(c.enrollment_id, step, mailbox, due)
             else:
-                self.conn.execute(
-                    "UPDATE enrollments SET state = 'finished', ended_at = ? WHERE id = ? AND state = 'active'",
-                    (now, c.enrollment_id),
-                )
+                self.finish_enrollment(c.enrollment_id, now)
 
     def reschedule(self, message: int, due_at: float, code: int | None, detail: str, transient: bool) -> None:
         """Back to `scheduled` (a 4xx to retry later, or a deferral): nothing was delivered."""
@@ -654,6 +651,108 @@ class Store:
         self.conn.execute(
             "UPDATE mailbox_health SET next_probe_at = ? WHERE mailbox = ? AND state = 'disconnected'",
             (now, mailbox),
+        )
+
+    # --- replies and bounces (IMAP) -------------------------------------------------
+
+    def imap_position(self, mailbox: str) -> tuple[int, int] | None:
+        row = self.conn.execute("SELECT uidvalidity, last_uid FROM imap_state WHERE mailbox = ?", (mailbox,)).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def set_imap_position(self, mailbox: str, uidvalidity: int, last_uid: int) -> None:
+        self.conn.execute(
+            """INSERT INTO imap_state VALUES (?, ?, ?) ON CONFLICT (mailbox)
+               DO UPDATE SET uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid""",
+            (mailbox, uidvalidity, last_uid),
+        )
+
+    def enrollments_of_message_ids(self, message_ids: Sequence[str]) -> list[tuple[int, str, str, str]]:
+        """(enrollment id, cadence, email, state) of the enrollments that sent these Message-IDs."""
+        rows = self.conn.execute(
+            """SELECT DISTINCT e.id, e.cadence, e.email, e.state FROM messages m
+               JOIN enrollments e ON e.id = m.enrollment_id
+               WHERE m.message_id IN (SELECT value FROM json_each(?))""",
+            (_json_list(list(message_ids)),),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def enrollments_of_sender(self, email: str, mailbox: str) -> list[tuple[int, str, str, str]]:
+        """Active enrollments of this address whose sticky sender is `mailbox`."""
+        rows = self.conn.execute(
+            "SELECT id, cadence, email, state FROM enrollments WHERE email = ? AND mailbox = ? AND state = 'active'",
+            (email, mailbox),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def end_enrollments(self, ids: Sequence[int], state: str, now: float, detail: str) -> list[int]:
+        """Enrollments end (replied, bounced); their messages not yet sent are cancelled."""
+        ids_json = _json_list(list(ids))
+        self.conn.execute(
+            """UPDATE enrollments SET state = ?, ended_at = ?
+               WHERE state = 'active' AND id IN (SELECT value FROM json_each(?))""",
+            (state, now, ids_json),
+        )
+        rows = self.conn.execute(
+            """UPDATE messages SET state = 'cancelled', detail = ?
+               WHERE state IN ('scheduled', 'error') AND enrollment_id IN (SELECT value FROM json_each(?))
+               RETURNING id""",
+            (detail, ids_json),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def bounce_address(self, email: str, now: float, detail: str) -> list[int]:
+        """A bounce: the address is suppressed and nothing more goes to it, in any cadence."""
+        self.suppress(email, detail[:200], now)
+        self.conn.execute(
+            "UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE email = ? AND state = 'active'",
+            (now, email),
+        )
+        return self._cancel_pending("e.email = ?", (email,), now, "address suppressed after a bounce")
+
+    def uncertain_message_ids(self, mailbox: str) -> list[tuple[int, str]]:
+        rows = self.conn.execute(
+            """SELECT id, message_id FROM messages WHERE mailbox = ? AND state = 'error' AND reason = 'uncertain'
+               AND message_id IS NOT NULL""",
+            (mailbox,),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def settle_uncertain(
+        self, message: int, delivered: bool, now: float, detail: str
+    ) -> tuple[int, int, str, str] | None:
+        """Settle an `uncertain` message; returns (enrollment, step, cadence, sticky) when it changed."""
+        row = self.conn.execute(
+            """SELECT m.enrollment_id, m.step, e.cadence, e.mailbox FROM messages m
+               JOIN enrollments e ON e.id = m.enrollment_id
+               WHERE m.id = ? AND m.state = 'error' AND m.reason = 'uncertain'""",
+            (message,),
+        ).fetchone()
+        if row is None:
+            return None
+        if delivered:
+            self.conn.execute(
+                "UPDATE messages SET state = 'sent', reason = NULL, sent_at = ?, detail = ? WHERE id = ?",
+                (now, detail, message),
+            )
+        else:
+            self.conn.execute(
+                "UPDATE messages SET state = 'scheduled', reason = NULL, detail = ? WHERE id = ?",
+                (detail, message),
+            )
+        return (row[0], row[1], row[2], row[3])
+
+    def schedule_step(self, enrollment: int, step: int, mailbox: str, due: float) -> None:
+        self.conn.execute(
+            """INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
+               SELECT id, ?, ?, 'scheduled', ? FROM enrollments WHERE id = ? AND state = 'active'
+               ON CONFLICT (enrollment_id, step) DO NOTHING""",
+            (step, mailbox, due, enrollment),
+        )
+
+    def finish_enrollment(self, enrollment: int, now: float) -> None:
+        self.conn.execute(
+            "UPDATE enrollments SET state = 'finished', ended_at = ? WHERE id = ? AND state = 'active'",
+            (now, enrollment),
         )
 
     def scheduled_for_plan(self, mailbox: str, until: float) -> list[tuple[float, int, int, str]]:

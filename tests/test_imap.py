@@ -1,0 +1,181 @@
+"""Replies and bounces over IMAP stop the follow-ups: the daemon against a real Dovecot."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+
+from daemon.imap import classify_bounce, classify_headers
+from tests.conftest import Project
+from tests.daemon_helpers import query, running, until
+from tests.imap_server import Dovecot, needs_dovecot
+from tests.servers import Pki, SmtpServer
+
+OWN = frozenset({"mb1@alice.example"})
+
+
+def mail(sender: str, to: str, subject: str, *, in_reply_to: str = "", **headers: str) -> bytes:
+    lines = [
+        f"From: {sender}",
+        f"To: {to}",
+        f"Subject: {subject}",
+        f"Date: {formatdate()}",
+        f"Message-ID: {make_msgid(domain='prospects.example')}",
+    ]
+    if in_reply_to:
+        lines += [f"In-Reply-To: {in_reply_to}", f"References: {in_reply_to}"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\nThanks, sounds good.\r\n").encode()
+
+
+def dsn(to: str, original_id: str, recipient: str) -> bytes:
+    return (
+        f"From: Mail Delivery System <MAILER-DAEMON@mx.example>\r\nTo: {to}\r\n"
+        f"Subject: Undelivered Mail Returned to Sender\r\nDate: {formatdate()}\r\n"
+        'MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"From: {to}\r\nTo: {recipient}\r\nMessage-ID: {original_id}\r\n--B--\r\n"
+    ).encode()
+
+
+def test_classification_rules() -> None:
+    ours = "<cadenced.7.1.abcdef12@alice.example>"
+    assert classify_headers(mail("p@x.example", "mb1@alice.example", "Re: hi", in_reply_to=ours), OWN).message_ids == (
+        ours,
+    )
+    assert classify_headers(mail("p@x.example", "mb1@alice.example", "hello"), OWN).kind == "reply"
+    for headers in ({"Auto_Submitted": "auto-replied"}, {"X_Autoreply": "yes"}, {"Precedence": "auto_reply"}):
+        assert classify_headers(mail("p@x.example", "mb1@alice.example", "Re: hi", **headers), OWN).kind == "ignore"
+    assert classify_headers(mail("p@x.example", "m@a.example", "Out of Office: back Monday"), OWN).kind == "ignore"
+    assert classify_headers(mail("p@x.example", "m@a.example", "hi", Auto_Submitted="no"), OWN).kind == "reply"
+    assert classify_headers(mail("MB1@alice.example", "p@x.example", "hi"), OWN).kind == "ignore"
+    assert classify_headers(dsn("mb1@alice.example", ours, "p@x.example"), OWN).kind == "bounce?"
+    assert classify_bounce(dsn("mb1@alice.example", ours, "p@x.example")).message_ids == (ours,)
+    assert classify_bounce(dsn("mb1@alice.example", "<other@x.example>", "p@x.example")).kind == "ignore"
+
+
+@pytest.fixture
+def stack(project: Project, tmp_path: Path) -> Iterator[tuple[SmtpServer, Dovecot]]:
+    pki = Pki(tmp_path)
+    dovecot = Dovecot(pki, {"alice": "imap-pw"}).start()
+    smtp = SmtpServer().start()
+    (tmp_path / "imap-pw").write_text("imap-pw")
+    project.data["defaults"]["gap"] = "0s"
+    project.add_mailboxes(
+        1,
+        smtp=smtp.smtp_config(),
+        imap=dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="60s"),
+    )
+    cadence = project.add_cadence(steps=2)
+    cadence["steps"][1]["wait"] = "4s"
+    try:
+        yield smtp, dovecot
+    finally:
+        smtp.stop()
+        dovecot.cleanup()
+
+
+def enrollment_states(project: Project) -> dict[str, str]:
+    return dict(query(project.root / "cadenced.db", "SELECT email, state FROM enrollments"))  # type: ignore[arg-type]
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+@needs_dovecot
+@pytest.mark.anyio
+async def test_replies_and_bounces_stop_the_follow_ups(project: Project, stack: tuple[SmtpServer, Dovecot]) -> None:
+    smtp, dovecot = stack
+    project.enroll(project.people(6))
+    db = project.root / "cadenced.db"
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.config_path):
+            await until(lambda: events(logs, "imap.watching"), what="the watcher")
+            firsts = await anyio.to_thread.run_sync(smtp.recorder.wait_for, 6)
+            mid = {d.recipient: d["Message-ID"] for d in firsts}
+            box = "mb1@alice.example"
+            deliver = dovecot.deliver
+            deliver("alice", mail("p0@prospects.example", box, "Re: Hello", in_reply_to=mid["p0@prospects.example"]))
+            deliver("alice", mail("P1@Prospects.example", box, "a question"))  # by sender alone
+            deliver("alice", mail("p2@prospects.example", box, "Automatic reply", Auto_Submitted="auto-replied"))
+            deliver("alice", mail(box, "p3@prospects.example", "Hello Co3"))  # a copy of our own send
+            deliver("alice", dsn(box, mid["p4@prospects.example"], "p4@prospects.example"))
+            await until(lambda: len(events(logs, "reply.detected")) == 2 and events(logs, "bounce.detected"))
+            await until(lambda: query(db, "SELECT count(*) FROM messages WHERE state = 'sent' AND step = 2")[0][0] == 3)
+        states = enrollment_states(project)
+        assert states["p0@prospects.example"] == "replied"
+        assert states["p1@prospects.example"] == "replied"
+        assert states["p4@prospects.example"] == "bounced"
+        assert {states[f"p{i}@prospects.example"] for i in (2, 3, 5)} == {"finished"}
+        assert query(db, "SELECT email FROM suppressions") == [("p4@prospects.example",)]
+        second = {d.recipient for d in smtp.recorder.deliveries if d["In-Reply-To"]}
+        assert second == {"p2@prospects.example", "p3@prospects.example", "p5@prospects.example"}
+        assert {e["prospect"] for e in events(logs, "reply.detected")} == {
+            "p0@prospects.example",
+            "p1@prospects.example",
+        }
+        assert len(events(logs, "message.cancelled")) == 3
+
+
+@needs_dovecot
+@pytest.mark.anyio
+async def test_restart_and_server_restart_miss_nothing_and_reread_nothing(
+    project: Project, stack: tuple[SmtpServer, Dovecot]
+) -> None:
+    smtp, dovecot = stack
+    project.data["cadences"][0]["steps"][1]["wait"] = "1h"
+    project.enroll(project.people(4))
+    box = "mb1@alice.example"
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.config_path):
+            await until(lambda: events(logs, "imap.watching"))
+            await anyio.to_thread.run_sync(smtp.recorder.wait_for, 4)
+            dovecot.deliver("alice", mail("p0@prospects.example", box, "hi"))
+            await until(lambda: len(events(logs, "reply.detected")) == 1)
+        # Mail that arrives while the daemon is down is read at the next start; p0's is not read again.
+        dovecot.deliver("alice", mail("p1@prospects.example", box, "hi"))
+        async with running(project.config_path):
+            await until(lambda: len(events(logs, "reply.detected")) == 2)
+            # The IMAP server restarts mid-session: the watcher reconnects and goes on.
+            dovecot.stop()
+            await until(lambda: events(logs, "imap.error"))
+            dovecot.start()
+            dovecot.deliver("alice", mail("p2@prospects.example", box, "hi"))
+            await until(lambda: len(events(logs, "reply.detected")) == 3, within=30)
+    assert [e["prospect"] for e in events(logs, "reply.detected")] == [f"p{i}@prospects.example" for i in range(3)]
+    assert enrollment_states(project)["p3@prospects.example"] == "active"
+
+
+@needs_dovecot
+@pytest.mark.anyio
+async def test_uncertain_sends_are_settled_from_the_sent_folder(
+    project: Project, stack: tuple[SmtpServer, Dovecot]
+) -> None:
+    smtp, dovecot = stack
+    project.enroll(project.people(2))
+    db = project.root / "cadenced.db"
+    query(
+        db,
+        "UPDATE messages SET state = 'error', reason = 'uncertain', "
+        "message_id = '<cadenced.' || id || '.1.aa@alice.example>'",
+    )
+    delivered = "<cadenced.1.1.aa@alice.example>"
+    dovecot.deliver("alice", mail("mb1@alice.example", "p0@prospects.example", "Hello", Message_ID=delivered), "Sent")
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.config_path):
+            await until(lambda: len(events(logs, "message.settled")) == 2)
+            await anyio.to_thread.run_sync(smtp.recorder.wait_for, 1)
+    assert query(db, "SELECT id, state, step FROM messages ORDER BY id")[:2] == [(1, "sent", 1), (2, "sent", 1)]
+    # Message 1 was found in Sent (its step 2 is scheduled); message 2 was not, and went out once.
+    assert [d.recipient for d in smtp.recorder.deliveries] == ["p1@prospects.example"]
+    assert query(db, "SELECT count(*) FROM messages WHERE step = 2")[0][0] == 2
