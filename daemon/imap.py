@@ -32,6 +32,7 @@ _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
 HEADER_PARTS = "BODY.PEEK[HEADER]"
 FULL_PART = "BODY.PEEK[]"
+FETCH_CHUNK = 200
 
 
 class ImapFailure(Exception):
@@ -176,12 +177,22 @@ class Watcher:
             await task
 
     async def fetch_new(self, client: aioimaplib.IMAP4, validity: int) -> int:
+        """Read what arrived after the last seen UID, in chunks, acting on each chunk in one commit."""
         position = await self.db(Store.imap_position, self.address)
         last = position[1] if position else 0
-        answer = _ok(await client.uid("fetch", f"{last + 1}:*", f"(UID {HEADER_PARTS})"), "UID FETCH")
-        new = sorted((uid, raw) for uid, raw in fetched(answer.lines) if uid > last)
-        if not new:
-            return 0
+        found = _ok(await client.uid_search("UID", f"{last + 1}:*", charset=None), "UID SEARCH")
+        first = found.lines[0] if found.lines and isinstance(found.lines[0], bytes | bytearray) else b""
+        # `n:*` always matches the highest UID, even below n: keep only what is new.
+        uids = sorted(u for u in (int(x) for x in bytes(first).split() if x.isdigit()) if u > last)
+        for start in range(0, len(uids), FETCH_CHUNK):
+            # Chunks: one FETCH answer of thousands of literals overflows aioimaplib's parser.
+            await self._fetch_chunk(client, validity, uids[start : start + FETCH_CHUNK])
+        return len(uids)
+
+    async def _fetch_chunk(self, client: aioimaplib.IMAP4, validity: int, uids: list[int]) -> None:
+        wanted = ",".join(str(u) for u in uids)
+        answer = _ok(await client.uid("fetch", wanted, f"(UID {HEADER_PARTS})"), "UID FETCH")
+        new = sorted((uid, raw) for uid, raw in fetched(answer.lines) if uid in set(uids))
         own = frozenset(m.address.lower() for m in self.config().mailboxes)
         verdicts: list[tuple[int, Verdict]] = []
         for uid, raw in new:
@@ -190,12 +201,10 @@ class Watcher:
                 full = _ok(await client.uid("fetch", str(uid), f"(UID {FULL_PART})"), "UID FETCH")
                 bodies = [body for u, body in fetched(full.lines) if u == uid]
                 verdict = classify_bounce(bodies[0] if bodies else raw)
-                verdict = Verdict(verdict.kind, verdict.why, verdict.message_ids, "")
             verdicts.append((uid, verdict))
-        events = await self.db(self.apply, verdicts, validity, new[-1][0])
+        events = await self.db(self.apply, verdicts, validity, uids[-1])
         for name, fields in events:
             self.log.info(name, **fields)
-        return len(new)
 
     def apply(
         self, store: Store, verdicts: list[tuple[int, Verdict]], validity: int, last_uid: int
