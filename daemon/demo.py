@@ -10,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +176,11 @@ def report(sink: Sink, status: dict[str, Any], outbox: list[dict[str, Any]]) -> 
         out("\n=== still in the outbox ===\n")
         for m in deferred:
             out(f"    #{m['id']} step {m['step']} {m['mailbox']} → {m['prospect']}: {m['detail'] or 'scheduled'}\n")
-    out(f"\n{len(sink.messages)} emails delivered to the loopback server; none twice.\n")
+    # A step is (prospect, the message it answers): the same step twice would repeat the pair.
+    steps = Counter((r.recipient, r.in_reply_to) for r in sink.messages)
+    twice = sum(1 for n in steps.values() if n > 1)
+    verdict = "none twice" if twice == 0 else f"{twice} STEPS DELIVERED MORE THAN ONCE"
+    out(f"\n{len(sink.messages)} emails delivered to the loopback server; {verdict}.\n")
 
 
 def main(keep: bool = False) -> int:
