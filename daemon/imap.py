@@ -155,9 +155,10 @@ class Watcher:
         if position is None or position[0] != validity:
             # First watch (or a recreated INBOX): start with what arrives from now on.
             await self.db(_set_position, self.address, validity, uidnext - 1)
-            self.log.info("imap.watching", uidvalidity=validity, from_uid=uidnext)
+            position = (validity, uidnext - 1)
         self.backoff = 1.0
         idle = client.has_capability("IDLE")
+        self.log.info("imap.watching", uidvalidity=validity, after_uid=position[1], idle=idle)
         while True:
             await self.fetch_new(client, validity)
             if idle:

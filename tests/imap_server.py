@@ -81,7 +81,7 @@ service stats {{
 class Dovecot:
     """dovecot -F -c FILE on a free loopback port (implicit TLS), one user per mailbox."""
 
-    def __init__(self, pki: Pki, users: dict[str, str]) -> None:
+    def __init__(self, pki: Pki, users: dict[str, str], idle: bool = True) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="cadenced-dovecot-"))
         self.root.chmod(0o755)  # its login and mail processes run as other users
         for sub in ("base", "state", "mail"):
@@ -91,7 +91,10 @@ class Dovecot:
         pki.cert.cert_chain_pems[0].write_to_path(str(self.root / "cert.pem"))
         (self.root / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in users.items()))
         self.port = free_port()
-        (self.root / "dovecot.conf").write_text(_CONF.format(root=self.root, port=self.port))
+        conf = _CONF.format(root=self.root, port=self.port)
+        if not idle:  # a server without IDLE: the watcher has to poll
+            conf += "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ SPECIAL-USE\n"
+        (self.root / "dovecot.conf").write_text(conf)
         self.ca = ssl.create_default_context(cafile=str(pki.ca_file))
         self.users = users
         self.proc: subprocess.Popen[bytes] | None = None

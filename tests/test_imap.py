@@ -101,6 +101,7 @@ async def test_replies_and_bounces_stop_the_follow_ups(project: Project, stack: 
     with structlog.testing.capture_logs() as logs:
         async with running(project.config_path):
             await until(lambda: events(logs, "imap.watching"), what="the watcher")
+            assert events(logs, "imap.watching")[0]["idle"] is True
             firsts = await anyio.to_thread.run_sync(smtp.recorder.wait_for, 6)
             mid = {d.recipient: d["Message-ID"] for d in firsts}
             box = "mb1@alice.example"
@@ -179,3 +180,30 @@ async def test_uncertain_sends_are_settled_from_the_sent_folder(
     # Message 1 was found in Sent (its step 2 is scheduled); message 2 was not, and went out once.
     assert [d.recipient for d in smtp.recorder.deliveries] == ["p1@prospects.example"]
     assert query(db, "SELECT count(*) FROM messages WHERE step = 2")[0][0] == 2
+
+
+@needs_dovecot
+@pytest.mark.anyio
+async def test_a_server_without_idle_is_polled(project: Project, tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    dovecot = Dovecot(pki, {"alice": "imap-pw"}, idle=False).start()
+    smtp = SmtpServer().start()
+    try:
+        (tmp_path / "imap-pw").write_text("imap-pw")
+        imap = dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="1s")
+        project.data["defaults"]["gap"] = "0s"
+        project.add_mailboxes(1, smtp=smtp.smtp_config(), imap=imap)
+        project.add_cadence(steps=2)["steps"][1]["wait"] = "1h"
+        project.enroll(project.people(1))
+        with structlog.testing.capture_logs() as logs:
+            async with running(project.config_path):
+                await until(lambda: events(logs, "imap.watching"))
+                await anyio.to_thread.run_sync(smtp.recorder.wait_for, 1)
+                dovecot.deliver("alice", mail("p0@prospects.example", "mb1@alice.example", "yes please"))
+                await until(lambda: events(logs, "reply.detected"))
+        assert enrollment_states(project) == {"p0@prospects.example": "replied"}
+        assert [e["idle"] for e in events(logs, "imap.watching")] == [False]
+        assert not events(logs, "imap.error")
+    finally:
+        smtp.stop()
+        dovecot.cleanup()
