@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 from daemon import logs  # noqa: E402
 from daemon.config import load_config  # noqa: E402
 from daemon.dispatch import AsyncStore  # noqa: E402
-from daemon.imap import FETCH_CHUNK, HEADER_PARTS, Watcher, imap_tls_context  # noqa: E402
+from daemon.imap import FETCH_CHUNK, HEADER_PARTS, Watcher  # noqa: E402
 from daemon.service import Daemon  # noqa: E402
+from daemon.smtp import tls_context  # noqa: E402
 from daemon.store import Store  # noqa: E402
 from tests.imap_server import Dovecot  # noqa: E402
 from tests.servers import Pki  # noqa: E402
@@ -145,7 +146,7 @@ async def classify_all(config_path: Path) -> tuple[float, int]:
     assert server is not None
     db = AsyncStore(config.daemon.database)
     watcher = Watcher(mailbox, db, lambda: config)
-    client = aioimaplib.IMAP4(server.host, server.port, timeout=120, ssl_context=imap_tls_context(server))
+    client = aioimaplib.IMAP4(server.host, server.port, timeout=120, ssl_context=tls_context(server))
     await client.wait_hello_from_server()
     await client.login("alice", "imap-pw")
     selected = await client.select("INBOX")

@@ -6,7 +6,6 @@ import email.parser
 import email.policy
 import email.utils
 import re
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import anyio
 
 from daemon import logs
 from daemon.config import Config, Mailbox, Server
+from daemon.smtp import tls_context
 from daemon.store import Store
 
 OUR_MESSAGE_ID = re.compile(r"<cadenced\.\d+\.\d+\.[0-9a-f]+@[^>\s]+>")
@@ -93,13 +93,6 @@ def fetched(lines: list[Any]) -> Iterator[tuple[int, bytes]]:
             pending = int(match.group(1)) if match else None
 
 
-def imap_tls_context(server: Server) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if server.ca_file:
-        ctx.load_verify_locations(cafile=server.ca_file)
-    return ctx
-
-
 class Watcher:
     """Watches one mailbox's INBOX: IDLE where offered, polling otherwise; never stops sending."""
 
@@ -132,7 +125,7 @@ class Watcher:
                 port=server.port,
                 timeout=server.timeout,
                 conn_lost_cb=lambda exc: scope.cancel(),
-                ssl_context=imap_tls_context(server) if server.security == "tls" else None,
+                ssl_context=tls_context(server) if server.security == "tls" else None,
             )
             try:
                 await self._serve(client, server)

@@ -39,7 +39,7 @@ class Accepted:
 
 
 def tls_context(server: Server) -> ssl.SSLContext:
-    """System trust plus the mailbox's own CA bundle; certificates always verified."""
+    """System trust plus the mailbox's own CA bundle; certificates always verified (SMTP and IMAP)."""
     ctx = ssl.create_default_context()
     if server.ca_file:
         ctx.load_verify_locations(cafile=server.ca_file)
