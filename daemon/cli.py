@@ -160,7 +160,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logs.configure(config.daemon.log_format, config.daemon.log_level)
     daemon = Daemon(config.path, config)
-    sys.setswitchinterval(0.0005)
     anyio.run(daemon.run, backend="asyncio")
     return 0
 

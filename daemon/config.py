@@ -425,12 +425,7 @@ def _secret(t: _Table, base_dir: Path, problems: _Problems, config_path: Path) -
         return None, ""
     if key == "password_file":
         path = Path(value) if Path(value).is_absolute() else base_dir / value
-        try:
-            return Secret(path.read_text(encoding="utf-8").rstrip("\r\n")), f"password_file:{path}"
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            t.problems.add(t.at(key), f"cannot read {path}: {reason}")
-            return None, ""
+        return _secret_file(t, key, path, f"password_file:{path}", str(path))
     if key == "password_env":
         if value not in os.environ:
             t.problems.add(t.at(key), f"environment variable {value} is not set")
@@ -441,13 +436,7 @@ def _secret(t: _Table, base_dir: Path, problems: _Problems, config_path: Path) -
         if not creds:
             t.problems.add(t.at(key), "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
             return None, ""
-        path = Path(creds) / value
-        try:
-            return Secret(path.read_text(encoding="utf-8").rstrip("\r\n")), f"credential:{value}"
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            t.problems.add(t.at(key), f"cannot read credential {value}: {reason}")
-            return None, ""
+        return _secret_file(t, key, Path(creds) / value, f"credential:{value}", f"credential {value}")
     try:
         mode = config_path.stat().st_mode
     except OSError:
@@ -458,6 +447,15 @@ def _secret(t: _Table, base_dir: Path, problems: _Problems, config_path: Path) -
             "use password_file, password_env or credential"
         )
     return Secret(value), "password"
+
+
+def _secret_file(t: _Table, key: str, path: Path, source: str, label: str) -> tuple[Secret | None, str]:
+    try:
+        return Secret(path.read_text(encoding="utf-8").rstrip("\r\n")), source
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        t.problems.add(t.at(key), f"cannot read {label}: {reason}")
+        return None, ""
 
 
 def _server(t: _Table, kind: str, base_dir: Path, problems: _Problems, config_path: Path) -> Server:

@@ -16,6 +16,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -281,9 +282,7 @@ class Dispatcher:
             job.remove()
 
 
-def _aware(ts: float) -> Any:
-    from datetime import UTC, datetime
-
+def _aware(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 

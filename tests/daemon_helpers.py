@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -67,10 +72,6 @@ class DaemonProcess:
     """`cadenced run` as a real process: its JSON log lines, collected as they come."""
 
     def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
-        import os
-        import subprocess
-        import sys
-        import threading
 
         cmd = [sys.executable, "-m", "daemon", "--config", str(config_path), "run"]
         self.proc = subprocess.Popen(
@@ -94,14 +95,11 @@ class DaemonProcess:
         self.proc.stdout.close()
 
     def events(self) -> list[dict[str, Any]]:
-        import json
-
         with self._cond:
             return [json.loads(line) for line in self.lines]
 
     def wait_event(self, name: str, within: float = 20.0, after: int = 0, **fields: Any) -> dict[str, Any]:
         """The first event `name` (with these fields) logged after the first `after` lines."""
-        import json
 
         def find() -> dict[str, Any] | None:
             for line in self.lines[after:]:

@@ -51,7 +51,7 @@ async def test_each_security_mode_delivers(project: Project, pki: Pki, security:
         server.stop()
 
 
-async def test_plaintext_auth_only_when_allowed(project: Project) -> None:
+async def test_plaintext_auth_only_when_allowed(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
     auth = Authenticator("u", "plain-pw")
     server = SmtpServer("none", auth=auth).start()
     try:
@@ -59,15 +59,12 @@ async def test_plaintext_auth_only_when_allowed(project: Project) -> None:
         project.add_mailboxes(1, smtp=smtp)
         project.add_cadence()
         fast(project)
-        import os
-
-        os.environ["PLAIN_PW"] = "plain-pw"
+        monkeypatch.setenv("PLAIN_PW", "plain-pw")
         project.enroll(project.people(1))
         async with running(project.config_path):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 1)
         assert auth.logins == 1
     finally:
-        os.environ.pop("PLAIN_PW", None)
         server.stop()
 
 
