@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ import tomli_w
 
 from daemon import __version__, enroll, operate, readside
 from daemon.config import Config, config_path_from, effective_dict, load_config
-from daemon.errors import CadencedError, ConfigError, Refused, UsageError
+from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, UsageError
 from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store
 
@@ -50,9 +51,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config.daemon.database.exists():
         store = _open_store(config, create=False)
         try:
+            store.check_integrity()
             problems = enroll.pin_problems(config, store.pins())
         finally:
             store.close()
+    fqdn = socket.getfqdn()
+    loopback = ("127.0.0.1", "::1", "localhost")
+    bare = [m.address for m in config.mailboxes if not m.helo_name and m.smtp.host not in loopback]
+    if bare and "." not in fqdn:
+        sys.stderr.write(
+            f"warning: this host's name {fqdn!r} is not fully qualified and servers may refuse it at EHLO "
+            f"(Postfix reject_non_fqdn_helo_hostname); set helo_name for {', '.join(bare[:5])}\n"
+        )
     if problems:
         raise ConfigError(problems, str(config.path))
     if args.print:
@@ -102,6 +112,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {m['address']:<32} {m['state']:<12} sent {m['sent_today']}/{m['daily_limit']}  "
             f"scheduled {m['scheduled']}  error {m['error']}  {nxt} {waiting}".rstrip()
         )
+        if m.get("reason"):
+            _out(f"  {'':<32} {m['state']}: {m['reason']}")
+    store_state = document["daemon"]["store"]
+    if store_state not in (None, "ok"):
+        _out(f"daemon (pid {document['daemon']['pid']}): {store_state}")
     _out("cadences:")
     for c in document["cadences"]:
         counts = ", ".join(f"{k} {v}" for k, v in c["enrollments"].items()) or "no enrollments"
@@ -195,7 +210,7 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_store(config, create=False)
     try:
-        outcome = operate.retry(store, args.id, args.mailbox_of, args.all)
+        outcome = operate.retry(store, args.id, args.mailbox_of, args.all, include_uncertain=args.include_uncertain)
     finally:
         store.close()
     if args.json:
@@ -209,7 +224,9 @@ def cmd_outbox_reassign(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_store(config, create=False)
     try:
-        outcome = operate.reassign(store, config, args.id, args.source, args.to)
+        outcome = operate.reassign(
+            store, config, args.id, args.source, args.to, include_uncertain=args.include_uncertain
+        )
     finally:
         store.close()
     if args.json:
@@ -241,10 +258,11 @@ def cmd_mailbox_test(args: argparse.Namespace) -> int:
     server = mailbox.smtp
     try:
         anyio.run(probe, backend="asyncio")
-    except smtp.SmtpFailure as failure:
+    except SmtpFailure as failure:
         code = f" ({failure.code})" if failure.code else ""
+        at = f" at {failure.stage.upper()}" if failure.stage else ""
         raise Refused(
-            f"{args.address}: SMTP {server.host}:{server.port} {server.security}: {failure.text}{code}"
+            f"{args.address}: SMTP {server.host}:{server.port} {server.security}: {failure.text}{code}{at}"
         ) from None
     _out(f"{args.address}: SMTP {server.host}:{server.port} {server.security}: connected, EHLO and login ok")
     return 0
@@ -294,12 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--id", type=int, nargs="+", metavar="N")
     which.add_argument("--mailbox", dest="mailbox_of", metavar="M")
     which.add_argument("--all", action="store_true")
+    r.add_argument("--include-uncertain", action="store_true", help="allow uncertain messages named by --id")
     r.add_argument("--json", action="store_true")
     r = actions.add_parser("reassign", parents=[common], help="change the sender, sticky from then on")
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", type=int, nargs="+", metavar="N")
     which.add_argument("--from", dest="source", metavar="M")
     r.add_argument("--to", required=True, metavar="M2")
+    r.add_argument("--include-uncertain", action="store_true", help="allow uncertain messages named by --id")
     r.add_argument("--json", action="store_true")
 
     p = sub.add_parser("mailbox", parents=[common], help="mailbox tools")

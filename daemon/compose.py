@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.policy
 import email.utils
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.charset import QP, Charset
@@ -23,7 +24,27 @@ _ASCII = Charset("us-ascii")
 _UTF8 = Charset("utf-8")
 _UTF8.body_encoding = QP
 
-_ENV = SandboxedEnvironment(
+MAX_REPEAT = 100_000  # characters or items made by `*` on a string or list
+MAX_POWER_BITS = 4096  # `**` beyond this is refused: a template must not hang or exhaust the daemon
+
+
+class _Sandbox(SandboxedEnvironment):
+    """The sandbox, with `**` bounded (an unbounded power is a denial of service at render or compile time)."""
+
+    intercepted_binops = frozenset({"**", "*"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if right < 0 or right * max(abs(left), 1).bit_length() > MAX_POWER_BITS:
+                raise jinja2.exceptions.SecurityError(f"{left} ** {right} is too large for a template")
+        if operator == "*" and isinstance(left, str | list | tuple) != isinstance(right, str | list | tuple):
+            count, seq = (right, left) if isinstance(left, str | list | tuple) else (left, right)
+            if isinstance(count, int) and count * max(len(seq), 1) > MAX_REPEAT:
+                raise jinja2.exceptions.SecurityError("a repeated string or list that large is refused in a template")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _Sandbox(
     undefined=jinja2.StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,
@@ -50,7 +71,7 @@ class Template:
         except jinja2.TemplateError as exc:
             raise TemplateProblem(str(exc)) from None
         except Exception as exc:  # a template may divide by zero, index past the end...
-            raise TemplateProblem(f"{type(exc).__name__}: {exc}") from None
+            raise TemplateProblem(f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def compile_template(source: str) -> Template:
@@ -60,6 +81,8 @@ def compile_template(source: str) -> Template:
         compiled = _ENV.from_string(tree)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}") from None
+    except Exception as exc:  # the compiler folds constants: an expression can fail here too
+        raise TemplateProblem(f"{type(exc).__name__}: {str(exc)[:200]}") from None
     return Template(source, compiled, frozenset(_required_names(tree)))
 
 
@@ -117,6 +140,9 @@ class Outgoing:
     date: float
     in_reply_to: str | None = None
     references: tuple[str, ...] = ()
+
+
+OUR_MESSAGE_ID = re.compile(r"<cadenced\.\d+\.\d+\.[0-9a-f]+@[^>\s]+>")  # what make_message_id makes
 
 
 def make_message_id(outbox_id: int, attempt_token: str, sender_address: str) -> str:

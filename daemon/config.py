@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from daemon import compose
+from daemon import compose, redact
 from daemon.errors import ConfigError
 
 DEFAULT_PATH = "/etc/cadenced/config.toml"
@@ -94,6 +94,8 @@ class Mailbox:
     smtp: Server
     imap: Server | None
     paused: bool
+    helo_name: str = ""  # the EHLO name; "" is the host's FQDN
+    sent_copies: str = "none"  # none | provider: whether the provider files submitted mail in Sent itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,13 @@ class Cadence:
     fields: tuple[str, ...]
     steps: tuple[Step, ...]
 
+    def after(self, step: int, sticky: str, now: float) -> tuple[int, str, float] | None:
+        """What follows step `step` sent at `now`: (step, sender, due), or None when the cadence ends."""
+        if step >= len(self.steps):
+            return None
+        nxt = self.steps[step]
+        return (nxt.number, nxt.sender or sticky, now + nxt.wait)
+
     def required_fields(self) -> frozenset[str]:
         names: set[str] = set()
         for step in self.steps:
@@ -151,6 +160,7 @@ class DaemonSettings:
     retry_delays: tuple[float, ...]
     idle_close: float
     probe_backoff: tuple[float, float]
+    settle_after: float = 900.0  # an uncertain send not in Sent after this long (sent_copies = provider) goes again
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +247,21 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
         else:
             merged.append((start, end))
     return tuple(merged)
+
+
+SENT_COPIES = ("none", "provider")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}")
+_ADDRESS_LITERAL = re.compile(r"\[(?:\d{1,3}\.){3}\d{1,3}\]|\[IPv6:[0-9A-Fa-f:.]+\]")
+
+
+def _helo_name(t: _Table, default: str) -> str:
+    value = t.string("helo_name", default)
+    if not isinstance(value, str):
+        return default
+    if value and not (_HOSTNAME.fullmatch(value) or _ADDRESS_LITERAL.fullmatch(value)):
+        t.problems.add(t.at("helo_name"), f"must be a fully qualified host name or an address literal, got {value!r}")
+        return default
+    return value
 
 
 def valid_address(text: str) -> bool:
@@ -573,11 +598,14 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         retry_delays=tuple(_retry_delays(d)),
         idle_close=d.parsed("idle_close", 60.0, parse_duration),
         probe_backoff=d.parsed("probe_backoff", (30.0, 1800.0), parse_gap),
+        settle_after=d.parsed("settle_after", 900.0, parse_duration),
     )
     d.finish()
 
     dt = root.table("defaults") or _Table({}, "defaults", problems)
     defaults = _schedule(dt, _FALLBACK_SCHEDULE)
+    default_helo = _helo_name(dt, "")
+    default_copies = dt.choice("sent_copies", "none", SENT_COPIES)
     dt.finish()
 
     users: list[User] = []
@@ -609,13 +637,18 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
             t.problems.add(t.at("owner"), f"unknown user {owner!r}")
         schedule = _schedule(t, defaults)
         paused = t.boolean("paused", False)
+        helo_name = _helo_name(t, default_helo)
+        sent_copies = t.choice("sent_copies", default_copies, SENT_COPIES)
         smtp_t = t.table("smtp", required=True)
         smtp = _server(smtp_t, "smtp", base_dir, problems, config_path) if smtp_t else None
         imap_t = t.table("imap")
         imap = _server(imap_t, "imap", base_dir, problems, config_path) if imap_t else None
         t.finish()
         if isinstance(address, str) and isinstance(owner, str) and smtp is not None:
-            mailboxes.append(Mailbox(address, name or "", owner, schedule, smtp, imap, bool(paused)))
+            mailbox = Mailbox(address, name or "", owner, schedule, smtp, imap, bool(paused), helo_name, sent_copies)
+            if sent_copies == "provider" and imap is None:
+                t.problems.add(t.at("sent_copies"), '"provider" needs [imap] to look in the Sent folder')
+            mailboxes.append(mailbox)
 
     cadences: list[Cadence] = []
     for t in root.tables("cadences", _cadence_label):
@@ -646,6 +679,10 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
 
     if problems.items:
         raise ConfigError(problems.items, str(config_path))
+    for m in mailboxes:  # from now on no text this process prints can show them
+        for server in (m.smtp, m.imap):
+            if server is not None and server.auth.secret is not None:
+                redact.register(server.auth.username, server.auth.secret.reveal())
     return Config(
         path=config_path,
         daemon=daemon,
@@ -810,6 +847,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
             "retry_delays": [format_duration(x) for x in d.retry_delays],
             "idle_close": format_duration(d.idle_close),
             "probe_backoff": f"{format_duration(d.probe_backoff[0])}-{format_duration(d.probe_backoff[1])}",
+            "settle_after": format_duration(d.settle_after),
         },
         "defaults": _schedule_dict(config.defaults),
         "users": [{"name": u.name} for u in config.users],
@@ -819,6 +857,8 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "name": m.name,
                 "owner": m.owner,
                 "paused": m.paused,
+                **({"helo_name": m.helo_name} if m.helo_name else {}),
+                "sent_copies": m.sent_copies,
                 **_schedule_dict(m.schedule),
                 "smtp": _server_dict(m.smtp, "smtp"),
                 **({"imap": _server_dict(m.imap, "imap")} if m.imap else {}),

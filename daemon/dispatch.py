@@ -24,10 +24,22 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon import compose, logs, smtp, timing
+from daemon import compose, logs, outcomes, smtp, timing
 from daemon.config import Cadence, Config, Mailbox, Step
+from daemon.errors import (
+    AddressRejected,
+    Blocked,
+    MailboxDown,
+    MailboxRefused,
+    MessageDeferred,
+    ProviderQuota,
+    SmtpFailure,
+    StoreUnavailable,
+    Throttled,
+    Uncertain,
+)
 from daemon.readside import iso
-from daemon.store import Claimed, Snapshot, Store
+from daemon.store import Claimed, Snapshot, Store, describe_store_error, is_busy
 
 T = TypeVar("T")
 CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
@@ -54,14 +66,20 @@ class AsyncStore:
         self._pending = anyio.Event()
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(store, *args)`: every write in it is one transaction, so a busy retry repeats nothing."""
+        """`fn(store, *args)`: every write in it is one transaction, so a busy retry repeats nothing.
+
+        Raises StoreUnavailable (never a raw sqlite3 error) when the database cannot do it now.
+        """
         try:
             return fn(self.fast, *args)
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
+        except sqlite3.Error as exc:
+            if not is_busy(exc):
+                raise StoreUnavailable(describe_store_error(exc)) from None
         self.waited += 1
-        return await anyio.to_thread.run_sync(functools.partial(fn, self.slow, *args), limiter=self.limiter)
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(fn, self.slow, *args), limiter=self.limiter)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(describe_store_error(exc)) from None
 
     async def grouped(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(store, *args)` inside a transaction shared with the other mailboxes' calls.
@@ -74,22 +92,30 @@ class AsyncStore:
         self._queue.append(call)
         self._pending.set()
         await call.done.wait()
+        if isinstance(call.error, sqlite3.Error):
+            raise StoreUnavailable(describe_store_error(call.error))
         if call.error is not None:
             raise call.error
         return call.result  # type: ignore[no-any-return]
 
     async def committer(self) -> None:
+        """Commits the queued calls in batches; a database failure fails the batch, never the daemon."""
         while True:
             await self._pending.wait()
             self._pending = anyio.Event()
             batch, self._queue = self._queue, []
             try:
-                self._run_batch(self.fast, batch)
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                self.waited += 1
-                await anyio.to_thread.run_sync(self._run_batch, self.slow, batch, limiter=self.limiter)
+                try:
+                    self._run_batch(self.fast, batch)
+                except sqlite3.Error as exc:
+                    if not is_busy(exc):
+                        raise
+                    self.waited += 1
+                    await anyio.to_thread.run_sync(self._run_batch, self.slow, batch, limiter=self.limiter)
+            except sqlite3.Error as exc:
+                failure = StoreUnavailable(describe_store_error(exc))
+                for call in batch:
+                    call.result, call.error = None, failure
             for call in batch:
                 call.done.set()
 
@@ -165,6 +191,32 @@ class Dispatcher:
         self._config_changed = anyio.Event()
         self._data_version = -1
         self.alive_at = time.monotonic()
+        self.deadline = float("inf")  # monotonic: when a stop stops waiting for the store
+        self.store_trouble: tuple[float, str] | None = None  # (since, what) while commits fail
+        self.last_store_error: str | None = None
+
+    def store_failed(self, exc: StoreUnavailable) -> None:
+        """Sends pause while the database refuses writes; said once, then every minute."""
+        now = time.monotonic()
+        if self.store_trouble is None:
+            self.store_trouble = (now, str(exc))
+            self._store_logged = now
+            self.log.error("store.error", detail=str(exc), action="sending paused; the commit is retried")
+        elif now - self._store_logged >= 60:
+            self._store_logged = now
+            since = round(now - self.store_trouble[0])
+            self.log.error("store.error", detail=str(exc), failing_for_seconds=since)
+
+    def store_ok(self) -> None:
+        if self.store_trouble is not None:
+            since, what = self.store_trouble
+            self.store_trouble = None
+            outage = round(time.monotonic() - since, 1)
+            self.last_store_error = f"{iso(time.time())}: {what} (sending paused {outage} s)"
+            self.log.info("store.recovered", outage_seconds=outage, was=what)
+
+    def past_deadline(self) -> bool:
+        return self.stopping and time.monotonic() >= self.deadline
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -228,9 +280,10 @@ class Dispatcher:
         assert self._tg is not None
         self._tg.start_soon(runner.run, name=f"mailbox {mailbox.address}")
 
-    def stop(self) -> None:
+    def stop(self, grace: float = float("inf")) -> None:
         """Take no new message; loops finish the transaction in hand and return."""
         self.stopping = True
+        self.deadline = time.monotonic() + grace
         for runner in self.runners.values():
             runner.wake()
 
@@ -258,7 +311,11 @@ class Dispatcher:
     async def _notice_changes(self) -> None:
         """Housekeeping job: another process committed (an enrollment, a retry): wake every loop."""
         self.alive_at = time.monotonic()
-        version = await self.db(Store.data_version)
+        try:
+            version = await self.db(Store.data_version)
+        except StoreUnavailable as exc:
+            self.store_failed(exc)
+            return
         if version != self._data_version:
             self._data_version = version
             for runner in self.runners.values():
@@ -299,6 +356,9 @@ class MailboxRunner:
         self._event = anyio.Event()
         self.next_wake: float | None = None
         self._pending: Sent | None = None
+        self._streak: list[tuple[tuple[Any, ...], int, str]] = []  # (refusal, message, recipient) in a row
+        self._throttles = 0
+        self._store_backoff = 1.0
         self.log = dispatcher.log.bind(mailbox=mailbox.address)
         self.domain = mailbox.address.rpartition("@")[2]
 
@@ -315,6 +375,10 @@ class MailboxRunner:
                 self._event = anyio.Event()
                 try:
                     acted = await self.step()
+                except StoreUnavailable as exc:
+                    self.d.store_failed(exc)
+                    acted = False
+                    self.next_wake = self.d.clock() + self._next_store_backoff()
                 except Exception:
                     self.log.exception("mailbox.loop_error")
                     acted = False
@@ -328,6 +392,10 @@ class MailboxRunner:
             with anyio.CancelScope(shield=True):
                 await self.flush()
                 await self._close()
+
+    def _next_store_backoff(self) -> float:
+        delay, self._store_backoff = self._store_backoff, min(self._store_backoff * 2, 30.0)
+        return delay
 
     async def sleep(self) -> None:
         now = self.d.clock()
@@ -347,20 +415,49 @@ class MailboxRunner:
             self.d.connections.release_on_behalf_of(self)
             self.holds_slot = False
 
+    async def _commit(self, fn: Callable[..., T], *args: Any) -> T:
+        """A state change that must not be lost: retried while the database refuses it.
+
+        Sending pauses meanwhile (the message in hand keeps its state). On the way
+        out, the retries end at the shutdown deadline: the message is then still
+        `sending` in the database and becomes `uncertain` at the next start.
+        """
+        while True:
+            try:
+                result = await self.d.db(fn, *args)
+            except StoreUnavailable as exc:
+                self.d.store_failed(exc)
+                if self.d.past_deadline():
+                    raise
+                delay = self._next_store_backoff()
+                if self.d.stopping:
+                    delay = min(delay, max(self.d.deadline - time.monotonic(), 0.05))
+                await anyio.sleep(delay)
+                continue
+            self._store_backoff = 1.0
+            self.d.store_ok()
+            return result
+
     # --- one decision ----------------------------------------------------------------------
 
     async def step(self) -> bool:
         """Send one message if one may go now; else set next_wake. True when something happened."""
         now = self.d.clock()
         pending, self._pending = self._pending, None
-        turn = await self.d.db.grouped(self._turn, now, pending)
+        try:
+            turn = await self.d.db.grouped(self._turn, now, pending)
+        except StoreUnavailable:
+            self._pending = pending  # accepted by the server: kept in memory until it is recorded
+            raise
+        self._store_backoff = 1.0
+        self.d.store_ok()
         if pending is not None:
             self._sent(pending)
         self.next_wake = None
         snap, day = turn.snap, turn.day
         if self.mailbox.paused:
             return False
-        if snap.state == "disconnected":
+        if snap.state in ("disconnected", "refused"):
             return await self._retry_queue(snap, now)
         if turn.claimed is not None:
             await self._send(turn.claimed, turn.thread)
@@ -390,10 +487,12 @@ class MailboxRunner:
             if pending is not None:
                 store.record_sent(*pending.record)
             snap = store.snapshot(self.address, day)
-            if self.mailbox.paused or snap.state == "disconnected" or snap.earliest_due is None:
+            if self.mailbox.paused or snap.state != "connected" or snap.earliest_due is None:
                 return Turn(snap, day, None, None, [])
             full = timing.day_count(snap.sent_today, schedule.daily_limit, snap.quota_day, day)
-            decision = timing.next_allowed(max(now, snap.earliest_due), schedule, snap.gap_until, {day: full})
+            decision = timing.next_allowed(
+                max(now, snap.earliest_due), schedule, snap.gap_until, {day: full}, snap.throttled_until
+            )
             if decision.at is None or decision.at > now:
                 return Turn(snap, day, decision, None, [])
             claimed = store.claim(self.address, now, self._message_id)
@@ -405,11 +504,21 @@ class MailboxRunner:
         pending.log.info("message.sent", smtp_code=pending.code, subject=pending.subject)
 
     async def flush(self) -> None:
-        """Commit a send not yet recorded (on the way out)."""
+        """Commit a send not yet recorded (on the way out, retried until the shutdown deadline)."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            await self.d.db(self._record_only, pending)
-            self._sent(pending)
+        if pending is None:
+            return
+        try:
+            await self._commit(self._record_only, pending)
+        except StoreUnavailable as exc:
+            pending.log.error(
+                "message.error",
+                reason="uncertain",
+                detail=f"accepted by the server ({pending.code}) but not recorded: {exc}; "
+                "it is `uncertain` at the next start",
+            )
+            return
+        self._sent(pending)
 
     @staticmethod
     def _record_only(store: Store, pending: Sent) -> None:
@@ -417,7 +526,7 @@ class MailboxRunner:
             store.record_sent(*pending.record)
 
     def _message_id(self, outbox_id: int, attempt: int) -> str:
-        return f"<cadenced.{outbox_id}.{attempt}.{secrets.token_hex(4)}@{self.domain}>"
+        return compose.make_message_id(outbox_id, f"{attempt}.{secrets.token_hex(4)}", self.address)
 
     async def _explain_wait(self, decision: timing.Decision, snap: Snapshot, day: str, now: float) -> None:
         """Every waiting message says why (SPEC: `deferred: daily_limit until <time>`)."""
@@ -463,16 +572,18 @@ class MailboxRunner:
         try:
             try:
                 accepted = await self.conn.send(message, self.address, c.email)
-            except smtp.SmtpFailure as failure:
-                if not (reused and failure.kind == smtp.DISCONNECTED and failure.code is None):
+            except SmtpFailure as failure:
+                if not smtp.is_stale_connection(failure, reused):
                     raise
                 # The server closed an idle connection under us; nothing was sent: one fresh try.
                 accepted = await self.conn.send(message, self.address, c.email)
-        except smtp.SmtpFailure as failure:
+        except SmtpFailure as failure:
             if not self.conn.is_open:
                 await self._close()
             await self._failed(c, failure, log)
             return
+        self._streak.clear()
+        self._throttles = 0
         now = self.d.clock()
         schedule = self.mailbox.schedule
         gap_until = now + timing.draw_gap(schedule, self.d.rng)
@@ -494,16 +605,13 @@ class MailboxRunner:
             cadence = self.d.config.cadence(c.cadence)
         except KeyError:
             return None
-        if c.step >= len(cadence.steps):
-            return None
-        nxt = cadence.steps[c.step]
-        return (nxt.number, nxt.sender or c.sticky, now + nxt.wait)
+        return cadence.after(c.step, c.sticky, now)
 
     async def _compose(self, c: Claimed, thread: list[tuple[int, str, str]], log: Any) -> tuple[bytes, str] | None:
         cadence, step = self._step_of(c)
         if cadence is None or step is None:
             detail = "its cadence is no longer in the config" if cadence is None else "its step was removed"
-            await self.d.db(Store.record_error, c.id, "config_changed", None, detail)
+            await self._commit(Store.record_error, c.id, "config_changed", None, detail)
             self.d.stats.errors += 1
             log.warning("message.error", reason="config_changed", detail=detail)
             return None
@@ -519,7 +627,7 @@ class MailboxRunner:
                     first = first_step.subject.render(variables) if first_step.subject else ""
                 subject = compose.thread_subject(first, None)
         except compose.TemplateProblem as exc:
-            await self.d.db(Store.record_error, c.id, "template", None, str(exc))
+            await self._commit(Store.record_error, c.id, "template", None, str(exc))
             self.d.stats.errors += 1
             log.warning("message.error", reason="template", detail=str(exc))
             return None
@@ -547,71 +655,126 @@ class MailboxRunner:
             return cadence, None
         return cadence, cadence.steps[c.step - 1]
 
-    async def _failed(self, c: Claimed, f: smtp.SmtpFailure, log: Any) -> None:
-        db = self.d.db
+    # --- outcomes (SPEC §5): dispatch on the failure's type -----------------------------------
+
+    async def _failed(self, c: Claimed, f: SmtpFailure, log: Any) -> None:
         now = self.d.clock()
-        schedule = self.mailbox.schedule
-        if f.kind == smtp.DISCONNECTED:
-            first_probe = self.d.config.daemon.probe_backoff[0]
-            ids = await db(Store.disconnect, self.address, now, f.text, now + first_probe)
+        log = log.bind(smtp_code=f.code, stage=f.stage, **({"enhanced": f.enhanced} if f.enhanced else {}))
+        if isinstance(f, AddressRejected | Blocked):
+            await self._refused_recipient(c, f, now, log)
+            return
+        self._streak.clear()
+        if isinstance(f, MailboxDown | MailboxRefused):
+            await self._mailbox_stops(f, now, log, c.id)
+        elif isinstance(f, Throttled):
+            await self._throttled(c, f, now, log)
+        elif isinstance(f, Uncertain):
+            await self._commit(Store.record_error, c.id, "uncertain", f.code, f.text, now)
             self.d.stats.errors += 1
-            log.warning("mailbox.disconnected", smtp_code=f.code, detail=f.text, moved_to_error=len(ids))
-            log.info("message.error", reason="disconnected", smtp_code=f.code)
-            self.next_wake = now + first_probe
-        elif f.kind == smtp.UNCERTAIN:
-            await db(Store.record_error, c.id, "uncertain", f.code, f.text)
-            self.d.stats.errors += 1
-            log.warning("message.error", reason="uncertain", smtp_code=f.code, detail=f.text)
-        elif f.kind == smtp.TRANSIENT:
-            delays = self.d.config.daemon.retry_delays
-            if c.transient_failures < len(delays):
-                due = now + delays[c.transient_failures]
-                detail = f"{f.code} {f.text}; retry {c.transient_failures + 1} of {len(delays)} at {iso(due)}"
-                await db(Store.reschedule, c.id, due, f.code, detail, True)
-                log.info("message.deferred", reason="transient", smtp_code=f.code, until=iso(due), detail=f.text)
-            else:
-                await db(Store.record_error, c.id, "retries_exhausted", f.code, f.text)
-                self.d.stats.errors += 1
-                log.warning("message.error", reason="retries_exhausted", smtp_code=f.code, detail=f.text)
-        elif f.kind == smtp.QUOTA:
-            day = timing.local_day(now, schedule.timezone)
-            decision = timing.next_allowed(now, schedule, None, {day: schedule.daily_limit})
-            until = iso(decision.at) if decision.at else "further notice"
-            detail = f"deferred: daily_limit until {until} (provider quota: {f.code} {f.text})"
-            await db(Store.reschedule, c.id, c.due_at, f.code, detail, False)
-            if await db(Store.note_limit, self.address, day, True, now):
-                log.warning("mailbox.limit_reached", smtp_code=f.code, detail=f.text, next_send_at=until)
-            log.info("message.deferred", reason="daily_limit", smtp_code=f.code, until=until)
+            log.warning("message.error", reason="uncertain", detail=f.text)
+        elif isinstance(f, MessageDeferred):
+            await self._deferred(c, f, now, log)
+        elif isinstance(f, ProviderQuota):
+            await self._provider_quota(c, f, now, log)
+        else:  # every class is handled above; a new one must not pass silently
+            raise TypeError(f"unhandled SMTP outcome {type(f).__name__}")
+
+    async def _mailbox_stops(self, f: SmtpFailure, now: float, log: Any, message: int | None = None) -> None:
+        """The mailbox's problem: no prospect is blamed; its messages wait in the error section."""
+        refused = isinstance(f, MailboxRefused)
+        state = "refused" if refused else "disconnected"
+        first_probe = None if refused else now + self.d.config.daemon.probe_backoff[0]
+        ids = await self._commit(Store.disconnect, self.address, now, f.text, first_probe, state)
+        self.d.stats.errors += 1
+        log.warning(
+            "mailbox.disconnected",
+            state=state,
+            detail=f.text,
+            moved_to_error=len(ids),
+            action="fix the mailbox, then reload or `cadenced outbox retry --mailbox`" if refused else "probing",
+        )
+        if message is not None:
+            log.info("message.error", reason=state)
+        self.next_wake = first_probe
+
+    async def _throttled(self, c: Claimed, f: SmtpFailure, now: float, log: Any) -> None:
+        low, high = self.d.config.daemon.probe_backoff
+        until = now + min(low * 2**self._throttles, high)
+        self._throttles += 1
+        detail = f"throttled by the server until {iso(until)}: {f.code} {f.text}"
+        await self._commit(Store.throttle, c.id, self.address, until, f.code, detail)
+        await self._close()
+        log.warning("mailbox.throttled", detail=f.text, until=iso(until))
+        log.info("message.deferred", reason="throttled", until=iso(until))
+
+    async def _deferred(self, c: Claimed, f: SmtpFailure, now: float, log: Any) -> None:
+        delays = self.d.config.daemon.retry_delays
+        if c.transient_failures < len(delays):
+            due = now + delays[c.transient_failures]
+            detail = f"{f.code} {f.text}; retry {c.transient_failures + 1} of {len(delays)} at {iso(due)}"
+            await self._commit(Store.reschedule, c.id, due, f.code, detail, True)
+            log.info("message.deferred", reason="transient", until=iso(due), detail=f.text)
         else:
-            cancelled = await db(Store.record_failed, c, now, f.code, f.text)
+            await self._commit(Store.record_error, c.id, "retries_exhausted", f.code, f.text)
             self.d.stats.errors += 1
-            log.warning("message.failed", smtp_code=f.code, detail=f.text)
-            log.info("bounce.detected", source="smtp", smtp_code=f.code)
-            for message in cancelled:
-                self.log.info("message.cancelled", message=message, prospect=c.email, reason="suppressed")
+            log.warning("message.error", reason="retries_exhausted", detail=f.text)
+
+    async def _provider_quota(self, c: Claimed, f: SmtpFailure, now: float, log: Any) -> None:
+        schedule = self.mailbox.schedule
+        day = timing.local_day(now, schedule.timezone)
+        decision = timing.next_allowed(now, schedule, None, {day: schedule.daily_limit})
+        until = iso(decision.at) if decision.at else "further notice"
+        detail = f"deferred: daily_limit until {until} (provider quota: {f.code} {f.text})"
+        await self._commit(Store.reschedule, c.id, c.due_at, f.code, detail, False)
+        if await self._commit(Store.note_limit, self.address, day, True, now):
+            log.warning("mailbox.limit_reached", detail=f.text, next_send_at=until)
+        log.info("message.deferred", reason="daily_limit", until=until)
+
+    async def _refused_recipient(self, c: Claimed, f: SmtpFailure, now: float, log: Any) -> None:
+        """5xx for this recipient: suppress (address) or stop (blocked), unless it is the mailbox's in disguise."""
+        suppress = isinstance(f, AddressRejected)
+        cancelled = await self._commit(Store.record_failed, c, now, f.code, f.text, suppress)
+        self.d.stats.errors += 1
+        log.warning("message.failed", reason=f.reason, detail=f.text)
+        if suppress:
+            log.info("bounce.detected", source="smtp")
+        for message in cancelled:
+            self.log.info("message.cancelled", message=message, prospect=c.email, reason=f.reason)
+        key = outcomes.refusal_key(f)
+        if not self._streak or self._streak[-1][0] != key or c.email in {e for _, _, e in self._streak}:
+            self._streak = []
+        self._streak.append((key, c.id, c.email))
+        if len(self._streak) < outcomes.STREAK:
+            return
+        # The same refusal for several different recipients in a row: the sender is the problem.
+        streak, self._streak = self._streak, []
+        detail = f"the same refusal for {len(streak)} recipients in a row: {f.code} {f.text}"
+        undone = await self._commit(Store.unblame, self.address, [m for _, m, _ in streak], now, detail)
+        log.warning("mailbox.refusal_streak", recipients=[e for _, _, e in streak], restored=undone)
+        await self._mailbox_stops(MailboxRefused(f.code, detail, stage=f.stage, enhanced=f.enhanced), now, log)
 
     # --- the retry queue ----------------------------------------------------------------------
 
     async def _retry_queue(self, snap: Snapshot, now: float) -> bool:
-        db = self.d.db
-        caught = await db(Store.catch_due_while_down, self.address, now)
+        caught = await self._commit(Store.catch_due_while_down, self.address, now)
         for message in caught:
-            self.log.info("message.error", message=message, reason="disconnected")
-        if snap.next_probe_at is not None and snap.next_probe_at > now:
+            self.log.info("message.error", message=message, reason=snap.state)
+        if snap.next_probe_at is None or snap.next_probe_at > now:
+            # `refused` has no probe of its own: it waits for the operator (reload, retry, restart).
             self.next_wake = snap.next_probe_at
             if snap.earliest_due is not None and snap.earliest_due > now:
-                self.next_wake = min(snap.next_probe_at, snap.earliest_due)
+                self.next_wake = min(snap.next_probe_at or snap.earliest_due, snap.earliest_due)
             return False
         try:
             await self.conn.probe()
-        except smtp.SmtpFailure as f:
+        except SmtpFailure as f:
             low, high = self.d.config.daemon.probe_backoff
             delay = min(low * 2 ** max(snap.failures, 0), high)
-            await db(Store.set_probe, self.address, now + delay, f.text)
+            await self._commit(Store.set_probe, self.address, now + delay, f.text)
             self.next_wake = now + delay
             self.log.info("mailbox.probe_failed", smtp_code=f.code, detail=f.text, next_probe_at=iso(now + delay))
             return False
-        back = await db(Store.reconnect, self.address, now)
+        back = await self._commit(Store.reconnect, self.address, now)
         self.log.info("mailbox.reconnected", returned_to_scheduled=len(back))
         for message in back:
             self.log.info("message.retried", message=message, reason="reconnected")

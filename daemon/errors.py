@@ -37,3 +37,73 @@ class Refused(CadencedError):
     """The operation is understood but refused; nothing was changed."""
 
     exit_code = 1
+
+
+class StoreUnavailable(CadencedError):
+    """The database refused a write for now (locked past the timeout, disk full, I/O error, corrupt page)."""
+
+    exit_code = 2
+
+
+# --- SMTP outcomes (SPEC §5): whose problem a failed transaction is, by type -------------------
+
+
+class SmtpFailure(CadencedError):
+    """A send or probe that did not succeed; its text never holds a secret (redacted on the way in)."""
+
+    reason = "smtp"
+
+    def __init__(self, code: int | None, text: str, *, stage: str = "", enhanced: str = "") -> None:
+        self.code = code
+        self.text = text
+        self.stage = stage
+        self.enhanced = enhanced
+        super().__init__(f"{code or '-'} {text}")
+
+
+class MailboxDown(SmtpFailure, ConnectionError):
+    """Unreachable, TLS, login refused, lost before DATA: the mailbox is disconnected and probed."""
+
+    reason = "disconnected"
+
+
+class MailboxRefused(SmtpFailure):
+    """The server refuses this sender (send-as denied, sender rejected, HELO refused): a probe cannot fix it."""
+
+    reason = "refused"
+
+
+class Throttled(SmtpFailure):
+    """The server asks the whole client to slow down (421, 4xx at MAIL FROM): the mailbox waits."""
+
+    reason = "throttled"
+
+
+class ProviderQuota(SmtpFailure):
+    """The provider's own sending quota for this sender: the day is full."""
+
+    reason = "daily_limit"
+
+
+class Uncertain(SmtpFailure):
+    """Lost after the end of DATA: maybe delivered, never retried by itself."""
+
+    reason = "uncertain"
+
+
+class MessageDeferred(SmtpFailure):
+    """4xx for this recipient (mailbox full, greylisting): this message is retried later."""
+
+    reason = "transient"
+
+
+class AddressRejected(SmtpFailure):
+    """5xx that says the address does not exist or is disabled: suppressed in every cadence."""
+
+    reason = "bounced"
+
+
+class Blocked(SmtpFailure):
+    """Any other permanent refusal of this message (policy, spam, too big): failed, not suppressed."""
+
+    reason = "blocked"

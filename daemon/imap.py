@@ -1,7 +1,14 @@
-"""aioimaplib session per mailbox; classifies replies and bounces, and settles uncertain sends."""
+"""aioimaplib session per mailbox; classifies replies and bounces, and settles uncertain sends.
+
+Everything the server says is hostile until parsed: numbers are bounded to
+32 bits, lines, literals and whole answers are bounded in bytes (a server that
+goes past a bound loses the session), and any exception a session raises ends
+that session alone with `imap.error` and a backoff. Sending never waits on IMAP.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import email.utils
@@ -9,42 +16,116 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.message import Message
 from typing import Any
 
 import aioimaplib
 import anyio
 
-from daemon import logs
+from daemon import logs, outcomes, redact
+from daemon.compose import OUR_MESSAGE_ID
 from daemon.config import Config, Mailbox, Server
+from daemon.errors import AddressRejected
 from daemon.smtp import tls_context
 from daemon.store import Store
 
-OUR_MESSAGE_ID = re.compile(r"<cadenced\.\d+\.\d+\.[0-9a-f]+@[^>\s]+>")
 _OUT_OF_OFFICE = re.compile(
     r"^\s*(out of (the )?office|automatic reply|auto(matic)?[- ]?(reply|response)|autoreply|"
     r"abwesenheitsnotiz|absence|on vacation|vacation reply)\b",
     re.IGNORECASE,
 )
 _DAEMON_SENDERS = ("mailer-daemon", "postmaster", "mail-daemon")
+_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+_TEXT_HEADERS = email.parser.HeaderParser(policy=email.policy.compat32)
 _FETCH_UID = re.compile(rb"UID (\d+)")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
-HEADER_PARTS = "BODY.PEEK[HEADER]"
-FULL_PART = "BODY.PEEK[]"
-FETCH_CHUNK = 200
+_LIST = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<delim>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.*)$', re.IGNORECASE)
+_LITERAL = re.compile(rb"\{(\d+)\}$")
+
+MAX_MESSAGE = 64 * 1024  # bytes of one message read: headers, or the start of a DSN
+HEADER_PARTS = f"BODY.PEEK[HEADER]<0.{MAX_MESSAGE}>"
+FULL_PART = f"BODY.PEEK[]<0.{MAX_MESSAGE}>"
+FETCH_CHUNK = 100
+MAX_LINE = 64 * 1024  # one protocol line without its literal
+MAX_LITERAL = MAX_MESSAGE + 1024  # a literal bigger than what we asked for is a lie
+MAX_ANSWER = 16 * 1024 * 1024  # bytes received for one command (or one IDLE) before we give up on the server
+MAX_NUMBER = 2**32 - 1  # UIDs, UIDVALIDITY, counts: RFC 3501 nz-number
+SETTLE_EVERY = 60.0  # seconds between looks in Sent for uncertain messages
+
+_PERMANENT = re.compile(
+    r"permanent(ly)? (error|failure|fatal)|could not be delivered|undeliverable|delivery (has )?failed|"
+    r"failed permanently|unknown user|user unknown|no such user|does not exist",
+    re.IGNORECASE,
+)
+_TEMPORARY = re.compile(r"delay|will (be )?retr|still trying|warning|not yet been delivered|temporar", re.IGNORECASE)
 
 
 class ImapFailure(Exception):
-    """The IMAP session cannot go on (refused login, NO/BAD answer, lost connection)."""
+    """The IMAP session cannot go on (refused login, NO/BAD answer, a broken bound, lost connection)."""
+
+
+class _BoundedProtocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
+    """aioimaplib's protocol with bounds: a server that sends too much loses the connection."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.received = 0
+        self.refused: str | None = None
+
+    def send(self, line: str, scrub: str | None = None) -> None:
+        self.received = 0  # the budget is per command
+        super().send(line, scrub)
+
+    def data_received(self, d: bytes) -> None:
+        if self.refused is not None:
+            return
+        self.received += len(d)
+        waiting = self.current_command is not None and self.current_command.wait_literal_data()
+        if self.received > MAX_ANSWER:
+            self._refuse(f"the server sent more than {MAX_ANSWER} bytes for one command")
+        elif not waiting and len(self.incomplete_line) + len(d) > MAX_LINE and b"\r\n" not in d:
+            self._refuse(f"the server sent a line longer than {MAX_LINE} bytes")
+        else:
+            super().data_received(d)
+            command = self.current_command
+            if command is not None and command._expected_size > MAX_LITERAL:
+                self._refuse(f"the server announced a literal of {command._expected_size} bytes")
+
+    def _refuse(self, why: str) -> None:
+        self.refused = why
+        self.incomplete_line = b""
+        self.current_command = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
+    def create_client(self, host: str, port: int, loop: Any, conn_lost_cb: Any = None, ssl_context: Any = None) -> None:
+        local_loop = loop if loop is not None else asyncio.get_running_loop()
+        self.protocol = _BoundedProtocol(local_loop, conn_lost_cb)
+        self._client_task = local_loop.create_task(
+            local_loop.create_connection(lambda: self.protocol, host, port, ssl=ssl_context)
+        )
+
+
+def number(raw: bytes | bytearray | str) -> int:
+    """An IMAP number: digits, at most 2^32 - 1; anything else is a protocol error of the server."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes | bytearray) else raw
+    if not text.isdigit() or len(text) > 10 or int(text) > MAX_NUMBER:
+        raise ImapFailure(f"the server sent a number out of range: {text[:30]!r}")
+    return int(text)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    kind: str  # reply | bounce | ignore
+    kind: str  # reply | bounce | blocked | ignore | bounce?
     why: str
     message_ids: tuple[str, ...] = ()
     sender: str = ""
+    recipient: str = ""  # a DSN's Final-Recipient
+    status: str = ""  # a DSN's Status
 
 
 def classify_headers(raw: bytes, own: frozenset[str]) -> Verdict:
@@ -73,12 +154,90 @@ def classify_headers(raw: bytes, own: frozenset[str]) -> Verdict:
     return Verdict("reply", "from the address itself", (), sender)
 
 
-def classify_bounce(raw: bytes) -> Verdict:
-    """A DSN counts only when it names one of our Message-IDs (in the returned headers)."""
+def _address(field: str) -> str:
+    """`rfc822; a@b` → `a@b` (RFC 3464 address-type; value)."""
+    value = field.partition(";")[2] if ";" in field else field
+    return email.utils.parseaddr(value.strip())[1].lower() or value.strip().strip("<>").lower()
+
+
+def _status_code(status: str, diagnostic: str) -> tuple[int, str]:
+    """The reply code and text a DSN block stands for: its Diagnostic-Code when it has one."""
+    text = diagnostic.partition(";")[2].strip() if ";" in diagnostic else diagnostic.strip()
+    match = re.match(r"([245]\d\d)[ -]", text)
+    if match:
+        return int(match.group(1)), text[4:].strip() or status
+    return int(status[:1]) * 100 + 50, f"{status} {text}".strip()
+
+
+def classify_bounce(raw: bytes) -> list[Verdict]:
+    """A delivery status notification (the start of it, ≤ 64 KiB), read as RFC 3464 says.
+
+    One verdict per recipient block: `bounce` (the address does not exist: suppress), `blocked`
+    (refused for another permanent reason: stop, keep the address), or `ignore` with why (a delay,
+    a relay, a success, mail that is not ours). A DSN that is not RFC 3464 counts only when it
+    states a permanent failure for the recipient.
+    """
     ids = tuple(dict.fromkeys(OUR_MESSAGE_ID.findall(raw.decode("latin-1"))))
-    if ids:
-        return Verdict("bounce", "delivery status notification naming our message", ids)
-    return Verdict("ignore", "delivery status notification for mail that is not ours")
+    if not ids:
+        return [Verdict("ignore", "delivery status notification for mail that is not ours")]
+    message = _PARSER.parsebytes(raw)
+    blocks = _delivery_status(message)
+    if blocks is None:
+        return [_legacy_bounce(message, ids)]
+    verdicts = []
+    for block in blocks:
+        recipient = _address(str(block.get("Final-Recipient", "") or block.get("Original-Recipient", "")))
+        action = str(block.get("Action", "")).strip().lower()
+        status = str(block.get("Status", "")).strip().split(" ")[0]
+        diagnostic = " ".join(str(block.get("Diagnostic-Code", "")).split())
+        if not recipient or not action:
+            continue
+        if action != "failed":
+            verdicts.append(Verdict("ignore", f"Action: {action}", ids, recipient=recipient, status=status))
+            continue
+        if not re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", status):
+            verdicts.append(Verdict("ignore", f"failed with status {status!r}", ids, recipient=recipient))
+            continue
+        code, text = _status_code(status, diagnostic)
+        outcome = outcomes.classify(outcomes.DSN, code if code >= 500 else 550, f"{status} {text}")
+        kind = "bounce" if isinstance(outcome, AddressRejected) else "blocked"
+        verdicts.append(Verdict(kind, f"Status {status}: {text}"[:300], ids, recipient=recipient, status=status))
+    return verdicts or [Verdict("ignore", "a report without recipient blocks", ids)]
+
+
+def _delivery_status(message: Message) -> list[Message] | None:
+    """The per-recipient blocks of the message/delivery-status part, or None when there is none."""
+    for part in message.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            # The first block is per message; the others are per recipient.
+            return [b for b in payload[1:] if isinstance(b, Message)] or [
+                b for b in payload if isinstance(b, Message) and b.get("Final-Recipient")
+            ]
+        text = payload if isinstance(payload, str) else ""
+        return [_TEXT_HEADERS.parsestr(chunk) for chunk in re.split(r"\r?\n\r?\n", text)[1:] if chunk.strip()]
+    return None
+
+
+def _legacy_bounce(message: Message, ids: tuple[str, ...]) -> Verdict:
+    """A mailer-daemon text with no RFC 3464 part: only an explicit permanent failure counts."""
+    text = ""
+    for part in message.walk():
+        if part.get_content_maintype() == "text":
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                text += payload.decode("utf-8", "replace") + "\n"
+    first = text[:4000]
+    if _TEMPORARY.search(first) or not _PERMANENT.search(first):
+        return Verdict("ignore", "a mailer-daemon message that states no permanent failure", ids)
+    match = re.search(r"\b(5\d\d)[ -]+(5\.\d{1,3}\.\d{1,3})?([^\n]{0,200})", first)
+    code, line = (int(match.group(1)), " ".join(g for g in match.groups()[1:] if g)) if match else (550, first)
+    outcome = outcomes.classify(outcomes.DSN, code, line[:300])
+    kind = "bounce" if isinstance(outcome, AddressRejected) else "blocked"
+    addresses = re.findall(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", first)
+    return Verdict(kind, f"mailer-daemon: {line.strip()[:200]}", ids, recipient=(addresses or [""])[0].lower())
 
 
 def fetched(lines: list[Any]) -> Iterator[tuple[int, bytes]]:
@@ -90,7 +249,35 @@ def fetched(lines: list[Any]) -> Iterator[tuple[int, bytes]]:
             pending = None
         elif isinstance(line, bytes) and b"FETCH" in line:
             match = _FETCH_UID.search(line)
-            pending = int(match.group(1)) if match else None
+            pending = number(match.group(1)) if match else None
+
+
+def list_folders(lines: list[Any]) -> list[tuple[frozenset[str], str]]:
+    """(flags, name) from a LIST answer, names exactly as the server spelled them (quoted, literal, mUTF-7)."""
+    out: list[tuple[frozenset[str], str]] = []
+    items = list(lines)
+    for i, line in enumerate(items):
+        if not isinstance(line, bytes):
+            continue
+        match = _LIST.match(line.strip())
+        if match is None:
+            continue
+        flags = frozenset(f.lower() for f in match.group("flags").decode("ascii", "replace").split())
+        raw = match.group("name")
+        literal = _LITERAL.search(raw)
+        if literal and i + 1 < len(items) and isinstance(items[i + 1], bytes | bytearray):
+            name = bytes(items[i + 1]).decode("utf-8", "replace")
+        elif raw.startswith(b'"') and raw.endswith(b'"') and len(raw) >= 2:
+            name = re.sub(rb"\\(.)", rb"\1", raw[1:-1]).decode("utf-8", "replace")
+        else:
+            name = raw.decode("utf-8", "replace")
+        out.append((flags, name))
+    return out
+
+
+def quoted(name: str) -> str:
+    """A mailbox name as an IMAP quoted string (aioimaplib sends arguments as they are)."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class Watcher:
@@ -106,21 +293,25 @@ class Watcher:
         self.config = config
         self.log = logs.get(mailbox=mailbox.address)
         self.backoff = 1.0
+        self._settled_at = 0.0
 
     async def run(self) -> None:
         while True:
             try:
                 await self.session()
-            except (ImapFailure, OSError, TimeoutError, aioimaplib.AioImapException) as exc:
-                self.log.warning("imap.error", detail=str(exc) or type(exc).__name__, retry_in=self.backoff)
+            except Exception as exc:  # whatever one session raises ends that session alone
+                detail = redact.clean(str(exc) or type(exc).__name__)
+                self.log.warning("imap.error", detail=detail, kind=type(exc).__name__, retry_in=self.backoff)
             await anyio.sleep(self.backoff)
             self.backoff = min(self.backoff * 2, 300.0)
 
     async def session(self) -> None:
         server = self.mailbox.imap
         assert server is not None
+        if server.auth.secret is not None:
+            redact.register(server.auth.username, server.auth.secret.reveal())
         with anyio.CancelScope() as scope:
-            client = aioimaplib.IMAP4(
+            client = _Client(
                 host=server.host,
                 port=server.port,
                 timeout=server.timeout,
@@ -132,33 +323,39 @@ class Watcher:
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await _logout(client)
-        raise ImapFailure("connection lost")
+        refused = client.protocol.refused
+        raise ImapFailure(refused or "connection lost")
 
     async def _serve(self, client: aioimaplib.IMAP4, server: Server) -> None:
         await client.wait_hello_from_server()
         secret = server.auth.secret.reveal() if server.auth.secret is not None else ""
         _ok(await client.login(server.auth.username, secret), "LOGIN")
-        await self.settle_uncertain(client)
-        selected = _ok(await client.select("INBOX"), "SELECT INBOX")
-        text = b" ".join(x for x in selected.lines if isinstance(x, bytes | bytearray))
-        validity_match, next_match = _UIDVALIDITY.search(text), _UIDNEXT.search(text)
-        validity = int(validity_match.group(1)) if validity_match else 0
-        uidnext = int(next_match.group(1)) if next_match else 1
-        position = await self.db(Store.imap_position, self.address)
-        if position is None or position[0] != validity:
-            # First watch (or a recreated INBOX): start with what arrives from now on.
-            await self.db(_set_position, self.address, validity, uidnext - 1)
-            position = (validity, uidnext - 1)
+        validity = await self._select_inbox(client)
         self.backoff = 1.0
         idle = client.has_capability("IDLE")
-        self.log.info("imap.watching", uidvalidity=validity, after_uid=position[1], idle=idle)
+        position = await self.db(Store.imap_position, self.address)
+        self.log.info("imap.watching", uidvalidity=validity, after_uid=position[1] if position else 0, idle=idle)
         while True:
+            if await self.settle_uncertain(client):
+                validity = await self._select_inbox(client)
             await self.fetch_new(client, validity)
             if idle:
                 await self._idle(client, server.poll)
             else:
                 await anyio.sleep(server.poll)
                 _ok(await client.noop(), "NOOP")
+
+    async def _select_inbox(self, client: aioimaplib.IMAP4) -> int:
+        selected = _ok(await client.select("INBOX"), "SELECT INBOX")
+        text = b" ".join(x for x in selected.lines if isinstance(x, bytes | bytearray))
+        validity_match, next_match = _UIDVALIDITY.search(text), _UIDNEXT.search(text)
+        validity = number(validity_match.group(1)) if validity_match else 0
+        uidnext = number(next_match.group(1)) if next_match else 1
+        position = await self.db(Store.imap_position, self.address)
+        if position is None or position[0] != validity:
+            # First watch (or a recreated INBOX): start with what arrives from now on.
+            await self.db(_set_position, self.address, validity, max(uidnext - 1, 0))
+        return validity
 
     async def _idle(self, client: aioimaplib.IMAP4, poll: float) -> None:
         task = await client.idle_start(timeout=max(poll, 60.0))
@@ -177,7 +374,7 @@ class Watcher:
         found = _ok(await client.uid_search("UID", f"{last + 1}:*", charset=None), "UID SEARCH")
         first = found.lines[0] if found.lines and isinstance(found.lines[0], bytes | bytearray) else b""
         # `n:*` always matches the highest UID, even below n: keep only what is new.
-        uids = sorted(u for u in (int(x) for x in bytes(first).split() if x.isdigit()) if u > last)
+        uids = sorted(u for u in (number(x) for x in bytes(first).split() if x.isdigit()) if u > last)
         for start in range(0, len(uids), FETCH_CHUNK):
             # Chunks: one FETCH answer of thousands of literals overflows aioimaplib's parser.
             await self._fetch_chunk(client, validity, uids[start : start + FETCH_CHUNK])
@@ -186,7 +383,8 @@ class Watcher:
     async def _fetch_chunk(self, client: aioimaplib.IMAP4, validity: int, uids: list[int]) -> None:
         wanted = ",".join(str(u) for u in uids)
         answer = _ok(await client.uid("fetch", wanted, f"(UID {HEADER_PARTS})"), "UID FETCH")
-        new = sorted((uid, raw) for uid, raw in fetched(answer.lines) if uid in set(uids))
+        asked = set(uids)
+        new = sorted((uid, raw) for uid, raw in fetched(answer.lines) if uid in asked)
         own = frozenset(m.address.lower() for m in self.config().mailboxes)
         verdicts: list[tuple[int, Verdict]] = []
         for uid, raw in new:
@@ -194,8 +392,12 @@ class Watcher:
             if verdict.kind == "bounce?":
                 full = _ok(await client.uid("fetch", str(uid), f"(UID {FULL_PART})"), "UID FETCH")
                 bodies = [body for u, body in fetched(full.lines) if u == uid]
-                verdict = classify_bounce(bodies[0] if bodies else raw)
-            verdicts.append((uid, verdict))
+                verdicts += [(uid, v) for v in classify_bounce(bodies[0] if bodies else raw)]
+            else:
+                verdicts.append((uid, verdict))
+        for uid, v in verdicts:
+            if v.kind == "ignore":
+                self.log.debug("imap.ignored", uid=uid, why=v.why, sender=v.sender, recipient=v.recipient)
         events = await self.db(self.apply, verdicts, validity, uids[-1])
         for name, fields in events:
             self.log.info(name, **fields)
@@ -210,56 +412,84 @@ class Watcher:
         with store.transaction():
             for uid, v in verdicts:
                 if v.kind == "reply":
-                    found = (
-                        store.enrollments_of_message_ids(v.message_ids)
-                        if v.message_ids
-                        else store.enrollments_of_sender(v.sender, self.address)
-                    )
-                    stop = [
-                        eid
-                        for eid, cadence, _email, state in found
-                        if state == "active" and _stop_on_reply(config, cadence)
-                    ]
-                    if not stop:
-                        continue
-                    cancelled = store.end_enrollments(stop, "replied", now, "the prospect replied")
-                    for eid, cadence, prospect, state in found:
-                        if eid in stop and state == "active":
-                            events.append(
-                                (
-                                    "reply.detected",
-                                    {"uid": uid, "cadence": cadence, "prospect": prospect, "how": v.why},
-                                )
-                            )
-                    events += [("message.cancelled", {"message": m, "reason": "replied"}) for m in cancelled]
-                elif v.kind == "bounce":
-                    for _eid, cadence, prospect, _state in store.enrollments_of_message_ids(v.message_ids):
-                        cancelled = store.bounce_address(prospect, now, f"bounced (DSN in {self.address})")
-                        events.append(("bounce.detected", {"uid": uid, "cadence": cadence, "prospect": prospect}))
-                        events += [("message.cancelled", {"message": m, "reason": "bounced"}) for m in cancelled]
+                    events += self._reply(store, config, uid, v, now)
+                elif v.kind in ("bounce", "blocked"):
+                    events += self._bounce(store, uid, v, now)
             store.set_imap_position(self.address, validity, last_uid)
         return events
 
-    async def settle_uncertain(self, client: aioimaplib.IMAP4) -> None:
-        """An `uncertain` send is looked up in the Sent folder (SPECIAL-USE \\Sent) by its Message-ID."""
+    def _reply(self, store: Store, config: Config, uid: int, v: Verdict, now: float) -> list[tuple[str, Any]]:
+        found = (
+            store.enrollments_of_message_ids(v.message_ids)
+            if v.message_ids
+            else store.enrollments_of_sender(v.sender, self.address)
+        )
+        stop = [eid for eid, cadence, _email, state in found if state == "active" and _stop_on_reply(config, cadence)]
+        if not stop:
+            return []
+        cancelled = store.end_enrollments(stop, "replied", now, "the prospect replied")
+        events: list[tuple[str, Any]] = [
+            ("reply.detected", {"uid": uid, "cadence": cadence, "prospect": prospect, "how": v.why})
+            for eid, cadence, prospect, state in found
+            if eid in stop and state == "active"
+        ]
+        return events + [("message.cancelled", {"message": m, "reason": "replied"}) for m in cancelled]
+
+    def _bounce(self, store: Store, uid: int, v: Verdict, now: float) -> list[tuple[str, Any]]:
+        """A failed DSN for one of our messages to this very recipient: suppress (bounce) or stop (blocked)."""
+        events: list[tuple[str, Any]] = []
+        for eid, cadence, prospect, _state in store.enrollments_of_message_ids(v.message_ids):
+            if prospect != v.recipient:
+                continue  # the DSN speaks of another recipient than the one we sent that message to
+            detail = f"DSN in {self.address}: {v.why}"[:300]
+            if v.kind == "bounce":
+                cancelled = store.bounce_address(prospect, now, detail)
+                reason = "bounced"
+            else:
+                cancelled = store.end_enrollments([eid], "stopped", now, f"stopped after a block: {v.status}")
+                reason = "blocked"
+            store.dsn_failed(v.message_ids, prospect, reason, detail, self.address)
+            events.append(
+                (
+                    "bounce.detected",
+                    {"uid": uid, "cadence": cadence, "prospect": prospect, "status": v.status, "kind": reason},
+                )
+            )
+            events += [("message.cancelled", {"message": m, "reason": reason}) for m in cancelled]
+        return events
+
+    async def settle_uncertain(self, client: aioimaplib.IMAP4) -> bool:
+        """Where the provider files submitted mail in Sent itself, look there for `uncertain` sends.
+
+        Found → sent. Not found after `settle_after` (providers file late) → sent again. Everywhere
+        else an uncertain message waits for the operator. True when the session left INBOX.
+        """
+        if self.mailbox.sent_copies != "provider" or time.monotonic() - self._settled_at < SETTLE_EVERY:
+            return False
+        self._settled_at = time.monotonic()
         pending = await self.db(Store.uncertain_message_ids, self.address)
         if not pending:
-            return
+            return False
         listing = _ok(await client.list('""', "*"), "LIST")
-        sent = None
-        for line in listing.lines:
-            if isinstance(line, bytes) and b"\\Sent" in line:
-                sent = line.rsplit(b" ", 1)[-1].decode().strip('"')
+        sent = next((name for flags, name in list_folders(listing.lines) if "\\sent" in flags), None)
         if sent is None:
-            return
-        _ok(await client.select(sent), f"SELECT {sent}")
-        for message, message_id in pending:
-            found = _ok(await client.uid_search("HEADER", "Message-ID", f'"{message_id}"', charset=None), "SEARCH")
+            self.log.warning("imap.no_sent_folder", detail="no SPECIAL-USE \\Sent folder: uncertain sends wait")
+            return False
+        _ok(await client.select(quoted(sent)), f"SELECT {sent}")
+        settle_after = self.config().daemon.settle_after
+        changed = False
+        for message, message_id, since in pending:
+            found = _ok(await client.uid_search("HEADER", "Message-ID", quoted(message_id), charset=None), "SEARCH")
             first = found.lines[0] if found.lines else b""
             delivered = isinstance(first, bytes | bytearray) and bool(bytes(first).split())
+            if not delivered and time.time() - since < settle_after:
+                continue  # the provider may not have filed it yet
             await self.db(self._settle, message, delivered, sent)
+            changed = True
             self.log.info("message.settled", message=message, message_id=message_id, sent=delivered, folder=sent)
-        self.wake()
+        if changed:
+            self.wake()
+        return True
 
     def _settle(self, store: Store, message: int, delivered: bool, folder: str) -> None:
         """Found in Sent: it was delivered (and the next step is scheduled); not found: send it."""
@@ -271,14 +501,13 @@ class Watcher:
                 return
             enrollment, step, cadence_name, sticky = row
             try:
-                steps = self.config().cadence(cadence_name).steps
+                following = self.config().cadence(cadence_name).after(step, sticky, now)
             except KeyError:
                 return
-            if step < len(steps):
-                nxt = steps[step]
-                store.schedule_step(enrollment, nxt.number, nxt.sender or sticky, now + nxt.wait)
-            else:
+            if following is None:
                 store.finish_enrollment(enrollment, now)
+            else:
+                store.schedule_step(enrollment, *following)
 
 
 def _set_position(store: Store, mailbox: str, validity: int, last_uid: int) -> None:
@@ -296,7 +525,7 @@ def _stop_on_reply(config: Config, cadence: str) -> bool:
 def _ok(response: Any, what: str) -> Any:
     if response.result != "OK":
         text = b" ".join(x for x in response.lines if isinstance(x, bytes)).decode(errors="replace")
-        raise ImapFailure(f"{what}: {response.result} {text[:200]}")
+        raise ImapFailure(f"{what}: {response.result} {redact.clean(text, 200)}")
     return response
 
 

@@ -10,6 +10,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from daemon import redact
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # syslog priorities journald reads from a "<N>" prefix
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
@@ -18,11 +20,24 @@ _SECRET_KEYS = frozenset({"password", "passwd", "token", "secret", "authorizatio
 
 
 def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
-    """Last line of defence: a field named like a secret never reaches the output."""
-    for key in list(event):
+    """A field named like a secret never reaches the output; no value shows a configured secret."""
+    for key, value in list(event.items()):
         if key.lower() in _SECRET_KEYS:
             event[key] = "********"
+        elif isinstance(value, str):
+            event[key] = redact.redact(value)
     return event
+
+
+class _Redacting:
+    """Last line of defence, on the rendered line (tracebacks, library messages included)."""
+
+    def __init__(self, renderer: Processor) -> None:
+        self.renderer = renderer
+
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
+        rendered = self.renderer(logger, name, event)
+        return redact.redact(rendered.decode() if isinstance(rendered, bytes) else str(rendered))
 
 
 class _JournalPrefix:
@@ -65,6 +80,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
         tracebacks = structlog.processors.StackInfoRenderer()
+    renderer = _Redacting(renderer)
     if os.environ.get("JOURNAL_STREAM"):
         renderer = _JournalPrefix(renderer)
     structlog.configure(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from daemon.config import Config
@@ -33,22 +34,52 @@ def _check_ids(store: Store, ids: list[int], allowed: tuple[str, ...], verb: str
     return found
 
 
-def retry(store: Store, ids: list[int] | None, mailbox: str | None, every: bool) -> Outcome:
-    """error → scheduled for the chosen messages (uncertain ones too: the operator has checked)."""
+def retry(
+    store: Store, ids: list[int] | None, mailbox: str | None, every: bool, *, include_uncertain: bool = False
+) -> Outcome:
+    """error → scheduled for the chosen messages.
+
+    `uncertain` ones (the prospect may already have them) go only when named by id
+    with include_uncertain; bulk selections leave them where they are. A mailbox
+    that the server refused (`refused`) is tried again at once: the operator says
+    it is fixed.
+    """
+    now = time.time()
     with store.transaction():
         if ids:
-            _check_ids(store, ids, ("error",), "retried")
+            rows = _check_ids(store, ids, ("error",), "retried")
+            uncertain = sorted(i for i, r in rows.items() if r["reason"] == "uncertain")
+            if uncertain and not include_uncertain:
+                raise Refused(
+                    f"message(s) {_list(uncertain)} are uncertain: the prospect may already have them; "
+                    "add --include-uncertain once you have checked; nothing was changed"
+                )
             chosen = ids
         else:
-            chosen = store.error_ids(None if every else mailbox)
+            chosen = store.error_ids(None if every else mailbox, exclude_uncertain=True)
             if not chosen:
                 where = "" if every else f" for {mailbox}"
-                raise Refused(f"no messages in the error section{where}; nothing was changed")
+                raise Refused(f"no messages in the error section{where} (uncertain ones are retried by id only)")
+            rows = store.messages_by_id(chosen)
         store.retry(chosen)
+        for box in sorted({str(r["mailbox"]) for r in rows.values()}):
+            store.probe_now(box, now)
     return Outcome(sorted(chosen))
 
 
-def reassign(store: Store, config: Config, ids: list[int] | None, source: str | None, to: str) -> Outcome:
+def _list(ids: list[int]) -> str:
+    return ", ".join(str(i) for i in ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+
+
+def reassign(
+    store: Store,
+    config: Config,
+    ids: list[int] | None,
+    source: str | None,
+    to: str,
+    *,
+    include_uncertain: bool = False,
+) -> Outcome:
     """Change the sticky sender of the chosen messages' enrollments: this and every later step."""
     try:
         target = config.mailbox(to)
@@ -61,11 +92,17 @@ def reassign(store: Store, config: Config, ids: list[int] | None, source: str | 
     with store.transaction():
         if ids:
             rows = _check_ids(store, ids, ("scheduled", "error"), "reassigned")
+            uncertain = sorted(i for i, r in rows.items() if r["reason"] == "uncertain")
+            if uncertain and not include_uncertain:
+                raise Refused(
+                    f"message(s) {_list(uncertain)} are uncertain: the prospect may already have them; "
+                    "add --include-uncertain once you have checked; nothing was changed"
+                )
         else:
             assert source is not None
-            chosen = [i for i in store.pending_ids(source)]
+            chosen = store.pending_ids(source, exclude_uncertain=True)
             if not chosen:
-                raise Refused(f"{source} has no messages waiting to be sent; nothing was changed")
+                raise Refused(f"{source} has no messages waiting to be sent (uncertain ones move by id only)")
             rows = _check_ids(store, chosen, ("scheduled", "error"), "reassigned")
         problems = []
         for row in rows.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,8 +21,8 @@ def iso(ts: float | None) -> str | None:
 def mailbox_state(paused: bool, health: dict[str, Any] | None) -> str:
     if paused:
         return "paused"
-    if health and health["state"] == "disconnected":
-        return "disconnected"
+    if health and health["state"] in ("disconnected", "refused"):
+        return str(health["state"])
     return "connected"
 
 
@@ -39,15 +40,16 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         next_send_at: float | None = None
         waiting_for: str | None = None
         earliest = store.earliest_due(m.address) if scheduled else None
-        if state == "disconnected":
-            waiting_for = "reconnect"
+        if state in ("disconnected", "refused"):
+            waiting_for = "reconnect" if state == "disconnected" else "operator"
             next_send_at = h["next_probe_at"] if h else None
         elif state == "paused":
             waiting_for = None
         elif earliest is not None:
             gap_until = h["not_before"] if h else None
             full = timing.day_count(sent_today, m.schedule.daily_limit, h["quota_day"] if h else None, today)
-            decision = timing.next_allowed(max(now, earliest), m.schedule, gap_until, {today: full})
+            throttled = h["throttled_until"] if h else None
+            decision = timing.next_allowed(max(now, earliest), m.schedule, gap_until, {today: full}, throttled)
             next_send_at = decision.at
             waiting_for = decision.waiting_for
         mailboxes.append(
@@ -62,6 +64,8 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 "error": errors,
                 "owner": m.owner,
                 "timezone": m.schedule.timezone,
+                "reason": h["reason"] if h and state in ("disconnected", "refused") else None,
+                "blocks": h["blocks"] if h else 0,
             }
         )
     enrollments = store.enrollment_counts()
@@ -69,7 +73,36 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
     for c in config.cadences:
         mine = enrollments.get(c.name, {})
         cadences.append({"name": c.name, "enrollments": {s: mine.get(s, 0) for s in ENROLLMENT_STATES}})
-    return {"mailboxes": mailboxes, "cadences": cadences, "generated_at": iso(now)}
+    return {"mailboxes": mailboxes, "cadences": cadences, "daemon": daemon(store, now), "generated_at": iso(now)}
+
+
+HEARTBEAT = 5.0  # seconds between the running daemon's heartbeat commits
+STALE = 30.0  # a heartbeat older than this while the daemon runs: its commits are failing
+
+
+def daemon(store: Store, now: float) -> dict[str, Any]:
+    """Is a daemon running on this database, and can it commit? From its heartbeat row."""
+    state = store.daemon_state()
+    pid = int(state.get("pid") or 0)
+    heartbeat = float(state.get("heartbeat_at") or 0)
+    alive = pid > 0 and _pid_alive(pid) and state.get("stopped_at") is None
+    out: dict[str, Any] = {"pid": pid if alive else None, "running": alive, "heartbeat_at": iso(heartbeat or None)}
+    if alive and now - heartbeat > STALE:
+        out["store"] = f"no commit for {round(now - heartbeat)} s: sending is paused (see store.error in its log)"
+    else:
+        out["store"] = "ok" if alive else None
+    out["last_store_error"] = state.get("store_error")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:

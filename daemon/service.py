@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -12,10 +13,10 @@ from typing import Any
 
 import anyio
 
-from daemon import enroll, logs
+from daemon import enroll, logs, readside
 from daemon.config import Cadence, Config, load_config
 from daemon.dispatch import Dispatcher
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, StoreError, StoreUnavailable
 from daemon.store import Store
 from daemon.systemd import Notifier, watchdog_interval
 
@@ -81,6 +82,11 @@ class Daemon:
     def startup(self) -> Dispatcher:
         config = self.config
         store = Store.open(config.daemon.database)
+        try:
+            store.check_integrity()  # a damaged database stops us here, before anything is sent
+        except StoreError:
+            store.close()
+            raise
         problems = enroll.pin_problems(config, store.pins())
         if problems:
             store.close()
@@ -96,6 +102,9 @@ class Daemon:
         with store.transaction():
             for m in config.mailboxes:
                 store.probe_now(m.address, now)  # the password may have changed while we were down
+        store.set_daemon_state(
+            {"pid": str(os.getpid()), "started_at": str(now), "heartbeat_at": str(now), "stopped_at": None}
+        )
         self.dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
         return self.dispatcher
 
@@ -116,6 +125,9 @@ class Daemon:
                 )
                 self.notifier.ready(self.status_line())
                 tg.start_soon(self._automations, dispatcher)
+                dispatcher.scheduler.add_job(
+                    self._heartbeat, "interval", seconds=readside.HEARTBEAT, id="housekeeping:heartbeat"
+                )
                 interval = watchdog_interval()
                 if interval:
                     tg.start_soon(self._watchdog, interval)
@@ -135,13 +147,17 @@ class Daemon:
         grace = self.config.daemon.shutdown_grace
         self.log.info("daemon.stopping", in_flight=dispatcher.stats.in_flight, grace_seconds=grace)
         self.notifier.stopping("stopping: finishing SMTP transactions in flight")
-        dispatcher.stop()
+        dispatcher.stop(grace)
         with anyio.move_on_after(grace):
             await self._served.wait()
 
     def shutdown(self) -> None:
         d = self.dispatcher
         if self.store is not None:
+            try:
+                self.store.set_daemon_state({"stopped_at": str(time.time())})
+            except sqlite3.Error:
+                pass  # the store is failing: `status` tells from the stale heartbeat and the dead pid
             self.store.close()
         if d is not None:
             d.db.close()
@@ -173,6 +189,12 @@ class Daemon:
             self.log.error("config.reload_failed", config=str(self.config_path), errors=exc.problems)
             self.notifier.ready(self.status_line())
             return False
+        except (sqlite3.Error, OSError, ValueError, RecursionError, MemoryError) as exc:
+            # Whatever the new file does, the old config keeps running.
+            detail = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.log.error("config.reload_failed", config=str(self.config_path), errors=[detail])
+            self.notifier.ready(self.status_line())
+            return False
         old, self.config = self.config, new
         changes = describe_changes(old, new)
         assert self.dispatcher is not None
@@ -193,7 +215,24 @@ class Daemon:
         d = self.dispatcher
         sent = d.stats.sent if d else 0
         errors = d.stats.errors if d else 0
-        return f"{len(self.config.mailboxes)} mailboxes, sent {sent}, errors {errors}"
+        line = f"{len(self.config.mailboxes)} mailboxes, sent {sent}, errors {errors}"
+        if d is not None and d.store_trouble is not None:
+            line += f"; STORE FAILING, sending paused: {d.store_trouble[1]}"
+        return line
+
+    async def _heartbeat(self) -> None:
+        """Housekeeping job: a commit every few seconds, so `status` can tell a daemon that cannot commit."""
+        d = self.dispatcher
+        if d is None:
+            return
+        state: dict[str, str | None] = {"heartbeat_at": str(time.time())}
+        if d.last_store_error is not None:
+            state["store_error"] = d.last_store_error
+        try:
+            await d.db(Store.set_daemon_state, state)
+        except StoreUnavailable as exc:
+            d.store_failed(exc)
+        self.notifier.status(self.status_line())
 
     async def _signals(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

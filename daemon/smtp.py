@@ -1,35 +1,18 @@
-"""aiosmtplib connection per mailbox; maps every failure to one of our error classes."""
+"""aiosmtplib connection per mailbox; every failure becomes one of the outcome types of errors.py."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 from dataclasses import dataclass
 
 import aiosmtplib
 import anyio
 
+from daemon import outcomes, redact
 from daemon.config import Mailbox, Server
-
-# SPEC §5 classes
-DISCONNECTED = "disconnected"  # unreachable or refuses us, nothing was sent: the retry queue
-UNCERTAIN = "uncertain"  # lost after DATA: maybe delivered, never retried by itself
-TRANSIENT = "transient"  # 4xx: retried per retry_delays
-PERMANENT = "permanent"  # 5xx for the recipient: failed, bounced, suppressed
-QUOTA = "quota"  # the provider's own daily quota: defer to the next window day
-
-_QUOTA = re.compile(r"\b5\.4\.5\b|\b4\.7\.28\b|quota|rate limit|too many messages", re.IGNORECASE)
-
-
-class SmtpFailure(Exception):
-    """A send or probe that did not succeed, classified; the message never holds a secret."""
-
-    def __init__(self, kind: str, code: int | None, text: str) -> None:
-        self.kind = kind
-        self.code = code
-        self.text = text
-        super().__init__(f"{kind}: {code or '-'} {text}")
+from daemon.errors import MailboxDown, SmtpFailure
+from daemon.outcomes import AUTH, CONNECT, DATA, END, MAIL, RCPT
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +29,20 @@ def tls_context(server: Server) -> ssl.SSLContext:
     return ctx
 
 
-def _classify_response(code: int, text: str) -> str:
-    if _QUOTA.search(text) and code >= 400:
-        return QUOTA
-    if 400 <= code < 500:
-        return TRANSIENT
-    return PERMANENT
-
-
-async def _token(command: tuple[str, ...]) -> str:
+async def _token(command: tuple[str, ...], username: str) -> str:
     result = await anyio.run_process(list(command), check=False)
     if result.returncode != 0:
-        raise SmtpFailure(DISCONNECTED, None, f"token_command exited {result.returncode}")
-    return result.stdout.decode().strip()
+        raise MailboxDown(None, f"token_command exited {result.returncode}", stage=AUTH)
+    token = result.stdout.decode(errors="replace").strip()
+    redact.register(username, token)
+    return token
+
+
+def choose_mechanism(offered: list[str], configured: str) -> str | None:
+    """The one AUTH mechanism to use: XOAUTH2 when configured, else PLAIN, else LOGIN."""
+    if configured == "xoauth2":
+        return "xoauth2" if "xoauth2" in offered else None
+    return next((m for m in ("plain", "login") if m in offered), None)
 
 
 class Connection:
@@ -67,6 +51,9 @@ class Connection:
     def __init__(self, mailbox: Mailbox) -> None:
         self.mailbox = mailbox
         self.client: aiosmtplib.SMTP | None = None
+        auth = mailbox.smtp.auth
+        if auth.secret is not None:
+            redact.register(auth.username, auth.secret.reveal())
 
     @property
     def is_open(self) -> bool:
@@ -82,30 +69,47 @@ class Connection:
             validate_certs=True,
             tls_context=tls_context(server) if server.security != "none" else None,
             timeout=server.timeout,
+            local_hostname=self.mailbox.helo_name or None,
         )
 
     async def _login(self, client: aiosmtplib.SMTP) -> None:
-        # Our own step after connect(), so a refused login leaves the connection in our hands to close.
+        """One AUTH attempt with one mechanism: a wrong password costs one failed login, not two."""
         auth = self.mailbox.smtp.auth
-        if auth.mechanism == "xoauth2":
-            await client.auth_xoauth2(auth.username, await _token(auth.token_command))
-        elif auth.secret is not None:
-            await client.login(auth.username, auth.secret.reveal())
+        if auth.mechanism != "xoauth2" and auth.secret is None:
+            return
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()  # connect() says EHLO only around STARTTLS: the AUTH offer comes with it
+        mechanism = choose_mechanism(client.server_auth_methods, auth.mechanism)
+        if mechanism is None:
+            offered = " ".join(client.server_auth_methods).upper() or "no AUTH"
+            wanted = "XOAUTH2" if auth.mechanism == "xoauth2" else "PLAIN or LOGIN"
+            raise MailboxDown(None, f"the server offers {offered}, not {wanted}", stage=AUTH)
+        if mechanism == "xoauth2":
+            await client.auth_xoauth2(auth.username, await _token(auth.token_command, auth.username))
+        else:
+            assert auth.secret is not None
+            login = client.auth_plain if mechanism == "plain" else client.auth_login
+            await login(auth.username, auth.secret.reveal())
 
     async def open(self) -> None:
-        """Connect, TLS, EHLO and AUTH; raise SmtpFailure(DISCONNECTED) on any failure."""
+        """Connect, TLS, EHLO and AUTH; raise the classified failure (the mailbox's, or throttled)."""
         await self.close()
         client = self._client()
+        stage = CONNECT
         try:
             with anyio.fail_after(self.mailbox.smtp.timeout * 3):
                 await client.connect()
+                stage = AUTH
                 await self._login(client)
+        except SmtpFailure:
+            await _abort(client)
+            raise
         except aiosmtplib.SMTPResponseException as exc:
             await _abort(client)
-            raise SmtpFailure(DISCONNECTED, exc.code, _clean(exc.message)) from None
+            raise outcomes.classify(stage, exc.code, redact.clean(exc.message)) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as exc:
             await _abort(client)
-            raise SmtpFailure(DISCONNECTED, None, _describe(exc)) from None
+            raise MailboxDown(None, _describe(exc), stage=stage) from None
         except BaseException:
             await _abort(client)
             raise
@@ -119,42 +123,56 @@ class Connection:
             await self.close()
 
     async def send(self, message: bytes, sender: str, recipient: str) -> Accepted:
-        """One transaction; raise SmtpFailure classified by where it failed."""
+        """One transaction; raise the SmtpFailure that the reply and the stage it came at make it."""
         if not self.is_open:
             await self.open()
         client = self.client
-        assert client is not None
-        phase = "mail"
+        assert client is not None and client.protocol is not None
+        stage = MAIL
+        protocol = client.protocol
+        plain_write = protocol.write
+
+        def write(data: bytes) -> None:
+            # aiosmtplib sends DATA and the content in one call: the content leaving is the end of DATA.
+            nonlocal stage
+            if stage == DATA and data != b"DATA\r\n":
+                stage = END
+            plain_write(data)
+
+        protocol.write = write  # type: ignore[method-assign]
         try:
             with anyio.fail_after(self.mailbox.smtp.timeout * 4):
                 await client.mail(sender)
-                phase = "rcpt"
+                stage = RCPT
                 await client.rcpt(recipient)
-                phase = "data"
+                stage = DATA
                 response = await client.data(message)
-            return Accepted(response.code, _clean(response.message))
+            return Accepted(response.code, redact.clean(response.message))
         except aiosmtplib.SMTPResponseException as exc:
-            # A definite answer: nothing was delivered (or DATA was refused).
-            code, text = exc.code, _clean(exc.message)
-            if code == 421 or not client.is_connected:
+            failure = outcomes.classify(stage, exc.code, redact.clean(exc.message))
+            if exc.code < 200 or exc.code == 421 or not client.is_connected:
                 await self.close()
             else:
                 await _reset(client)
-            if phase == "mail" and code >= 500 and not _QUOTA.search(text):
-                raise SmtpFailure(DISCONNECTED, code, f"sender refused: {text}") from None
-            raise SmtpFailure(_classify_response(code, text), code, text) from None
+            raise failure from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await self.close()
-            kind = UNCERTAIN if phase == "data" else DISCONNECTED
-            raise SmtpFailure(kind, None, f"{_describe(exc)} during {phase.upper()}") from None
+            raise outcomes.classify(stage, None, f"{_describe(exc)} during {stage.upper()}") from None
         except BaseException:
             await self.close()  # cancelled mid-transaction: the protocol is out of step
             raise
+        finally:
+            protocol.write = plain_write  # type: ignore[method-assign]
 
     async def close(self) -> None:
         client, self.client = self.client, None
         if client is not None:
             await _abort(client)
+
+
+def is_stale_connection(failure: SmtpFailure, reused: bool) -> bool:
+    """An idle connection the server closed under us: nothing was sent, one fresh try is safe."""
+    return reused and isinstance(failure, MailboxDown) and failure.code is None and failure.stage in (MAIL, RCPT, DATA)
 
 
 async def _reset(client: aiosmtplib.SMTP) -> None:
@@ -189,14 +207,10 @@ async def _abort(client: aiosmtplib.SMTP) -> None:
                 await anyio.sleep(0.005)
 
 
-def _clean(text: str) -> str:
-    return " ".join(text.split())[:300]
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failure: {exc.reason or exc}"
     text = str(exc) or type(exc).__name__
-    return _clean(text)
+    return redact.clean(text)

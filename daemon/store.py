@@ -12,7 +12,7 @@ from typing import Any
 
 from daemon.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -94,6 +94,17 @@ _MIGRATIONS: dict[int, str] = {
         limit_logged_day TEXT
     );
     """,
+    2: """
+    ALTER TABLE mailbox_health ADD COLUMN throttled_until REAL;
+    ALTER TABLE mailbox_health ADD COLUMN throttles INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE mailbox_health ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN uncertain_at REAL;
+    ALTER TABLE suppressions ADD COLUMN message INTEGER;
+    CREATE TABLE daemon_state (
+        key TEXT PRIMARY KEY,
+        value TEXT
+    );
+    """,
 }
 
 
@@ -133,7 +144,7 @@ class Store:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{path}: cannot switch the database to WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA synchronous = FULL")  # a power cut loses no commit (SPEC §6)
             conn.execute("PRAGMA foreign_keys = ON")
             store._migrate()
         except sqlite3.DatabaseError as exc:
@@ -177,11 +188,38 @@ class Store:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
             self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled back already (disk full, I/O error): the original error says why
+            raise
+
+    def check_integrity(self) -> None:
+        """A corrupt database is refused before anything is sent (`PRAGMA quick_check`)."""
+        try:
+            rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: the database is damaged ({exc}); restore it from a backup") from None
+        problems = [str(r[0]) for r in rows if r[0] != "ok"]
+        if problems:
+            raise StoreError(
+                f"{self.path}: the database is damaged ({'; '.join(problems)[:300]}); restore it from a backup"
+            )
+
+    # --- the daemon's own state (heartbeat, config it runs) ------------------------------------
+
+    def daemon_state(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self.conn.execute("SELECT key, value FROM daemon_state")}
+
+    def set_daemon_state(self, values: dict[str, str | None]) -> None:
+        with self.transaction():
+            self.conn.executemany(
+                "INSERT INTO daemon_state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                list(values.items()),
+            )
 
     # --- pins -----------------------------------------------------------------
 
@@ -210,7 +248,7 @@ class Store:
 
     def suppress(self, email: str, reason: str, now: float) -> None:
         self.conn.execute(
-            "INSERT INTO suppressions VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING",
+            "INSERT INTO suppressions (email, reason, created_at) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING",
             (email, reason, now),
         )
 
@@ -351,9 +389,10 @@ class Store:
         """Messages left in `sending` by a crash: maybe delivered, so never resent by themselves."""
         with self.transaction():
             rows = self.conn.execute(
-                """UPDATE messages SET state = 'error', reason = 'uncertain',
+                """UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?,
                    detail = 'found in sending at start-up: the daemon stopped mid-transaction'
-                   WHERE state = 'sending' RETURNING id"""
+                   WHERE state = 'sending' RETURNING id""",
+                (now,),
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -362,11 +401,11 @@ class Store:
             """SELECT (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled'),
                       (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
                       h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
-                      h.next_probe_at, h.failures
+                      h.next_probe_at, h.failures, h.throttled_until, h.throttles
                FROM (SELECT 1) LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
             (mailbox, day),
         ).fetchone()
-        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0)
+        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0, row[8], row[9] or 0)
 
     def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
         """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
@@ -439,7 +478,7 @@ class Store:
                 """INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before)
                    VALUES (?, 'connected', ?, ?, ?)
                    ON CONFLICT (mailbox) DO UPDATE SET last_send_at = excluded.last_send_at,
-                   not_before = excluded.not_before""",
+                   not_before = excluded.not_before, throttles = 0, throttled_until = NULL""",
                 (c.mailbox, now, now, gap_until),
             )
             if next_step is not None:
@@ -457,25 +496,89 @@ class Store:
                 (due_at, code, detail, int(transient), message),
             )
 
-    def record_error(self, message: int, reason: str, code: int | None, detail: str) -> None:
+    def record_error(self, message: int, reason: str, code: int | None, detail: str, now: float = 0.0) -> None:
         with self.transaction():
             self.conn.execute(
-                "UPDATE messages SET state = 'error', reason = ?, smtp_code = ?, detail = ? WHERE id = ?",
-                (reason, code, detail, message),
+                """UPDATE messages SET state = 'error', reason = ?, smtp_code = ?, detail = ?,
+                   uncertain_at = CASE WHEN ? = 'uncertain' THEN ? END WHERE id = ?""",
+                (reason, code, detail, reason, now, message),
             )
 
-    def record_failed(self, c: Claimed, now: float, code: int | None, detail: str) -> list[int]:
-        """A permanent refusal: the message failed, the enrollment bounced, the address suppressed."""
+    def record_failed(self, c: Claimed, now: float, code: int | None, detail: str, suppress: bool) -> list[int]:
+        """A permanent refusal of this message.
+
+        suppress (the address does not exist): the enrollment bounced, the address suppressed and every
+        pending message to it cancelled. Otherwise (blocked): this enrollment stops, the address is kept,
+        and the block counts against the mailbox's health.
+        """
         with self.transaction():
             self.conn.execute(
-                "UPDATE messages SET state = 'failed', smtp_code = ?, detail = ? WHERE id = ?",
-                (code, detail, c.id),
+                "UPDATE messages SET state = 'failed', reason = ?, smtp_code = ?, detail = ? WHERE id = ?",
+                ("bounced" if suppress else "blocked", code, detail, c.id),
             )
+            if not suppress:
+                self.conn.execute("UPDATE mailbox_health SET blocks = blocks + 1 WHERE mailbox = ?", (c.mailbox,))
+                return self._cancel_pending("e.id = ?", (c.enrollment_id,), now, f"{BLOCKED_BY} {c.id}")
             self.conn.execute(
                 "UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE id = ?", (now, c.enrollment_id)
             )
-            self.suppress(c.email, f"bounced {code or ''} {detail}".strip()[:200], now)
-            return self._cancel_pending("e.email = ?", (c.email,), now, "address suppressed after a bounce")
+            self.conn.execute(
+                "INSERT INTO suppressions VALUES (?, ?, ?, ?) ON CONFLICT (email) DO NOTHING",
+                (c.email, f"bounced {code or ''} {detail}".strip()[:200], now, c.id),
+            )
+            return self._cancel_pending("e.email = ?", (c.email,), now, f"{SUPPRESSED_BY} {c.id}")
+
+    def unblame(self, mailbox: str, messages: Sequence[int], now: float, detail: str) -> list[int]:
+        """Refusals that turned out to be the mailbox's (the same one for several recipients in a row):
+        undo what they did to the prospects, and put the messages in the error section as `refused`."""
+        ids = _json_list(list(messages))
+        with self.transaction():
+            restored = self.conn.execute(
+                """UPDATE messages SET state = 'scheduled', detail = 'restored: the refusal was the sender''s'
+                   WHERE state = 'cancelled' AND detail IN
+                   (SELECT ?2 || ' ' || value FROM json_each(?1) UNION SELECT ?3 || ' ' || value FROM json_each(?1))
+                   RETURNING enrollment_id""",
+                (ids, SUPPRESSED_BY, BLOCKED_BY),
+            ).fetchall()
+            self.conn.execute("DELETE FROM suppressions WHERE message IN (SELECT value FROM json_each(?))", (ids,))
+            enrollments = {r[0] for r in restored}
+            enrollments |= {
+                r[0]
+                for r in self.conn.execute(
+                    "SELECT enrollment_id FROM messages WHERE id IN (SELECT value FROM json_each(?))", (ids,)
+                )
+            }
+            self.conn.execute(
+                """UPDATE enrollments SET state = 'active', ended_at = NULL
+                   WHERE state IN ('bounced', 'stopped') AND id IN (SELECT value FROM json_each(?))""",
+                (_json_list(sorted(enrollments)),),
+            )
+            self.conn.execute(
+                """UPDATE mailbox_health SET blocks = max(blocks - (SELECT count(*) FROM messages
+                   WHERE reason = 'blocked' AND id IN (SELECT value FROM json_each(?1))), 0) WHERE mailbox = ?2""",
+                (ids, mailbox),
+            )
+            rows = self.conn.execute(
+                """UPDATE messages SET state = 'error', reason = 'refused', detail = ?
+                   WHERE state = 'failed' AND id IN (SELECT value FROM json_each(?)) RETURNING id""",
+                (detail, ids),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def throttle(self, message: int, mailbox: str, until: float, code: int | None, detail: str) -> None:
+        """The server asked the whole client to wait: the message keeps its place and its retries."""
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE messages SET state = 'scheduled', smtp_code = ?, detail = ? WHERE id = ?",
+                (code, detail, message),
+            )
+            self.conn.execute(
+                """INSERT INTO mailbox_health (mailbox, state, since, throttled_until, throttles)
+                   VALUES (?, 'connected', ?, ?, 1)
+                   ON CONFLICT (mailbox) DO UPDATE SET throttled_until = excluded.throttled_until,
+                   throttles = throttles + 1""",
+                (mailbox, until, until),
+            )
 
     def _cancel_pending(self, where: str, args: tuple[Any, ...], now: float, detail: str) -> list[int]:
         rows = self.conn.execute(
@@ -491,22 +594,28 @@ class Store:
         )
         return [r[0] for r in rows]
 
-    def disconnect(self, mailbox: str, now: float, detail: str, next_probe_at: float) -> list[int]:
-        """The mailbox refuses us: it goes to the retry queue with all its scheduled messages."""
+    def disconnect(
+        self, mailbox: str, now: float, detail: str, next_probe_at: float | None, state: str = "disconnected"
+    ) -> list[int]:
+        """The mailbox's problem: it goes to the retry queue with all its scheduled messages.
+
+        `disconnected` is probed with backoff; `refused` (the server refuses this sender) waits for the
+        operator: a reload that changes its settings, a restart, or `outbox retry`.
+        """
         with self.transaction():
             self.conn.execute(
                 """INSERT INTO mailbox_health (mailbox, state, reason, since, failures, next_probe_at)
-                   VALUES (?, 'disconnected', ?, ?, 1, ?)
+                   VALUES (?1, ?5, ?2, ?3, 1, ?4)
                    ON CONFLICT (mailbox) DO UPDATE SET
-                   since = CASE WHEN state = 'disconnected' THEN since ELSE excluded.since END,
-                   failures = CASE WHEN state = 'disconnected' THEN failures + 1 ELSE 1 END,
-                   state = 'disconnected', reason = excluded.reason, next_probe_at = excluded.next_probe_at""",
-                (mailbox, detail, now, next_probe_at),
+                   since = CASE WHEN state = ?5 THEN since ELSE excluded.since END,
+                   failures = CASE WHEN state = ?5 THEN failures + 1 ELSE 1 END,
+                   state = ?5, reason = excluded.reason, next_probe_at = excluded.next_probe_at""",
+                (mailbox, detail, now, next_probe_at, state),
             )
             rows = self.conn.execute(
-                """UPDATE messages SET state = 'error', reason = 'disconnected', detail = ?
+                """UPDATE messages SET state = 'error', reason = ?, detail = ?
                    WHERE mailbox = ? AND state IN ('scheduled', 'sending') RETURNING id""",
-                (detail, mailbox),
+                (state, detail, mailbox),
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -519,7 +628,7 @@ class Store:
             )
             rows = self.conn.execute(
                 """UPDATE messages SET state = 'scheduled', reason = NULL, detail = 'back from the retry queue'
-                   WHERE mailbox = ? AND state = 'error' AND reason = 'disconnected' RETURNING id""",
+                   WHERE mailbox = ? AND state = 'error' AND reason IN ('disconnected', 'refused') RETURNING id""",
                 (mailbox,),
             ).fetchall()
         return [r[0] for r in rows]
@@ -528,9 +637,11 @@ class Store:
         """Messages reaching their due time while the mailbox is down join its error section."""
         with self.transaction():
             rows = self.conn.execute(
-                """UPDATE messages SET state = 'error', reason = 'disconnected',
-                   detail = 'came due while the mailbox was disconnected'
-                   WHERE mailbox = ? AND state = 'scheduled' AND due_at <= ? RETURNING id""",
+                """UPDATE messages SET state = 'error', reason = coalesce(
+                       (SELECT state FROM mailbox_health WHERE mailbox = ?1), 'disconnected'),
+                   detail = 'came due while the mailbox was ' || coalesce(
+                       (SELECT state FROM mailbox_health WHERE mailbox = ?1), 'disconnected')
+                   WHERE mailbox = ?1 AND state = 'scheduled' AND due_at <= ?2 RETURNING id""",
                 (mailbox, now),
             ).fetchall()
         return [r[0] for r in rows]
@@ -598,18 +709,23 @@ class Store:
         keys = ("id", "state", "reason", "mailbox", "enrollment_id", "step", "cadence", "email")
         return {r[0]: dict(zip(keys, r, strict=True)) for r in rows}
 
-    def error_ids(self, mailbox: str | None) -> list[int]:
+    def error_ids(self, mailbox: str | None, *, exclude_uncertain: bool = False) -> list[int]:
         sql = "SELECT id FROM messages WHERE state = 'error'"
+        if exclude_uncertain:
+            sql += " AND reason IS NOT 'uncertain'"
         args: tuple[Any, ...] = ()
         if mailbox is not None:
             sql += " AND mailbox = ?"
             args = (mailbox,)
         return [r[0] for r in self.conn.execute(sql + " ORDER BY id", args)]
 
-    def pending_ids(self, mailbox: str) -> list[int]:
+    def pending_ids(self, mailbox: str, *, exclude_uncertain: bool = False) -> list[int]:
         """Messages of `mailbox` not yet sent: scheduled, sending or in the error section."""
+        extra = " AND reason IS NOT 'uncertain'" if exclude_uncertain else ""
         rows = self.conn.execute(
-            "SELECT id FROM messages WHERE mailbox = ? AND state IN ('scheduled', 'sending', 'error') ORDER BY id",
+            "SELECT id FROM messages WHERE mailbox = ? AND state IN ('scheduled', 'sending', 'error')"
+            + extra
+            + " ORDER BY id",
             (mailbox,),
         )
         return [r[0] for r in rows]
@@ -649,7 +765,7 @@ class Store:
     def probe_now(self, mailbox: str, now: float) -> None:
         """A changed password (reload, restart): try the disconnected mailbox at once."""
         self.conn.execute(
-            "UPDATE mailbox_health SET next_probe_at = ? WHERE mailbox = ? AND state = 'disconnected'",
+            "UPDATE mailbox_health SET next_probe_at = ? WHERE mailbox = ? AND state IN ('disconnected', 'refused')",
             (now, mailbox),
         )
 
@@ -709,13 +825,25 @@ class Store:
         )
         return self._cancel_pending("e.email = ?", (email,), now, "address suppressed after a bounce")
 
-    def uncertain_message_ids(self, mailbox: str) -> list[tuple[int, str]]:
+    def dsn_failed(self, message_ids: Sequence[str], email: str, reason: str, detail: str, mailbox: str) -> None:
+        """A DSN says a sent message failed after all: the message says so, and a block counts for the mailbox."""
         rows = self.conn.execute(
-            """SELECT id, message_id FROM messages WHERE mailbox = ? AND state = 'error' AND reason = 'uncertain'
-               AND message_id IS NOT NULL""",
+            """UPDATE messages SET state = 'failed', reason = ?, detail = ?
+               WHERE state = 'sent' AND message_id IN (SELECT value FROM json_each(?))
+               AND enrollment_id IN (SELECT id FROM enrollments WHERE email = ?) RETURNING id""",
+            (reason, detail, _json_list(list(message_ids)), email),
+        ).fetchall()
+        if reason == "blocked" and rows:
+            self.conn.execute("UPDATE mailbox_health SET blocks = blocks + 1 WHERE mailbox = ?", (mailbox,))
+
+    def uncertain_message_ids(self, mailbox: str) -> list[tuple[int, str, float]]:
+        """(id, Message-ID, since) of the mailbox's uncertain messages."""
+        rows = self.conn.execute(
+            """SELECT id, message_id, coalesce(uncertain_at, 0) FROM messages
+               WHERE state = 'error' AND mailbox = ? AND reason = 'uncertain' AND message_id IS NOT NULL""",
             (mailbox,),
         )
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
     def settle_uncertain(
         self, message: int, delivered: bool, now: float, detail: str
@@ -776,6 +904,8 @@ class Snapshot:
     limit_logged_day: str | None
     next_probe_at: float | None
     failures: int
+    throttled_until: float | None = None
+    throttles: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -792,6 +922,22 @@ class Claimed:
     transient_failures: int
     sticky: str
     message_id: str
+
+
+SUPPRESSED_BY = "address suppressed after a bounce of message"
+BLOCKED_BY = "enrollment stopped after a block of message"
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Another connection holds the lock: worth waiting for, unlike a full disk or a damaged file."""
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+def describe_store_error(exc: sqlite3.Error) -> str:
+    text = str(exc) or type(exc).__name__
+    if is_busy(exc):
+        return f"{text}: another process holds the write lock"
+    return text
 
 
 def _json_list(values: Sequence[Any]) -> str:

@@ -117,7 +117,7 @@ class Decision:
     """When a mailbox may send next, and what holds it back (SPEC §9 `waiting_for`)."""
 
     at: float | None  # None: never (a daily limit of 0)
-    waiting_for: str | None  # None | window | gap | daily_limit
+    waiting_for: str | None  # None | window | gap | throttled | daily_limit
 
 
 def next_allowed(
@@ -125,8 +125,9 @@ def next_allowed(
     s: Schedule,
     gap_until: float | None,
     sent_on: Mapping[str, int] | Callable[[str], int],
+    throttled_until: float | None = None,
 ) -> Decision:
-    """The first instant at or after `now` the mailbox may send, under window, gap and daily limit."""
+    """The first instant at or after `now` the mailbox may send, under window, gap, throttle and daily limit."""
     if s.daily_limit <= 0:
         return Decision(None, "daily_limit")
     count = sent_on if callable(sent_on) else (lambda day: sent_on.get(day, 0))
@@ -134,6 +135,8 @@ def next_allowed(
     reason: str | None = None
     if gap_until is not None and gap_until > t:
         t, reason = gap_until, "gap"
+    if throttled_until is not None and throttled_until > t:
+        t, reason = throttled_until, "throttled"
     for _ in range(HORIZON_DAYS * 2):
         opened = next_open(t, s)
         if opened > t and reason is None:

@@ -49,7 +49,7 @@ async def test_4xx_is_retried_then_exhausted(project: Project) -> None:
         server.stop()
 
 
-async def test_421_is_transient(project: Project) -> None:
+async def test_421_throttles_the_mailbox_without_costing_a_retry(project: Project) -> None:
     server = SmtpServer().start()
     try:
         setup(project, server)
@@ -58,7 +58,7 @@ async def test_421_is_transient(project: Project) -> None:
         async with running(project.config_path):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 1)
             await until(lambda: states(db(project)) == {"sent": 1})
-        assert query(db(project), "SELECT transient_failures FROM messages") == [(1,)]
+        assert query(db(project), "SELECT transient_failures, attempts FROM messages") == [(0, 2)]
     finally:
         server.stop()
 
@@ -143,8 +143,13 @@ async def test_drop_before_data_is_safe_and_after_data_is_uncertain(project: Pro
             await until(lambda: states(db(project)) == {"error": 1})
         assert query(db(project), "SELECT reason FROM messages") == [("uncertain",)]
         assert len(server.recorder.deliveries) == 1  # it did arrive; the daemon could not know
-        # Never retried by itself; the operator retries it on their word.
-        result = project.run("outbox", "retry", "--id", "1")
+        # Never retried by itself, nor by a bulk retry; only by id, on the operator's word.
+        bulk = project.run("outbox", "retry", "--all")
+        assert bulk.code == 1 and "uncertain ones are retried by id only" in bulk.err
+        named = project.run("outbox", "retry", "--id", "1")
+        assert named.code == 1 and "--include-uncertain" in named.err
+        assert query(db(project), "SELECT state FROM messages WHERE id = 1") == [("error",)]
+        result = project.run("outbox", "retry", "--id", "1", "--include-uncertain")
         assert result.code == 0, result.err
         del server.recorder.drop["p0@prospects.example"]
         server.recorder.drop["p1@prospects.example"] = "rcpt"

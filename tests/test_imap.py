@@ -34,14 +34,16 @@ def mail(sender: str, to: str, subject: str, *, in_reply_to: str = "", **headers
     return ("\r\n".join(lines) + "\r\n\r\nThanks, sounds good.\r\n").encode()
 
 
-def dsn(to: str, original_id: str, recipient: str) -> bytes:
+def dsn(to: str, original_id: str, recipient: str, action: str = "failed", status: str = "5.1.1") -> bytes:
+    """A Postfix-style RFC 3464 report about one recipient of one of our messages."""
     return (
         f"From: Mail Delivery System <MAILER-DAEMON@mx.example>\r\nTo: {to}\r\n"
         f"Subject: Undelivered Mail Returned to Sender\r\nDate: {formatdate()}\r\n"
         'MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
         "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
         "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
-        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: {action}\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; {status[0]}50 {status} refused\r\n"
         "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
         f"From: {to}\r\nTo: {recipient}\r\nMessage-ID: {original_id}\r\n--B--\r\n"
     ).encode()
@@ -59,8 +61,15 @@ def test_classification_rules() -> None:
     assert classify_headers(mail("p@x.example", "m@a.example", "hi", Auto_Submitted="no"), OWN).kind == "reply"
     assert classify_headers(mail("MB1@alice.example", "p@x.example", "hi"), OWN).kind == "ignore"
     assert classify_headers(dsn("mb1@alice.example", ours, "p@x.example"), OWN).kind == "bounce?"
-    assert classify_bounce(dsn("mb1@alice.example", ours, "p@x.example")).message_ids == (ours,)
-    assert classify_bounce(dsn("mb1@alice.example", "<other@x.example>", "p@x.example")).kind == "ignore"
+    [failed] = classify_bounce(dsn("mb1@alice.example", ours, "p@x.example"))
+    assert (failed.kind, failed.message_ids, failed.recipient, failed.status) == (
+        "bounce",
+        (ours,),
+        "p@x.example",
+        "5.1.1",
+    )
+    [other] = classify_bounce(dsn("mb1@alice.example", "<other@x.example>", "p@x.example"))
+    assert other.kind == "ignore"
 
 
 @pytest.fixture
@@ -165,6 +174,9 @@ async def test_uncertain_sends_are_settled_from_the_sent_folder(
     smtp, dovecot = stack
     project.enroll(project.people(2))
     db = project.root / "cadenced.db"
+    project.data["mailboxes"][0]["sent_copies"] = "provider"
+    project.data["daemon"]["settle_after"] = "0s"
+    project.write()
     query(
         db,
         "UPDATE messages SET state = 'error', reason = 'uncertain', "
@@ -207,3 +219,59 @@ async def test_a_server_without_idle_is_polled(project: Project, tmp_path: Path)
     finally:
         smtp.stop()
         dovecot.cleanup()
+
+
+@needs_dovecot
+@pytest.mark.anyio
+async def test_uncertain_stays_uncertain_where_the_provider_files_nothing(
+    project: Project, stack: tuple[SmtpServer, Dovecot]
+) -> None:
+    """A self-hosted server never files submitted mail in Sent: not finding it there proves nothing."""
+    smtp, _dovecot = stack
+    project.enroll(project.people(1))
+    db = project.root / "cadenced.db"
+    query(
+        db, "UPDATE messages SET state = 'error', reason = 'uncertain', message_id = '<cadenced.1.1.aa@alice.example>'"
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.config_path):
+            await until(lambda: events(logs, "imap.watching"))
+            await until(lambda: query(db, "SELECT count(*) FROM imap_state")[0][0] == 1)
+    assert not events(logs, "message.settled")
+    assert query(db, "SELECT state, reason FROM messages") == [("error", "uncertain")]
+    assert smtp.recorder.deliveries == []
+
+
+@needs_dovecot
+@pytest.mark.anyio
+async def test_dsns_are_read_as_rfc_3464_says(project: Project, stack: tuple[SmtpServer, Dovecot]) -> None:
+    """A delay notice changes nothing; 5.1.1 suppresses; 5.7.1 stops the enrollment and keeps the address."""
+    smtp, dovecot = stack
+    project.data["cadences"][0]["steps"][1]["wait"] = "1h"
+    project.enroll(project.people(4))
+    db = project.root / "cadenced.db"
+    box = "mb1@alice.example"
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.config_path):
+            await until(lambda: events(logs, "imap.watching"))
+            firsts = await anyio.to_thread.run_sync(smtp.recorder.wait_for, 4)
+            mid = {d.recipient: d["Message-ID"] for d in firsts}
+            p = [f"p{i}@prospects.example" for i in range(4)]
+            dovecot.deliver("alice", dsn(box, mid[p[0]], p[0], action="delayed", status="4.4.7"))
+            dovecot.deliver("alice", dsn(box, mid[p[1]], p[1], status="5.1.1"))
+            dovecot.deliver("alice", dsn(box, mid[p[2]], p[2], status="5.7.1"))
+            # A report naming our message but another recipient than the one we sent it to: not p3's bounce.
+            dovecot.deliver("alice", dsn(box, mid[p[3]], "someone-else@prospects.example", status="5.1.1"))
+            await until(lambda: len(events(logs, "bounce.detected")) == 2)
+            await until(lambda: query(db, "SELECT uidvalidity FROM imap_state") and len(events(logs, "imap.watching")))
+    states = enrollment_states(project)
+    assert states == {p[0]: "active", p[1]: "bounced", p[2]: "stopped", p[3]: "active"}
+    assert query(db, "SELECT email FROM suppressions") == [(p[1],)]
+    assert dict(
+        query(
+            db,
+            "SELECT e.email, m.reason FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "
+            "WHERE m.state = 'failed'",
+        )
+    ) == {p[1]: "bounced", p[2]: "blocked"}
+    assert {e["kind"] for e in events(logs, "bounce.detected")} == {"bounced", "blocked"}

@@ -1,0 +1,75 @@
+"""Secrets out of server text: every configured secret and its AUTH encodings become `***`.
+
+A server may echo what it was sent (the AUTH PLAIN string, a password) in its
+error text. Everything a server says passes through `redact()` before it is
+logged, stored or printed; the log renderer applies it once more to every field.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import threading
+from collections.abc import Iterable
+
+MASK = "***"
+_MIN_LEN = 4  # shorter values would mask ordinary words; such a secret is refused by nobody, but also found by nobody
+_lock = threading.Lock()
+_forms: set[str] = set()
+_pattern: re.Pattern[str] | None = None
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def encodings(username: str, secret: str) -> set[str]:
+    """The secret as sent on the wire: itself, base64 of it, AUTH PLAIN, LOGIN, XOAUTH2 strings."""
+    user, value = username.encode(), secret.encode()
+    forms = {
+        secret,
+        _b64(value),
+        _b64(b"\0" + user + b"\0" + value),
+        _b64(user + b"\0" + user + b"\0" + value),
+        _b64(b"user=" + user + b"\x01auth=Bearer " + value + b"\x01\x01"),
+    }
+    # base64 of the secret at each alignment inside a longer string: the stable middle of each encoding
+    for shift in (1, 2):
+        encoded = _b64(b"\0" * shift + value)
+        middle = encoded[4:-4] if len(encoded) > 12 else ""
+        if len(middle) >= 8:
+            forms.add(middle)
+    return {f for f in forms if len(f) >= _MIN_LEN}
+
+
+def register(username: str, secret: str) -> None:
+    """Remember a secret (and its encodings) so that no text shows it from now on."""
+    global _pattern
+    if len(secret) < _MIN_LEN and secret:
+        new = {secret}
+    else:
+        new = encodings(username, secret)
+    with _lock:
+        if new <= _forms:
+            return
+        _forms.update(new)
+        ordered = sorted(_forms, key=len, reverse=True)
+        _pattern = re.compile("|".join(re.escape(f) for f in ordered))
+
+
+def register_all(pairs: Iterable[tuple[str, str]]) -> None:
+    for username, secret in pairs:
+        if secret:
+            register(username, secret)
+
+
+def redact(text: str) -> str:
+    pattern = _pattern
+    if pattern is None or not text:
+        return text
+    return pattern.sub(MASK, text)
+
+
+def clean(text: str, limit: int = 300) -> str:
+    """Server text made safe to keep: secrets masked, whitespace folded, bounded."""
+    return " ".join(redact(text).split())[:limit]
