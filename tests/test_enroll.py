@@ -90,7 +90,8 @@ def test_suppressed_addresses_are_rejected(project: Project) -> None:
     project.run("status")  # creates the database
     with sqlite3.connect(project.root / "cadenced.db") as db:
         db.execute(
-            "INSERT INTO suppressions (email, reason, created_at) VALUES ('p1@prospects.example', 'bounced 550 5.1.1', 0)"
+            "INSERT INTO suppressions (email, reason, created_at) "
+            "VALUES ('p1@prospects.example', 'bounced 550 5.1.1', 0)"
         )
     r = project.enroll(path).json()
     assert r["enrolled"] == 2
