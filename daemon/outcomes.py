@@ -67,7 +67,8 @@ _UNKNOWN_USER = (
 _SENDER = (
     r"sender address rejected|sender rejected|sender .*not owned|not owned by user|"
     r"send(ing)? as (this )?(sender|user)|send as denied|not permitted to send|"
-    r"helo command rejected|client host rejected|relay access denied|relaying denied|"
+    r"helo command rejected|client host .*(rejected|blocked)|blocked using|relay access denied|relaying denied|"
+    r"sender verify failed|"
     r"not authorized to send|client does not have permissions to send"
 )
 

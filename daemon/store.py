@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -517,7 +518,7 @@ class Store:
                 ("bounced" if suppress else "blocked", code, detail, c.id),
             )
             if not suppress:
-                self.conn.execute("UPDATE mailbox_health SET blocks = blocks + 1 WHERE mailbox = ?", (c.mailbox,))
+                self._count_block(c.mailbox, now)
                 return self._cancel_pending("e.id = ?", (c.enrollment_id,), now, f"{BLOCKED_BY} {c.id}")
             self.conn.execute(
                 "UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE id = ?", (now, c.enrollment_id)
@@ -834,7 +835,15 @@ class Store:
             (reason, detail, _json_list(list(message_ids)), email),
         ).fetchall()
         if reason == "blocked" and rows:
-            self.conn.execute("UPDATE mailbox_health SET blocks = blocks + 1 WHERE mailbox = ?", (mailbox,))
+            self._count_block(mailbox, time.time())
+
+    def _count_block(self, mailbox: str, now: float) -> None:
+        """Blocks count against the mailbox's health (its reputation, not the address)."""
+        self.conn.execute(
+            """INSERT INTO mailbox_health (mailbox, state, since, blocks) VALUES (?, 'connected', ?, 1)
+               ON CONFLICT (mailbox) DO UPDATE SET blocks = blocks + 1""",
+            (mailbox, now),
+        )
 
     def uncertain_message_ids(self, mailbox: str) -> list[tuple[int, str, float]]:
         """(id, Message-ID, since) of the mailbox's uncertain messages."""

@@ -43,12 +43,20 @@ class Recorder:
     fail_data: dict[str, str] = field(default_factory=dict)
     drop: dict[str, str] = field(default_factory=dict)  # recipient → "rcpt" | "data": hang up there
     fail_once: dict[str, str] = field(default_factory=dict)  # recipient → reply, given once at DATA
+    fail_mail: list[str] = field(default_factory=list)  # replies to MAIL FROM, one per transaction, in order
     on_data: Callable[[str], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     cond: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if self.fail_mail:
+            return self.fail_mail.pop(0)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
         if self.drop.get(address) == "rcpt":
@@ -92,8 +100,10 @@ class Authenticator:
     def __init__(self, username: str, password: str) -> None:
         self.username, self.password = username, password
         self.logins = 0
+        self.attempts: list[str] = []  # the mechanism of every AUTH the server saw, good or bad
 
     def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        self.attempts.append(mechanism)
         if isinstance(auth_data, LoginPassword):
             if auth_data.login.decode() == self.username and auth_data.password.decode() == self.password:
                 self.logins += 1
