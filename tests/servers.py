@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import socket
@@ -44,12 +45,18 @@ class Recorder:
     drop: dict[str, str] = field(default_factory=dict)  # recipient → "rcpt" | "data": hang up there
     fail_once: dict[str, str] = field(default_factory=dict)  # recipient → reply, given once at DATA
     fail_mail: list[str] = field(default_factory=list)  # replies to MAIL FROM, one per transaction, in order
+    helo_names: list[str] = field(default_factory=list)  # every EHLO name a client gave
     on_data: Callable[[str], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     cond: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
         self.cond = threading.Condition(self.lock)
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]) -> Any:
+        self.helo_names.append(hostname)
+        session.host_name = hostname
+        return responses
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
         if self.fail_mail:
@@ -109,6 +116,18 @@ class Authenticator:
                 self.logins += 1
                 return AuthResult(success=True)
         return AuthResult(success=False, handled=False)
+
+
+class EchoingAuthenticator(Authenticator):
+    """A careless server: its refusal repeats what it was sent, the AUTH PLAIN string and the password."""
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        result = super().__call__(server, session, envelope, mechanism, auth_data)
+        if result.success or not isinstance(auth_data, LoginPassword):
+            return result
+        plain = base64.b64encode(b"\0" + auth_data.login + b"\0" + auth_data.password).decode()
+        echo = f"535 5.7.8 Authentication failed for AUTH PLAIN {plain} (password {auth_data.password.decode()})"
+        return AuthResult(success=False, handled=False, message=echo)
 
 
 class Pki:
