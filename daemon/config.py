@@ -160,6 +160,7 @@ class DaemonSettings:
     retry_delays: tuple[float, ...]
     idle_close: float
     probe_backoff: tuple[float, float]
+    busy_timeout: float = 30.0  # how long a commit waits for another process's write lock before sends pause
     settle_after: float = 900.0  # an uncertain send not in Sent after this long (sent_copies = provider) goes again
 
 
@@ -598,6 +599,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         retry_delays=tuple(_retry_delays(d)),
         idle_close=d.parsed("idle_close", 60.0, parse_duration),
         probe_backoff=d.parsed("probe_backoff", (30.0, 1800.0), parse_gap),
+        busy_timeout=d.parsed("busy_timeout", 30.0, parse_duration),
         settle_after=d.parsed("settle_after", 900.0, parse_duration),
     )
     d.finish()
@@ -847,6 +849,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
             "retry_delays": [format_duration(x) for x in d.retry_delays],
             "idle_close": format_duration(d.idle_close),
             "probe_backoff": f"{format_duration(d.probe_backoff[0])}-{format_duration(d.probe_backoff[1])}",
+            "busy_timeout": format_duration(d.busy_timeout),
             "settle_after": format_duration(d.settle_after),
         },
         "defaults": _schedule_dict(config.defaults),

@@ -56,10 +56,10 @@ class AsyncStore:
     thread, on a second connection that waits for the lock.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
         self.fast = Store.open(path)
         self.fast.conn.execute("PRAGMA busy_timeout = 0")
-        self.slow = Store.open(path)
+        self.slow = Store.open(path, busy_timeout=busy_timeout)
         self.limiter = anyio.CapacityLimiter(1)
         self.waited = 0
         self._queue: list[_Call] = []
@@ -176,7 +176,7 @@ class Stats:
 class Dispatcher:
     def __init__(self, config: Config, database: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.db = AsyncStore(database)
+        self.db = AsyncStore(database, config.daemon.busy_timeout)
         self.clock = clock
         self.rng = random.Random()
         self.log = logs.get()

@@ -127,7 +127,7 @@ class Store:
     # --- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True) -> Store:
+    def open(cls, path: Path, *, create: bool = True, busy_timeout: float = 30.0) -> Store:
         if not create and not path.exists():
             raise StoreError(f"{path}: no database here yet (nothing has been enrolled)")
         if create:
@@ -136,12 +136,12 @@ class Store:
             except OSError as exc:
                 raise StoreError(f"{path}: cannot create its folder: {exc.strerror}") from None
         try:
-            conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open database: {exc}") from None
         store = cls(conn, path)
         try:
-            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{path}: cannot switch the database to WAL mode (got {mode})")

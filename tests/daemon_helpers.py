@@ -132,3 +132,15 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.wait()
+
+
+def eventually(condition: Callable[[], Any], within: float = 20.0, what: str = "condition") -> Any:
+    """`until` for tests outside an event loop: poll `condition`, bounded."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        time.sleep(0.05)
