@@ -60,6 +60,8 @@ class AsyncStore:
         self.fast = Store.open(path)
         self.fast.conn.execute("PRAGMA busy_timeout = 0")
         self.slow = Store.open(path, busy_timeout=busy_timeout)
+        self.group = Store.open(path, busy_timeout=busy_timeout)
+        self.group_limiter = anyio.CapacityLimiter(1)
         self.limiter = anyio.CapacityLimiter(1)
         self.waited = 0
         self._queue: list[_Call] = []
@@ -99,19 +101,18 @@ class AsyncStore:
         return call.result  # type: ignore[no-any-return]
 
     async def committer(self) -> None:
-        """Commits the queued calls in batches; a database failure fails the batch, never the daemon."""
+        """Commits the queued calls in batches; a database failure fails the batch, never the daemon.
+
+        A batch commits in a worker thread on a connection of its own: with
+        `synchronous = FULL` each COMMIT waits for the disk, and the event loop
+        goes on meanwhile, so the turns that queue up share the next commit.
+        """
         while True:
             await self._pending.wait()
             self._pending = anyio.Event()
             batch, self._queue = self._queue, []
             try:
-                try:
-                    self._run_batch(self.fast, batch)
-                except sqlite3.Error as exc:
-                    if not is_busy(exc):
-                        raise
-                    self.waited += 1
-                    await anyio.to_thread.run_sync(self._run_batch, self.slow, batch, limiter=self.limiter)
+                await anyio.to_thread.run_sync(self._run_batch, self.group, batch, limiter=self.group_limiter)
             except sqlite3.Error as exc:
                 failure = StoreUnavailable(describe_store_error(exc))
                 for call in batch:
@@ -135,6 +136,7 @@ class AsyncStore:
     def close(self) -> None:
         self.fast.close()
         self.slow.close()
+        self.group.close()
 
 
 class _Call:

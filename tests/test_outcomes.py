@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from daemon import outcomes
@@ -177,3 +179,12 @@ def test_refusals_are_the_same_whatever_the_recipient() -> None:
     b = outcomes.classify(RCPT, 550, "5.7.1 <p2@y.example>: Recipient address rejected: Access denied (id 456)")
     c = outcomes.classify(RCPT, 550, "5.1.1 <p3@y.example>: User unknown")
     assert outcomes.refusal_key(a) == outcomes.refusal_key(b) != outcomes.refusal_key(c)
+
+
+def test_the_readme_table_is_the_outcome_table() -> None:
+    """README's "When things go wrong" names every row of the table, in the table's order."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## When things go wrong") : readme.index("### When the database fails")]
+    places = [section.find(f"| {rule.why} |") for rule in outcomes.TABLE]
+    assert -1 not in places, [r.why for r, p in zip(outcomes.TABLE, places, strict=True) if p == -1]
+    assert places == sorted(places)
