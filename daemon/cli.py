@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _open_store(config: Config, *, create: bool = True) -> Store:
-    return Store.open(config.daemon.database, create=create)
+    store = Store.open(config.daemon.database, create=create)
+    try:
+        warning = readside.stale_config(store, config, time.time())
+    except sqlite3.Error:
+        warning = None
+    if warning:
+        sys.stderr.write(f"warning: {warning}\n")
+    return store
 
 
 # --- commands ---------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -791,6 +792,14 @@ def _check_render(t: _Table, step: Step, fields: tuple[str, ...]) -> None:
                     " fields = [...]; use default(...) for a fallback)"
                 )
             t.problems.add(t.at(key), f"{exc}{hint}")
+
+
+def config_digest(path: Path) -> str:
+    """What `enroll`, `status` and `outbox` compare with the running daemon's config ("reload to apply")."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def config_path_from(arg: str | None) -> Path:

@@ -306,8 +306,7 @@ class Dispatcher:
             if runner_or_none is None:
                 self._start(mailbox)
             else:
-                runner_or_none.mailbox = mailbox
-                runner_or_none.wake()
+                runner_or_none.reconfigure(mailbox)
         return removed
 
     async def _notice_changes(self) -> None:
@@ -366,6 +365,18 @@ class MailboxRunner:
 
     def wake(self) -> None:
         self._event.set()
+
+    def reconfigure(self, mailbox: Mailbox) -> None:
+        """A reload: new limits and windows at once; new SMTP settings from the next transaction on."""
+        self.mailbox = mailbox
+        self.wake()
+
+    async def _apply_settings(self) -> None:
+        """Between transactions: a connection opened with old settings (password, host, CA) is closed."""
+        if self.conn.mailbox.smtp != self.mailbox.smtp or self.conn.mailbox.helo_name != self.mailbox.helo_name:
+            await self._close()
+            self.conn = smtp.Connection(self.mailbox)
+            self.log.info("mailbox.settings_applied", detail="new SMTP settings from the next transaction")
 
     async def wake_job(self) -> None:
         """APScheduler's job for this mailbox: only signals."""
@@ -444,6 +455,7 @@ class MailboxRunner:
 
     async def step(self) -> bool:
         """Send one message if one may go now; else set next_wake. True when something happened."""
+        await self._apply_settings()
         now = self.d.clock()
         pending, self._pending = self._pending, None
         try:

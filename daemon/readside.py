@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from daemon import timing
-from daemon.config import Config
+from daemon.config import Config, config_digest
 from daemon.store import ENROLLMENT_STATES, Store
 
 
@@ -93,6 +93,18 @@ def daemon(store: Store, now: float) -> dict[str, Any]:
         out["store"] = "ok" if alive else None
     out["last_store_error"] = state.get("store_error")
     return out
+
+
+def stale_config(store: Store, config: Config, now: float) -> str | None:
+    """A warning when the running daemon runs another version of the config file than the one on disk."""
+    running = daemon(store, now)
+    digest = store.daemon_state().get("config_digest")
+    if not running["running"] or not digest or digest == config_digest(config.path):
+        return None
+    return (
+        f"the running daemon (pid {running['pid']}) runs an older version of {config.path}: "
+        "reload to apply it (systemctl reload cadenced, or kill -HUP)"
+    )
 
 
 def _pid_alive(pid: int) -> bool:

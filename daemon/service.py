@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sqlite3
@@ -14,11 +15,30 @@ from typing import Any
 import anyio
 
 from daemon import enroll, logs, readside
-from daemon.config import Cadence, Config, load_config
+from daemon.config import Cadence, Config, config_digest, load_config
 from daemon.dispatch import Dispatcher
-from daemon.errors import ConfigError, StoreError, StoreUnavailable
+from daemon.errors import ConfigError, Refused, StoreError, StoreUnavailable
 from daemon.store import Store
 from daemon.systemd import Notifier, watchdog_interval
+
+
+def hold_lock(database: Path) -> int:
+    """An exclusive lock on `<database>.lock`, held until the process ends; a second daemon is refused."""
+    path = database.with_name(database.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open the lock file: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise Refused(f"another cadenced run (pid {holder}) already runs on {database}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def describe_changes(old: Config, new: Config) -> dict[str, list[str]]:
@@ -72,6 +92,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.log = logs.get()
         self.store: Store | None = None
+        self._lock: int | None = None
         self.dispatcher: Dispatcher | None = None
         self._stop = anyio.Event()
         self._served = anyio.Event()
@@ -81,11 +102,17 @@ class Daemon:
 
     def startup(self) -> Dispatcher:
         config = self.config
-        store = Store.open(config.daemon.database)
+        self._lock = hold_lock(config.daemon.database)  # one daemon per database, for the process's life
+        try:
+            store = Store.open(config.daemon.database)
+        except StoreError:
+            self._release()
+            raise
         try:
             store.check_integrity()  # a damaged database stops us here, before anything is sent
         except StoreError:
             store.close()
+            self._release()
             raise
         problems = enroll.pin_problems(config, store.pins())
         if problems:
@@ -103,7 +130,13 @@ class Daemon:
             for m in config.mailboxes:
                 store.probe_now(m.address, now)  # the password may have changed while we were down
         store.set_daemon_state(
-            {"pid": str(os.getpid()), "started_at": str(now), "heartbeat_at": str(now), "stopped_at": None}
+            {
+                "pid": str(os.getpid()),
+                "started_at": str(now),
+                "heartbeat_at": str(now),
+                "stopped_at": None,
+                "config_digest": config_digest(self.config_path),
+            }
         )
         self.dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
         return self.dispatcher
@@ -151,6 +184,11 @@ class Daemon:
         with anyio.move_on_after(grace):
             await self._served.wait()
 
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def shutdown(self) -> None:
         d = self.dispatcher
         if self.store is not None:
@@ -161,6 +199,7 @@ class Daemon:
             self.store.close()
         if d is not None:
             d.db.close()
+        self._release()
         if d is not None:
             self.log.info(
                 "daemon.stopped",
@@ -176,13 +215,18 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
-    def reload(self) -> bool:
-        """Read and validate the whole file; apply it at once, or keep the old one and say why."""
+    async def reload(self) -> bool:
+        """Read and validate the whole file (off the event loop); apply it at once, or keep the old one."""
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
+            new = await anyio.to_thread.run_sync(load_config, self.config_path)
             assert self.store is not None
             problems = enroll.pin_problems(new, self.store.pins())
+            if new.daemon.database != self.config.daemon.database:
+                problems.append(
+                    f"daemon.database: changed from {self.config.daemon.database} to {new.daemon.database}; "
+                    "restart to change the database"
+                )
             if problems:
                 raise ConfigError(problems, str(self.config_path))
         except ConfigError as exc:
@@ -196,6 +240,9 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return False
         old, self.config = self.config, new
+        if (old.daemon.log_format, old.daemon.log_level) != (new.daemon.log_format, new.daemon.log_level):
+            logs.configure(new.daemon.log_format, new.daemon.log_level)
+            self.log = logs.get()
         changes = describe_changes(old, new)
         assert self.dispatcher is not None
         removed = self.dispatcher.apply(new)
@@ -207,6 +254,7 @@ class Daemon:
             for m in new.mailboxes:
                 if before.get(m.address) not in (None, m.smtp):
                     self.store.probe_now(m.address, now)  # new credentials or server: try at once
+        self.store.set_daemon_state({"config_digest": config_digest(self.config_path)})
         self.log.info("config.reloaded", config=str(self.config_path), removed_mailboxes=removed, **changes)
         self.notifier.ready(self.status_line())
         return True
@@ -239,7 +287,7 @@ class Daemon:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self.reload()
+                    await self.reload()
                 elif self._stop.is_set():
                     if signum == signal.SIGINT:
                         # The operator insists: leave now. A message caught in `sending` is
