@@ -22,6 +22,8 @@ from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store
 
 Handler = Callable[[argparse.Namespace], int]
+UNIT_TIMEOUT_STOP = 45.0  # systemd/cadenced.service TimeoutStopSec
+STOP_MARGIN = 15.0  # after the grace: closing connections (QUIT, 5 s), IMAP LOGOUT (5 s), the last commits
 
 
 def _out(text: str = "") -> None:
@@ -63,6 +65,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             problems = enroll.pin_problems(config, store.pins())
         finally:
             store.close()
+    if config.daemon.shutdown_grace + STOP_MARGIN > UNIT_TIMEOUT_STOP:
+        sys.stderr.write(
+            f"warning: daemon.shutdown_grace {config.daemon.shutdown_grace:g}s leaves less than {STOP_MARGIN:g}s "
+            f"before the unit's TimeoutStopSec={UNIT_TIMEOUT_STOP:g}s (systemd then kills the daemon): "
+            f"raise TimeoutStopSec to at least {config.daemon.shutdown_grace + STOP_MARGIN:g}s\n"
+        )
     fqdn = socket.getfqdn()
     loopback = ("127.0.0.1", "::1", "localhost")
     bare = [m.address for m in config.mailboxes if not m.helo_name and m.smtp.host not in loopback]

@@ -173,6 +173,7 @@ class Stats:
         self.sent = 0
         self.errors = 0
         self.in_flight = 0
+        self.cut = 0
 
 
 class Dispatcher:
@@ -194,6 +195,8 @@ class Dispatcher:
         self._data_version = -1
         self.alive_at = time.monotonic()
         self.deadline = float("inf")  # monotonic: when a stop stops waiting for the store
+        self.cut_at: float | None = None  # anyio clock: when a stop cuts the transactions in flight
+        self.shields: set[anyio.CancelScope] = set()
         self.store_trouble: tuple[float, str] | None = None  # (since, what) while commits fail
         self.last_store_error: str | None = None
 
@@ -283,9 +286,12 @@ class Dispatcher:
         self._tg.start_soon(runner.run, name=f"mailbox {mailbox.address}")
 
     def stop(self, grace: float = float("inf")) -> None:
-        """Take no new message; loops finish the transaction in hand and return."""
+        """Take no new message; transactions in flight get `grace`, then they are cut."""
         self.stopping = True
         self.deadline = time.monotonic() + grace
+        self.cut_at = anyio.current_time() + grace
+        for shield in self.shields:
+            shield.deadline = self.cut_at
         for runner in self.runners.values():
             runner.wake()
 
@@ -567,11 +573,36 @@ class MailboxRunner:
     async def _send(self, c: Claimed, thread: list[tuple[int, str, str]]) -> None:
         self.d.stats.in_flight += 1
         try:
-            # Shielded: a shutdown lets the transaction in hand finish (each SMTP step is bounded).
-            with anyio.CancelScope(shield=True):
-                await self._send_shielded(c, thread)
+            # Shielded: a shutdown lets the transaction in hand finish, until the end of shutdown_grace.
+            with anyio.CancelScope(shield=True) as shield:
+                if self.d.cut_at is not None:
+                    shield.deadline = self.d.cut_at
+                self.d.shields.add(shield)
+                try:
+                    await self._send_shielded(c, thread)
+                finally:
+                    self.d.shields.discard(shield)
+            if shield.cancelled_caught:
+                await self._cut(c)
         finally:
             self.d.stats.in_flight -= 1
+
+    async def _cut(self, c: Claimed) -> None:
+        """Cut at the end of shutdown_grace: the server may have the message, so it is `uncertain`."""
+        await self.conn.close()
+        grace = self.d.config.daemon.shutdown_grace
+        detail = f"cut at shutdown after shutdown_grace ({grace:g}s): the server may have it"
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            if await self.d.db(Store.cut_uncertain, c.id, self.d.clock(), detail):
+                self.d.stats.cut += 1
+                self.log.warning(
+                    "message.error",
+                    message=c.id,
+                    prospect=c.email,
+                    cadence=c.cadence,
+                    reason="uncertain",
+                    detail=detail,
+                )
 
     async def _send_shielded(self, c: Claimed, thread: list[tuple[int, str, str]]) -> None:
         log = self.log.bind(cadence=c.cadence, prospect=c.email, step=c.step, message=c.id, message_id=c.message_id)

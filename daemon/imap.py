@@ -537,6 +537,8 @@ async def _logout(client: aioimaplib.IMAP4) -> None:
     try:
         if protocol.transport is not None and not protocol.transport.is_closing():
             with anyio.move_on_after(3):
+                if client.has_pending_idle():
+                    client.idle_done()  # DONE first: a server answers nothing else while IDLE runs
                 await client.logout()
     except Exception:  # the connection may already be gone; nothing to report
         pass

@@ -205,9 +205,9 @@ class Daemon:
                 "daemon.stopped",
                 sent=d.stats.sent,
                 errors=d.stats.errors,
-                in_flight_cancelled=d.stats.in_flight,
+                in_flight_cancelled=d.stats.cut,
                 uptime_seconds=round(time.time() - self.started_at, 1),
-                summary=f"sent {d.stats.sent}, errors {d.stats.errors}, in flight cancelled {d.stats.in_flight}",
+                summary=f"sent {d.stats.sent}, errors {d.stats.errors}, cut at the grace's end {d.stats.cut}",
             )
 
     # --- control ----------------------------------------------------------------------------

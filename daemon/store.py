@@ -529,6 +529,16 @@ class Store:
             )
             return self._cancel_pending("e.email = ?", (c.email,), now, f"{SUPPRESSED_BY} {c.id}")
 
+    def cut_uncertain(self, message: int, now: float, detail: str) -> bool:
+        """A transaction cut by a stop: `uncertain` if it was still in flight (True), unchanged otherwise."""
+        with self.transaction():
+            rows = self.conn.execute(
+                """UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?, detail = ?
+                   WHERE id = ? AND state = 'sending' RETURNING id""",
+                (now, detail, message),
+            ).fetchall()
+        return bool(rows)
+
     def unblame(self, mailbox: str, messages: Sequence[int], now: float, detail: str) -> list[int]:
         """Refusals that turned out to be the mailbox's (the same one for several recipients in a row):
         undo what they did to the prospects, and put the messages in the error section as `refused`."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from pathlib import Path
 
 from tests.conftest import Project
-from tests.daemon_helpers import DaemonProcess, eventually, states
+from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import Authenticator, SmtpServer
 
 
@@ -107,5 +109,40 @@ def test_commands_warn_when_the_daemon_runs_another_config(project: Project) -> 
         finally:
             daemon.signal(signal.SIGTERM)
             assert daemon.wait() == 0
+    finally:
+        server.stop()
+
+
+def test_sigterm_cuts_a_slow_transaction_at_the_end_of_the_grace(project: Project) -> None:
+    """A 20 s DATA and a 2 s grace: the stop takes about 2 s, and the message is recorded `uncertain`."""
+    server = SmtpServer()
+    in_data, release = threading.Event(), threading.Event()
+
+    def slow(rcpt: str) -> None:
+        in_data.set()
+        release.wait(20)
+
+    server.recorder.on_data = slow
+    server.start()
+    try:
+        project.data["daemon"]["shutdown_grace"] = "2s"
+        project.add_mailboxes(1, smtp=server.smtp_config(timeout="60s"))
+        project.add_cadence()
+        project.enroll(project.people(1))
+        daemon = DaemonProcess(project.config_path)
+        try:
+            assert in_data.wait(20)
+            started = time.monotonic()
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait() == 0
+            took = time.monotonic() - started
+        finally:
+            release.set()
+            daemon.kill()
+        assert 1.5 < took < 10, took
+        cut = [e for e in daemon.events() if e["event"] == "message.error"]
+        assert cut and cut[0]["reason"] == "uncertain" and "shutdown_grace (2s)" in cut[0]["detail"]
+        assert daemon.events()[-1]["in_flight_cancelled"] == 1
+        assert query(project.root / "cadenced.db", "SELECT state, reason FROM messages") == [("error", "uncertain")]
     finally:
         server.stop()
