@@ -226,7 +226,9 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_store(config, create=False)
     try:
-        outcome = operate.retry(store, args.id, args.mailbox_of, args.all, include_uncertain=args.include_uncertain)
+        outcome = operate.retry(
+            store, config, args.id, args.mailbox_of, args.all, include_uncertain=args.include_uncertain
+        )
     finally:
         store.close()
     if args.json:
@@ -246,12 +248,22 @@ def cmd_outbox_reassign(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        _json({"reassigned": outcome.messages, "enrollments": outcome.enrollments, "to": args.to})
+        _json(
+            {
+                "reassigned": outcome.messages,
+                "enrollments": outcome.enrollments,
+                "to": args.to,
+                "goes_at": outcome.goes_at,
+                "waiting_for": outcome.waiting_for,
+            }
+        )
     else:
         _out(
             f"reassigned {outcome.enrollments} enrollment(s) to {args.to}; "
             f"{len(outcome.messages)} message(s) now leave from it: {_ids(outcome.messages)}"
         )
+        if outcome.goes_at is not None:
+            _out(f"{args.to} waits for {outcome.waiting_for}: they go from {outcome.goes_at}")
     return 0
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from daemon.config import Config
+from daemon import timing
+from daemon.config import Config, Mailbox
 from daemon.errors import Refused, UsageError
-from daemon.readside import mailbox_state
+from daemon.readside import iso, mailbox_state, next_send
 from daemon.store import Store
 
 
@@ -15,6 +16,8 @@ from daemon.store import Store
 class Outcome:
     messages: list[int]
     enrollments: int = 0
+    goes_at: str | None = None  # reassign: when the target may send, if not now
+    waiting_for: str | None = None
 
 
 def _check_ids(store: Store, ids: list[int], allowed: tuple[str, ...], verb: str) -> dict[int, dict[str, object]]:
@@ -35,7 +38,13 @@ def _check_ids(store: Store, ids: list[int], allowed: tuple[str, ...], verb: str
 
 
 def retry(
-    store: Store, ids: list[int] | None, mailbox: str | None, every: bool, *, include_uncertain: bool = False
+    store: Store,
+    config: Config,
+    ids: list[int] | None,
+    mailbox: str | None,
+    every: bool,
+    *,
+    include_uncertain: bool = False,
 ) -> Outcome:
     """error → scheduled for the chosen messages.
 
@@ -61,10 +70,45 @@ def retry(
                 where = "" if every else f" for {mailbox}"
                 raise Refused(f"no messages in the error section{where} (uncertain ones are retried by id only)")
             rows = store.messages_by_id(chosen)
+        _can_send(store, config, rows)
         store.retry(chosen)
         for box in sorted({str(r["mailbox"]) for r in rows.values()}):
             store.probe_now(box, now)
     return Outcome(sorted(chosen))
+
+
+def _can_send(store: Store, config: Config, rows: dict[int, dict[str, object]]) -> None:
+    """A retry that cannot send is refused: its mailbox left the config, is paused, or is still disconnected."""
+    health = store.health()
+    known = {m.address: m for m in config.mailboxes}
+    problems = []
+    for box in sorted({str(r["mailbox"]) for r in rows.values()}):
+        ids = sorted(i for i, r in rows.items() if r["mailbox"] == box)
+        mailbox = known.get(box)
+        if mailbox is None:
+            why = "is no longer in the config: move them with `outbox reassign --from` to a mailbox that is"
+        elif mailbox.paused:
+            why = "is paused: unpause it (and reload), or reassign them"
+        elif (health.get(box) or {}).get("state") == "disconnected":
+            probe = iso((health.get(box) or {}).get("next_probe_at"))
+            why = (
+                f"is still disconnected (next probe {probe}): its messages return by themselves when a probe "
+                "succeeds; fix the mailbox and reload to probe now, or reassign them"
+            )
+        else:
+            continue
+        problems.append(f"message(s) {_list(ids)}: {box} {why}")
+    if problems:
+        raise Refused("; ".join(problems) + "; nothing was changed")
+
+
+def when_it_sends(store: Store, mailbox: Mailbox, now: float) -> tuple[str | None, str | None]:
+    """(when, why) the mailbox may send next, when that is later than now: what a reassign should say."""
+    today = timing.local_day(now, mailbox.schedule.timezone)
+    decision = next_send(mailbox, store.health().get(mailbox.address), store.sent_on(mailbox.address, today), now)
+    if decision.at is not None and decision.at <= now + 1:
+        return None, None
+    return iso(decision.at) if decision.at is not None else "never (daily_limit = 0)", decision.waiting_for
 
 
 def _list(ids: list[int]) -> str:
@@ -117,4 +161,5 @@ def reassign(
             raise Refused("; ".join(sorted(set(problems))) + "; nothing was changed")
         enrollments = sorted({int(str(row["enrollment_id"])) for row in rows.values()})
         moved = store.reassign(enrollments, to)
-    return Outcome(moved, len(enrollments))
+    goes_at, waiting_for = when_it_sends(store, target, time.time())
+    return Outcome(moved, len(enrollments), goes_at, waiting_for)

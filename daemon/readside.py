@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from daemon import timing
-from daemon.config import Config, config_digest
+from daemon.config import Config, Mailbox, config_digest
 from daemon.store import ENROLLMENT_STATES, Store
 
 
@@ -24,6 +24,20 @@ def mailbox_state(paused: bool, health: dict[str, Any] | None) -> str:
     if health and health["state"] in ("disconnected", "refused"):
         return str(health["state"])
     return "connected"
+
+
+def next_send(
+    mailbox: Mailbox, health: dict[str, Any] | None, sent_today: int, now: float, at: float | None = None
+) -> timing.Decision:
+    """When a connected mailbox may send at or after `at` (default now): window, gap, throttle, limits.
+
+    `sent_today` is the count of `now`'s local day.
+    """
+    h = health or {}
+    today = timing.local_day(now, mailbox.schedule.timezone)
+    full = timing.day_count(sent_today, mailbox.schedule.daily_limit, h.get("quota_day"), today)
+    start = now if at is None else max(now, at)
+    return timing.next_allowed(start, mailbox.schedule, h.get("not_before"), {today: full}, h.get("throttled_until"))
 
 
 def status(config: Config, store: Store, now: float) -> dict[str, Any]:
@@ -46,10 +60,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         elif state == "paused":
             waiting_for = None
         elif earliest is not None:
-            gap_until = h["not_before"] if h else None
-            full = timing.day_count(sent_today, m.schedule.daily_limit, h["quota_day"] if h else None, today)
-            throttled = h["throttled_until"] if h else None
-            decision = timing.next_allowed(max(now, earliest), m.schedule, gap_until, {today: full}, throttled)
+            decision = next_send(m, h, sent_today, now, earliest)
             next_send_at = decision.at
             waiting_for = decision.waiting_for
         mailboxes.append(

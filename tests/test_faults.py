@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -246,9 +247,9 @@ def test_retry_and_reassign_refuse_the_impossible(project: Project) -> None:
     path = db(project)
     query(path, "UPDATE messages SET state = 'sent', sent_at = 1 WHERE id = 1")
     query(path, "UPDATE messages SET state = 'error', reason = 'disconnected' WHERE id IN (2, 3)")
-    before = query(path, "SELECT * FROM messages ORDER BY id")
 
     def refused(*args: str, code: int = 1) -> str:
+        before = query(path, "SELECT * FROM messages ORDER BY id")
         result = project.run("outbox", *args)
         assert result.code == code, (args, result.out, result.err)
         assert query(path, "SELECT * FROM messages ORDER BY id") == before
@@ -263,6 +264,19 @@ def test_retry_and_reassign_refuse_the_impossible(project: Project) -> None:
     assert "unknown mailbox 'ghost@x.example'" in refused("reassign", "--id", "2", "--to", "ghost@x.example", code=2)
     query(path, "INSERT INTO mailbox_health (mailbox, state, since) VALUES (?, 'disconnected', 0)", a2)
     assert f"{a2} is disconnected" in refused("reassign", "--id", "2", "--to", a2)
+    query(path, "DELETE FROM mailbox_health")
+
+    # A retry that cannot send is refused, all or nothing, with the reason.
+    query(
+        path, "INSERT INTO mailbox_health (mailbox, state, since, next_probe_at) VALUES (?, 'disconnected', 0, 9e9)", a2
+    )
+    query(path, "UPDATE messages SET mailbox = ? WHERE id = 3", a2)
+    assert f"message(s) 2, 3: {a2} is still disconnected" in refused("retry", "--id", "2", "3")
+    query(path, "UPDATE messages SET mailbox = 'gone@alice.example' WHERE id = 3")
+    assert "gone@alice.example is no longer in the config" in refused("retry", "--all")
+    query(path, "UPDATE messages SET mailbox = ? WHERE id = 3", a3)
+    assert f"{a3} is paused" in refused("retry", "--id", "3")
+    query(path, "UPDATE messages SET mailbox = (SELECT mailbox FROM enrollments e WHERE e.id = enrollment_id)")
     query(path, "DELETE FROM mailbox_health")
 
     result = project.run("outbox", "retry", "--id", "2", "--json")
@@ -281,7 +295,7 @@ def test_reassign_moves_the_sticky_sender(project: Project) -> None:
     target = a2 if source == a1 else a1
     result = project.run("outbox", "reassign", "--id", "1", "--to", target, "--json")
     assert result.code == 0, result.err
-    assert result.json() == {"reassigned": [1], "enrollments": 1, "to": target}
+    assert result.json() == {"reassigned": [1], "enrollments": 1, "to": target, "goes_at": None, "waiting_for": None}
     assert query(
         path, "SELECT e.mailbox, m.mailbox FROM enrollments e JOIN messages m ON m.enrollment_id = e.id WHERE m.id = 1"
     ) == [(target, target)]
@@ -290,3 +304,10 @@ def test_reassign_moves_the_sticky_sender(project: Project) -> None:
     result = project.run("outbox", "reassign", "--from", source, "--to", target)
     assert result.code == 0 and "reassigned 1 enrollment(s)" in result.out
     assert query(path, "SELECT DISTINCT mailbox FROM enrollments") == [(target,)]
+    # A target at its daily limit: the reassign says when the messages will go, and why they wait.
+    today = datetime.now(UTC).date().isoformat()
+    query(path, "INSERT INTO daily_counts VALUES (?, ?, 50)", source, today)
+    result = project.run("outbox", "reassign", "--from", target, "--to", source)
+    assert result.code == 0, result.err
+    assert f"{source} waits for daily_limit: they go from {today}" not in result.out
+    assert f"{source} waits for daily_limit: they go from " in result.out
