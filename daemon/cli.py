@@ -99,15 +99,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         report = importer.run(Path(args.file), time.time())
     finally:
         store.close()
+    code = 1 if report.failed else 0  # rows were given and none could be enrolled
     if args.json:
         _json(report.as_dict())
-        return 0
-    _out(f"enrolled {report.enrolled}, skipped {report.skipped} (already enrolled), rejected {len(report.rejected)}")
+        return code
+    _out(f"enrolled {report.enrolled}, skipped {report.skipped} (already enrolled), rejected {report.rejected_total}")
     for mailbox, n in sorted(report.assignments.items()):
         _out(f"  {mailbox}: {n}")
     for r in report.rejected:
         _out(f"  line {r.line}: {r.email or '-'}: {r.reason}")
-    return 0
+    if report.rejected_total > len(report.rejected):
+        _out(f"  … and {report.rejected_total - len(report.rejected)} more rejected rows")
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import email_validator
+
 from daemon import compose, redact
 from daemon.errors import ConfigError
 
@@ -24,7 +26,6 @@ T = TypeVar("T")
 _MISSING: Any = object()
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 _HOURS = re.compile(r"(\d{2}):(\d{2})-(\d{2}):(\d{2})")
-_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 class Secret:
@@ -149,6 +150,8 @@ class Automation:
     cadence: str
     owner: str
     watch: Path
+    max_file_size: int = 50 * 1024 * 1024  # bytes; a larger file goes to failed/ unread
+    settle: float = 10.0  # seconds a *.csv must stay unchanged (a *.csv.part renamed to *.csv goes at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,17 @@ def format_duration(seconds: float) -> str:
     return "".join(parts)
 
 
+_SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"must be a size such as 50MB, 200KB or 1GB, got {text!r}")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+
+
 def parse_gap(text: str) -> tuple[float, float]:
     """`2m-5m` or `30s` → (min, max) seconds."""
     low, sep, high = text.partition("-")
@@ -266,11 +280,21 @@ def _helo_name(t: _Table, default: str) -> str:
     return value
 
 
+def address_problem(text: str) -> str | None:
+    """Why `text` is not an address we can send to (syntax only, no DNS), or None.
+
+    email-validator checks RFC 5321/5322 syntax; ASCII only, since sending to an
+    internationalised address needs SMTPUTF8, which cadenced does not speak.
+    """
+    try:
+        email_validator.validate_email(text, check_deliverability=False, allow_smtputf8=False)
+    except email_validator.EmailNotValidError as exc:
+        return str(exc)
+    return None
+
+
 def valid_address(text: str) -> bool:
-    # ASCII only: sending to an internationalised address needs SMTPUTF8, which cadenced does not speak.
-    return (
-        len(text) <= 254 and text.isascii() and _ADDRESS.fullmatch(text) is not None and "." in text.rpartition("@")[2]
-    )
+    return address_problem(text) is None
 
 
 # --- reading tables ----------------------------------------------------------
@@ -668,6 +692,8 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         cad = t.string("cadence")
         owner = t.string("owner")
         watch = t.string("watch")
+        max_size = t.parsed("max_file_size", 50 * 1024 * 1024, parse_size)
+        settle = t.parsed("settle", 10.0, parse_duration)
         t.finish()
         if isinstance(cad, str) and not any(c.name == cad for c in cadences):
             t.problems.add(t.at("cadence"), f"unknown cadence {cad!r}")
@@ -677,7 +703,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
             t.problems.add(t.at("name"), f"duplicate automation {name!r}")
         if all(isinstance(v, str) for v in (name, cad, owner, watch)):
             wpath = Path(watch) if Path(watch).is_absolute() else base_dir / watch
-            automations.append(Automation(name, cad, owner, wpath))
+            automations.append(Automation(name, cad, owner, wpath, max_size, settle))
     root.finish()
 
     if problems.items:
@@ -900,6 +926,14 @@ def effective_dict(config: Config) -> dict[str, Any]:
             for c in config.cadences
         ],
         "automations": [
-            {"name": a.name, "cadence": a.cadence, "owner": a.owner, "watch": str(a.watch)} for a in config.automations
+            {
+                "name": a.name,
+                "cadence": a.cadence,
+                "owner": a.owner,
+                "watch": str(a.watch),
+                "max_file_size": f"{a.max_file_size}B",
+                "settle": format_duration(a.settle),
+            }
+            for a in config.automations
         ],
     }

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import csv
-import io
+import errno
 import json
+import os
+import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from daemon import compose, rotation
-from daemon.config import Cadence, Config, valid_address
+from daemon.config import Cadence, Config, address_problem
 from daemon.errors import Refused, UsageError
 from daemon.store import Pin, Store
 
@@ -35,14 +38,26 @@ class Rejection:
 class Report:
     enrolled: int = 0
     skipped: int = 0
-    rejected: list[Rejection] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)  # the first MAX_REJECTIONS_LISTED
+    rejected_total: int = 0
     assignments: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, rejection: Rejection) -> None:
+        self.rejected_total += 1
+        if len(self.rejected) < MAX_REJECTIONS_LISTED:
+            self.rejected.append(rejection)
+
+    @property
+    def failed(self) -> bool:
+        """Rows were given and none could be enrolled: the import as a whole did not work."""
+        return self.enrolled == 0 and self.rejected_total > 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "enrolled": self.enrolled,
             "skipped": self.skipped,
             "rejected": [r.as_dict() for r in self.rejected],
+            "rejected_total": self.rejected_total,
             "assignments": dict(self.assignments),
         }
 
@@ -53,6 +68,16 @@ class Row:
     email: str
     owner: str
     fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A validated row as staged for the enrolling transaction (its fields already JSON)."""
+
+    line: int
+    email: str
+    owner: str
+    fields: str
 
 
 def pin_problems(config: Config, pins: dict[str, Pin]) -> list[str]:
@@ -78,29 +103,25 @@ def pin_problems(config: Config, pins: dict[str, Pin]) -> list[str]:
     return problems
 
 
-def read_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """Header (lower-cased) and (line, fields) rows; UsageError on an unusable file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UsageError(f"{path}:{line}: not UTF-8 text (save the file as UTF-8 CSV)") from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+MAX_FIELD = 128 * 1024  # characters in one CSV field
+MAX_REJECTIONS_LISTED = 10_000  # a report lists this many rejected rows; the count says how many in all
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # what may not reach a header
+csv.field_size_limit(MAX_FIELD)
+
+
+def read_csv(path: Path, stream: BinaryIO) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """Header (lower-cased) and (line, fields) rows, read as a stream; UsageError names the line."""
+    reader = csv.reader(decoded_lines(path, stream), strict=True)
     try:
         header = next(reader)
     except StopIteration:
         raise UsageError(f"{path}: empty file (a header row with an email column is required)") from None
-    except csv.Error as exc:
-        raise UsageError(f"{path}:1: {exc}") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}:1: {_csv_problem(exc)}") from None
     names = [h.strip().lower() for h in header]
     if "email" not in names:
-        raise UsageError(
-            f"{path}:1: no 'email' column in the header row (found: {', '.join(repr(n) for n in names) or 'nothing'})"
-        )
+        shown = ", ".join(repr(n[:40]) for n in names[:20]) or "nothing"
+        raise UsageError(f"{path}:1: no 'email' column in the header row (found: {shown})")
     seen: set[str] = set()
     for name in names:
         if not name:
@@ -116,12 +137,47 @@ def read_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
                 fields = next(reader)
             except StopIteration:
                 return
-            except csv.Error as exc:
-                raise UsageError(f"{path}:{line}: {exc}") from None
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise UsageError(f"{path}:{line}: {_csv_problem(exc)}") from None
             yield line, fields
             line = reader.line_num + 1
 
     return names, rows()
+
+
+def _csv_problem(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text (save the file as UTF-8 CSV)"
+    text = str(exc)
+    if "field larger than field limit" in text:
+        return f"a field longer than {MAX_FIELD} characters (an unterminated quote?)"
+    if "unexpected end of data" in text or "EOF" in text:
+        return "a quote that is never closed"
+    return text
+
+
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
+
+def decoded_lines(path: Path, binary: BinaryIO) -> Iterator[str]:
+    """The file's lines as text, decoded one at a time (so a decoding error names its line), bounded."""
+    number = 0
+    while raw := binary.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise UsageError(f"{path}:{number}: a line longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}:{number}: not UTF-8 text (save the file as UTF-8 CSV)") from None
+        yield text.removeprefix("\ufeff") if number == 1 else text
+
+
+def open_csv(path: Path) -> BinaryIO:
+    try:
+        return path.open("rb")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
 
 
 class Importer:
@@ -146,22 +202,38 @@ class Importer:
         if mine:
             raise Refused(mine[0])
 
-    def run(self, path: Path, now: float) -> Report:
-        header, rows = read_csv(path)
-        self.check_pins()
-        self._check_columns(path, header)
-        report = Report()
-        seen: dict[str, int] = {}
-        batch: list[Row] = []
-        for line, values in rows:
-            row = self._validate(line, header, values, seen, report)
-            if row is not None:
-                batch.append(row)
-                if len(batch) >= BATCH:
-                    self._store_batch(batch, now, report)
-                    batch = []
-        if batch:
-            self._store_batch(batch, now, report)
+    def run(self, path: Path, now: float, stream: BinaryIO | None = None) -> Report:
+        """Enroll a whole file, or nothing of it: one transaction, read as a stream in batches.
+
+        A file-level problem (encoding, a quote never closed, an oversized field)
+        rolls everything back; a row rejected on its own is reported with its line.
+        """
+        own = stream is None
+        stream = open_csv(path) if stream is None else stream
+        try:
+            header, rows = read_csv(path, stream)
+            self.check_pins()
+            self._check_columns(path, header)
+            report = Report()
+            # 1. Parse and validate the whole file into a scratch table, holding no lock on the database:
+            #    a problem of the file as a whole stops here, having changed nothing.
+            self.store.start_import()
+            batch: list[Row] = []
+            for line, values in rows:
+                row = self._validate(line, header, values, report)
+                if row is not None:
+                    batch.append(row)
+                    if len(batch) >= BATCH:
+                        self._stage(batch, report)
+                        batch = []
+            self._stage(batch, report)
+            # 2. Enroll what was staged in one transaction: all of the file's good rows, or none.
+            with self.store.transaction():
+                for staged in self.store.staged(BATCH):
+                    self._store_batch([Staged(*row) for row in staged], now, report)
+        finally:
+            if own:
+                stream.close()
         report.rejected.sort(key=lambda r: r.line)
         return report
 
@@ -180,11 +252,9 @@ class Importer:
                         f"from this file's columns: {exc}"
                     ) from None
 
-    def _validate(
-        self, line: int, header: list[str], values: list[str], seen: dict[str, int], report: Report
-    ) -> Row | None:
+    def _validate(self, line: int, header: list[str], values: list[str], report: Report) -> Row | None:
         def reject(email: str, reason: str) -> None:
-            report.rejected.append(Rejection(line, email, reason))
+            report.reject(Rejection(line, email[:254], reason))
 
         if not any(v.strip() for v in values):
             return None  # a blank line is not a prospect
@@ -194,19 +264,17 @@ class Importer:
             return None
         fields = {name: value.strip() for name, value in zip(header, values, strict=True)}
         email = fields["email"]
-        if "\n" in "".join(values) or "\r" in "".join(values):
-            name = next(n for n, v in fields.items() if "\r" in v or "\n" in v)
-            reject(email if name != "email" else "", f"line break in field {name!r}")
+        bad = next((n for n, v in fields.items() if _CONTROL.search(v)), None)
+        if bad is not None:
+            what = "a line break" if re.search(r"[\r\n\x85\u2028\u2029]", fields[bad]) else "a control character"
+            reject(email if bad != "email" else "", f"{what} in field {bad!r}")
             return None
-        if not valid_address(email):
-            reject(email, "not a valid email address")
+        problem = address_problem(email)
+        if problem is not None:
+            reject(email, f"not a valid email address: {problem}")
             return None
         key = email.lower()
         fields["email"] = key
-        first = seen.setdefault(key, line)
-        if first != line:
-            reject(email, f"duplicate of line {first}")
-            return None
         owner = fields.pop("owner", "") or self.adder
         if owner not in self.users:
             reject(email, f"unknown owner {owner!r}")
@@ -230,7 +298,12 @@ class Importer:
                     return f"step {step.number} {part}: {exc}"
         return ""
 
-    def _store_batch(self, batch: list[Row], now: float, report: Report) -> None:
+    def _stage(self, batch: list[Row], report: Report) -> None:
+        duplicates = self.store.stage_import([(r.line, r.email, r.owner, _encode(r.fields)) for r in batch])
+        for line, email, first in duplicates:
+            report.reject(Rejection(line, email, f"duplicate of line {first}"))
+
+    def _store_batch(self, batch: list[Staged], now: float, report: Report) -> None:
         cadence = self.cadence
         step1 = cadence.steps[0]
         with self.store.transaction():
@@ -239,9 +312,7 @@ class Importer:
             live = []
             for row in batch:
                 if row.email in suppressed:
-                    report.rejected.append(
-                        Rejection(row.line, row.email, f"address is suppressed ({suppressed[row.email]})")
-                    )
+                    report.reject(Rejection(row.line, row.email, f"address is suppressed ({suppressed[row.email]})"))
                 else:
                     live.append(row)
             already = self.store.enrolled(cadence.name, [r.email for r in live])
@@ -255,9 +326,9 @@ class Importer:
                 try:
                     mailbox = rotator.place(row.owner, self.adder)
                 except rotation.Placement as exc:
-                    report.rejected.append(Rejection(row.line, row.email, str(exc)))
+                    report.reject(Rejection(row.line, row.email, str(exc)))
                     continue
-                enrollments.append((cadence.name, row.email, mailbox, row.owner, self.adder, _encode(row.fields), now))
+                enrollments.append((cadence.name, row.email, mailbox, row.owner, self.adder, row.fields, now))
                 first_due.append((step1.sender or mailbox, now + step1.wait))
                 added[mailbox] = added.get(mailbox, 0) + 1
             self.store.insert_enrollments(enrollments, first_due)
@@ -279,15 +350,22 @@ class Importer:
 
 
 # --- list automations ----------------------------------------------------------------
-
-SETTLE_SECONDS = 2.0  # a CSV must be unchanged this long before it is read (half-written files wait)
+#
+# A watched folder is untrusted input: anyone who can write there can plant a
+# symbolic link to a secret, a hard link, a FIFO, a huge file, or a link where
+# our report will be written. Files are opened with O_NOFOLLOW and judged on the
+# open descriptor; reports are created with O_EXCL | O_NOFOLLOW; nothing of a
+# refused file's content is ever repeated in an error.
 
 
 @dataclass(slots=True)
 class FolderState:
-    """What one automation's folder looked like at the last scan: path → (size, mtime)."""
+    """What one automation's folder looked like at the last scan."""
 
-    seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # name → (size, mtime)
+    parts: set[str] = field(default_factory=set)  # *.csv.part names seen last time
+    stuck: dict[str, tuple[int, float]] = field(default_factory=dict)  # imported but could not be moved
+    problem: tuple[str, float] | None = None  # (what, folder mtime) reported once until the folder changes
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,54 +376,120 @@ class Imported:
     error: str
 
 
-def ready_files(folder: Path, state: FolderState, now: float) -> list[Path]:
-    """*.csv files in `folder` that have not changed for SETTLE_SECONDS (and since the last scan)."""
-    ready, current = [], {}
+def ready_files(folder: Path, state: FolderState, now: float, settle: float = 10.0) -> list[Path]:
+    """*.csv entries that are complete: renamed from *.csv.part since the last look, or unchanged for `settle`.
+
+    Entries of any type are returned (a symbolic link too): `import_dropped` judges them on the open descriptor.
+    """
+    ready, current, parts = [], {}, set()
     try:
-        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
         return []
-    for path in entries:
+    for entry in entries:
+        name = entry.name
+        if name.lower().endswith(".csv.part"):
+            parts.add(name[: -len(".part")])
+            continue
+        if not name.lower().endswith(".csv"):
+            continue
         try:
-            st = path.stat()
+            st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        current[str(path)] = (st.st_size, st.st_mtime)
-        unchanged = state.seen.get(str(path)) == (st.st_size, st.st_mtime)
-        if unchanged and now - st.st_mtime >= SETTLE_SECONDS:
-            ready.append(path)
-    state.seen = current
+        if entry.is_dir(follow_symlinks=False):
+            continue
+        current[name] = (st.st_size, st.st_mtime)
+        if state.stuck.get(name) == current[name]:
+            continue  # imported already; the folder would not let us move it (reported once)
+        renamed = name in state.parts
+        unchanged = state.seen.get(name) == current[name] and now - st.st_mtime >= settle
+        if renamed or unchanged:
+            ready.append(Path(entry.path))
+    state.seen, state.parts = current, parts
+    state.stuck = {k: v for k, v in state.stuck.items() if k in current}
     return ready
 
 
-def _place(path: Path, folder: Path, now: float) -> Path:
-    folder.mkdir(exist_ok=True)
+def _filed_folder(folder: Path, name: str) -> Path:
+    """processed/ or failed/: made by us, and a real folder (never a link planted there)."""
+    path = folder / name
+    try:
+        path.mkdir(mode=0o750)
+    except FileExistsError:
+        pass
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{path} is not a folder (a link or a file is in its place)")
+    return path
+
+
+def _file_away(path: Path, kind: str, now: float, note: str, text: str) -> Path:
+    """Move the dropped entry into processed/ or failed/ and write its note beside it, never through a link."""
+    folder = _filed_folder(path.parent, kind)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    target = folder / f"{stamp}-{path.name}"
-    n = 1
-    while target.exists():
-        n += 1
-        target = folder / f"{stamp}-{n}-{path.name}"
-    return target
+    for n in range(1, 1000):
+        target = folder / (f"{stamp}-{path.name}" if n == 1 else f"{stamp}-{n}-{path.name}")
+        try:
+            fd = os.open(
+                target.with_name(target.name + note), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640
+            )
+        except FileExistsError:
+            continue
+        if target.exists() or target.is_symlink():
+            os.close(fd)
+            os.unlink(target.with_name(target.name + note))
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        path.rename(target)  # renames the entry itself: a link moves as a link
+        return target
+    raise OSError(f"{folder}: no free name for {path.name}")
 
 
-def import_dropped(store: Store, config: Config, cadence: str, owner: str, path: Path, now: float) -> Imported:
+def import_dropped(
+    store: Store, config: Config, cadence: str, owner: str, path: Path, now: float, max_size: int
+) -> Imported:
     """Enroll one dropped CSV with the automation's owner as the adder, then file it away.
 
     processed/ gets the CSV and a `.report.json` (rejected rows with their lines);
-    failed/ gets a file that could not be read at all, with a `.error.txt` saying why.
-    A crash before the move re-reads the file: its rows are then skipped, not doubled.
+    failed/ gets a file that could not be used at all, with a `.error.txt` saying
+    why (and nothing of its content). The import is all-or-nothing; a crash before
+    the move re-reads the file: its rows are then skipped, not doubled.
     """
-    try:
-        report = Importer(store, config, cadence, owner).run(path, now)
-    except (UsageError, Refused) as exc:
-        target = _place(path, path.parent / "failed", now)
-        path.rename(target)
-        target.with_name(target.name + ".error.txt").write_text(f"{exc}\n", encoding="utf-8")
-        return Imported(path.name, str(target), None, str(exc))
-    target = _place(path, path.parent / "processed", now)
-    path.rename(target)
-    target.with_name(target.name + ".report.json").write_text(
-        json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8"
-    )
+    problem, stream = _open_dropped(path, max_size)
+    report: Report | None = None
+    if stream is not None:
+        try:
+            report = Importer(store, config, cadence, owner).run(path, now, stream)
+        except (UsageError, Refused) as exc:
+            problem = str(exc)
+        finally:
+            stream.close()
+    if report is None:
+        target = _file_away(path, "failed", now, ".error.txt", f"{problem}\n")
+        return Imported(path.name, str(target), None, problem)
+    target = _file_away(path, "processed", now, ".report.json", json.dumps(report.as_dict(), indent=2) + "\n")
     return Imported(path.name, str(target), report, "")
+
+
+def _open_dropped(path: Path, max_size: int) -> tuple[str, BinaryIO | None]:
+    """The dropped entry opened for reading, or why it is refused (judged on the descriptor, not the name)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path.name}: a symbolic link, not a file: copy the file itself into the folder", None
+        return f"{path.name}: cannot open: {exc.strerror}", None
+    st = os.fstat(fd)
+    why = ""
+    if not stat.S_ISREG(st.st_mode):
+        why = f"{path.name}: not a regular file"
+    elif st.st_nlink > 1:
+        why = f"{path.name}: a hard link to another file: copy the file itself into the folder"
+    elif st.st_size > max_size:
+        why = f"{path.name}: {st.st_size} bytes, over max_file_size ({max_size} bytes)"
+    if why:
+        os.close(fd)
+        return why, None
+    return "", os.fdopen(fd, "rb")

@@ -15,9 +15,9 @@ from typing import Any
 import anyio
 
 from daemon import enroll, logs, readside
-from daemon.config import Cadence, Config, config_digest, load_config
+from daemon.config import Automation, Cadence, Config, config_digest, load_config
 from daemon.dispatch import Dispatcher
-from daemon.errors import ConfigError, Refused, StoreError, StoreUnavailable
+from daemon.errors import CadencedError, ConfigError, Refused, StoreError, StoreUnavailable
 from daemon.store import Store
 from daemon.systemd import Notifier, watchdog_interval
 
@@ -299,7 +299,7 @@ class Daemon:
                     self.stop()
 
     async def _automations(self, dispatcher: Dispatcher) -> None:
-        """List automations: an APScheduler job signals every second; CSVs that settled are enrolled."""
+        """List automations: an APScheduler job signals every second; CSVs that are complete are enrolled."""
         wake = anyio.Event()
         folders: dict[str, enroll.FolderState] = {}
 
@@ -311,29 +311,55 @@ class Daemon:
             await wake.wait()
             wake = anyio.Event()
             for automation in self.config.automations:
-                if automation.name not in folders:
-                    try:
-                        automation.watch.mkdir(parents=True, exist_ok=True)
-                    except OSError as exc:
-                        self.log.error("automation.failed", automation=automation.name, detail=str(exc))
                 state = folders.setdefault(automation.name, enroll.FolderState())
-                for path in enroll.ready_files(automation.watch, state, time.time()):
-                    await self._import(automation.name, automation.cadence, automation.owner, path)
+                if not self._folder_usable(automation, state):
+                    continue
+                for path in enroll.ready_files(automation.watch, state, time.time(), automation.settle):
+                    await self._import(automation, state, path)
 
-    async def _import(self, name: str, cadence: str, owner: str, path: Path) -> None:
+    def _folder_usable(self, automation: Automation, state: enroll.FolderState) -> bool:
+        """The folder exists and we can write in it; a problem is reported once, until the folder changes."""
+        folder = automation.watch
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            mtime = folder.stat().st_mtime
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"{folder}: cannot write here (files could not be filed away)")
+        except OSError as exc:
+            try:
+                mtime = folder.stat().st_mtime
+            except OSError:
+                mtime = -1.0
+            what = str(exc)
+            if state.problem != (what, mtime):
+                state.problem = (what, mtime)
+                self.log.error("automation.error", automation=automation.name, detail=what, action="skipped")
+            return False
+        if state.problem is not None and state.problem[1] != mtime:
+            state.problem = None
+        return state.problem is None
+
+    async def _import(self, automation: Automation, state: enroll.FolderState, path: Path) -> None:
         config = self.config
+        name, cadence, owner = automation.name, automation.cadence, automation.owner
 
         def work() -> enroll.Imported:
-            store = Store.open(config.daemon.database)
+            store = Store.open(config.daemon.database, busy_timeout=config.daemon.busy_timeout)
             try:
-                return enroll.import_dropped(store, config, cadence, owner, path, time.time())
+                return enroll.import_dropped(store, config, cadence, owner, path, time.time(), automation.max_file_size)
             finally:
                 store.close()
 
         try:
             result = await anyio.to_thread.run_sync(work)
-        except OSError as exc:
-            self.log.error("automation.failed", automation=name, file=path.name, detail=str(exc))
+        except (OSError, sqlite3.Error, CadencedError) as exc:
+            # Imported (or not) but not filed away: do not read it again until it changes.
+            try:
+                st = os.lstat(path)
+                state.stuck[path.name] = (st.st_size, st.st_mtime)
+            except OSError:
+                pass
+            self.log.error("automation.error", automation=name, file=path.name, detail=str(exc)[:300])
             return
         if result.report is None:
             self.log.warning(
@@ -349,7 +375,7 @@ class Daemon:
             moved_to=result.moved_to,
             enrolled=report.enrolled,
             skipped=report.skipped,
-            rejected=len(report.rejected),
+            rejected=report.rejected_total,
             assignments=report.assignments,
         )
 

@@ -253,6 +253,38 @@ class Store:
             (email, reason, now),
         )
 
+    def start_import(self) -> None:
+        """Scratch tables (SQLite's temp database: no lock on the real one) for the file being imported."""
+        self.conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS import_rows (line INTEGER PRIMARY KEY, email TEXT UNIQUE, "
+            "owner TEXT, fields TEXT)"
+        )
+        self.conn.execute("DELETE FROM temp.import_rows")
+
+    def stage_import(self, rows: Sequence[tuple[int, str, str, str]]) -> list[tuple[int, str, int]]:
+        """Stage (line, email, owner, fields) rows; returns (line, email, first line) of the duplicates."""
+        firsts = dict(
+            self.conn.execute(
+                "SELECT email, line FROM temp.import_rows WHERE email IN (SELECT value FROM json_each(?))",
+                (_json_list([r[1] for r in rows]),),
+            ).fetchall()
+        )
+        new, duplicates = [], []
+        for row in rows:
+            first = firsts.setdefault(row[1], row[0])
+            if first == row[0]:
+                new.append(row)
+            else:
+                duplicates.append((row[0], row[1], first))
+        self.conn.executemany("INSERT INTO temp.import_rows VALUES (?, ?, ?, ?)", new)
+        return duplicates
+
+    def staged(self, size: int) -> Iterator[list[tuple[int, str, str, str]]]:
+        """The staged rows in file order, `size` at a time."""
+        cursor = self.conn.execute("SELECT line, email, owner, fields FROM temp.import_rows ORDER BY line")
+        while rows := cursor.fetchmany(size):
+            yield rows
+
     def enrolled(self, cadence: str, emails: Sequence[str]) -> set[str]:
         """Which of these addresses this cadence already has (a prospect is its address)."""
         rows = self.conn.execute(

@@ -65,8 +65,8 @@ def test_bad_rows_are_rejected_alone(project: Project) -> None:
     assert report["enrolled"] == 3
     assert report["skipped"] == 1
     assert [(x["line"], x["reason"]) for x in report["rejected"]] == [
-        (3, "not a valid email address"),
-        (4, "line break in field 'first_name'"),
+        (3, "not a valid email address: An email address must have an @-sign."),
+        (4, "a line break in field 'first_name'"),
         (6, "unknown owner 'zed'"),
         (7, "duplicate of line 2"),
         (10, "expected 4 fields, got 2"),
