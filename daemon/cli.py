@@ -62,7 +62,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         store = _open_store(config, create=False)
         try:
             store.check_integrity()
-            problems = enroll.pin_problems(config, store.pins())
+            pins = store.pins()
+            problems = enroll.pin_problems(config, pins)
+            for warning in enroll.pin_warnings(config, pins):
+                sys.stderr.write(f"warning: {warning}\n")
         finally:
             store.close()
     if config.daemon.shutdown_grace + STOP_MARGIN > UNIT_TIMEOUT_STOP:

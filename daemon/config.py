@@ -122,11 +122,13 @@ class Cadence:
     mailboxes: tuple[str, ...]
     pool: tuple[str, ...]  # mailbox addresses in file order
     auto_rotate: bool
-    rotate_among: str  # cadence | owner | adder
+    rotate_among: str  # adder | owner | cadence
     sender: str
     stop_on_reply: bool
     fields: tuple[str, ...]
     steps: tuple[Step, ...]
+    rotation: str = "round_robin"  # round_robin | weighted (by daily capacity)
+    rotate_among_set: bool = True  # False: the file leaves it to the default (a database may pin the old one)
 
     def after(self, step: int, sticky: str, now: float) -> tuple[int, str, float] | None:
         """What follows step `step` sent at `now`: (step, sender, due), or None when the cadence ends."""
@@ -740,7 +742,9 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
     users = t.strings("users", [])
     direct = t.strings("mailboxes", [])
     auto_rotate = t.boolean("auto_rotate", True)
-    rotate_among = t.choice("rotate_among", "cadence", ("cadence", "owner", "adder"))
+    rotate_among_set = t.has("rotate_among")
+    rotate_among = t.choice("rotate_among", "adder", ("adder", "owner", "cadence"))
+    rotation = t.choice("rotation", "round_robin", ("round_robin", "weighted"))
     sender = t.string("sender", "")
     stop_on_reply = t.boolean("stop_on_reply", True)
     fields = t.strings("fields", [])
@@ -798,6 +802,8 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
         rotate_among=rotate_among,
         sender=sender or "",
         stop_on_reply=bool(stop_on_reply),
+        rotation=rotation,
+        rotate_among_set=rotate_among_set,
         fields=tuple(fields or []),
         steps=tuple(steps),
     )
@@ -910,6 +916,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "mailboxes": list(c.mailboxes),
                 "auto_rotate": c.auto_rotate,
                 "rotate_among": c.rotate_among,
+                "rotation": c.rotation,
                 "sender": c.sender,
                 "stop_on_reply": c.stop_on_reply,
                 "fields": list(c.fields),

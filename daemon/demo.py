@@ -103,6 +103,7 @@ def write_config(root: Path, port: int) -> Path:
             {
                 "name": "demo",
                 "users": ["alice", "bob"],
+                "rotate_among": "cadence",  # a shared pool: alice's imports rotate over bob's mailbox too
                 "steps": [
                     {"wait": "0s", "subject": "A question for {{ company }}", "body": "Hi {{ first_name }}, ..."},
                     {"wait": "4s", "body": "Hi {{ first_name }}, following up on my note."},

@@ -21,7 +21,6 @@ from daemon.store import Pin, Store
 
 BATCH = 5000
 _encode = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode
-UNAVAILABLE = ("disconnected",)
 
 
 @dataclass(slots=True)
@@ -80,12 +79,34 @@ class Staged:
     fields: str
 
 
+LEGACY_DEFAULT = "cadence"  # rotate_among's default before the seed's "adder" became it
+
+
+def rotate_among(cadence: Cadence, pins: dict[str, Pin]) -> str:
+    """The rule in force: a cadence pinned under the old default keeps it while the file does not say."""
+    pin = pins.get(cadence.name)
+    if pin is not None and pin.enrollments and not cadence.rotate_among_set and pin.rotate_among == LEGACY_DEFAULT:
+        return LEGACY_DEFAULT
+    return cadence.rotate_among
+
+
+def pin_warnings(config: Config, pins: dict[str, Pin]) -> list[str]:
+    """Cadences that keep the old default because their enrollments were made under it."""
+    return [
+        f'cadences."{c.name}".rotate_among: not set; kept at "{LEGACY_DEFAULT}" (the default when its '
+        f'{pins[c.name].enrollments} enrollments were made; the default is now "adder"): '
+        f'write rotate_among = "{LEGACY_DEFAULT}" to say so'
+        for c in config.cadences
+        if rotate_among(c, pins) != c.rotate_among
+    ]
+
+
 def pin_problems(config: Config, pins: dict[str, Pin]) -> list[str]:
     """SPEC §3: a config may not change auto_rotate/rotate_among of a cadence in use."""
     problems = []
     for cadence in config.cadences:
         pin = pins.get(cadence.name)
-        if pin is None or pin.enrollments == 0:
+        if pin is None or pin.enrollments == 0 or rotate_among(cadence, pins) != cadence.rotate_among:
             continue
         changes = []
         if pin.auto_rotate != cadence.auto_rotate:
@@ -229,8 +250,10 @@ class Importer:
             self._stage(batch, report)
             # 2. Enroll what was staged in one transaction: all of the file's good rows, or none.
             with self.store.transaction():
+                rotator = self._rotator()
                 for staged in self.store.staged(BATCH):
-                    self._store_batch([Staged(*row) for row in staged], now, report)
+                    self._store_batch([Staged(*row) for row in staged], now, report, rotator)
+                self.store.save_rotation(self.cadence.name, rotator.cursors, rotator.credits)
         finally:
             if own:
                 stream.close()
@@ -303,11 +326,11 @@ class Importer:
         for line, email, first in duplicates:
             report.reject(Rejection(line, email, f"duplicate of line {first}"))
 
-    def _store_batch(self, batch: list[Staged], now: float, report: Report) -> None:
+    def _store_batch(self, batch: list[Staged], now: float, report: Report, rotator: rotation.Rotator) -> None:
         cadence = self.cadence
         step1 = cadence.steps[0]
         with self.store.transaction():
-            self.store.pin(cadence.name, cadence.auto_rotate, cadence.rotate_among, now)
+            self.store.pin(cadence.name, cadence.auto_rotate, rotator.rules.rotate_among, now)
             suppressed = self.store.suppressed([r.email for r in batch])
             live = []
             for row in batch:
@@ -316,7 +339,6 @@ class Importer:
                 else:
                     live.append(row)
             already = self.store.enrolled(cadence.name, [r.email for r in live])
-            rotator = self._rotator()
             enrollments, first_due = [], []
             added: dict[str, int] = {}
             for row in live:
@@ -342,11 +364,13 @@ class Importer:
         states = self.store.mailbox_states()
         pool = []
         for address in cadence.pool:
-            mailbox = self.config.mailbox(address)
-            available = not mailbox.paused and states.get(address, "connected") not in UNAVAILABLE
-            pool.append(rotation.PoolMember(address, mailbox.owner, available))
-        rules = rotation.Rules(cadence.auto_rotate, cadence.rotate_among, cadence.sender, cadence.steps[0].sender)
-        return rotation.Rotator(rules, pool, self.store.rotation_counts(cadence.name))
+            m = self.config.mailbox(address)
+            ok = rotation.eligible(m.paused, states.get(address, "connected"), m.schedule.daily_limit)
+            pool.append(rotation.PoolMember(address, m.owner, ok, float(m.schedule.daily_limit)))
+        among = rotate_among(cadence, self.store.pins())
+        rules = rotation.Rules(cadence.auto_rotate, among, cadence.sender, cadence.steps[0].sender, cadence.rotation)
+        cursors, credits = self.store.rotation_state(cadence.name)
+        return rotation.Rotator(rules, pool, cursors, credits)
 
 
 # --- list automations ----------------------------------------------------------------

@@ -1,83 +1,71 @@
-"""Pure: which mailbox an enrollment gets (SPEC §3)."""
+"""Pure: which mailbox an enrollment gets (SPEC §3).
+
+Each import is split equally over the eligible mailboxes of the group (the
+adder's, the owner's, or the whole pool), in round-robin order that continues
+from where the previous import of that cadence and group stopped: the cursor
+is stored. `rotation = "weighted"` splits in proportion to each mailbox's daily
+capacity instead (smooth weighted round-robin, credits stored). A mailbox that
+joins later takes its turn from then on and is never flooded to catch up.
+"""
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# Mailbox states that may take new enrollments while another may not.
-AVAILABLE = "connected"
+ROUND_ROBIN, WEIGHTED = "round_robin", "weighted"
 
 
 @dataclass(frozen=True, slots=True)
 class PoolMember:
     address: str
     owner: str
-    available: bool  # connected and not paused
+    eligible: bool  # not paused, not disconnected or refused, daily_limit above 0
+    weight: float = 1.0  # daily capacity, for weighted rotation
 
 
 class Placement(Exception):
     """The prospect cannot be placed; the message is the reason shown to the user."""
 
 
-class Balancer:
-    """Least-enrolled-first over any subset of a pool, ties by file order.
-
-    Counts are shared by all subsets; each subset keeps a heap with lazy
-    correction, so one placement costs O(log n) whatever the pool size.
-    """
-
-    def __init__(self, pool: Sequence[str], counts: Mapping[str, int]) -> None:
-        self.order = {address: i for i, address in enumerate(pool)}
-        self.counts = {address: int(counts.get(address, 0)) for address in pool}
-        self._heaps: dict[tuple[str, ...], list[tuple[int, int, str]]] = {}
-
-    def pick(self, candidates: tuple[str, ...]) -> str:
-        heap = self._heaps.get(candidates)
-        if heap is None:
-            heap = [(self.counts[a], self.order[a], a) for a in candidates]
-            heapq.heapify(heap)
-            self._heaps[candidates] = heap
-        while True:
-            count, order, address = heap[0]
-            current = self.counts[address]
-            if count == current:
-                break
-            heapq.heapreplace(heap, (current, order, address))
-        self.counts[address] = current + 1
-        heapq.heapreplace(heap, (current + 1, order, address))
-        return address
-
-
 @dataclass(frozen=True, slots=True)
 class Rules:
-    """The sender rules of one cadence, as config gives them."""
+    """The sender rules of one cadence, as config (and the database's pins) give them."""
 
     auto_rotate: bool
-    rotate_among: str  # cadence | owner | adder
+    rotate_among: str  # adder | owner | cadence
     sender: str  # cadence sender, for auto_rotate = false
     first_step_sender: str
+    rotation: str = ROUND_ROBIN
 
 
+def eligible(paused: bool, state: str, daily_limit: int) -> bool:
+    """May this mailbox take new enrollments? One definition for enroll, status and plan."""
+    return not paused and state not in ("disconnected", "refused") and daily_limit > 0
+
+
+@dataclass(slots=True)
 class Rotator:
-    """Places a stream of enrollments of one cadence."""
+    """Places a stream of enrollments of one cadence; `cursors` and `credits` are what to store after."""
 
-    def __init__(self, rules: Rules, pool: Sequence[PoolMember], counts: Mapping[str, int]) -> None:
-        self.rules = rules
-        self.pool = tuple(pool)
-        self.balancer = Balancer([m.address for m in self.pool], counts)
-        self._groups: dict[str | None, tuple[str, ...]] = {}
+    rules: Rules
+    pool: Sequence[PoolMember]
+    cursors: dict[str, str] = field(default_factory=dict)  # group → last mailbox used
+    credits: dict[tuple[str, str], float] = field(default_factory=dict)  # (group, mailbox) → credit
+    _order: dict[str, int] = field(default_factory=dict)
+    _groups: dict[str, tuple[PoolMember, ...]] = field(default_factory=dict)
 
-    def _candidates(self, owner_filter: str | None) -> tuple[str, ...]:
-        group = self._groups.get(owner_filter)
-        if group is None:
+    def __post_init__(self) -> None:
+        self._order = {m.address: i for i, m in enumerate(self.pool)}
+
+    def _candidates(self, group: str, owner_filter: str | None) -> tuple[PoolMember, ...]:
+        found = self._groups.get(group)
+        if found is None:
             members = [m for m in self.pool if owner_filter is None or m.owner == owner_filter]
-            usable = [m.address for m in members if m.available]
-            # Unavailable mailboxes take enrollments only when nothing else could.
-            group = tuple(usable or [m.address for m in members])
-            self._groups[owner_filter] = group
-        return group
+            # Ineligible mailboxes take enrollments only when no mailbox of the group could.
+            found = tuple(m for m in members if m.eligible) or tuple(members)
+            self._groups[group] = found
+        return found
 
     def place(self, owner: str, adder: str) -> str:
         """The sticky sender of a new enrollment, or raise Placement with the reason."""
@@ -85,25 +73,46 @@ class Rotator:
         if not rules.auto_rotate:
             chosen = rules.first_step_sender or rules.sender
             if chosen:
-                self.balancer.counts[chosen] = self.balancer.counts.get(chosen, 0) + 1
                 return chosen
-            mine = self._candidates(adder)
+            mine = [m for m in self.pool if m.owner == adder]
             if not mine:
                 raise Placement(f"user {adder!r} has no mailbox in this cadence's pool")
-            first = next(m.address for m in self.pool if m.owner == adder)
-            self.balancer.counts[first] += 1
-            return first
+            return mine[0].address
         if rules.rotate_among == "cadence":
-            key: str | None = None
+            who, key = "", None
         elif rules.rotate_among == "owner":
-            key = owner
+            who, key = "owner", owner
         else:
-            key = adder
-        candidates = self._candidates(key)
+            who, key = "adder", adder
+        group = f"{rules.rotate_among}:{key or '*'}"
+        candidates = self._candidates(group, key)
         if not candidates:
-            who = "owner" if rules.rotate_among == "owner" else "adder"
             raise Placement(f"{who} {key!r} has no mailbox in this cadence's pool")
-        return self.balancer.pick(candidates)
+        if rules.rotation == WEIGHTED:
+            return self._weighted(group, candidates)
+        return self._round_robin(group, candidates)
+
+    def _round_robin(self, group: str, candidates: tuple[PoolMember, ...]) -> str:
+        last = self._order.get(self.cursors.get(group, ""), -1)
+        # The first candidate after the last one used, in pool order (wrapping): a newcomer waits for its turn.
+        chosen = next((m for m in candidates if self._order[m.address] > last), candidates[0])
+        self.cursors[group] = chosen.address
+        return chosen.address
+
+    def _weighted(self, group: str, candidates: tuple[PoolMember, ...]) -> str:
+        total = sum(max(m.weight, 0.0) for m in candidates)
+        if total <= 0:
+            return self._round_robin(group, candidates)
+        best: PoolMember | None = None
+        for m in candidates:
+            key = (group, m.address)
+            self.credits[key] = self.credits.get(key, 0.0) + max(m.weight, 0.0)
+            if best is None or self.credits[key] > self.credits[(group, best.address)]:
+                best = m
+        assert best is not None
+        self.credits[(group, best.address)] -= total
+        self.cursors[group] = best.address
+        return best.address
 
 
 def spread(counts: Mapping[str, int], members: Iterable[str]) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 from daemon.errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -104,6 +104,21 @@ _MIGRATIONS: dict[int, str] = {
     CREATE TABLE daemon_state (
         key TEXT PRIMARY KEY,
         value TEXT
+    );
+    """,
+    3: """
+    CREATE TABLE rotation_cursors (
+        cadence TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        last TEXT NOT NULL,
+        PRIMARY KEY (cadence, grp)
+    );
+    CREATE TABLE rotation_credits (
+        cadence TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        mailbox TEXT NOT NULL,
+        credit REAL NOT NULL,
+        PRIMARY KEY (cadence, grp, mailbox)
     );
     """,
 }
@@ -296,6 +311,29 @@ class Store:
     def rotation_counts(self, cadence: str) -> dict[str, int]:
         rows = self.conn.execute("SELECT mailbox, enrollments FROM rotation_counts WHERE cadence = ?", (cadence,))
         return dict(rows.fetchall())
+
+    def rotation_state(self, cadence: str) -> tuple[dict[str, str], dict[tuple[str, str], float]]:
+        """Where the cadence's rotation stopped: per group the last mailbox used, and weighted credits."""
+        cursors = dict(self.conn.execute("SELECT grp, last FROM rotation_cursors WHERE cadence = ?", (cadence,)))
+        credits = {
+            (g, m): c
+            for g, m, c in self.conn.execute(
+                "SELECT grp, mailbox, credit FROM rotation_credits WHERE cadence = ?", (cadence,)
+            )
+        }
+        return cursors, credits
+
+    def save_rotation(self, cadence: str, cursors: dict[str, str], credits: dict[tuple[str, str], float]) -> None:
+        self.conn.executemany(
+            """INSERT INTO rotation_cursors VALUES (?, ?, ?)
+               ON CONFLICT (cadence, grp) DO UPDATE SET last = excluded.last""",
+            [(cadence, g, last) for g, last in cursors.items()],
+        )
+        self.conn.executemany(
+            """INSERT INTO rotation_credits VALUES (?, ?, ?, ?)
+               ON CONFLICT (cadence, grp, mailbox) DO UPDATE SET credit = excluded.credit""",
+            [(cadence, g, m, c) for (g, m), c in credits.items()],
+        )
 
     def count_enrollments(self, cadence: str, added: dict[str, int]) -> None:
         """Keep the per-mailbox tally rotation balances on (SPEC §3: fewest so far)."""

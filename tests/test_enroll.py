@@ -25,7 +25,7 @@ def test_ten_over_two_and_three(project: Project) -> None:
     r = project.enroll(project.people(10), cadence="two")
     assert r.code == 0, r.err
     assert r.json()["assignments"] == {two[0]: 5, two[1]: 5}
-    r = project.enroll(project.people(10), cadence="three")
+    r = project.enroll(project.people(10), cadence="three", adder="bob")  # bob's import: bob's mailboxes
     assert sorted(r.json()["assignments"].values(), reverse=True) == [4, 3, 3]
     assert r.json()["assignments"][three[0]] == 4  # ties go to the first in the file
     assert senders(project, "three") == Counter({three[0]: 4, three[1]: 3, three[2]: 3})
@@ -190,7 +190,7 @@ def test_rotation_rules_are_pinned(project: Project) -> None:
     project.data["cadences"][1]["rotate_among"] = "owner"
     result = project.run("check")
     assert (
-        result.code == 2 and "rotate_among was 'cadence', the config says 'owner': fixed by 2 enrollments" in result.err
+        result.code == 2 and "rotate_among was 'adder', the config says 'owner': fixed by 2 enrollments" in result.err
     )
 
 

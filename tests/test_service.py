@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ def test_reload_applies_valid_config_and_keeps_the_old_one_otherwise(project: Pr
             assert any("fixed by 3 enrollments" in e for e in failed["errors"])
             project.data["cadences"][0]["auto_rotate"] = True
 
-            # A new mailbox by reload takes the new enrollments (it has the fewest).
+            # A new mailbox by reload takes its turn in the rotation (it is not flooded to catch up).
             (mb2,) = project.add_mailboxes(1, prefix="new", smtp=smtp)
             mark = daemon.mark()
             project.write()
@@ -142,17 +143,18 @@ def test_reload_applies_valid_config_and_keeps_the_old_one_otherwise(project: Pr
             reloaded = daemon.wait_event("config.reloaded", after=mark)
             assert reloaded["mailboxes_added"] == [mb2]
             result = project.enroll(project.people(2, start=20, name="again.csv"))
-            assert result.json()["assignments"] == {mb2: 2}
+            assert result.json()["assignments"] == {project.data["mailboxes"][0]["address"]: 1, mb2: 1}
             server.recorder.wait_for(5)
-            assert sum(d.sender == mb2 for d in server.recorder.deliveries) == 2
+            assert sum(d.sender == mb2 for d in server.recorder.deliveries) == 1
 
             # A removed mailbox's pending messages go to the error section, ready to reassign.
-            project.data["mailboxes"][1]["daily_limit"] = 0
+            later = (datetime.now(UTC).hour + 2) % 24  # mb2's window opens hours from now: its message waits
+            project.data["mailboxes"][1]["hours"] = [f"{later:02d}:00-{later + 1:02d}:00"]
             project.write()
             mark = daemon.mark()
             daemon.signal(signal.SIGHUP)
             daemon.wait_event("config.reloaded", after=mark)
-            project.enroll(project.people(1, start=30, name="late.csv"))
+            project.enroll(project.people(2, start=30, name="late.csv"))
             db = project.root / "cadenced.db"
             stuck = query(db, "SELECT id FROM messages WHERE mailbox = ? AND state = 'scheduled'", mb2)
             assert len(stuck) == 1
@@ -167,7 +169,7 @@ def test_reload_applies_valid_config_and_keeps_the_old_one_otherwise(project: Pr
                 ("error", "mailbox_removed")
             ]
             assert project.run("outbox", "reassign", "--id", str(stuck[0][0]), "--to", mb1).code == 0
-            server.recorder.wait_for(6)
+            server.recorder.wait_for(7)
 
             daemon.signal(signal.SIGTERM)
             assert daemon.wait() == 0
