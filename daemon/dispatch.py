@@ -43,6 +43,7 @@ from daemon.store import Claimed, Snapshot, Store, describe_store_error, is_busy
 
 T = TypeVar("T")
 CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
+LOOP_ERRORS_UNHEALTHY = 3  # a sender loop failing this many times in a row starves the watchdog
 
 
 class AsyncStore:
@@ -220,6 +221,17 @@ class Dispatcher:
             self.last_store_error = f"{iso(time.time())}: {what} (sending paused {outage} s)"
             self.log.info("store.recovered", outage_seconds=outage, was=what)
 
+    def stuck_loops(self) -> list[str]:
+        """Sender loops that fail again and again, or hang in one step past every bound they have."""
+        now = time.monotonic()
+        stuck = []
+        for address, runner in self.runners.items():
+            limit = runner.mailbox.smtp.timeout * 7 + 60  # open (3 timeouts) + one transaction (4) + slack
+            hung = runner.busy_since is not None and now - runner.busy_since > limit
+            if runner.errors_in_row >= LOOP_ERRORS_UNHEALTHY or hung:
+                stuck.append(address)
+        return stuck
+
     def past_deadline(self) -> bool:
         return self.stopping and time.monotonic() >= self.deadline
 
@@ -366,6 +378,8 @@ class MailboxRunner:
         self._streak: list[tuple[tuple[Any, ...], int, str]] = []  # (refusal, message, recipient) in a row
         self._throttles = 0
         self._store_backoff = 1.0
+        self.errors_in_row = 0  # loop errors since the last good step: the watchdog's view of this loop
+        self.busy_since: float | None = None  # monotonic, while a step runs
         self.log = dispatcher.log.bind(mailbox=mailbox.address)
         self.domain = mailbox.address.rpartition("@")[2]
 
@@ -392,16 +406,21 @@ class MailboxRunner:
         try:
             while not self.d.stopping and not self.removed:
                 self._event = anyio.Event()
+                self.busy_since = time.monotonic()
                 try:
                     acted = await self.step()
+                    self.errors_in_row = 0
                 except StoreUnavailable as exc:
                     self.d.store_failed(exc)
                     acted = False
                     self.next_wake = self.d.clock() + self._next_store_backoff()
                 except Exception:
-                    self.log.exception("mailbox.loop_error")
+                    self.errors_in_row += 1
+                    self.log.exception("mailbox.loop_error", errors_in_row=self.errors_in_row)
                     acted = False
                     self.next_wake = self.d.clock() + 5
+                finally:
+                    self.busy_since = None
                 if acted:
                     continue
                 if self.d.stopping or self.removed:

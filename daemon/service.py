@@ -380,9 +380,18 @@ class Daemon:
         )
 
     async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 only while every sender loop makes progress or waits by design; else systemd restarts us."""
+        said: list[str] = []
         while True:
             d = self.dispatcher
-            # Only while the dispatcher makes progress: its housekeeping job runs every second.
-            if d is not None and time.monotonic() - d.alive_at < max(interval * 2, 5):
-                self.notifier.watchdog()
+            if d is not None:
+                stuck = d.stuck_loops()
+                housekeeping = time.monotonic() - d.alive_at < max(interval * 2, 5)
+                if housekeeping and not stuck:
+                    self.notifier.watchdog()
+                    said = []
+                elif stuck != said:
+                    said = stuck
+                    self.log.error("daemon.unhealthy", stuck_mailboxes=stuck, action="watchdog not fed")
+                    self.notifier.status(f"unhealthy: sender loops failing: {', '.join(stuck)}")
             await anyio.sleep(interval)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401 (looked up lazily by socket.getfqdn, after the uid can no longer read it)
+import os
+import shutil
 import signal
+import socket
+import sys
+import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
+import pytest
+import tomli_w
+
+from daemon.cli import main
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import Authenticator, SmtpServer
@@ -145,4 +156,124 @@ def test_sigterm_cuts_a_slow_transaction_at_the_end_of_the_grace(project: Projec
         assert daemon.events()[-1]["in_flight_cancelled"] == 1
         assert query(project.root / "cadenced.db", "SELECT state, reason FROM messages") == [("error", "uncertain")]
     finally:
+        server.stop()
+
+
+def run_as(uid: int, args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """`cadenced ARGS` in a child that has dropped to `uid` (as setpriv --reuid does), with what it printed.
+
+    A fork of this interpreter, not a new one: the Python installation may sit where that uid cannot read.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges for good, then run the command
+        os.close(read)
+        sys.stdout = sys.stderr = os.fdopen(write, "w", encoding="utf-8")
+        code = 70
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.environ.update(env)
+            code = main(args)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, encoding="utf-8", errors="replace") as out:
+        text = out.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing to an unprivileged uid needs root")
+@pytest.mark.parametrize("config_dir_mode", [0o755, 0o750], ids=["as-documented", "the-old-0750"])
+def test_the_documented_install_works_for_an_unprivileged_dynamic_user(config_dir_mode: int) -> None:
+    """README's steps, replayed in a temporary root; the service's uid is an unprivileged one (as DynamicUser)."""
+    root = Path(tempfile.mkdtemp(prefix="cadenced-install-"))
+    try:
+        root.chmod(0o755)
+        etc, secrets, creds, state = root / "etc", root / "etc" / "secrets", root / "creds", root / "state"
+        etc.mkdir(mode=config_dir_mode)
+        etc.chmod(config_dir_mode)
+        secrets.mkdir(mode=0o700)
+        (secrets / "alice").write_text("the-smtp-password\n")
+        (secrets / "alice").chmod(0o600)
+        config = etc / "config.toml"
+        config.write_text(
+            tomli_w.dumps(
+                {
+                    "daemon": {"database": str(state / "cadenced.db")},
+                    "users": [{"name": "alice"}],
+                    "mailboxes": [
+                        {
+                            "address": "alice@acme.example",
+                            "owner": "alice",
+                            "helo_name": "mail.acme.example",
+                            "smtp": {"host": "smtp.acme.example", "username": "alice", "credential": "smtp-alice"},
+                        }
+                    ],
+                    "cadences": [{"name": "q4", "users": ["alice"], "steps": [{"subject": "Hi", "body": "Hello"}]}],
+                }
+            )
+        )
+        config.chmod(0o644)
+        # What systemd does: LoadCredential= copies the root-only secret to a folder the service's uid can read.
+        creds.mkdir(mode=0o500)
+        shutil.copy(secrets / "alice", creds / "smtp-alice")
+        (creds / "smtp-alice").chmod(0o400)
+        state.mkdir(mode=0o700)
+        for path in (creds, creds / "smtp-alice", state):
+            os.chown(path, NOBODY, NOBODY)
+        code, err = run_as(NOBODY, ["--config", str(config), "check"], {"CREDENTIALS_DIRECTORY": str(creds)})
+        if config_dir_mode == 0o755:
+            assert code == 0, err
+            assert "the-smtp-password" not in err
+        else:
+            assert code == 2 and "Permission denied" in err, err
+    finally:
+        shutil.rmtree(root)
+
+
+NOBODY = 65534
+
+
+def test_a_sender_loop_that_fails_forever_starves_the_watchdog(project: Project, tmp_path: Path) -> None:
+    server = SmtpServer().start()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(20)
+    try:
+        project.data["defaults"]["gap"] = "0s"
+        project.add_mailboxes(1, smtp=server.smtp_config())
+        project.add_cadence()
+        project.enroll(project.people(1))
+        query(project.root / "cadenced.db", "UPDATE enrollments SET fields = '{broken'")  # a damaged row
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+        daemon = DaemonProcess(project.config_path, env=env)
+        try:
+            unhealthy = daemon.wait_event("daemon.unhealthy", within=30)
+            assert unhealthy["stuck_mailboxes"] == ["mb1@alice.example"]
+            # From then on: no WATCHDOG=1 in three watchdog intervals (systemd would restart the unit).
+            sock.setblocking(False)
+            while True:  # what was sent before it was found stuck
+                try:
+                    sock.recv(4096)
+                except BlockingIOError:
+                    break
+            sock.settimeout(0.2)
+            pings, deadline = 0, time.monotonic() + 3
+            while time.monotonic() < deadline:
+                try:
+                    pings += sock.recv(4096).decode().split("\n").count("WATCHDOG=1")
+                except TimeoutError:
+                    pass
+            assert pings <= 1  # one may have been on its way when the loop was found stuck
+        finally:
+            daemon.signal(signal.SIGTERM)
+            daemon.wait()
+    finally:
+        sock.close()
         server.stop()
