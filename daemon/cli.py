@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,9 +57,30 @@ def _open_store(config: Config, *, create: bool = True) -> Store:
 # --- commands ---------------------------------------------------------------------
 
 
+def _existing_parent(path: Path) -> Path:
+    """The nearest folder of `path` that exists (where the database, or its folder, would be created)."""
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def _cannot_write(folder: Path) -> str:
+    """Why nothing can be created in `folder` (tried for real: permission bits do not tell for root), or ""."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cadenced-check-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     problems: list[str] = []
+    folder = _existing_parent(config.daemon.database)
+    why = _cannot_write(folder)
+    if why:
+        problems.append(f"daemon.database: cannot create {config.daemon.database}: {folder}: {why}")
     if config.daemon.database.exists():
         store = _open_store(config, create=False)
         try:
@@ -180,13 +203,24 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return 0
     if not messages:
         _out("no messages")
-    for m in messages:
-        when = f"sent {m['sent_at']}" if m["sent_at"] else f"due {m['due_at']}"
-        why = f" ({m['reason']})" if m["reason"] else ""
-        _out(
-            f"{m['id']:>7} {m['state']}{why:<16} {m['cadence']} step {m['step']} "
-            f"{m['mailbox']} → {m['prospect']} {when}"
+        return 0
+    table = [
+        (
+            str(m["id"]),
+            f"{m['state']}/{m['reason']}" if m["reason"] else str(m["state"]),
+            f"{m['cadence']} #{m['step']}",
+            str(m["mailbox"]),
+            str(m["prospect"]),
+            f"sent {m['sent_at']}" if m["sent_at"] else f"due {m['due_at']}",
+            " ".join(str(m["detail"] or "").split())[:160],
         )
+        for m in messages
+    ]
+    head = ("ID", "STATE", "CADENCE", "MAILBOX", "PROSPECT", "WHEN", "WHY")
+    widths = [max(len(r[i]) for r in [head, *table]) for i in range(len(head) - 1)]
+    for r in [head, *table]:
+        cells = [r[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(r[1:-1], widths[1:], strict=True)]
+        _out("  ".join([*cells, r[-1]]).rstrip())
     return 0
 
 
@@ -305,6 +339,16 @@ def cmd_mailbox_test(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------
 
 
+def _days(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 366:
+        raise argparse.ArgumentTypeError(f"must be 1-366, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -366,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("plan", parents=[common], help="forecast sends per mailbox per day, sending nothing")
-    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--days", type=_days, default=7, help="1 to 366")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_plan)
 
@@ -398,3 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `cadenced status | head -3`: the reader left; say nothing more (and let the exit flush nowhere).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -139,8 +139,8 @@ def next_allowed(
         t, reason = throttled_until, "throttled"
     for _ in range(HORIZON_DAYS * 2):
         opened = next_open(t, s)
-        if opened > t and reason is None:
-            reason = "window"
+        if opened > t and reason in (None, "gap", "throttled"):
+            reason = "window"  # the window closed meanwhile: that is what holds it back now
         t = opened
         if count(local_day(t, s.timezone)) < s.daily_limit:
             return Decision(t, reason)

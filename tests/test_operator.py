@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -277,3 +278,21 @@ def test_a_sender_loop_that_fails_forever_starves_the_watchdog(project: Project,
     finally:
         sock.close()
         server.stop()
+
+
+def test_the_small_things(project: Project) -> None:
+    """plan --days must be at least 1; check tries the database folder; a closed pipe ends `status` quietly."""
+    project.add_mailboxes(1)
+    project.add_cadence()
+    with pytest.raises(SystemExit) as usage:
+        project.run("plan", "--days", "-5")
+    assert usage.value.code == 2
+    project.data["daemon"]["database"] = "/proc/nope/x.db"
+    check = project.run("check")
+    assert check.code == 2 and "daemon.database: cannot create /proc/nope/x.db" in check.err
+    project.data["daemon"]["database"] = str(project.root / "cadenced.db")
+    project.enroll(project.people(200))
+    cmd = [sys.executable, "-m", "daemon", "--config", str(project.config_path), "outbox"]
+    run = subprocess.run(f"{' '.join(cmd)} | head -3", shell=True, capture_output=True, text=True, check=False)
+    assert run.stdout.count("\n") == 3 and run.stderr == "", run.stderr
+    assert run.stdout.split()[:7] == ["ID", "STATE", "CADENCE", "MAILBOX", "PROSPECT", "WHEN", "WHY"]

@@ -79,8 +79,10 @@ def test_gap_then_window() -> None:
     s = sched()
     t = ts("2026-11-25 16:58", BERLIN)
     d = timing.next_allowed(t, s, t + 300, {})
-    assert d.waiting_for == "gap"
+    assert d.waiting_for == "window"  # the gap ends after the window closed: the window is the reason
     assert d.at is not None and wall(d.at, BERLIN) == "Thu 2026-11-26 09:00:00"
+    d = timing.next_allowed(t - 3600, s, t - 3600 + 300, {})
+    assert d.waiting_for == "gap"
     d = timing.next_allowed(ts("2026-11-25 07:00", BERLIN), s, None, {})
     assert d.waiting_for == "window"
     assert timing.next_allowed(t, sched(limit=0), None, {}) == timing.Decision(None, "daily_limit")
