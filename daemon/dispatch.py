@@ -218,7 +218,7 @@ class Dispatcher:
             since, what = self.store_trouble
             self.store_trouble = None
             outage = round(time.monotonic() - since, 1)
-            self.last_store_error = f"{iso(time.time())}: {what} (sending paused {outage} s)"
+            self.last_store_error = f"{iso(self.clock())}: {what} (sending paused {outage} s)"
             self.log.info("store.recovered", outage_seconds=outage, was=what)
 
     def stuck_loops(self) -> list[str]:
@@ -273,7 +273,7 @@ class Dispatcher:
                     if address not in running:
                         scope = anyio.CancelScope()
                         running[address] = (mailbox.imap, scope)
-                        watcher = Watcher(mailbox, self.db, lambda: self.config, self._waker(address))
+                        watcher = Watcher(mailbox, self.db, lambda: self.config, self._waker(address), self.clock)
                         tg.start_soon(self._run_watcher, watcher, scope)
                 await self._config_changed.wait()
                 self._config_changed = anyio.Event()

@@ -284,8 +284,14 @@ class Watcher:
     """Watches one mailbox's INBOX: IDLE where offered, polling otherwise; never stops sending."""
 
     def __init__(
-        self, mailbox: Mailbox, db: Any, config: Callable[[], Config], wake: Callable[[], None] = lambda: None
+        self,
+        mailbox: Mailbox,
+        db: Any,
+        config: Callable[[], Config],
+        wake: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.clock = clock  # the daemon's one clock: instants recorded by replies, bounces and settlements
         self.wake = wake  # the mailbox's sender loop: a settled message may be due now
         self.mailbox = mailbox
         self.address = mailbox.address
@@ -407,7 +413,7 @@ class Watcher:
     ) -> list[tuple[str, dict[str, Any]]]:
         """Act on a batch and move the position in the same commit: nothing missed, nothing twice."""
         config = self.config()
-        now = time.time()
+        now = self.clock()
         events: list[tuple[str, dict[str, Any]]] = []
         with store.transaction():
             for uid, v in verdicts:
@@ -482,7 +488,7 @@ class Watcher:
             found = _ok(await client.uid_search("HEADER", "Message-ID", quoted(message_id), charset=None), "SEARCH")
             first = found.lines[0] if found.lines else b""
             delivered = isinstance(first, bytes | bytearray) and bool(bytes(first).split())
-            if not delivered and time.time() - since < settle_after:
+            if not delivered and self.clock() - since < settle_after:
                 continue  # the provider may not have filed it yet
             await self.db(self._settle, message, delivered, sent)
             changed = True
@@ -493,7 +499,7 @@ class Watcher:
 
     def _settle(self, store: Store, message: int, delivered: bool, folder: str) -> None:
         """Found in Sent: it was delivered (and the next step is scheduled); not found: send it."""
-        now = time.time()
+        now = self.clock()
         detail = f"settled from {folder}: {'found' if delivered else 'not found'} there"
         with store.transaction():
             row = store.settle_uncertain(message, delivered, now, detail)

@@ -119,7 +119,7 @@ class Daemon:
             store.close()
             raise ConfigError(problems, str(self.config_path))
         self.store = store
-        now = time.time()
+        now = self.clock()
         for message in store.recover_sending(now):
             self.log.warning(
                 "message.error", message=message, reason="uncertain", detail="found in sending at start-up"
@@ -132,8 +132,8 @@ class Daemon:
         store.set_daemon_state(
             {
                 "pid": str(os.getpid()),
-                "started_at": str(now),
-                "heartbeat_at": str(now),
+                "started_at": str(time.time()),  # liveness facts in real time (see _heartbeat)
+                "heartbeat_at": str(time.time()),
                 "stopped_at": None,
                 "config_digest": config_digest(self.config_path),
             }
@@ -246,7 +246,7 @@ class Daemon:
         changes = describe_changes(old, new)
         assert self.dispatcher is not None
         removed = self.dispatcher.apply(new)
-        now = time.time()
+        now = self.clock()
         for address, message in self.store.orphan_removed_mailboxes({m.address for m in new.mailboxes}, now):
             self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
         before = {m.address: m.smtp for m in old.mailboxes}
@@ -273,6 +273,7 @@ class Daemon:
         d = self.dispatcher
         if d is None:
             return
+        # Real time, not the daemon's clock: `status` compares it with its own wall clock to tell a stuck daemon.
         state: dict[str, str | None] = {"heartbeat_at": str(time.time())}
         if d.last_store_error is not None:
             state["store_error"] = d.last_store_error
@@ -314,7 +315,7 @@ class Daemon:
                 state = folders.setdefault(automation.name, enroll.FolderState())
                 if not self._folder_usable(automation, state):
                     continue
-                for path in enroll.ready_files(automation.watch, state, time.time(), automation.settle):
+                for path in enroll.ready_files(automation.watch, state, self.clock(), automation.settle):
                     await self._import(automation, state, path)
 
     def _folder_usable(self, automation: Automation, state: enroll.FolderState) -> bool:
@@ -346,7 +347,9 @@ class Daemon:
         def work() -> enroll.Imported:
             store = Store.open(config.daemon.database, busy_timeout=config.daemon.busy_timeout)
             try:
-                return enroll.import_dropped(store, config, cadence, owner, path, time.time(), automation.max_file_size)
+                return enroll.import_dropped(
+                    store, config, cadence, owner, path, self.clock(), automation.max_file_size
+                )
             finally:
                 store.close()
 
