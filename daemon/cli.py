@@ -274,7 +274,7 @@ def cmd_outbox_retry(args: argparse.Namespace) -> int:
     if args.json:
         _json({"retried": outcome.messages})
     else:
-        _out(f"retried {len(outcome.messages)} message(s): {_ids(outcome.messages)}")
+        _out(f"retried {len(outcome.messages)} message(s): {operate.id_list(outcome.messages)}")
     return 0
 
 
@@ -300,16 +300,11 @@ def cmd_outbox_reassign(args: argparse.Namespace) -> int:
     else:
         _out(
             f"reassigned {outcome.enrollments} enrollment(s) to {args.to}; "
-            f"{len(outcome.messages)} message(s) now leave from it: {_ids(outcome.messages)}"
+            f"{len(outcome.messages)} message(s) now leave from it: {operate.id_list(outcome.messages)}"
         )
         if outcome.goes_at is not None:
             _out(f"{args.to} waits for {outcome.waiting_for}: they go from {outcome.goes_at}")
     return 0
-
-
-def _ids(ids: list[int]) -> str:
-    shown = ", ".join(str(i) for i in ids[:20])
-    return shown + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
 
 
 def cmd_mailbox_test(args: argparse.Namespace) -> int:

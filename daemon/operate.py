@@ -57,12 +57,7 @@ def retry(
     with store.transaction():
         if ids:
             rows = _check_ids(store, ids, ("error",), "retried")
-            uncertain = sorted(i for i, r in rows.items() if r["reason"] == "uncertain")
-            if uncertain and not include_uncertain:
-                raise Refused(
-                    f"message(s) {_list(uncertain)} are uncertain: the prospect may already have them; "
-                    "add --include-uncertain once you have checked; nothing was changed"
-                )
+            _uncertain_needs_consent(rows, include_uncertain)
             chosen = ids
         else:
             chosen = store.error_ids(None if every else mailbox, exclude_uncertain=True)
@@ -97,7 +92,7 @@ def _can_send(store: Store, config: Config, rows: dict[int, dict[str, object]]) 
             )
         else:
             continue
-        problems.append(f"message(s) {_list(ids)}: {box} {why}")
+        problems.append(f"message(s) {id_list(ids)}: {box} {why}")
     if problems:
         raise Refused("; ".join(problems) + "; nothing was changed")
 
@@ -111,7 +106,17 @@ def when_it_sends(store: Store, mailbox: Mailbox, now: float) -> tuple[str | Non
     return iso(decision.at) if decision.at is not None else "never (daily_limit = 0)", decision.waiting_for
 
 
-def _list(ids: list[int]) -> str:
+def _uncertain_needs_consent(rows: dict[int, dict[str, object]], include_uncertain: bool) -> None:
+    """An uncertain message goes again only when named, with --include-uncertain: the prospect may have it."""
+    uncertain = sorted(i for i, r in rows.items() if r["reason"] == "uncertain")
+    if uncertain and not include_uncertain:
+        raise Refused(
+            f"message(s) {id_list(uncertain)} are uncertain: the prospect may already have them; "
+            "add --include-uncertain once you have checked; nothing was changed"
+        )
+
+
+def id_list(ids: list[int]) -> str:
     return ", ".join(str(i) for i in ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
 
 
@@ -136,12 +141,7 @@ def reassign(
     with store.transaction():
         if ids:
             rows = _check_ids(store, ids, ("scheduled", "error"), "reassigned")
-            uncertain = sorted(i for i, r in rows.items() if r["reason"] == "uncertain")
-            if uncertain and not include_uncertain:
-                raise Refused(
-                    f"message(s) {_list(uncertain)} are uncertain: the prospect may already have them; "
-                    "add --include-uncertain once you have checked; nothing was changed"
-                )
+            _uncertain_needs_consent(rows, include_uncertain)
         else:
             assert source is not None
             chosen = store.pending_ids(source, exclude_uncertain=True)
