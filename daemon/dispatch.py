@@ -54,7 +54,8 @@ class AsyncStore:
     call to a worker thread made each one wait for the GIL several times over.
     Only when another process holds the write lock (an import, a retry) does
     the call fail at once with SQLITE_BUSY; it then runs again, in a worker
-    thread, on a second connection that waits for the lock.
+    thread, on a second connection that waits for the lock. The sender loops'
+    turns go through `grouped`: a third connection commits them in batches.
     """
 
     def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
@@ -134,6 +135,16 @@ class AsyncStore:
                     call.error = exc
                 store.conn.execute(f"RELEASE call{i}")
 
+    async def others_version(self) -> int:
+        """PRAGMA data_version seen by the group-commit connection: it moves when another connection commits.
+
+        Read there, the daemon's own sends (the bulk of its commits) do not count as news.
+        """
+        try:
+            return await anyio.to_thread.run_sync(Store.data_version, self.group, limiter=self.group_limiter)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(describe_store_error(exc)) from None
+
     def close(self) -> None:
         self.fast.close()
         self.slow.close()
@@ -199,6 +210,7 @@ class Dispatcher:
         self.cut_at: float | None = None  # anyio clock: when a stop cuts the transactions in flight
         self.shields: set[anyio.CancelScope] = set()
         self.store_trouble: tuple[float, str] | None = None  # (since, what) while commits fail
+        self._store_logged = 0.0
         self.last_store_error: str | None = None
 
     def store_failed(self, exc: StoreUnavailable) -> None:
@@ -239,7 +251,7 @@ class Dispatcher:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every mailbox's loop until stop(); returns when all in-flight sends are recorded."""
-        self._data_version = await self.db(Store.data_version)
+        self._data_version = await self.db.others_version()
         self.scheduler.start()
         try:
             async with anyio.create_task_group() as outer:
@@ -331,7 +343,7 @@ class Dispatcher:
         """Housekeeping job: another process committed (an enrollment, a retry): wake every loop."""
         self.alive_at = time.monotonic()
         try:
-            version = await self.db(Store.data_version)
+            version = await self.db.others_version()
         except StoreUnavailable as exc:
             self.store_failed(exc)
             return

@@ -278,7 +278,7 @@ class Daemon:
         if d.last_store_error is not None:
             state["store_error"] = d.last_store_error
         try:
-            await d.db(Store.set_daemon_state, state)
+            await d.db.grouped(Store.set_daemon_state, state)  # with the sends: not news to the daemon itself
         except StoreUnavailable as exc:
             d.store_failed(exc)
         self.notifier.status(self.status_line())

@@ -23,9 +23,11 @@ class Notifier:
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # Never wait: a receiver whose queue is full (net.unix.max_dgram_qlen) would block the event loop.
+                sock.setblocking(False)
                 sock.connect(target)
-                sock.sendall("\n".join(fields).encode())
-        except OSError:
+                sock.send("\n".join(fields).encode())
+        except OSError:  # BlockingIOError included: the notice is dropped, the next one says the same
             return False
         return True
 
