@@ -180,21 +180,24 @@ class Config:
     cadences: tuple[Cadence, ...]
     automations: tuple[Automation, ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    _mailboxes: dict[str, Mailbox] = field(default_factory=dict, compare=False, repr=False)
+    _cadences: dict[str, Cadence] = field(default_factory=dict, compare=False, repr=False)
+    _users: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Look-ups by name cost the same with 10 mailboxes or 50,000.
+        object.__setattr__(self, "_mailboxes", {m.address: m for m in self.mailboxes})
+        object.__setattr__(self, "_cadences", {c.name: c for c in self.cadences})
+        object.__setattr__(self, "_users", frozenset(u.name for u in self.users))
 
     def mailbox(self, address: str) -> Mailbox:
-        for m in self.mailboxes:
-            if m.address == address:
-                return m
-        raise KeyError(address)
+        return self._mailboxes[address]
 
     def cadence(self, name: str) -> Cadence:
-        for c in self.cadences:
-            if c.name == name:
-                return c
-        raise KeyError(name)
+        return self._cadences[name]
 
     def user_names(self) -> frozenset[str]:
-        return frozenset(u.name for u in self.users)
+        return self._users
 
 
 # --- values -----------------------------------------------------------------
@@ -638,26 +641,30 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     dt.finish()
 
     users: list[User] = []
+    user_seen: set[str] = set()
     for t in root.tables("users"):
         name = t.string("name")
         t.finish()
         if isinstance(name, str):
             if not name:
                 t.problems.add(t.at("name"), "must not be empty")
-            elif any(u.name == name for u in users):
+            elif name in user_seen:
                 t.problems.add(t.at("name"), f"duplicate user {name!r}")
             else:
                 users.append(User(name))
+                user_seen.add(name)
     user_names = {u.name for u in users}
 
+    address_seen: set[str] = set()
     mailboxes: list[Mailbox] = []
     for t in root.tables("mailboxes"):
         address = t.string("address")
         if isinstance(address, str):
             if not valid_address(address):
                 t.problems.add(t.at("address"), f"not an email address: {address!r}")
-            elif any(m.address.lower() == address.lower() for m in mailboxes):
+            elif address.lower() in address_seen:
                 t.problems.add(t.at("address"), f"duplicate mailbox {address!r}")
+            address_seen.add(address.lower())
         name = t.string("name", "")
         if isinstance(name, str) and ("\r" in name or "\n" in name):
             t.problems.add(t.at("name"), "must be one line")
@@ -759,7 +766,8 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
         if not f.isidentifier():
             t.problems.add(f"{t.at('fields')}[{i}]", f"not a template variable name: {f!r}")
     wanted = set(direct or [])
-    pool = tuple(m.address for m in mailboxes if m.address in wanted or m.owner in set(users or []))
+    members = set(users or [])
+    pool = tuple(m.address for m in mailboxes if m.address in wanted or m.owner in members)
     if (users or direct) and not pool:
         t.problems.add(t.path, "the pool is empty: its users own no mailbox and it names none")
     elif not users and not direct:
