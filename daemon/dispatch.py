@@ -204,6 +204,7 @@ class Dispatcher:
         )
         self._tg: TaskGroup | None = None
         self._config_changed = anyio.Event()
+        self._housekeeping = anyio.Event()
         self._data_version = -1
         self.alive_at = time.monotonic()
         self.deadline = float("inf")  # monotonic: when a stop stops waiting for the store
@@ -261,8 +262,9 @@ class Dispatcher:
                     for mailbox in self.config.mailboxes:
                         self._start(mailbox)
                     outer.start_soon(self._watch_replies, name="imap watchers")
+                    outer.start_soon(self._notice_changes, name="housekeeping")
                     self.scheduler.add_job(
-                        self._notice_changes, "interval", seconds=CHANGE_POLL, id="housekeeping:changes"
+                        self._housekeeping_job, "interval", seconds=CHANGE_POLL, id="housekeeping:changes"
                     )
                     task_status.started()
                 outer.cancel_scope.cancel()  # every loop has returned: nothing more to commit
@@ -339,18 +341,25 @@ class Dispatcher:
                 runner_or_none.reconfigure(mailbox)
         return removed
 
+    async def _housekeeping_job(self) -> None:
+        """APScheduler's housekeeping job: only signals (the work runs in the dispatcher's task group)."""
+        self._housekeeping.set()
+
     async def _notice_changes(self) -> None:
-        """Housekeeping job: another process committed (an enrollment, a retry): wake every loop."""
-        self.alive_at = time.monotonic()
-        try:
-            version = await self.db.others_version()
-        except StoreUnavailable as exc:
-            self.store_failed(exc)
-            return
-        if version != self._data_version:
-            self._data_version = version
-            for runner in self.runners.values():
-                runner.wake()
+        """Another process committed (an enrollment, a retry): wake every loop."""
+        while True:
+            await self._housekeeping.wait()
+            self._housekeeping = anyio.Event()
+            self.alive_at = time.monotonic()
+            try:
+                version = await self.db.others_version()
+            except StoreUnavailable as exc:
+                self.store_failed(exc)
+                continue
+            if version != self._data_version:
+                self._data_version = version
+                for runner in self.runners.values():
+                    runner.wake()
 
     # --- scheduling ------------------------------------------------------------------------
 

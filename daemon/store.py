@@ -13,7 +13,7 @@ from typing import Any
 
 from daemon.errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -121,6 +121,31 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (cadence, grp, mailbox)
     );
     """,
+    # Scans that grew with everything ever sent: a full index on state (the partial one was not used for
+    # `state = 'sending'`), and enrollment counts kept by triggers instead of counted for every `status`.
+    4: """
+    DROP INDEX messages_open;
+    CREATE INDEX messages_state ON messages (state, mailbox, reason);
+    CREATE TABLE enrollment_counts (
+        cadence TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (cadence, state)
+    );
+    INSERT INTO enrollment_counts SELECT cadence, state, count(*) FROM enrollments GROUP BY cadence, state;
+    CREATE TRIGGER enrollment_counted AFTER INSERT ON enrollments BEGIN
+        INSERT INTO enrollment_counts VALUES (new.cadence, new.state, 1)
+        ON CONFLICT (cadence, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER enrollment_recounted AFTER UPDATE OF state ON enrollments WHEN old.state != new.state BEGIN
+        UPDATE enrollment_counts SET n = n - 1 WHERE cadence = old.cadence AND state = old.state;
+        INSERT INTO enrollment_counts VALUES (new.cadence, new.state, 1)
+        ON CONFLICT (cadence, state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER enrollment_uncounted AFTER DELETE ON enrollments BEGIN
+        UPDATE enrollment_counts SET n = n - 1 WHERE cadence = old.cadence AND state = old.state;
+    END;
+    """,
 }
 
 
@@ -187,9 +212,8 @@ class Store:
         with self.transaction():
             current = self.conn.execute("PRAGMA user_version").fetchone()[0]
             for v in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[v].split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
+                for statement in _statements(_MIGRATIONS[v]):
+                    self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {v}")
 
     def close(self) -> None:
@@ -242,7 +266,7 @@ class Store:
     def pins(self) -> dict[str, Pin]:
         rows = self.conn.execute(
             """SELECT p.cadence, p.auto_rotate, p.rotate_among,
-                      (SELECT count(*) FROM enrollments e WHERE e.cadence = p.cadence)
+                      (SELECT coalesce(sum(n), 0) FROM enrollment_counts c WHERE c.cadence = p.cadence)
                FROM cadence_pins p"""
         ).fetchall()
         return {r[0]: Pin(r[0], bool(r[1]), r[2], r[3]) for r in rows}
@@ -395,9 +419,7 @@ class Store:
 
     def enrollment_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for cadence, state, n in self.conn.execute(
-            "SELECT cadence, state, count(*) FROM enrollments GROUP BY cadence, state"
-        ):
+        for cadence, state, n in self.conn.execute("SELECT cadence, state, n FROM enrollment_counts WHERE n > 0"):
             out.setdefault(cadence, {})[state] = n
         return out
 
@@ -866,9 +888,9 @@ class Store:
     def enrollments_of_message_ids(self, message_ids: Sequence[str]) -> list[tuple[int, str, str, str]]:
         """(enrollment id, cadence, email, state) of the enrollments that sent these Message-IDs."""
         rows = self.conn.execute(
-            """SELECT DISTINCT e.id, e.cadence, e.email, e.state FROM messages m
-               JOIN enrollments e ON e.id = m.enrollment_id
-               WHERE m.message_id IN (SELECT value FROM json_each(?))""",
+            """SELECT DISTINCT e.id, e.cadence, e.email, e.state
+               FROM json_each(?) j CROSS JOIN messages m ON m.message_id = j.value
+               JOIN enrollments e ON e.id = m.enrollment_id""",
             (_json_list(list(message_ids)),),
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
@@ -910,8 +932,8 @@ class Store:
         """A DSN says a sent message failed after all: the message says so, and a block counts for the mailbox."""
         rows = self.conn.execute(
             """UPDATE messages SET state = 'failed', reason = ?, detail = ?
-               WHERE state = 'sent' AND message_id IN (SELECT value FROM json_each(?))
-               AND enrollment_id IN (SELECT id FROM enrollments WHERE email = ?) RETURNING id""",
+               WHERE id IN (SELECT m.id FROM json_each(?) j CROSS JOIN messages m ON m.message_id = j.value)
+               AND state = 'sent' AND enrollment_id IN (SELECT id FROM enrollments WHERE email = ?) RETURNING id""",
             (reason, detail, _json_list(list(message_ids)), email),
         ).fetchall()
         if reason == "blocked" and rows:
@@ -1015,6 +1037,17 @@ class Claimed:
 
 SUPPRESSED_BY = "address suppressed after a bounce of message"
 BLOCKED_BY = "enrollment stopped after a block of message"
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration, one at a time (a trigger's body has semicolons of its own)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def is_busy(exc: sqlite3.Error) -> bool:
