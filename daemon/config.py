@@ -285,12 +285,34 @@ def _helo_name(t: _Table, default: str) -> str:
     return value
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# The everyday address: a dot-atom local part and a plain host name with a letters-only TLD. Every address it
+# matches (and that passes the checks in _plainly_valid) email-validator accepts too (tests/test_config.py
+# holds a property test of that); anything else goes to email-validator itself.
+_PLAIN = re.compile(rf"(?P<local>{_ATEXT}(?:\.{_ATEXT})*)@(?P<domain>(?:{_LABEL}\.)+[A-Za-z]{{2,63}})")
+_SPECIAL_USE = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+
+
+def _plainly_valid(text: str) -> bool:
+    match = _PLAIN.fullmatch(text)
+    if match is None or len(text) > 254 or len(match["local"]) > 64 or len(match["domain"]) > 253:
+        return False
+    labels = match["domain"].lower().split(".")
+    if any(label[2:4] == "--" for label in labels):
+        return False  # IDNA rules (Punycode): email-validator's to judge
+    return not any(".".join(labels[i:]) in _SPECIAL_USE for i in range(len(labels)))
+
+
 def address_problem(text: str) -> str | None:
     """Why `text` is not an address we can send to (syntax only, no DNS), or None.
 
     email-validator checks RFC 5321/5322 syntax; ASCII only, since sending to an
-    internationalised address needs SMTPUTF8, which cadenced does not speak.
+    internationalised address needs SMTPUTF8, which cadenced does not speak. The
+    everyday address is recognised first by a stricter pattern (50 µs → 1 µs a row).
     """
+    if _plainly_valid(text):
+        return None
     try:
         email_validator.validate_email(text, check_deliverability=False, allow_smtputf8=False)
     except email_validator.EmailNotValidError as exc:

@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon.config import format_duration, load_config, parse_duration, parse_gap, parse_hours
 from tests.conftest import Project
@@ -228,3 +230,28 @@ def test_wrong_types_and_shapes(project: Project) -> None:
     assert "users: must be an array of tables ([[users]]), got a table" in result.err
     assert "defaults.days[1]: must be one of mon, tue" in result.err
     assert "defaults.daily_limit: must be an integer, got a boolean" in result.err
+
+
+_ADDRESS_CHARS = "abcXYZ019.-_+!#$%&'*/=?^`{|}~@\"\\ ()<>[]:;,é"
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.text(alphabet=_ADDRESS_CHARS, max_size=40),
+        st.builds(
+            lambda local, labels, tld: f"{local}@{'.'.join(labels)}.{tld}",
+            st.text(alphabet=_ADDRESS_CHARS, min_size=1, max_size=20),
+            st.lists(st.text(alphabet="abz09-", min_size=1, max_size=8), min_size=1, max_size=3),
+            st.sampled_from(["com", "example", "test", "local", "arpa", "c0", "io", "x"]),
+        ),
+    )
+)
+def test_the_fast_address_check_never_accepts_what_email_validator_refuses(text: str) -> None:
+    """The everyday-address shortcut is a subset of email-validator: it may only say yes where the library does."""
+    import email_validator
+
+    from daemon.config import _plainly_valid
+
+    if _plainly_valid(text):
+        email_validator.validate_email(text, check_deliverability=False, allow_smtputf8=False)
