@@ -140,7 +140,11 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     seq = 0
     live = [m for m in config.mailboxes if mailbox_state(m.paused, health.get(m.address)) == "connected"]
     for m in live:
-        for due, step, _enrollment, cadence_name in store.scheduled_for_plan(m.address, horizon):
+        # A mailbox sends at most daily_limit a local day: only its first that many x days can go in the
+        # horizon (a follow-up made on the way only pushes later ones out), so the plan costs what can be
+        # sent, not what is enrolled.
+        capacity = m.schedule.daily_limit * (days + 2)
+        for due, step, _enrollment, cadence_name in store.scheduled_for_plan(m.address, horizon, capacity):
             heap.append((due, seq, m.address, step, cadence_name))
             seq += 1
     heapq.heapify(heap)

@@ -994,13 +994,13 @@ class Store:
             (now, enrollment),
         )
 
-    def scheduled_for_plan(self, mailbox: str, until: float) -> list[tuple[float, int, int, str]]:
-        """(due_at, step, enrollment_id, cadence) of scheduled messages due before `until`."""
+    def scheduled_for_plan(self, mailbox: str, until: float, limit: int) -> list[tuple[float, int, int, str]]:
+        """(due_at, step, enrollment_id, cadence) of the first `limit` scheduled messages due before `until`."""
         rows = self.conn.execute(
             """SELECT m.due_at, m.step, m.enrollment_id, e.cadence FROM messages m
                JOIN enrollments e ON e.id = m.enrollment_id
-               WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at < ? ORDER BY m.due_at""",
-            (mailbox, until),
+               WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at < ? ORDER BY m.due_at, m.id LIMIT ?""",
+            (mailbox, until, limit),
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 

@@ -70,7 +70,7 @@ HOT: dict[str, Callable[[Store], Any]] = {
         s.enrollments_of_message_ids(["<a@b>"]),
         s.enrollments_of_sender("p1@x.example", "m@x.example"),
     ),
-    "plan": lambda s: s.scheduled_for_plan("m@x.example", 1e12),
+    "plan": lambda s: s.scheduled_for_plan("m@x.example", 1e12, 100),
     "bounces": lambda s: (
         s.dsn_failed(["<a@b>"], "p1@x.example", "blocked", "5.7.1", "m@x.example"),
         s.bounce_address("p2@x.example", 1.0, "5.1.1"),
