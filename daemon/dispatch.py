@@ -637,10 +637,11 @@ class MailboxRunner:
 
     async def _cut(self, c: Claimed) -> None:
         """Cut at the end of shutdown_grace: the server may have the message, so it is `uncertain`."""
-        await self.conn.close()
         grace = self.d.config.daemon.shutdown_grace
         detail = f"cut at shutdown after shutdown_grace ({grace:g}s): the server may have it"
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        # Shielded as a whole: the task group is being cancelled at this same moment.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self.conn.close()
             if await self.d.db(Store.cut_uncertain, c.id, self.d.clock(), detail):
                 self.d.stats.cut += 1
                 self.log.warning(

@@ -10,10 +10,9 @@ from __future__ import annotations
 import base64
 import re
 import threading
-from collections.abc import Iterable
 
 MASK = "***"
-_MIN_LEN = 4  # shorter values would mask ordinary words; such a secret is refused by nobody, but also found by nobody
+_MIN_LEN = 4  # a shorter secret cannot be masked without masking ordinary words (and log keys) too
 _lock = threading.Lock()
 _forms: set[str] = set()
 _pattern: re.Pattern[str] | None = None
@@ -45,22 +44,15 @@ def encodings(username: str, secret: str) -> set[str]:
 def register(username: str, secret: str) -> None:
     """Remember a secret (and its encodings) so that no text shows it from now on."""
     global _pattern
-    if len(secret) < _MIN_LEN and secret:
-        new = {secret}
-    else:
-        new = encodings(username, secret)
+    if len(secret) < _MIN_LEN:
+        return  # nothing that short can be told from the text around it
+    new = encodings(username, secret)
     with _lock:
         if new <= _forms:
             return
         _forms.update(new)
         ordered = sorted(_forms, key=len, reverse=True)
         _pattern = re.compile("|".join(re.escape(f) for f in ordered))
-
-
-def register_all(pairs: Iterable[tuple[str, str]]) -> None:
-    for username, secret in pairs:
-        if secret:
-            register(username, secret)
 
 
 def redact(text: str) -> str:

@@ -97,7 +97,6 @@ _MIGRATIONS: dict[int, str] = {
     """,
     2: """
     ALTER TABLE mailbox_health ADD COLUMN throttled_until REAL;
-    ALTER TABLE mailbox_health ADD COLUMN throttles INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE mailbox_health ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE messages ADD COLUMN uncertain_at REAL;
     ALTER TABLE suppressions ADD COLUMN message INTEGER;
@@ -494,11 +493,11 @@ class Store:
             """SELECT (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled'),
                       (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
                       h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
-                      h.next_probe_at, h.failures, h.throttled_until, h.throttles
+                      h.next_probe_at, h.failures, h.throttled_until
                FROM (SELECT 1) LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
             (mailbox, day),
         ).fetchone()
-        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0, row[8], row[9] or 0)
+        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0, row[8])
 
     def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
         """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
@@ -571,7 +570,7 @@ class Store:
                 """INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before)
                    VALUES (?, 'connected', ?, ?, ?)
                    ON CONFLICT (mailbox) DO UPDATE SET last_send_at = excluded.last_send_at,
-                   not_before = excluded.not_before, throttles = 0, throttled_until = NULL""",
+                   not_before = excluded.not_before, throttled_until = NULL""",
                 (c.mailbox, now, now, gap_until),
             )
             if next_step is not None:
@@ -676,10 +675,9 @@ class Store:
                 (code, detail, message),
             )
             self.conn.execute(
-                """INSERT INTO mailbox_health (mailbox, state, since, throttled_until, throttles)
-                   VALUES (?, 'connected', ?, ?, 1)
-                   ON CONFLICT (mailbox) DO UPDATE SET throttled_until = excluded.throttled_until,
-                   throttles = throttles + 1""",
+                """INSERT INTO mailbox_health (mailbox, state, since, throttled_until)
+                   VALUES (?, 'connected', ?, ?)
+                   ON CONFLICT (mailbox) DO UPDATE SET throttled_until = excluded.throttled_until""",
                 (mailbox, until, until),
             )
 
@@ -1016,7 +1014,6 @@ class Snapshot:
     next_probe_at: float | None
     failures: int
     throttled_until: float | None = None
-    throttles: int = 0
 
 
 @dataclass(frozen=True, slots=True)
