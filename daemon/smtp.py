@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import aiosmtplib
 import anyio
+from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, normalize_message_line_endings
 
 from daemon import outcomes, redact
 from daemon.config import Mailbox, Server
 from daemon.errors import MailboxDown, SmtpFailure
-from daemon.outcomes import AUTH, CONNECT, DATA, END, MAIL, RCPT
+from daemon.outcomes import AUTH, CONNECT, DATA, EHLO, END, MAIL, RCPT
+
+_PLAIN_ADDRESS = re.compile(r"[!-~]+")  # ASCII, no space or control: safe on a command line as it is
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +104,16 @@ class Connection:
         client = self._client()
         stage = CONNECT
         try:
-            with anyio.fail_after(self.mailbox.smtp.timeout * 3):
+            with anyio.fail_after(self.mailbox.smtp.timeout * 4):
                 await client.connect()
+                stage = EHLO
+                if client.is_ehlo_or_helo_needed:
+                    try:
+                        await client.ehlo()
+                    except aiosmtplib.SMTPHeloError:
+                        if not client.is_connected:
+                            raise
+                        await client.helo()
                 stage = AUTH
                 await self._login(client)
         except SmtpFailure:
@@ -123,13 +138,70 @@ class Connection:
             await self.close()
 
     async def send(self, message: bytes, sender: str, recipient: str) -> Accepted:
-        """One transaction; raise the SmtpFailure that the reply and the stage it came at make it."""
+        """One transaction; raise the SmtpFailure that the reply and the stage it came at make it.
+
+        Pipelined (RFC 2920) when the server offers it: MAIL, RCPT and DATA go
+        in one write, and the content after the 354, so a message costs two
+        round trips instead of four (Gmail, Microsoft 365, Postfix and Exim all
+        offer PIPELINING). aiosmtplib has no pipelining of its own; its
+        commands are used otherwise.
+        """
         if not self.is_open:
             await self.open()
         client = self.client
         assert client is not None and client.protocol is not None
-        stage = MAIL
+        if (
+            client.supports_extension("pipelining")
+            and _PLAIN_ADDRESS.fullmatch(sender)
+            and _PLAIN_ADDRESS.fullmatch(recipient)
+        ):
+            return await self._send_pipelined(client, message, sender, recipient)
+        return await self._send_stepwise(client, message, sender, recipient)
+
+    async def _send_pipelined(self, client: aiosmtplib.SMTP, message: bytes, sender: str, recipient: str) -> Accepted:
         protocol = client.protocol
+        assert protocol is not None
+        replies = _Replies(protocol)
+        stage = MAIL
+        try:
+            try:
+                with anyio.fail_after(self.mailbox.smtp.timeout * 4):
+                    protocol.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
+                    mail = await replies.next()
+                    stage = RCPT
+                    rcpt = await replies.next()
+                    stage = DATA
+                    data = await replies.next()
+                    if mail.code != 250 or rcpt.code not in (250, 251):
+                        if data.code == 354:
+                            # A server that takes DATA with no valid recipient gets an empty message to refuse.
+                            protocol.write(b".\r\n")
+                            await replies.next()
+                        raise _Refusal(MAIL, mail) if mail.code != 250 else _Refusal(RCPT, rcpt)
+                    if data.code != 354:
+                        raise _Refusal(DATA, data)
+                    stage = END
+                    content = _LEADING_DOT.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+                    protocol.write(content)
+                    final = await replies.next()
+                    if final.code != 250:
+                        raise _Refusal(END, final)
+            finally:
+                replies.close()
+            return Accepted(final.code, redact.clean(final.message))
+        except _Refusal as refusal:
+            raise await self._refused(client, refusal.stage, refusal.reply.code, refusal.reply.message) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self.close(quit=False)  # out of step with the server (it may be reading content): no QUIT
+            raise outcomes.classify(stage, None, f"{_describe(exc)} during {stage.upper()}") from None
+        except BaseException:
+            await self.close()  # cancelled mid-transaction: the protocol is out of step
+            raise
+
+    async def _send_stepwise(self, client: aiosmtplib.SMTP, message: bytes, sender: str, recipient: str) -> Accepted:
+        protocol = client.protocol
+        assert protocol is not None
+        stage = MAIL
         plain_write = protocol.write
 
         def write(data: bytes) -> None:
@@ -149,14 +221,9 @@ class Connection:
                 response = await client.data(message)
             return Accepted(response.code, redact.clean(response.message))
         except aiosmtplib.SMTPResponseException as exc:
-            failure = outcomes.classify(stage, exc.code, redact.clean(exc.message))
-            if exc.code < 200 or exc.code == 421 or not client.is_connected:
-                await self.close()
-            else:
-                await _reset(client)
-            raise failure from None
+            raise await self._refused(client, stage, exc.code, exc.message) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await self.close()
+            await self.close(quit=False)  # out of step with the server (it may be reading content): no QUIT
             raise outcomes.classify(stage, None, f"{_describe(exc)} during {stage.upper()}") from None
         except BaseException:
             await self.close()  # cancelled mid-transaction: the protocol is out of step
@@ -164,10 +231,107 @@ class Connection:
         finally:
             protocol.write = plain_write  # type: ignore[method-assign]
 
-    async def close(self) -> None:
+    async def _refused(self, client: aiosmtplib.SMTP, stage: str, code: int, text: str) -> SmtpFailure:
+        """The failure a reply makes; the connection is reset for the next message, or closed."""
+        failure = outcomes.classify(stage, code, redact.clean(text))
+        if code < 200 or code == 421 or not client.is_connected:
+            await self.close()
+        else:
+            await _reset(client)
+        return failure
+
+    async def close(self, quit: bool = True) -> None:
         client, self.client = self.client, None
         if client is not None:
-            await _abort(client)
+            await _abort(client, quit)
+
+
+class _Refusal(Exception):
+    """A pipelined reply that is not the one wanted, with the stage of the command it answers."""
+
+    def __init__(self, stage: str, reply: aiosmtplib.SMTPResponse) -> None:
+        super().__init__(stage)
+        self.stage = stage
+        self.reply = reply
+
+
+class _Replies:
+    """The replies to pipelined commands, in order, read off aiosmtplib's connection.
+
+    aiosmtplib's protocol keeps one reply and drops what follows it in the same
+    packet, so while commands are pipelined its `data_received` is replaced by
+    this reader (as `send` replaces `write`), and restored by `close()`. The
+    bounds are aiosmtplib's: a line of 8 KiB, a reply of 32 KiB.
+    """
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.buffer = bytearray()
+        self.replies: deque[aiosmtplib.SMTPResponse] = deque()
+        self.error: Exception | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self._lost = protocol.connection_lost
+        protocol.data_received = self._received
+        protocol.eof_received = self._eof
+        protocol.connection_lost = self._connection_lost
+
+    def close(self) -> None:
+        for name in ("data_received", "eof_received", "connection_lost"):
+            self.protocol.__dict__.pop(name, None)
+
+    async def next(self) -> aiosmtplib.SMTPResponse:
+        while not self.replies:
+            if self.error is not None:
+                raise self.error
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.replies.popleft()
+
+    def _received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.error is None:
+            reply = self._parse()
+            if reply is None:
+                break
+            self.replies.append(reply)
+        if self.error is None and len(self.buffer) > MAX_RESPONSE_LENGTH:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "reply too long"))
+        self._wake()
+
+    def _parse(self) -> aiosmtplib.SMTPResponse | None:
+        lines, offset = [], 0
+        while (end := self.buffer.find(b"\n", offset)) != -1:
+            line = bytes(self.buffer[offset : end + 1])
+            if len(line) > MAX_LINE_LENGTH or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                self._fail(aiosmtplib.SMTPResponseException(-1, f"malformed reply line: {line[:80]!r}"))
+                return None
+            offset = end + 1
+            if offset > MAX_RESPONSE_LENGTH:
+                self._fail(aiosmtplib.SMTPResponseException(-1, "reply too long"))
+                return None
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                del self.buffer[:offset]
+                text = b"\n".join(lines).decode("utf-8", "surrogateescape")
+                return aiosmtplib.SMTPResponse(int(line[:3]), text)
+        return None
+
+    def _fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _eof(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("the server closed the connection"))
+        return False
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("connection lost"))
+        self._lost(exc)
 
 
 def is_stale_connection(failure: SmtpFailure, reused: bool) -> bool:
@@ -183,14 +347,14 @@ async def _reset(client: aiosmtplib.SMTP) -> None:
         client.close()
 
 
-async def _abort(client: aiosmtplib.SMTP) -> None:
-    """Say QUIT when the connection is healthy, else drop it; never raise.
+async def _abort(client: aiosmtplib.SMTP, quit: bool = True) -> None:
+    """Say QUIT when the connection is healthy (and `quit`), else drop it; never raise.
 
     Returns once the transport is really gone (a TLS close needs the loop a
     moment longer), so a short-lived loop such as `mailbox test` leaks nothing.
     """
     protocol = client.protocol
-    if client.is_connected:
+    if quit and client.is_connected:
         try:
             with anyio.fail_after(5):
                 await client.quit()

@@ -229,12 +229,16 @@ class Store:
             yield self.conn
             self.conn.execute("COMMIT")
         except BaseException:
-            if self.conn.in_transaction:
-                try:
-                    self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite rolled back already (disk full, I/O error): the original error says why
+            self.rollback()
             raise
+
+    def rollback(self) -> None:
+        """End the open transaction, if SQLite has not ended it already (disk full, I/O error)."""
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the error that brought us here says why
 
     def check_integrity(self) -> None:
         """A corrupt database is refused before anything is sent (`PRAGMA quick_check`)."""

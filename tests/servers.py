@@ -46,6 +46,7 @@ class Recorder:
     fail_once: dict[str, str] = field(default_factory=dict)  # recipient → reply, given once at DATA
     fail_mail: list[str] = field(default_factory=list)  # replies to MAIL FROM, one per transaction, in order
     helo_names: list[str] = field(default_factory=list)  # every EHLO name a client gave
+    pipelining: bool = True  # offer PIPELINING (RFC 2920), as Gmail, Microsoft 365, Postfix and Exim do
     on_data: Callable[[str], None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     cond: threading.Condition = field(init=False)
@@ -56,6 +57,8 @@ class Recorder:
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]) -> Any:
         self.helo_names.append(hostname)
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")  # aiosmtpd reads commands in order however they arrive
         return responses
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
