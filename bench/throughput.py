@@ -10,9 +10,10 @@
 3. The daemon with 1,000,000 enrollments in its database (one message due now,
    the rest tomorrow): its time from start to first send and its peak RSS.
 
-Targets: daemon >= 0.9 of the raw loop; <= 150 MB peak RSS; <= 2 s to first send.
+Targets: daemon >= 0.9 of the raw loop (median of alternated rounds); <= 150 MB peak RSS; <= 1 s to
+first send.
 
-    python bench/throughput.py [--messages N] [--mailboxes M] [--enrollments E]
+    python bench/throughput.py [--messages N] [--mailboxes M] [--enrollments E] [--rounds R]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -232,36 +234,43 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--mailboxes", type=int, default=10)
     parser.add_argument("--enrollments", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3, help="plain script and daemon alternated, this many times")
     args = parser.parse_args()
+    rounds: list[tuple[float, float, float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         port = free_port()
         sink, sink_name = start_sink(port)
         try:
-            raw, raw_cpu = asyncio.run(raw_loop(port, args.messages, args.mailboxes))
-            db = root / "throughput.db"
-            config = write_config(root, port, args.mailboxes, db)
-            enroll(config, root, args.messages)
-            daemon_span, first_send, daemon_cpu = run_daemon(config, db, args.messages)
-            raw_rate = args.messages / raw
-            daemon_rate = args.messages / daemon_span
+            for r in range(args.rounds):
+                raw, raw_cpu = asyncio.run(raw_loop(port, args.messages, args.mailboxes))
+                db = root / f"throughput-{r}.db"
+                config = write_config(root, port, args.mailboxes, db)
+                enroll(config, root, args.messages)
+                daemon_span, first_send, daemon_cpu = run_daemon(config, db, args.messages)
+                rounds.append((args.messages / raw, raw_cpu, args.messages / daemon_span, daemon_cpu, first_send))
             startup, rss = startup_and_memory(root, port, args.enrollments)
         finally:
             sink.terminate()
             sink.wait(timeout=10)
     print(f"sink:                       {sink_name}")
-    print(f"messages / connections:     {args.messages} / {args.mailboxes}")
+    print(f"messages / connections:     {args.messages} / {args.mailboxes}, {args.rounds} rounds alternated")
+    for i, (raw_rate, raw_cpu, daemon_rate, daemon_cpu, _) in enumerate(rounds, 1):
+        print(
+            f"round {i}: plain script {raw_rate:,.0f} msg/s, {1e6 * raw_cpu / args.messages:,.0f} µs CPU/msg; "
+            f"cadenced run {daemon_rate:,.0f} msg/s, {1e6 * daemon_cpu / args.messages:,.0f} µs CPU/msg; "
+            f"ratio {daemon_rate / raw_rate:.2f}"
+        )
+    ratios = sorted(d / r for r, _, d, _, _ in rounds)
+    cpu = sorted(1e6 * c / args.messages for _, _, _, c, _ in rounds)
     print(
-        f"plain aiosmtplib script:    {raw_rate:,.0f} messages/s, {1e6 * raw_cpu / args.messages:,.0f} µs CPU/message"
+        f"median ratio daemon / raw:  {statistics.median(ratios):.2f}   (target >= 0.9; every state change "
+        "committed, synchronous = FULL)"
     )
+    print(f"median daemon CPU:          {statistics.median(cpu):,.0f} µs/message")
+    print(f"first send after start:     {rounds[-1][4]:.2f} s ({args.messages} enrolled)")
     print(
-        f"cadenced run:               {daemon_rate:,.0f} messages/s, {1e6 * daemon_cpu / args.messages:,.0f} µs "
-        "CPU/message (every state change committed, synchronous = FULL)"
-    )
-    print(f"ratio daemon / raw:         {daemon_rate / raw_rate:.2f}   (target >= 0.9)")
-    print(f"first send after start:     {first_send:.2f} s ({args.messages} enrolled)")
-    print(
-        f"with {args.enrollments:,} enrollments: first send {startup:.2f} s (target <= 2), "
+        f"with {args.enrollments:,} enrollments: first send {startup:.2f} s (target <= 1), "
         f"peak RSS {rss:.0f} MB (target <= 150)"
     )
     return 0

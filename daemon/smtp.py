@@ -161,31 +161,30 @@ class Connection:
     async def _send_pipelined(self, client: aiosmtplib.SMTP, message: bytes, sender: str, recipient: str) -> Accepted:
         protocol = client.protocol
         assert protocol is not None
-        replies = _Replies(protocol)
+        replies = _Replies(protocol, self.mailbox.smtp.timeout * 4)
         stage = MAIL
         try:
             try:
-                with anyio.fail_after(self.mailbox.smtp.timeout * 4):
-                    protocol.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
-                    mail = await replies.next()
-                    stage = RCPT
-                    rcpt = await replies.next()
-                    stage = DATA
-                    data = await replies.next()
-                    if mail.code != 250 or rcpt.code not in (250, 251):
-                        if data.code == 354:
-                            # A server that takes DATA with no valid recipient gets an empty message to refuse.
-                            protocol.write(b".\r\n")
-                            await replies.next()
-                        raise _Refusal(MAIL, mail) if mail.code != 250 else _Refusal(RCPT, rcpt)
-                    if data.code != 354:
-                        raise _Refusal(DATA, data)
-                    stage = END
-                    content = _LEADING_DOT.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
-                    protocol.write(content)
-                    final = await replies.next()
-                    if final.code != 250:
-                        raise _Refusal(END, final)
+                protocol.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
+                mail = await replies.next()
+                stage = RCPT
+                rcpt = await replies.next()
+                stage = DATA
+                data = await replies.next()
+                if mail.code != 250 or rcpt.code not in (250, 251):
+                    if data.code == 354:
+                        # A server that takes DATA with no valid recipient gets an empty message to refuse.
+                        protocol.write(b".\r\n")
+                        await replies.next()
+                    raise _Refusal(MAIL, mail) if mail.code != 250 else _Refusal(RCPT, rcpt)
+                if data.code != 354:
+                    raise _Refusal(DATA, data)
+                stage = END
+                content = _LEADING_DOT.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+                protocol.write(content)
+                final = await replies.next()
+                if final.code != 250:
+                    raise _Refusal(END, final)
             finally:
                 replies.close()
             return Accepted(final.code, redact.clean(final.message))
@@ -264,7 +263,7 @@ class _Replies:
     bounds are aiosmtplib's: a line of 8 KiB, a reply of 32 KiB.
     """
 
-    def __init__(self, protocol: Any) -> None:
+    def __init__(self, protocol: Any, timeout: float) -> None:
         self.protocol = protocol
         self.buffer = bytearray()
         self.replies: deque[aiosmtplib.SMTPResponse] = deque()
@@ -274,8 +273,13 @@ class _Replies:
         protocol.data_received = self._received
         protocol.eof_received = self._eof
         protocol.connection_lost = self._connection_lost
+        # One timer for the whole transaction (cheaper than a cancel scope per message).
+        self._timer = asyncio.get_running_loop().call_later(
+            timeout, self._fail, aiosmtplib.SMTPTimeoutError("timed out")
+        )
 
     def close(self) -> None:
+        self._timer.cancel()
         for name in ("data_received", "eof_received", "connection_lost"):
             self.protocol.__dict__.pop(name, None)
 

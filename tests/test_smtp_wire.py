@@ -57,6 +57,9 @@ class Scripted:
                 if reply is None:  # hang up here
                     writer.close()
                     return
+                if reply == "":  # say nothing more, until the client gives up
+                    await reader.read()
+                    return
                 pending.append(reply)
                 if verb == "DATA" and reply.startswith("354"):
                     await say("\r\n".join(pending))
@@ -68,6 +71,9 @@ class Scripted:
                     end = self.answer("<end of data>")
                     if end is None:
                         writer.close()
+                        return
+                    if end == "":
+                        await reader.read()
                         return
                     await say(end)
                 elif not reader._buffer:  # type: ignore[attr-defined]  # nothing more pipelined: answer now
@@ -85,10 +91,10 @@ def normal(command: str) -> str | None:
 
 
 @asynccontextmanager
-async def connection(project: Project, script: Scripted) -> AsyncIterator[smtp.Connection]:
+async def connection(project: Project, script: Scripted, timeout: str = "5s") -> AsyncIterator[smtp.Connection]:
     server = await asyncio.start_server(script.session, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    project.add_mailboxes(1, smtp={"host": "127.0.0.1", "port": port, "security": "none", "timeout": "5s"})
+    project.add_mailboxes(1, smtp={"host": "127.0.0.1", "port": port, "security": "none", "timeout": timeout})
     project.add_cadence()
     project.write()
     conn = smtp.Connection(load_config(project.config_path).mailboxes[0])
@@ -188,3 +194,18 @@ async def test_a_hang_up_before_the_content_is_safe_and_after_it_uncertain(
     assert lost.value.code is None
     # Pipelined, the server may hang up before answering MAIL: either way, before the content.
     assert lost.value.stage in (("mail", "rcpt") if where == "RCPT" else ("end",))
+
+
+@pytest.mark.parametrize("where", ["MAIL", "<end of data>"])
+async def test_a_silent_server_times_out_at_the_stage_it_went_silent(
+    project: Project, pipelining: bool, where: str
+) -> None:
+    def answer(command: str) -> str | None:
+        return "" if command.startswith(where) else normal(command)
+
+    async with connection(project, Scripted(answer, pipelining), timeout="1s") as conn:
+        with pytest.raises(MailboxDown if where == "MAIL" else Uncertain) as lost:
+            await conn.send(MESSAGE, "mb0@example.com", "p@prospects.example")
+        assert not conn.is_open
+    assert lost.value.code is None and "timed out" in lost.value.text
+    assert lost.value.stage == ("mail" if where == "MAIL" else "end")
