@@ -132,51 +132,57 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     """Forecast sends per mailbox per local day, with the daemon's own timing functions.
 
     Scheduled messages and the follow-ups their sends will create are played
-    forward; each mailbox's gap is taken at the middle of its range.
+    forward in due order; each mailbox's gap is taken at the middle of its range.
+    The heap holds each mailbox's next scheduled message and the follow-ups
+    made so far, not everything read, and a mailbox with no room left in the
+    horizon drops out: the plan costs what can be sent.
     """
     horizon = now + days * 86400
     health = store.health()
-    heap: list[tuple[float, int, str, int, str]] = []
-    seq = 0
-    live = [m for m in config.mailboxes if mailbox_state(m.paused, health.get(m.address)) == "connected"]
-    for m in live:
-        # A mailbox sends at most daily_limit a local day: only its first that many x days can go in the
-        # horizon (a follow-up made on the way only pushes later ones out), so the plan costs what can be
-        # sent, not what is enrolled.
-        capacity = m.schedule.daily_limit * (days + 2)
-        for due, step, _enrollment, cadence_name in store.scheduled_for_plan(m.address, horizon, capacity):
-            heap.append((due, seq, m.address, step, cadence_name))
-            seq += 1
-    heapq.heapify(heap)
-    mailboxes = {m.address: m for m in live}
+    live = {m.address: m for m in config.mailboxes if mailbox_state(m.paused, health.get(m.address)) == "connected"}
+    scheduled: dict[str, list[tuple[float, int, int, str]]] = {}
     counts: dict[str, dict[str, int]] = {}
     free_at: dict[str, float] = {}
-    for m in live:
+    # (due, seq, mailbox, step, cadence, index in scheduled[mailbox] or -1 for a follow-up)
+    heap: list[tuple[float, int, str, int, str, int]] = []
+    for address, m in live.items():
+        # A mailbox sends at most daily_limit a local day: only its first that many x days can go in the
+        # horizon (a follow-up made on the way only pushes later ones out).
+        mine = scheduled[address] = store.scheduled_for_plan(address, horizon, m.schedule.daily_limit * (days + 2))
+        if mine:
+            heap.append((mine[0][0], len(heap), address, mine[0][1], mine[0][3], 0))
         today = timing.local_day(now, m.schedule.timezone)
-        counts[m.address] = {today: store.sent_on(m.address, today)}
-        h = health.get(m.address)
-        free_at[m.address] = max(now, (h or {}).get("not_before") or now)
+        counts[address] = {today: store.sent_on(address, today)}
+        free_at[address] = max(now, (health.get(address) or {}).get("not_before") or now)
+    heapq.heapify(heap)
+    seq = len(heap)
+    stretches = {address: timing.Stretches(m.schedule) for address, m in live.items()}
+    full: set[str] = set()  # mailboxes with no room left in the horizon
     forecast: dict[tuple[str, str], int] = {}
     while heap:
-        due, _, address, step, cadence_name = heapq.heappop(heap)
-        if address not in mailboxes:
+        due, _, address, step, cadence_name, index = heapq.heappop(heap)
+        if address not in live or address in full:
             continue
-        box = mailboxes[address]
-        decision = timing.next_allowed(max(due, free_at[address]), box.schedule, None, counts[address])
-        if decision.at is None or decision.at >= horizon:
+        if index >= 0 and index + 1 < len(scheduled[address]):
+            after = scheduled[address][index + 1]
+            heapq.heappush(heap, (after[0], seq, address, after[1], after[3], index + 1))
+            seq += 1
+        # Sends of one mailbox come in due order and free_at only grows: once one does not fit, none will.
+        slot = stretches[address].next_allowed(max(due, free_at[address]), counts[address])
+        if slot is None or slot[0] >= horizon:
+            full.add(address)
             continue
-        day = timing.local_day(decision.at, box.schedule.timezone)
+        at, day = slot
         counts[address][day] = counts[address].get(day, 0) + 1
         forecast[(day, address)] = forecast.get((day, address), 0) + 1
-        free_at[address] = decision.at + sum(box.schedule.gap) / 2
+        free_at[address] = at + sum(live[address].schedule.gap) / 2
         try:
             steps = config.cadence(cadence_name).steps
         except KeyError:
             continue
         if step < len(steps):
             nxt = steps[step]
-            target = nxt.sender or address
-            heapq.heappush(heap, (decision.at + nxt.wait, seq, target, step + 1, cadence_name))
+            heapq.heappush(heap, (at + nxt.wait, seq, nxt.sender or address, step + 1, cadence_name, -1))
             seq += 1
     rows = [{"date": day, "mailbox": address, "sends": n} for (day, address), n in sorted(forecast.items())]
     return {"days": rows, "generated_at": iso(now), "horizon_days": days}

@@ -1004,7 +1004,7 @@ class Store:
                WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at < ? ORDER BY m.due_at, m.id LIMIT ?""",
             (mailbox, until, limit),
         )
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        return rows.fetchall()
 
 
 @dataclass(frozen=True, slots=True)

@@ -157,3 +157,43 @@ def day_count(sent: int, limit: int, quota_day: str | None, day: str) -> int:
 def draw_gap(s: Schedule, rng: random.Random) -> float:
     low, high = s.gap
     return low if high <= low else rng.uniform(low, high)
+
+
+class Stretches:
+    """`next_allowed` for many sends of one mailbox in a row (the plan), with the open stretch it last found.
+
+    A stretch is a span inside one hour range of one local day with one UTC
+    offset: while `t` falls in it and the day's count is under the limit, the
+    answer is `t` itself, so the zone arithmetic is paid once a stretch, not
+    once a send. Outside it, the full `next_allowed` answers (a property test
+    holds the two equal).
+    """
+
+    def __init__(self, s: Schedule) -> None:
+        self.s = s
+        self.lo = self.hi = 0.0
+        self.day = ""
+
+    def next_allowed(self, t: float, sent_on: Mapping[str, int]) -> tuple[float, str] | None:
+        """(when, its local day), or None when the mailbox never sends (a daily limit of 0)."""
+        if self.lo <= t < self.hi and sent_on.get(self.day, 0) < self.s.daily_limit:
+            return t, self.day
+        at = next_allowed(t, self.s, None, sent_on).at
+        if at is None:
+            return None
+        self._find(at)
+        return at, self.day
+
+    def _find(self, t: float) -> None:
+        tz = self.s.timezone
+        dt = local(t, tz)
+        minute = _minute_of_day(dt)
+        end = next((e for start, e in self.s.hours if start <= minute < e), None)
+        self.lo, self.hi, self.day = t, t, dt.date().isoformat()
+        if end is None:  # opened at a DST transition rather than at a range's start: no stretch to keep
+            return
+        hi = min(_wall_to_instant(dt.date(), end, tz), next_local_midnight(t, tz))
+        for change in _transitions(dt.date(), tz):
+            if change > t:
+                hi = min(hi, change)
+        self.hi = hi

@@ -161,3 +161,37 @@ def test_local_day_and_midnight_across_dst(tz: str) -> None:
         assert wall(midnight, tz).endswith("00:00:00")
         assert timing.local_day(midnight, tz) > day
         assert timing.local_day(midnight - 1, tz) == day
+
+
+@settings(max_examples=200, deadline=None)
+@given(s=schedules(), start=instants, steps=st.lists(st.integers(0, 7200), min_size=1, max_size=80))
+def test_the_plans_stretches_answer_as_next_allowed_does(s: Schedule, start: float, steps: list[int]) -> None:
+    """`plan` keeps the open stretch it found; every answer equals the full `next_allowed`, DST included."""
+    stretches = timing.Stretches(s)
+    counts: dict[str, int] = {}
+    t = start
+    hits = 0
+    for step in steps:
+        expected = timing.next_allowed(t, s, None, counts).at
+        assert expected is not None
+        hits += stretches.lo <= t < stretches.hi
+        got = stretches.next_allowed(t, counts)
+        assert got == (expected, timing.local_day(expected, s.timezone)), (wall(t, s.timezone), s)
+        counts[got[1]] = counts.get(got[1], 0) + 1
+        t = got[0] + step
+
+
+def test_a_days_sends_cost_one_zone_look_up() -> None:
+    s = sched(limit=500)  # 09:00-17:00 in Berlin
+    stretches = timing.Stretches(s)
+    counts: dict[str, int] = {}
+    t = ts("2026-10-25 09:00", BERLIN)  # the autumn DST change is that night: the stretch ends at 17:00
+    found = 0
+    for _ in range(600):
+        if not stretches.lo <= t < stretches.hi:
+            found += 1
+        at, day = stretches.next_allowed(t, counts) or (0.0, "")
+        counts[day] = counts.get(day, 0) + 1
+        t = at + 60
+    assert wall(t - 60, BERLIN) == "Mon 2026-10-26 10:59:00"  # 480 on Sunday 09:00-16:59, 120 on Monday
+    assert found == 2

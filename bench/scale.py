@@ -1,0 +1,201 @@
+"""Benchmark: the read commands and the daemon's start against a large database.
+
+E enrollments of a two-step cadence over M mailboxes, generated straight into
+the database (2 messages each: step 1 sent, step 2 scheduled over the next two
+weeks; 1 in 200 in the error outbox, 1 in 50 finished), then timed, each as a
+fresh process, the way an operator runs them:
+
+- `status --json`, `outbox --state error --json`, `plan --days 7 --json`
+- `cadenced run`: seconds from start to its first send (one message due now),
+  and its peak RSS a few seconds later.
+
+Baseline in the same run: `cadenced check` on the same config (the start-up
+cost of any command that loads the config and the code, no database).
+
+Targets (10,000,000 enrollments, 20,000,000 messages): each command <= 1 s, first
+send <= 1 s, RSS <= 150 MB.
+
+    python bench/scale.py [--enrollments E] [--mailboxes M] [--daily-limit L] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tomli_w
+from throughput import cadenced, count_sent, free_port, peak_rss_mb, start_sink
+
+
+def write_config(root: Path, port: int, mailboxes: int, daily_limit: int, database: Path) -> Path:
+    smtp = {"host": "127.0.0.1", "port": port, "security": "none", "timeout": "30s"}
+    config = {
+        "daemon": {"database": str(database), "log_format": "json", "log_level": "info"},
+        "defaults": {
+            "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+            "hours": ["00:00-24:00"],
+            "daily_limit": daily_limit,
+            "gap": "2m-4m",
+        },
+        "users": [{"name": "bench"}],
+        "mailboxes": [
+            {"address": f"sender{i}@bench.example", "name": f"Sender {i}", "owner": "bench", "smtp": smtp}
+            for i in range(mailboxes)
+        ],
+        "cadences": [
+            {
+                "name": "bench",
+                "users": ["bench"],
+                "steps": [
+                    {"subject": "Hello {{ company }}", "body": "Hi {{ first_name }},\n\nA short note.\n"},
+                    {"wait": "3d", "body": "Hi again {{ first_name }}.\n"},
+                ],
+            }
+        ],
+    }
+    path = root / "scale.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+def generate(db: Path, enrollments: int, mailboxes: int) -> float:
+    """Rows straight into the schema the daemon made; returns the seconds it took."""
+    started = time.perf_counter()
+    now = time.time()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA cache_size = -4000000")  # 4 GB: index pages stay in memory while they fill
+        conn.execute("BEGIN")
+        # Indexes and triggers are made again afterwards, each in one sorted pass (counts in bulk).
+        later = conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE type IN ('index', 'trigger') AND sql IS NOT NULL"
+        ).fetchall()
+        for kind, name, _ in later:
+            conn.execute(f"DROP {kind.upper()} {name}")
+        conn.execute(
+            """WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+               INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, state, created_at, ended_at)
+               SELECT i, 'bench', 'p' || i || '@prospects.example', 'sender' || (i % ?2) || '@bench.example',
+                      'bench', 'bench', '{"first_name":"P","company":"Co"}',
+                      CASE WHEN i % 50 = 0 THEN 'finished' ELSE 'active' END, ?3 - 864000,
+                      CASE WHEN i % 50 = 0 THEN ?3 END FROM n""",
+            (enrollments, mailboxes, now),
+        )
+        conn.execute(
+            """INSERT INTO messages (enrollment_id, step, mailbox, state, reason, due_at, sent_at, message_id,
+                                     subject, attempts, smtp_code, detail)
+               SELECT id, 1, mailbox, 'sent', NULL, ?1 - 864000, ?1 - 864000 + id % 86400,
+                      '<cadenced.' || id || '.1.0@bench.example>', 'Hello Co', 1, 250, '250 ok'
+               FROM enrollments""",
+            (now,),
+        )
+        conn.execute(
+            """INSERT INTO messages (enrollment_id, step, mailbox, state, reason, due_at, detail, attempts)
+               SELECT id, 2, mailbox,
+                      CASE WHEN id % 50 = 0 THEN 'cancelled' WHEN id % 200 = 1 THEN 'error' ELSE 'scheduled' END,
+                      CASE WHEN id % 200 = 1 THEN 'retries_exhausted' END,
+                      CASE WHEN id = 1 THEN ?1 - 60 ELSE ?1 + 3600 + (id * 7919) % (14 * 86400) END,
+                      CASE WHEN id % 200 = 1 THEN '451 4.3.0 try again later' END,
+                      CASE WHEN id % 200 = 1 THEN 3 ELSE 0 END
+               FROM enrollments""",
+            (now,),
+        )
+        conn.execute("UPDATE messages SET state = 'scheduled', reason = NULL WHERE enrollment_id = 1 AND step = 2")
+        conn.execute(
+            """INSERT INTO rotation_counts SELECT cadence, mailbox, count(*) FROM enrollments
+               GROUP BY cadence, mailbox"""
+        )
+        conn.execute("INSERT INTO cadence_pins VALUES ('bench', 1, 'adder', ?)", (now,))
+        conn.execute("DELETE FROM enrollment_counts")
+        conn.execute("INSERT INTO enrollment_counts SELECT cadence, state, count(*) FROM enrollments GROUP BY 1, 2")
+        for _, _, sql in later:
+            conn.execute(sql)
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("ANALYZE")
+    return time.perf_counter() - started
+
+
+def timed(config: Path, *args: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    out = subprocess.run(cadenced("--config", str(config), *args), check=True, capture_output=True)
+    return time.perf_counter() - started, len(out.stdout)
+
+
+def first_send(config: Path, db: Path) -> tuple[float, float]:
+    started = time.time()
+    proc = subprocess.Popen(cadenced("--config", str(config), "run"), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        first = None
+        while time.monotonic() < deadline and first is None:
+            with sqlite3.connect(db, timeout=30) as conn:
+                row = conn.execute(
+                    "SELECT sent_at FROM messages WHERE enrollment_id = 1 AND step = 2 AND state = 'sent'"
+                ).fetchone()
+            first = row[0] if row else None
+            time.sleep(0.02)
+        time.sleep(3)  # settle into the steady state before reading the high-water mark
+        rss = peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    if first is None:
+        raise RuntimeError("no first send within 120 s")
+    return first - started, rss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--enrollments", type=int, default=10_000_000)
+    parser.add_argument("--mailboxes", type=int, default=100)
+    parser.add_argument("--daily-limit", type=int, default=100)
+    parser.add_argument("--keep", type=Path, help="build (or reuse) the database in this folder")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        sink, _ = start_sink(port)
+        try:
+            db = root / "scale.db"
+            config = write_config(root, port, args.mailboxes, args.daily_limit, db)
+            if not db.exists():
+                subprocess.run(cadenced("--config", str(config), "status"), check=True, capture_output=True)
+                built = generate(db, args.enrollments, args.mailboxes)
+                print(f"generated:                  {args.enrollments:,} enrollments in {built:.0f} s")
+            with sqlite3.connect(db) as conn:
+                messages = conn.execute("SELECT max(id) FROM messages").fetchone()[0]
+            size = db.stat().st_size / 2**30
+            print(
+                f"database:                   {args.enrollments:,} enrollments, {messages:,} messages, {size:.1f} GiB"
+            )
+            print(f"mailboxes / daily_limit:    {args.mailboxes} / {args.daily_limit}")
+            for args_ in (
+                ("check",),
+                ("status", "--json"),
+                ("outbox", "--state", "error", "--json"),
+                ("plan", "--days", "7", "--json"),
+            ):
+                runs = [timed(config, *args_) for _ in range(3)]
+                best = min(r[0] for r in runs)
+                label = " ".join(args_) + (" (baseline)" if args_ == ("check",) else "")
+                print(f"{label + ':':<28}{best:.2f} s (best of 3), {runs[0][1]:,} bytes out")
+            if count_sent(db)[0] >= 0:
+                start, rss = first_send(config, db)
+                print(f"run: first send after start {start:.2f} s (target <= 1), peak RSS {rss:.0f} MB (target <= 150)")
+        finally:
+            sink.terminate()
+            sink.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
