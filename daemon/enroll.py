@@ -69,16 +69,6 @@ class Row:
     fields: dict[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class Staged:
-    """A validated row as staged for the enrolling transaction (its fields already JSON)."""
-
-    line: int
-    email: str
-    owner: str
-    fields: str
-
-
 LEGACY_DEFAULT = "cadence"  # rotate_among's default before the seed's "adder" became it
 
 
@@ -248,12 +238,11 @@ class Importer:
                         self._stage(batch, report)
                         batch = []
             self._stage(batch, report)
+            for line, email, first in self.store.drop_staged_duplicates():
+                report.reject(Rejection(line, email, f"duplicate of line {first}"))
             # 2. Enroll what was staged in one transaction: all of the file's good rows, or none.
             with self.store.transaction():
-                rotator = self._rotator()
-                for staged in self.store.staged(BATCH):
-                    self._store_batch([Staged(*row) for row in staged], now, report, rotator)
-                self.store.save_rotation(self.cadence.name, rotator.cursors, rotator.credits)
+                self._enroll_staged(now, report)
         finally:
             if own:
                 stream.close()
@@ -322,42 +311,37 @@ class Importer:
         return ""
 
     def _stage(self, batch: list[Row], report: Report) -> None:
-        duplicates = self.store.stage_import([(r.line, r.email, r.owner, _encode(r.fields)) for r in batch])
-        for line, email, first in duplicates:
-            report.reject(Rejection(line, email, f"duplicate of line {first}"))
+        self.store.stage_import([(r.line, r.email, r.owner, _encode(r.fields)) for r in batch])
 
-    def _store_batch(self, batch: list[Staged], now: float, report: Report, rotator: rotation.Rotator) -> None:
+    def _enroll_staged(self, now: float, report: Report) -> None:
+        """In the enrolling transaction: suppressed and already enrolled addresses out, the rest placed."""
         cadence = self.cadence
         step1 = cadence.steps[0]
-        with self.store.transaction():
-            self.store.pin(cadence.name, cadence.auto_rotate, rotator.rules.rotate_among, now)
-            suppressed = self.store.suppressed([r.email for r in batch])
-            live = []
-            for row in batch:
-                if row.email in suppressed:
-                    report.reject(Rejection(row.line, row.email, f"address is suppressed ({suppressed[row.email]})"))
-                else:
-                    live.append(row)
-            already = self.store.enrolled(cadence.name, [r.email for r in live])
-            enrollments, first_due = [], []
-            added: dict[str, int] = {}
-            for row in live:
-                if row.email in already:
-                    report.skipped += 1
-                    continue
+        rotator = self._rotator()
+        self.store.pin(cadence.name, cadence.auto_rotate, rotator.rules.rotate_among, now)
+        for line, email, reason in self.store.drop_staged_suppressed():
+            report.reject(Rejection(line, email, f"address is suppressed ({reason})"))
+        report.skipped += self.store.drop_staged_enrolled(cadence.name)
+        first_id = next_id = self.store.next_enrollment_id()
+        added: dict[str, int] = {}
+        for staged in self.store.staged(BATCH):
+            enrollments = []
+            for line, email, owner, fields in staged:
                 try:
-                    mailbox = rotator.place(row.owner, self.adder)
+                    mailbox = rotator.place(owner, self.adder)
                 except rotation.Placement as exc:
-                    report.reject(Rejection(row.line, row.email, str(exc)))
+                    report.reject(Rejection(line, email, str(exc)))
                     continue
-                enrollments.append((cadence.name, row.email, mailbox, row.owner, self.adder, row.fields, now))
-                first_due.append((step1.sender or mailbox, now + step1.wait))
+                enrollments.append((next_id, cadence.name, email, mailbox, owner, self.adder, fields, now))
+                next_id += 1
                 added[mailbox] = added.get(mailbox, 0) + 1
-            self.store.insert_enrollments(enrollments, first_due)
-            self.store.count_enrollments(cadence.name, added)
-            for mailbox, n in added.items():
-                report.assignments[mailbox] = report.assignments.get(mailbox, 0) + n
-            report.enrolled += len(enrollments)
+            self.store.insert_enrollments(enrollments)
+        self.store.schedule_first_steps(first_id, step1.sender or None, now + step1.wait, added)
+        self.store.count_enrollments(cadence.name, added)
+        self.store.save_rotation(cadence.name, rotator.cursors, rotator.credits)
+        for mailbox, n in added.items():
+            report.assignments[mailbox] = report.assignments.get(mailbox, 0) + n
+        report.enrolled += next_id - first_id
 
     def _rotator(self) -> rotation.Rotator:
         cadence = self.cadence

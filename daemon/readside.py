@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,24 +134,26 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
 
     Scheduled messages and the follow-ups their sends will create are played
     forward in due order; each mailbox's gap is taken at the middle of its range.
-    The heap holds each mailbox's next scheduled message and the follow-ups
-    made so far, not everything read, and a mailbox with no room left in the
-    horizon drops out: the plan costs what can be sent.
+    Each mailbox's scheduled messages are read as the plan reaches them, the
+    heap holds only what is next, a mailbox with no room left in the horizon
+    drops out, and a message's cadence is looked up only when its send could
+    make a follow-up inside the horizon: the plan costs what can be sent.
     """
     horizon = now + days * 86400
     health = store.health()
     live = {m.address: m for m in config.mailboxes if mailbox_state(m.paused, health.get(m.address)) == "connected"}
-    scheduled: dict[str, list[tuple[float, int, int, str]]] = {}
+    longest = max((len(c.steps) for c in config.cadences), default=0)
+    soonest = min((s.wait for c in config.cadences for s in c.steps[1:]), default=float("inf"))
+    due_rows: dict[str, Iterator[tuple[float, int, int]]] = {}
     counts: dict[str, dict[str, int]] = {}
     free_at: dict[str, float] = {}
-    # (due, seq, mailbox, step, cadence, index in scheduled[mailbox] or -1 for a follow-up)
-    heap: list[tuple[float, int, str, int, str, int]] = []
+    # (due, seq, mailbox, step, enrollment, cadence: None when not looked up yet, from the store)
+    heap: list[tuple[float, int, str, int, int, str | None, bool]] = []
     for address, m in live.items():
-        # A mailbox sends at most daily_limit a local day: only its first that many x days can go in the
-        # horizon (a follow-up made on the way only pushes later ones out).
-        mine = scheduled[address] = store.scheduled_for_plan(address, horizon, m.schedule.daily_limit * (days + 2))
-        if mine:
-            heap.append((mine[0][0], len(heap), address, mine[0][1], mine[0][3], 0))
+        due_rows[address] = store.scheduled_in_order(address, horizon)
+        first = next(due_rows[address], None)
+        if first is not None:
+            heap.append((first[0], len(heap), address, first[1], first[2], None, True))
         today = timing.local_day(now, m.schedule.timezone)
         counts[address] = {today: store.sent_on(address, today)}
         free_at[address] = max(now, (health.get(address) or {}).get("not_before") or now)
@@ -160,12 +163,11 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     full: set[str] = set()  # mailboxes with no room left in the horizon
     forecast: dict[tuple[str, str], int] = {}
     while heap:
-        due, _, address, step, cadence_name, index = heapq.heappop(heap)
+        due, _, address, step, enrollment, cadence_name, stored = heapq.heappop(heap)
         if address not in live or address in full:
             continue
-        if index >= 0 and index + 1 < len(scheduled[address]):
-            after = scheduled[address][index + 1]
-            heapq.heappush(heap, (after[0], seq, address, after[1], after[3], index + 1))
+        if stored and (after := next(due_rows[address], None)) is not None:
+            heapq.heappush(heap, (after[0], seq, address, after[1], after[2], None, True))
             seq += 1
         # Sends of one mailbox come in due order and free_at only grows: once one does not fit, none will.
         slot = stretches[address].next_allowed(max(due, free_at[address]), counts[address])
@@ -176,13 +178,16 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         counts[address][day] = counts[address].get(day, 0) + 1
         forecast[(day, address)] = forecast.get((day, address), 0) + 1
         free_at[address] = at + sum(live[address].schedule.gap) / 2
+        if step >= longest or at + soonest >= horizon:
+            continue  # no follow-up of it can land in the horizon
+        cadence_name = cadence_name or store.cadence_of(enrollment)
         try:
-            steps = config.cadence(cadence_name).steps
+            steps = config.cadence(cadence_name or "").steps
         except KeyError:
             continue
         if step < len(steps):
             nxt = steps[step]
-            heapq.heappush(heap, (at + nxt.wait, seq, nxt.sender or address, step + 1, cadence_name, -1))
+            heapq.heappush(heap, (at + nxt.wait, seq, nxt.sender or address, step + 1, enrollment, cadence_name, False))
             seq += 1
     rows = [{"date": day, "mailbox": address, "sends": n} for (day, address), n in sorted(forecast.items())]
     return {"days": rows, "generated_at": iso(now), "horizon_days": days}

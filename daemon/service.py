@@ -18,8 +18,10 @@ from daemon import enroll, logs, readside
 from daemon.config import Automation, Cadence, Config, config_digest, load_config
 from daemon.dispatch import Dispatcher
 from daemon.errors import CadencedError, ConfigError, Refused, StoreError, StoreUnavailable
-from daemon.store import Store
+from daemon.store import IntegrityCheck, Store, startup_failure
 from daemon.systemd import Notifier, watchdog_interval
+
+INTEGRITY_WAIT = 1.0  # seconds the first send waits for the database check (it reads the whole file)
 
 
 def hold_lock(database: Path) -> int:
@@ -84,8 +86,10 @@ class Daemon:
         notifier: Notifier | None = None,
         handle_signals: bool = True,
         clock: Callable[[], float] = time.time,
+        integrity_wait: float = INTEGRITY_WAIT,
     ) -> None:
         self.handle_signals = handle_signals
+        self.integrity_wait = integrity_wait
         self.clock = clock
         self.config_path = config_path
         self.config = config
@@ -102,23 +106,31 @@ class Daemon:
 
     def startup(self) -> Dispatcher:
         config = self.config
-        self._lock = hold_lock(config.daemon.database)  # one daemon per database, for the process's life
+        if self._lock is None:
+            self._lock = hold_lock(config.daemon.database)  # one daemon per database, for the process's life
         try:
             store = Store.open(config.daemon.database)
         except StoreError:
             self._release()
             raise
         try:
-            store.check_integrity()  # a damaged database stops us here, before anything is sent
-        except StoreError:
+            self._prepare(store)
+        except (sqlite3.Error, ConfigError) as exc:
             store.close()
             self._release()
+            if isinstance(exc, sqlite3.Error):
+                raise startup_failure(config.daemon.database, exc) from None
             raise
+        self.store = store
+        self.dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
+        return self.dispatcher
+
+    def _prepare(self, store: Store) -> None:
+        """Before the first send: pins checked, crashed sends made uncertain, probes due, liveness recorded."""
+        config = self.config
         problems = enroll.pin_problems(config, store.pins())
         if problems:
-            store.close()
             raise ConfigError(problems, str(self.config_path))
-        self.store = store
         now = self.clock()
         for message in store.recover_sending(now):
             self.log.warning(
@@ -138,10 +150,54 @@ class Daemon:
                 "config_digest": config_digest(self.config_path),
             }
         )
-        self.dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
-        return self.dispatcher
 
     async def run(self) -> None:
+        """Check the database, start, serve until stopped; a damaged database ends it with StoreError (exit 2).
+
+        The check reads the whole file: on a small database it is done before
+        anything is sent; past INTEGRITY_WAIT sending starts beside it, and
+        damage found then stops the daemon as damage found at start does
+        (`integrity_wait`, INTEGRITY_WAIT seconds by default).
+        """
+        if self._lock is None:
+            self._lock = hold_lock(self.config.daemon.database)  # before anything else: one daemon per database
+        integrity = IntegrityCheck(self.config.daemon.database)
+        checked = anyio.Event()
+        failure: list[StoreError] = []
+
+        async def check() -> None:
+            try:
+                await anyio.to_thread.run_sync(integrity.run, abandon_on_cancel=True)
+            except StoreError as exc:
+                failure.append(exc)
+                if self.dispatcher is not None:  # found while sending: stop, as at start
+                    self.log.error("store.damaged", detail=str(exc), action="stopping: nothing more is sent")
+                    self.stop()
+            finally:
+                checked.set()
+
+        raised: list[Exception] = []  # raised again outside the task group, so not wrapped in a group
+        async with anyio.create_task_group() as checking:
+            checking.start_soon(check)
+            with anyio.move_on_after(self.integrity_wait):
+                await checked.wait()
+            if not failure:  # else refused before anything is sent
+                if not checked.is_set():
+                    self.log.info("store.checking", detail="PRAGMA quick_check goes on beside sending (large database)")
+                try:
+                    await self._run()
+                except Exception as exc:
+                    raised.append(exc)
+                finally:
+                    integrity.interrupt()
+                    checking.cancel_scope.cancel()
+        if failure:
+            self._release()
+            raise failure[0]
+        if raised:
+            raise raised[0]
+
+    async def _run(self) -> None:
         dispatcher = self.startup()
         try:
             async with anyio.create_task_group() as tg:

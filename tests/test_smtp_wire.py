@@ -91,10 +91,10 @@ def normal(command: str) -> str | None:
 
 
 @asynccontextmanager
-async def connection(project: Project, script: Scripted, timeout: str = "5s") -> AsyncIterator[smtp.Connection]:
+async def connection(project: Project, script: Scripted, limit: str = "5s") -> AsyncIterator[smtp.Connection]:
     server = await asyncio.start_server(script.session, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    project.add_mailboxes(1, smtp={"host": "127.0.0.1", "port": port, "security": "none", "timeout": timeout})
+    project.add_mailboxes(1, smtp={"host": "127.0.0.1", "port": port, "security": "none", "timeout": limit})
     project.add_cadence()
     project.write()
     conn = smtp.Connection(load_config(project.config_path).mailboxes[0])
@@ -203,7 +203,7 @@ async def test_a_silent_server_times_out_at_the_stage_it_went_silent(
     def answer(command: str) -> str | None:
         return "" if command.startswith(where) else normal(command)
 
-    async with connection(project, Scripted(answer, pipelining), timeout="1s") as conn:
+    async with connection(project, Scripted(answer, pipelining), limit="1s") as conn:
         with pytest.raises(MailboxDown if where == "MAIL" else Uncertain) as lost:
             await conn.send(MESSAGE, "mb0@example.com", "p@prospects.example")
         assert not conn.is_open

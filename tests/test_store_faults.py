@@ -9,6 +9,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import anyio
+import pytest
+
+from daemon.config import load_config
+from daemon.errors import StoreError
+from daemon.service import Daemon
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import SmtpServer
@@ -91,15 +97,15 @@ def test_a_full_disk_pauses_sending_and_records_what_the_server_accepted(project
     assert Counter(d.recipient for d in server.recorder.deliveries) == {f"p{i}@prospects.example": 1 for i in range(5)}
 
 
-def damage(db: Path) -> None:
-    """Overwrite a page in the middle of the file, as a bad disk would."""
+def damage(db: Path, number: int | None = None) -> None:
+    """Overwrite a page (page `number`, else one near the end), as a bad disk would."""
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         page = conn.execute("PRAGMA page_size").fetchone()[0]
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
     assert pages > 4
     with db.open("r+b") as f:
-        f.seek(page * (pages - 2))
+        f.seek(page * ((number or pages - 1) - 1))
         f.write(b"\xde\xad\xbe\xef" * (page // 4))
 
 
@@ -115,6 +121,25 @@ def test_a_damaged_database_is_refused_before_anything_is_sent(project: Project)
         assert server.recorder.deliveries == []
         check = project.run("check")
         assert check.code == 2 and "damaged" in check.err
+    finally:
+        server.stop()
+
+
+@pytest.mark.anyio
+async def test_damage_found_while_sending_stops_the_daemon(project: Project) -> None:
+    """A large database is checked beside sending (the check reads the whole file); damage found then stops
+    the daemon as at start. `integrity_wait=0` stands for a file too large to check within the wait."""
+    server = SmtpServer().start()
+    try:
+        db = setup(project, server, 300)
+        with sqlite3.connect(db) as conn:  # the prospects' table: start-up does not read it, a send does
+            root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'enrollments'").fetchone()[0]
+        damage(db, root)
+        daemon = Daemon(project.config_path, load_config(project.config_path), handle_signals=False, integrity_wait=0)
+        with anyio.fail_after(30), pytest.raises(StoreError, match="damaged"):
+            await daemon.run()
+        assert daemon._lock is None  # stopped and let go of the database
+        assert daemon.dispatcher is not None  # it had started sending beside the check
     finally:
         server.stop()
 
