@@ -292,16 +292,17 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # holds a property test of that); anything else goes to email-validator itself.
 _PLAIN = re.compile(rf"(?P<local>{_ATEXT}(?:\.{_ATEXT})*)@(?P<domain>(?:{_LABEL}\.)+[A-Za-z]{{2,63}})")
 _SPECIAL_USE = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+_SPECIAL_SUFFIXES = tuple(f".{name}" for name in _SPECIAL_USE)
 
 
 def _plainly_valid(text: str) -> bool:
     match = _PLAIN.fullmatch(text)
     if match is None or len(text) > 254 or len(match["local"]) > 64 or len(match["domain"]) > 253:
         return False
-    labels = match["domain"].lower().split(".")
-    if any(label[2:4] == "--" for label in labels):
+    domain = match["domain"].lower()
+    if "--" in domain and any(label[2:4] == "--" for label in domain.split(".")):
         return False  # IDNA rules (Punycode): email-validator's to judge
-    return not any(".".join(labels[i:]) in _SPECIAL_USE for i in range(len(labels)))
+    return domain not in _SPECIAL_USE and not domain.endswith(_SPECIAL_SUFFIXES)
 
 
 def address_problem(text: str) -> str | None:

@@ -43,6 +43,7 @@ from daemon.store import Claimed, Snapshot, Store, describe_store_error, is_busy
 
 T = TypeVar("T")
 CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
+IMAP_OPENING = 16  # IMAP sessions being opened (TLS, LOGIN, SELECT) at once
 LOOP_ERRORS_UNHEALTHY = 3  # a sender loop failing this many times in a row starves the watchdog
 
 
@@ -207,6 +208,7 @@ class Dispatcher:
         self.stopping = False
         self.runners: dict[str, MailboxRunner] = {}
         self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
+        self.imap_opening = anyio.CapacityLimiter(IMAP_OPENING)
         self.scheduler = AsyncIOScheduler(
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1}
         )
@@ -295,7 +297,9 @@ class Dispatcher:
                     if address not in running:
                         scope = anyio.CancelScope()
                         running[address] = (mailbox.imap, scope)
-                        watcher = Watcher(mailbox, self.db, lambda: self.config, self._waker(address), self.clock)
+                        watcher = Watcher(
+                            mailbox, self.db, lambda: self.config, self._waker(address), self.clock, self.imap_opening
+                        )
                         tg.start_soon(self._run_watcher, watcher, scope)
                 await self._config_changed.wait()
                 self._config_changed = anyio.Event()

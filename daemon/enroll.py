@@ -276,7 +276,11 @@ class Importer:
             return None
         fields = {name: value.strip() for name, value in zip(header, values, strict=True)}
         email = fields["email"]
-        bad = next((n for n, v in fields.items() if _CONTROL.search(v)), None)
+        bad = (
+            next((n for n, v in fields.items() if _CONTROL.search(v)), None)
+            if _CONTROL.search("".join(values))
+            else None
+        )
         if bad is not None:
             what = "a line break" if re.search(r"[\r\n\x85\u2028\u2029]", fields[bad]) else "a control character"
             reject(email if bad != "email" else "", f"{what} in field {bad!r}")

@@ -9,6 +9,7 @@ that session alone with `imap.error` and a backoff. Sending never waits on IMAP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.parser
 import email.policy
 import email.utils
@@ -290,8 +291,10 @@ class Watcher:
         config: Callable[[], Config],
         wake: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        opening: anyio.CapacityLimiter | None = None,
     ) -> None:
         self.clock = clock  # the daemon's one clock: instants recorded by replies, bounces and settlements
+        self.opening = opening  # sessions being opened at once, shared by the daemon's watchers
         self.wake = wake  # the mailbox's sender loop: a settled message may be due now
         self.mailbox = mailbox
         self.address = mailbox.address
@@ -316,27 +319,36 @@ class Watcher:
         assert server is not None
         if server.auth.secret is not None:
             redact.register(server.auth.username, server.auth.secret.reveal())
+        client: _Client | None = None
         with anyio.CancelScope() as scope:
-            client = _Client(
-                host=server.host,
-                port=server.port,
-                timeout=server.timeout,
-                conn_lost_cb=lambda exc: scope.cancel(),
-                ssl_context=tls_context(server) if server.security == "tls" else None,
-            )
             try:
-                await self._serve(client, server)
+                # A few sessions open at a time (TLS, LOGIN, SELECT): 2,000 mailboxes starting together
+                # timed out half their logins against one Dovecot; the server and the loop take turns.
+                async with self.opening or contextlib.nullcontext():
+                    client = _Client(
+                        host=server.host,
+                        port=server.port,
+                        timeout=server.timeout,
+                        conn_lost_cb=lambda exc: scope.cancel(),
+                        ssl_context=tls_context(server) if server.security == "tls" else None,
+                    )
+                    validity = await self._open(client, server)
+                await self._serve(client, server, validity)
             finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await _logout(client)
-        refused = client.protocol.refused
+                if client is not None:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                        await _logout(client)
+        refused = client.protocol.refused if client is not None else None
         raise ImapFailure(refused or "connection lost")
 
-    async def _serve(self, client: aioimaplib.IMAP4, server: Server) -> None:
+    async def _open(self, client: aioimaplib.IMAP4, server: Server) -> int:
+        """Greeting, LOGIN and SELECT INBOX: the session's UIDVALIDITY."""
         await client.wait_hello_from_server()
         secret = server.auth.secret.reveal() if server.auth.secret is not None else ""
         _ok(await client.login(server.auth.username, secret), "LOGIN")
-        validity = await self._select_inbox(client)
+        return await self._select_inbox(client)
+
+    async def _serve(self, client: aioimaplib.IMAP4, server: Server, validity: int) -> None:
         self.backoff = 1.0
         idle = client.has_capability("IDLE")
         position = await self.db(Store.imap_position, self.address)

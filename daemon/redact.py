@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import threading
+from typing import Any
 
 MASK = "***"
 _MIN_LEN = 4  # a shorter secret cannot be masked without masking ordinary words (and log keys) too
@@ -51,15 +52,42 @@ def register(username: str, secret: str) -> None:
         if new <= _forms:
             return
         _forms.update(new)
-        ordered = sorted(_forms, key=len, reverse=True)
-        _pattern = re.compile("|".join(re.escape(f) for f in ordered))
+        _pattern = None  # made again, once, by the next redact()
 
 
 def redact(text: str) -> str:
+    global _pattern
     pattern = _pattern
-    if pattern is None or not text:
+    if not text or not _forms:
         return text
+    if pattern is None:
+        with _lock:
+            pattern = _pattern = _pattern or re.compile(trie_pattern(_forms))
     return pattern.sub(MASK, text)
+
+
+def trie_pattern(words: set[str]) -> str:
+    """One regex for many literal words, shaped as their prefix tree: matching costs the length of a word,
+    not the number of words (2,000 mailboxes' secrets are 14,000 forms). The longest word wins."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+    return _branch(trie)
+
+
+def _branch(node: dict[str, Any]) -> str:
+    out = []
+    while "" not in node and len(node) == 1:  # a run with no branch and no word's end: plain text
+        ((ch, node),) = node.items()
+        out.append(re.escape(ch))
+    children = [re.escape(ch) + _branch(child) for ch, child in sorted(node.items()) if ch]
+    if children:
+        alternatives = children[0] if len(children) == 1 else "(?:" + "|".join(children) + ")"
+        out.append(f"(?:{alternatives})?" if "" in node else alternatives)  # greedy: the longer word first
+    return "".join(out)
 
 
 def clean(text: str, limit: int = 300) -> str:

@@ -21,7 +21,7 @@ from daemon.errors import CadencedError, ConfigError, Refused, StoreError, Store
 from daemon.store import IntegrityCheck, Store, startup_failure
 from daemon.systemd import Notifier, watchdog_interval
 
-INTEGRITY_WAIT = 1.0  # seconds the first send waits for the database check (it reads the whole file)
+INTEGRITY_WAIT = 0.25  # seconds the first send waits for the database check (it reads the whole file)
 
 
 def hold_lock(database: Path) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
+import functools
+import os
 import re
 import ssl
 from collections import deque
@@ -18,6 +21,11 @@ from daemon.config import Mailbox, Server
 from daemon.errors import MailboxDown, SmtpFailure
 from daemon.outcomes import AUTH, CONNECT, DATA, EHLO, END, MAIL, RCPT
 
+# asyncio's TLS transport reads into a buffer of 256 KiB per connection, allocated and zeroed whole
+# (SSLProtocol.max_size); with an IMAP session per mailbox that was most of the daemon's memory. A TLS
+# record is at most 16 KiB, so 32 KiB reads lose nothing. Measured: 303 KB -> 79 KB per IDLE session.
+asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
+
 _PLAIN_ADDRESS = re.compile(r"[!-~]+")  # ASCII, no space or control: safe on a command line as it is
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -29,10 +37,27 @@ class Accepted:
 
 
 def tls_context(server: Server) -> ssl.SSLContext:
-    """System trust plus the mailbox's own CA bundle; certificates always verified (SMTP and IMAP)."""
-    ctx = ssl.create_default_context()
+    """System trust plus the mailbox's own CA bundle; certificates always verified (SMTP and IMAP).
+
+    One context per CA bundle (and version of its file), shared by every
+    connection that uses it: each context holds its own copy of the system
+    trust store, about 1 MB, which made an IMAP session cost 1.2 MB.
+    """
+    stamp = None
     if server.ca_file:
-        ctx.load_verify_locations(cafile=server.ca_file)
+        try:
+            st = os.stat(server.ca_file)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            pass  # load_verify_locations says why
+    return _shared_context(server.ca_file, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_context(ca_file: str | None, stamp: tuple[int, int, int] | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
     return ctx
 
 

@@ -81,7 +81,7 @@ service stats {{
 class Dovecot:
     """dovecot -F -c FILE on a free loopback port (implicit TLS), one user per mailbox."""
 
-    def __init__(self, pki: Pki, users: dict[str, str], idle: bool = True) -> None:
+    def __init__(self, pki: Pki, users: dict[str, str], idle: bool = True, extra_conf: str = "") -> None:
         self.root = Path(tempfile.mkdtemp(prefix="cadenced-dovecot-"))
         self.root.chmod(0o755)  # its login and mail processes run as other users
         for sub in ("base", "state", "mail"):
@@ -94,7 +94,7 @@ class Dovecot:
         conf = _CONF.format(root=self.root, port=self.port)
         if not idle:  # a server without IDLE: the watcher has to poll
             conf += "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ SPECIAL-USE\n"
-        (self.root / "dovecot.conf").write_text(conf)
+        (self.root / "dovecot.conf").write_text(conf + extra_conf)
         self.ca = ssl.create_default_context(cafile=str(pki.ca_file))
         self.users = users
         self.proc: subprocess.Popen[bytes] | None = None
