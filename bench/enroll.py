@@ -3,7 +3,8 @@
 Prints prospects/second through `cadenced enroll` (in process, the same code the
 command runs) and, as the baseline measured in the same run, a bare loop that
 parses the same CSV and inserts the same rows with plain sqlite3 executemany.
-Peak RSS is that of this process after both. Target: >= 25,000 prospects/s.
+Peak RSS is that of this process after the enroll, before the baseline.
+Target: >= 50,000 prospects/s for 1,000,000 rows.
 
     python bench/enroll.py [--prospects N] [--mailboxes M]
 """
@@ -84,22 +85,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes)
-        base = baseline(csv_path, root / "baseline.db")
         config = load_config(config_path)
         store = Store.open(config.daemon.database)
         start = time.perf_counter()
         report = Importer(store, config, "bench", "alice").run(csv_path, time.time())
         elapsed = time.perf_counter() - start
         store.close()
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the baseline loads the file
         assert report.enrolled == args.prospects, report.as_dict()["rejected"][:3]
         counts = sorted(report.assignments.values())
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        base = baseline(csv_path, root / "baseline.db")
         print(f"prospects:            {args.prospects} over {args.mailboxes} mailboxes ({counts[0]}-{counts[-1]} each)")
         print(f"cadenced enroll:      {args.prospects / elapsed:,.0f} prospects/s ({elapsed:.2f} s)")
         print(f"baseline (csv+sqlite): {args.prospects / base:,.0f} prospects/s ({base:.2f} s)")
         print(f"ratio to baseline:    {base / elapsed:.2f}")
-        print(f"peak RSS:             {peak_mb:.0f} MB")
-        print("target:               >= 25,000 prospects/s")
+        print(f"peak RSS of the enroll: {peak_mb:.0f} MB (the baseline holds the whole file in memory; not counted)")
+        print("target:               >= 50,000 prospects/s at 1,000,000 rows")
     return 0
 
 
