@@ -31,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tomli_w
-from throughput import cadenced, free_port, peak_rss_mb, start_sink
+from throughput import cadenced, free_port, start_sink
+from throughput import first_send as time_first_send
 
 
 def write_config(root: Path, port: int, mailboxes: int, daily_limit: int, database: Path) -> Path:
@@ -135,33 +136,23 @@ def timed(config: Path, *args: str) -> tuple[float, int]:
 
 
 def first_send(config: Path, db: Path) -> tuple[float, float]:
-    with sqlite3.connect(db) as conn:  # one message due now (again, when the database is kept between runs)
+    """One message made due now (again, when the database is kept), then the daemon started."""
+    with sqlite3.connect(db) as conn:
         conn.execute(
             """UPDATE messages SET state = 'scheduled', sent_at = NULL, due_at = ?
                WHERE enrollment_id = 1 AND step = 2""",
             (time.time() - 60,),
         )
         conn.execute("UPDATE enrollments SET state = 'active', ended_at = NULL WHERE id = 1")
-    started = time.time()
-    proc = subprocess.Popen(cadenced("--config", str(config), "run"), stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        first = None
-        while time.monotonic() < deadline and first is None:
-            with sqlite3.connect(db, timeout=30) as conn:
-                row = conn.execute(
-                    "SELECT sent_at FROM messages WHERE enrollment_id = 1 AND step = 2 AND state = 'sent'"
-                ).fetchone()
-            first = row[0] if row else None
-            time.sleep(0.02)
-        time.sleep(3)  # settle into the steady state before reading the high-water mark
-        rss = peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    if first is None:
-        raise RuntimeError("no first send within 120 s")
-    return first - started, rss
+
+    def sent_at() -> float | None:
+        with sqlite3.connect(db, timeout=30) as conn:
+            row = conn.execute(
+                "SELECT sent_at FROM messages WHERE enrollment_id = 1 AND step = 2 AND state = 'sent'"
+            ).fetchone()
+        return float(row[0]) if row else None
+
+    return time_first_send(config, sent_at)
 
 
 def main() -> int:

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -211,13 +212,18 @@ def startup_and_memory(root: Path, port: int, enrollments: int) -> tuple[float, 
     config = write_config(root, port, 20, db)
     subprocess.run(cadenced("--config", str(config), "status"), check=True, stdout=subprocess.DEVNULL)  # schema
     big_database(db, enrollments)
+    return first_send(config, lambda: count_sent(db)[1])
+
+
+def first_send(config: Path, sent_at: Callable[[], float | None], within: float = 120) -> tuple[float, float]:
+    """Start `cadenced run`: (seconds from start to the send_at() it reports, its peak RSS in MB soon after)."""
     started = time.time()
     proc = subprocess.Popen(cadenced("--config", str(config), "run"), stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + within
         first = None
         while time.monotonic() < deadline and first is None:
-            first = count_sent(db)[1]
+            first = sent_at()
             time.sleep(0.02)
         time.sleep(3)  # let it settle into its steady state before reading the high-water mark
         rss = peak_rss_mb(proc.pid)
@@ -225,7 +231,7 @@ def startup_and_memory(root: Path, port: int, enrollments: int) -> tuple[float, 
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     if first is None:
-        raise RuntimeError("no first send within 60 s")
+        raise RuntimeError(f"no first send within {within:g} s")
     return first - started, rss
 
 

@@ -175,90 +175,87 @@ class Connection:
             await self.open()
         client = self.client
         assert client is not None and client.protocol is not None
-        if (
-            client.supports_extension("pipelining")
-            and _PLAIN_ADDRESS.fullmatch(sender)
-            and _PLAIN_ADDRESS.fullmatch(recipient)
-        ):
-            return await self._send_pipelined(client, message, sender, recipient)
-        return await self._send_stepwise(client, message, sender, recipient)
-
-    async def _send_pipelined(self, client: aiosmtplib.SMTP, message: bytes, sender: str, recipient: str) -> Accepted:
-        protocol = client.protocol
-        assert protocol is not None
-        replies = _Replies(protocol, self.mailbox.smtp.timeout * 4)
-        stage = MAIL
+        at = _Stage()
         try:
-            try:
-                protocol.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
-                mail = await replies.next()
-                stage = RCPT
-                rcpt = await replies.next()
-                stage = DATA
-                data = await replies.next()
-                if mail.code != 250 or rcpt.code not in (250, 251):
-                    if data.code == 354:
-                        # A server that takes DATA with no valid recipient gets an empty message to refuse.
-                        protocol.write(b".\r\n")
-                        await replies.next()
-                    raise _Refusal(MAIL, mail) if mail.code != 250 else _Refusal(RCPT, rcpt)
-                if data.code != 354:
-                    raise _Refusal(DATA, data)
-                stage = END
-                content = _LEADING_DOT.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
-                protocol.write(content)
-                final = await replies.next()
-                if final.code != 250:
-                    raise _Refusal(END, final)
-            finally:
-                replies.close()
-            return Accepted(final.code, redact.clean(final.message))
+            if (
+                client.supports_extension("pipelining")
+                and _PLAIN_ADDRESS.fullmatch(sender)
+                and _PLAIN_ADDRESS.fullmatch(recipient)
+            ):
+                return await self._send_pipelined(client, message, sender, recipient, at)
+            return await self._send_stepwise(client, message, sender, recipient, at)
         except _Refusal as refusal:
             raise await self._refused(client, refusal.stage, refusal.reply.code, refusal.reply.message) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise await self._refused(client, at.stage, exc.code, exc.message) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await self.close(quit=False)  # out of step with the server (it may be reading content): no QUIT
-            raise outcomes.classify(stage, None, f"{_describe(exc)} during {stage.upper()}") from None
+            raise outcomes.classify(at.stage, None, f"{_describe(exc)} during {at.stage.upper()}") from None
         except BaseException:
             await self.close()  # cancelled mid-transaction: the protocol is out of step
             raise
 
-    async def _send_stepwise(self, client: aiosmtplib.SMTP, message: bytes, sender: str, recipient: str) -> Accepted:
+    async def _send_pipelined(
+        self, client: aiosmtplib.SMTP, message: bytes, sender: str, recipient: str, at: _Stage
+    ) -> Accepted:
         protocol = client.protocol
         assert protocol is not None
-        stage = MAIL
+        replies = _Replies(protocol, self.mailbox.smtp.timeout * 4)
+        try:
+            protocol.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n".encode())
+            mail = await replies.next()
+            at.stage = RCPT
+            rcpt = await replies.next()
+            at.stage = DATA
+            data = await replies.next()
+            if mail.code != 250 or rcpt.code not in (250, 251):
+                if data.code == 354:
+                    # A server that takes DATA with no valid recipient gets an empty message to refuse.
+                    protocol.write(b".\r\n")
+                    await replies.next()
+                raise _Refusal(MAIL, mail) if mail.code != 250 else _Refusal(RCPT, rcpt)
+            if data.code != 354:
+                raise _Refusal(DATA, data)
+            at.stage = END
+            protocol.write(_LEADING_DOT.sub(b"..", normalize_message_line_endings(message)) + b".\r\n")
+            final = await replies.next()
+            if final.code != 250:
+                raise _Refusal(END, final)
+        finally:
+            replies.close()
+        return Accepted(final.code, redact.clean(final.message))
+
+    async def _send_stepwise(
+        self, client: aiosmtplib.SMTP, message: bytes, sender: str, recipient: str, at: _Stage
+    ) -> Accepted:
+        protocol = client.protocol
+        assert protocol is not None
         plain_write = protocol.write
 
         def write(data: bytes) -> None:
             # aiosmtplib sends DATA and the content in one call: the content leaving is the end of DATA.
-            nonlocal stage
-            if stage == DATA and data != b"DATA\r\n":
-                stage = END
+            if at.stage == DATA and data != b"DATA\r\n":
+                at.stage = END
             plain_write(data)
 
         protocol.write = write  # type: ignore[method-assign]
         try:
             with anyio.fail_after(self.mailbox.smtp.timeout * 4):
                 await client.mail(sender)
-                stage = RCPT
+                at.stage = RCPT
                 await client.rcpt(recipient)
-                stage = DATA
+                at.stage = DATA
                 response = await client.data(message)
             return Accepted(response.code, redact.clean(response.message))
-        except aiosmtplib.SMTPResponseException as exc:
-            raise await self._refused(client, stage, exc.code, exc.message) from None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await self.close(quit=False)  # out of step with the server (it may be reading content): no QUIT
-            raise outcomes.classify(stage, None, f"{_describe(exc)} during {stage.upper()}") from None
-        except BaseException:
-            await self.close()  # cancelled mid-transaction: the protocol is out of step
-            raise
         finally:
             protocol.write = plain_write  # type: ignore[method-assign]
 
     async def _refused(self, client: aiosmtplib.SMTP, stage: str, code: int, text: str) -> SmtpFailure:
         """The failure a reply makes; the connection is reset for the next message, or closed."""
         failure = outcomes.classify(stage, code, redact.clean(text))
-        if code < 200 or code == 421 or not client.is_connected:
+        if code < 200 or not client.is_connected:
+            await self.close(quit=False)  # no valid reply: out of step with the server
+        elif code == 421:
             await self.close()
         else:
             await _reset(client)
@@ -268,6 +265,15 @@ class Connection:
         client, self.client = self.client, None
         if client is not None:
             await _abort(client, quit)
+
+
+class _Stage:
+    """How far one transaction got: the stage a failure is classified at."""
+
+    __slots__ = ("stage",)
+
+    def __init__(self) -> None:
+        self.stage = MAIL
 
 
 class _Refusal(Exception):
