@@ -30,40 +30,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tomli_w
-from throughput import cadenced, free_port, start_sink
+from throughput import FIRST_STEP, cadenced, free_port, start_sink
 from throughput import first_send as time_first_send
+from throughput import write_config as bench_config
 
 
 def write_config(root: Path, port: int, mailboxes: int, daily_limit: int, database: Path) -> Path:
-    smtp = {"host": "127.0.0.1", "port": port, "security": "none", "timeout": "30s"}
-    config = {
-        "daemon": {"database": str(database), "log_format": "json", "log_level": "info"},
-        "defaults": {
-            "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
-            "hours": ["00:00-24:00"],
-            "daily_limit": daily_limit,
-            "gap": "2m-4m",
-        },
-        "users": [{"name": "bench"}],
-        "mailboxes": [
-            {"address": f"sender{i}@bench.example", "name": f"Sender {i}", "owner": "bench", "smtp": smtp}
-            for i in range(mailboxes)
-        ],
-        "cadences": [
-            {
-                "name": "bench",
-                "users": ["bench"],
-                "steps": [
-                    {"subject": "Hello {{ company }}", "body": "Hi {{ first_name }},\n\nA short note.\n"},
-                    {"wait": "3d", "body": "Hi again {{ first_name }}.\n"},
-                ],
-            }
-        ],
-    }
-    path = root / "scale.toml"
-    path.write_text(tomli_w.dumps(config))
-    return path
+    """A two-step cadence over `mailboxes` at `daily_limit` a day, a gap of 2-4 minutes."""
+    steps = [FIRST_STEP, {"wait": "3d", "body": "Hi again {{ first_name }}.\n"}]
+    return bench_config(
+        root, port, mailboxes, database, daily_limit=daily_limit, gap="2m-4m", steps=steps, name="scale.toml"
+    )
 
 
 def generate(db: Path, enrollments: int, mailboxes: int, errors: int) -> float:

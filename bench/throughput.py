@@ -71,30 +71,38 @@ def start_sink(port: int) -> tuple[subprocess.Popen[bytes], str]:
     return proc, name
 
 
-def write_config(root: Path, port: int, mailboxes: int, database: Path) -> Path:
+FIRST_STEP = {"subject": "Hello {{ company }}", "body": "Hi {{ first_name }},\n\nA short note.\n"}
+
+
+def write_config(
+    root: Path,
+    port: int,
+    mailboxes: int,
+    database: Path,
+    *,
+    daily_limit: int = 100_000,
+    gap: str = "0s",
+    steps: list[dict[str, str]] | None = None,
+    name: str = "",
+) -> Path:
+    """N mailboxes open all day, every day, on one cadence; by default limits and gaps out of the way."""
     smtp = {"host": "127.0.0.1", "port": port, "security": "none", "timeout": "30s"}
     config = {
         "daemon": {"database": str(database), "log_format": "json", "log_level": "info", "max_connections": 1000},
         "defaults": {
             "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
             "hours": ["00:00-24:00"],
-            "daily_limit": 100_000,
-            "gap": "0s",
+            "daily_limit": daily_limit,
+            "gap": gap,
         },
         "users": [{"name": "bench"}],
         "mailboxes": [
             {"address": f"sender{i}@bench.example", "name": f"Sender {i}", "owner": "bench", "smtp": smtp}
             for i in range(mailboxes)
         ],
-        "cadences": [
-            {
-                "name": "bench",
-                "users": ["bench"],
-                "steps": [{"subject": "Hello {{ company }}", "body": "Hi {{ first_name }},\n\nA short note.\n"}],
-            }
-        ],
+        "cadences": [{"name": "bench", "users": ["bench"], "steps": steps or [FIRST_STEP]}],
     }
-    path = root / f"bench-{mailboxes}.toml"
+    path = root / (name or f"bench-{mailboxes}.toml")
     path.write_text(tomli_w.dumps(config))
     return path
 
