@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -1129,27 +1130,36 @@ class IntegrityCheck:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._interrupted = False
+        self._lock = threading.Lock()  # interrupt() may come before the connection is open, or as it opens
 
     def run(self) -> None:
         """Raises StoreError when the database is damaged; returns quietly when interrupted or absent."""
         if not self.path.exists():
             return  # nothing enrolled yet: the daemon creates it
-        self._conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+        with self._lock:
+            if self._interrupted:
+                return
+            try:
+                conn = self._conn = sqlite3.connect(
+                    self.path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot open the database to check it: {exc}") from None
         try:
-            _refuse_damage(self._conn, self.path)
+            _refuse_damage(conn, self.path)
         except StoreError:
             if not self._interrupted:
                 raise
         finally:
-            self._conn.close()
+            with self._lock:
+                self._conn = None
+                conn.close()
 
     def interrupt(self) -> None:
-        self._interrupted = True
-        if self._conn is not None:
-            try:
+        with self._lock:
+            self._interrupted = True
+            if self._conn is not None:
                 self._conn.interrupt()
-            except sqlite3.ProgrammingError:
-                pass  # closed meanwhile: it had finished
 
 
 def _json_list(values: Sequence[Any]) -> str:

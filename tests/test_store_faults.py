@@ -15,6 +15,7 @@ import pytest
 from daemon.config import load_config
 from daemon.errors import StoreError
 from daemon.service import Daemon
+from daemon.store import IntegrityCheck
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import SmtpServer
@@ -140,6 +141,21 @@ async def test_damage_found_while_sending_stops_the_daemon(project: Project) -> 
             await daemon.run()
         assert daemon._lock is None  # stopped and let go of the database
         assert daemon.dispatcher is not None  # it had started sending beside the check
+    finally:
+        server.stop()
+
+
+def test_a_check_interrupted_at_shutdown_ends_without_a_verdict(project: Project) -> None:
+    """A stop during the check ends it at once (it could read gigabytes), and says nothing of damage."""
+    server = SmtpServer().start()
+    try:
+        db = setup(project, server, 50)
+        damage(db)
+        with pytest.raises(StoreError, match="damaged"):
+            IntegrityCheck(db).run()
+        stopped = IntegrityCheck(db)
+        stopped.interrupt()  # before the thread opened its connection: it does not open one
+        stopped.run()
     finally:
         server.stop()
 
