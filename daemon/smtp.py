@@ -14,7 +14,7 @@ from typing import Any
 
 import aiosmtplib
 import anyio
-from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, normalize_message_line_endings
+from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, PERIOD_REGEX, normalize_message_line_endings
 
 from daemon import outcomes, redact
 from daemon.config import Mailbox, Server
@@ -27,7 +27,6 @@ from daemon.outcomes import AUTH, CONNECT, DATA, EHLO, END, MAIL, RCPT
 asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
 
 _PLAIN_ADDRESS = re.compile(r"[!-~]+")  # ASCII, no space or control: safe on a command line as it is
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +216,7 @@ class Connection:
             if data.code != 354:
                 raise _Refusal(DATA, data)
             at.stage = END
-            protocol.write(_LEADING_DOT.sub(b"..", normalize_message_line_endings(message)) + b".\r\n")
+            protocol.write(PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n")
             final = await replies.next()
             if final.code != 250:
                 raise _Refusal(END, final)
@@ -296,7 +295,9 @@ class _Replies:
 
     def __init__(self, protocol: Any, timeout: float) -> None:
         self.protocol = protocol
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the line being received
+        self._lines: list[bytes] = []  # the reply being received (continuation lines so far)
+        self._size = 0
         self.replies: deque[aiosmtplib.SMTPResponse] = deque()
         self.error: Exception | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -323,33 +324,26 @@ class _Replies:
         return self.replies.popleft()
 
     def _received(self, data: bytes) -> None:
+        """Each line is looked at once as it completes: a reply trickled a byte at a time costs its length."""
         self.buffer += data
-        while self.error is None:
-            reply = self._parse()
-            if reply is None:
-                break
-            self.replies.append(reply)
-        if self.error is None and len(self.buffer) > MAX_RESPONSE_LENGTH:
-            self._fail(aiosmtplib.SMTPResponseException(-1, "reply too long"))
-        self._wake()
-
-    def _parse(self) -> aiosmtplib.SMTPResponse | None:
-        lines, offset = [], 0
-        while (end := self.buffer.find(b"\n", offset)) != -1:
-            line = bytes(self.buffer[offset : end + 1])
+        while self.error is None and (end := self.buffer.find(b"\n")) != -1:
+            line = bytes(self.buffer[: end + 1])
+            del self.buffer[: end + 1]
             if len(line) > MAX_LINE_LENGTH or not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
                 self._fail(aiosmtplib.SMTPResponseException(-1, f"malformed reply line: {line[:80]!r}"))
-                return None
-            offset = end + 1
-            if offset > MAX_RESPONSE_LENGTH:
+            elif (size := self._size + len(line)) > MAX_RESPONSE_LENGTH:
                 self._fail(aiosmtplib.SMTPResponseException(-1, "reply too long"))
-                return None
-            lines.append(line[4:].strip(b" \t\r\n"))
-            if line[3:4] != b"-":
-                del self.buffer[:offset]
-                text = b"\n".join(lines).decode("utf-8", "surrogateescape")
-                return aiosmtplib.SMTPResponse(int(line[:3]), text)
-        return None
+            elif line[3:4] == b"-":
+                self._lines.append(line[4:].strip(b" \t\r\n"))
+                self._size = size
+            else:
+                self._lines.append(line[4:].strip(b" \t\r\n"))
+                text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+                self.replies.append(aiosmtplib.SMTPResponse(int(line[:3]), text))
+                self._lines, self._size = [], 0
+        if self.error is None and len(self.buffer) > MAX_LINE_LENGTH:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "reply line too long"))
+        self._wake()
 
     def _fail(self, error: Exception) -> None:
         if self.error is None:

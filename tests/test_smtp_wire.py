@@ -166,15 +166,22 @@ async def test_a_sender_refusal_is_the_mailboxes(project: Project, pipelining: b
 
 
 @pytest.mark.parametrize(
-    "reply",
-    ["25O not a code", "250" + "x" * 9000, "\r\n".join(["250-more"] * 5000)],
-    ids=["malformed", "endless-line", "endless-reply"],
+    ("reply", "trickle"),
+    [
+        ("25O not a code", False),
+        ("250" + "x" * 9000, False),
+        ("\r\n".join(["250-more"] * 5000), False),
+        ("\r\n".join(["250-m"] * 7000), True),  # 42 KB a byte at a time: each line is parsed once, then refused
+    ],
+    ids=["malformed", "endless-line", "endless-reply", "endless-reply-trickled"],
 )
-async def test_a_reply_that_is_no_reply_is_a_lost_session(project: Project, pipelining: bool, reply: str) -> None:
+async def test_a_reply_that_is_no_reply_is_a_lost_session(
+    project: Project, pipelining: bool, reply: str, trickle: bool
+) -> None:
     def answer(command: str) -> str | None:
         return reply if command.startswith("MAIL") else normal(command)
 
-    async with connection(project, Scripted(answer, pipelining)) as conn:
+    async with connection(project, Scripted(answer, pipelining, trickle)) as conn:
         with pytest.raises(MailboxDown) as lost:
             await conn.send(MESSAGE, "mb0@example.com", "p@prospects.example")
         assert lost.value.code is None and lost.value.stage == "mail"
