@@ -78,6 +78,31 @@ class Rotator:
             if not mine:
                 raise Placement(f"user {adder!r} has no mailbox in this cadence's pool")
             return mine[0].address
+        group, candidates = self._group(owner, adder)
+        if rules.rotation == WEIGHTED:
+            return self._weighted(group, candidates)
+        return self._round_robin(group, candidates)
+
+    def cycle(self, owner: str, adder: str, n: int) -> tuple[str, ...] | None:
+        """The next `n` placements of one group at once, as the cycle they follow: placement i takes
+        `cycle[i % len(cycle)]`, and the cursor ends where `n` calls of `place` would leave it.
+
+        None for weighted rotation (its credits are placed one at a time); raises Placement as `place` does.
+        """
+        rules = self.rules
+        if rules.auto_rotate and rules.rotation == WEIGHTED:
+            return None
+        if n <= 0:
+            return ()
+        if not rules.auto_rotate:
+            return (self.place(owner, adder),)
+        group, candidates = self._group(owner, adder)
+        turns = tuple(self._round_robin(group, candidates) for _ in range(min(n, len(candidates))))
+        self.cursors[group] = turns[(n - 1) % len(turns)]
+        return turns
+
+    def _group(self, owner: str, adder: str) -> tuple[str, tuple[PoolMember, ...]]:
+        rules = self.rules
         if rules.rotate_among == "cadence":
             who, key = "", None
         elif rules.rotate_among == "owner":
@@ -88,9 +113,7 @@ class Rotator:
         candidates = self._candidates(group, key)
         if not candidates:
             raise Placement(f"{who} {key!r} has no mailbox in this cadence's pool")
-        if rules.rotation == WEIGHTED:
-            return self._weighted(group, candidates)
-        return self._round_robin(group, candidates)
+        return group, candidates
 
     def _round_robin(self, group: str, candidates: tuple[PoolMember, ...]) -> str:
         last = self._order.get(self.cursors.get(group, ""), -1)

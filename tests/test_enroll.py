@@ -290,3 +290,49 @@ def test_entry_point_runs(project: Project, tmp_path: Path) -> None:
     exe = str(Path(sys.executable).parent / "cadenced")
     r = subprocess.run([exe, "--config", str(project.config_path), "check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_an_import_places_each_row_as_one_at_a_time_placement_would(project: Project) -> None:
+    """Rows are placed in bulk (SQL numbers each group's rows): the mailbox of every row, the ids in file
+    order and the cursor left for the next import are those of placing the rows one by one, with owners
+    interleaved, a group with no mailbox, duplicates, invalid and already enrolled rows in between."""
+    from daemon import rotation
+    from tests.daemon_helpers import query
+
+    alice = project.add_mailboxes(3)
+    bob = project.add_mailboxes(2, owner="bob")
+    project.data["users"].append({"name": "carol"})
+    project.add_cadence("own", users=["alice", "bob", "carol"], rotate_among="owner")
+    project.add_cadence("all", users=["alice", "bob", "carol"], rotate_among="cadence")
+    project.write()
+    owners = ["alice", "bob", "bob", "carol", "alice", "alice", "bob", "alice"]
+    rows = [f"p{i}@x.example,{owners[i % len(owners)]}" for i in range(40)]
+    rows[7] = "not an address,alice"
+    rows[12] = rows[3]  # a duplicate
+    members = [rotation.PoolMember(a, "alice", True) for a in alice] + [
+        rotation.PoolMember(b, "bob", True) for b in bob
+    ]
+    for cadence, among in (("own", "owner"), ("all", "cadence")):
+        rotator = rotation.Rotator(rotation.Rules(True, among, "", ""), members)
+        expected: list[tuple[str, str]] = []
+        for start, count in ((0, 25), (20, 20)):  # the second import repeats five rows (skipped)
+            path = project.csv(rows[start : start + count], name=f"{cadence}{start}.csv", header="email,owner")
+            report = project.enroll(path, cadence=cadence).json()
+            seen = {e for e, _ in expected}
+            for row in rows[start : start + count]:
+                email, owner = row.split(",")
+                if "@" not in email or email in seen:
+                    continue
+                seen.add(email)
+                try:
+                    expected.append((email, rotator.place(owner, "alice")))
+                except rotation.Placement:
+                    assert any(r["email"] == email for r in report["rejected"])
+        got = query(
+            project.root / "cadenced.db",
+            "SELECT email, mailbox FROM enrollments WHERE cadence = ? ORDER BY id",
+            cadence,
+        )
+        assert got == expected, cadence
+    ids = [r[0] for r in query(project.root / "cadenced.db", "SELECT id FROM enrollments ORDER BY id")]
+    assert ids == list(range(1, len(ids) + 1))

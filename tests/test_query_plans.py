@@ -41,7 +41,9 @@ def plans(store: Store, call: Callable[[Store], Any]) -> list[tuple[str, list[st
 def store(tmp_path: Path) -> Store:
     s = Store.open(tmp_path / "plans.db")
     with s.transaction():
-        s.insert_enrollments([(i + 1, "c", f"p{i}@x.example", "m@x.example", "u", "u", "{}", 0.0) for i in range(50)])
+        s.insert_enrollments(
+            "c", [(i + 1, "c", f"p{i}@x.example", "m@x.example", "u", "u", "{}", 0.0) for i in range(50)]
+        )
         s.schedule_first_steps(1, None, 0.0, {"m@x.example": 50})
         s.conn.execute("UPDATE messages SET due_at = enrollment_id - 1")
     return s
@@ -86,7 +88,10 @@ HOT: dict[str, Callable[[Store], Any]] = {
         s.drop_staged_suppressed(),
         s.drop_staged_enrolled("c"),
         s.next_enrollment_id(),
-        s.schedule_first_steps(51, None, 1.0, {}),
+        s.staged_groups(True),
+        s.staged_groups(False),
+        s.enroll_staged("c", "u", 1.0, 51, {"": ("m@x.example", "n@x.example")}, False),
+        s.schedule_first_steps(51, None, 1.0, {"m@x.example": 5, "n@x.example": 5}),  # p50 … p59 are new
     ),
     "start-up": lambda s: s.orphan_removed_mailboxes({"other@x.example"}, 1.0),
     "messages_by_id": lambda s: s.messages_by_id([1, 2]),
@@ -157,17 +162,39 @@ def recount(store: Store) -> dict[tuple[str, str], int]:
     return {(r[0], r[1]): r[2] for r in rows}
 
 
+def recount_enrollments(store: Store) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for cadence, state, n in store.conn.execute("SELECT cadence, state, count(*) FROM enrollments GROUP BY 1, 2"):
+        counts.setdefault(cadence, {})[state] = n
+    return counts
+
+
 def test_the_kept_message_counts_are_the_real_counts(store: Store) -> None:
-    """`status` reads counts kept as messages change: after every hot operation they equal a full count."""
+    """`status` reads counts kept as messages and enrollments change: after every hot operation they equal a
+    full count."""
     assert store.message_counts() == recount(store) == {("m@x.example", "scheduled"): 50}
+    assert store.enrollment_counts() == recount_enrollments(store) == {"c": {"active": 50}}
     for name, call in HOT.items():
         with store.transaction():
             call(store)
         assert store.message_counts() == recount(store), name
+        assert store.enrollment_counts() == recount_enrollments(store), name
     with store.transaction():
         store.conn.execute("DELETE FROM messages WHERE id % 3 = 0")
         store.conn.execute("UPDATE messages SET mailbox = 'other@x.example' WHERE id % 5 = 0")
     assert store.message_counts() == recount(store)
+
+
+def test_every_insert_of_an_enrollment_counts_it() -> None:
+    """As for messages: no trigger counts inserted enrollments, the inserting functions do."""
+    source = (Path(__file__).parent.parent / "daemon" / "store.py").read_text()
+    inserting = re.findall(r"def (\w+)\([^)]*\)[^:]*:(?:(?!\n    def ).)*?INSERT INTO enrollments ", source, re.S)
+    assert sorted(inserting) == ["enroll_staged", "insert_enrollments"]
+    for name in inserting:
+        body = source.split(f"def {name}(", 1)[1].split("\n    def ", 1)[0]
+        assert "self._count_enrolled(" in body, name
+    others = [p for p in (Path(__file__).parent.parent / "daemon").glob("*.py") if p.name != "store.py"]
+    assert not [p.name for p in others if "INSERT INTO enrollments" in p.read_text()]
 
 
 def test_every_insert_of_a_message_counts_it() -> None:

@@ -129,8 +129,49 @@ def test_a_cadence_pinned_under_the_old_default_keeps_it(project: Project) -> No
         "VALUES ('c1', 'old@x.example', ?, 'alice', 'alice', '{}', 0)",
         a1,
     )
+    query(db, "INSERT INTO enrollment_counts VALUES ('c1', 'active', 1)")  # kept by whatever inserts one
     check = project.run("check")
     assert check.code == 0, check.err
     assert 'cadences."c1".rotate_among: not set; kept at "cadence"' in check.err
     got = project.enroll(project.people(4)).json()["assignments"]
     assert got == {a1: 2, b1: 2}  # the whole pool, as before
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    among=st.sampled_from(["cadence", "owner", "adder"]),
+    auto=st.booleans(),
+    size=st.integers(1, 6),
+    down=st.sets(st.integers(0, 5)),
+    cursor=st.sampled_from(["", *POOL, "gone@x.example"]),
+    runs=st.lists(st.tuples(st.sampled_from(["alice", "bob"]), st.integers(0, 20)), min_size=1, max_size=4),
+)
+def test_a_run_placed_at_once_is_what_one_at_a_time_places(
+    among: str, auto: bool, size: int, down: set[int], cursor: str, runs: list[tuple[str, int]]
+) -> None:
+    """An import places a run of rows in SQL from `cycle`: the same mailboxes and cursors as `place`."""
+    members = [rotation.PoolMember(a, "alice" if i % 2 else "bob", i not in down) for i, a in enumerate(POOL[:size])]
+    rules = rotation.Rules(auto, among, POOL[0] if not auto and size % 2 else "", "")
+    cursors = {f"{among}:{o}": cursor for o in ("alice", "bob", "*")} if cursor else {}
+    one, run = rotation.Rotator(rules, members, dict(cursors)), rotation.Rotator(rules, members, dict(cursors))
+    for owner, n in runs:
+        try:
+            expected = [one.place(owner, "alice") for _ in range(n)]
+        except rotation.Placement as exc:
+            try:
+                run.cycle(owner, "alice", n)
+            except rotation.Placement as again:
+                assert str(again) == str(exc)
+                continue
+            raise AssertionError("cycle placed what place refused") from None
+        turns = run.cycle(owner, "alice", n)
+        assert turns is not None
+        assert [turns[i % len(turns)] for i in range(n)] == expected
+        assert run.cursors == one.cursors
+
+
+def test_weighted_rotation_is_placed_one_at_a_time() -> None:
+    members = [rotation.PoolMember(POOL[0], "alice", True, 40.0), rotation.PoolMember(POOL[1], "alice", True, 10.0)]
+    assert (
+        rotation.Rotator(rotation.Rules(True, "cadence", "", "", rotation.WEIGHTED), members).cycle("a", "a", 5) is None
+    )
