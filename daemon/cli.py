@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import tomli_w
 
 from daemon import __version__, enroll, operate, readside
-from daemon.config import Config, config_path_from, effective_dict, load_config
+from daemon.config import Config, OAuth2, config_path_from, effective_dict, load_config
 from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, UsageError
 from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store
@@ -313,10 +315,21 @@ def cmd_mailbox_test(args: argparse.Namespace) -> int:
         mailbox = config.mailbox(args.address)
     except KeyError:
         raise UsageError(f"unknown mailbox {args.address!r}") from None
-    from daemon import smtp
+    from daemon import imap, oauth, smtp
+
+    tokens = oauth.Tokens()
 
     async def probe() -> None:
-        await smtp.Connection(mailbox).probe()
+        try:
+            await smtp.Connection(mailbox, tokens).probe()
+            _out(f"{args.address}: SMTP {server.host}:{server.port} {server.security}: connected, EHLO and login ok")
+            if mailbox.oauth2 is not None and (expiry := tokens.expiry(mailbox.address, mailbox.oauth2)):
+                scopes = f"; scopes: {expiry[1]}" if expiry[1] else ""
+                _out(f"{args.address}: OAuth2 access token valid until {iso(expiry[0])}{scopes}")
+            if mailbox.imap is not None:
+                await imap.check(mailbox, tokens, lambda line: _out(f"{args.address}: {line}"))
+        finally:
+            await tokens.aclose()
 
     server = mailbox.smtp
     try:
@@ -327,8 +340,121 @@ def cmd_mailbox_test(args: argparse.Namespace) -> int:
         raise Refused(
             f"{args.address}: SMTP {server.host}:{server.port} {server.security}: {failure.text}{code}{at}"
         ) from None
-    _out(f"{args.address}: SMTP {server.host}:{server.port} {server.security}: connected, EHLO and login ok")
+    except imap.ImapFailure as failure:
+        raise Refused(f"{args.address}: {failure}") from None
     return 0
+
+
+def cmd_mailbox_authorize(args: argparse.Namespace) -> int:
+    """The authorization-code flow with PKCE; the refresh token goes where the config reads it from."""
+    config = _load(args)
+    try:
+        mailbox = config.mailbox(args.address)
+    except KeyError:
+        raise UsageError(f"unknown mailbox {args.address!r}") from None
+    settings = mailbox.oauth2
+    if settings is None:
+        raise UsageError(
+            f"{args.address}: no [mailboxes.oauth2] table: give client_id and refresh_token_file "
+            '(and provider = "google" or "microsoft", or token_url and auth_url)'
+        )
+    from daemon import oauth
+
+    try:
+        refresh = anyio.run(_authorize, mailbox.address, settings, args.port, backend="asyncio")
+    except (oauth.AuthorizationFailed, oauth.TokenError) as exc:
+        raise Refused(f"{args.address}: not authorized: {exc}") from None
+    target = oauth.save_refresh_token(settings, refresh)
+    if target is not None:
+        _out(f"{args.address}: authorized; the refresh token is in {target} (mode 0600), which refresh_token_file")
+        _out("names. Reload the daemon to use it: systemctl reload cadenced")
+        return 0
+    kind, _, name = settings.refresh_token_source.partition(":")
+    _out(f"{args.address}: authorized. The refresh token, to store where {kind} = {name!r} reads it:")
+    _out(refresh)
+    if kind == "refresh_token_credential":
+        _out(f"(for instance: systemd-creds encrypt --name={name} - /etc/credstore.encrypted/{name}, then reload)")
+    return 0
+
+
+async def _authorize(address: str, settings: OAuth2, port: int) -> str:
+    """Print the URL; wait for the browser's redirect on a loopback listener, or for it pasted on stdin."""
+    import secrets
+
+    from daemon import oauth
+
+    verifier, challenge = oauth.pkce_pair()
+    state = secrets.token_urlsafe(16)
+    found: list[str] = []
+    failure: list[oauth.AuthorizationFailed] = []
+    done = anyio.Event()
+
+    def accept(target: str) -> bool:
+        try:
+            found.append(oauth.code_from_redirect(target, state))
+        except oauth.AuthorizationFailed as exc:
+            if "state differs" in str(exc) or "no authorization code" in str(exc):
+                return False  # not ours (a favicon, a stray request): keep waiting
+            found.append("")
+            failure.append(exc)
+        done.set()
+        return True
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            request = b""
+            with anyio.move_on_after(10):
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    try:
+                        request += await stream.receive(4096)
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        return
+            parts = request.split(b"\r\n", 1)[0].split()
+            target = parts[1].decode("ascii", "replace") if len(parts) == 3 and parts[0] == b"GET" else ""
+            ours = bool(target) and accept(target)
+            text = "cadenced: authorization received; this tab can be closed." if ours else "not found"
+            body = text.encode()
+            head = f"HTTP/1.1 {'200 OK' if ours else '404 Not Found'}\r\nContent-Type: text/plain\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await stream.send(head.encode() + body)
+
+    async def pasted() -> None:
+        """Lines on stdin, read as they come (a thread blocked in readline would hold the exit up)."""
+        try:
+            fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):
+            return  # no stdin at all: the listener alone
+        pending = b""
+        while True:
+            with contextlib.suppress(OSError, ValueError):  # a regular file cannot be waited on; it never blocks
+                await anyio.wait_readable(fd)
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return  # the terminal or pipe closed: the listener alone
+            pending = (pending + chunk)[-65536:]
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                text = line.decode("utf-8", "replace").strip()
+                if text and not accept(text):
+                    sys.stderr.write("cadenced: that is not the address the browser was sent to; paste it whole\n")
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+    redirect = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}/"
+    url = oauth.authorization_url(settings, address, redirect, state, challenge)
+    _out(f"Open this address in a browser and sign in as {address}:\n\n{url}\n")
+    _out(f"The browser is sent back to {redirect}: on this machine that completes the authorization by itself.")
+    _out("From another machine the page will not load: copy the address it shows and paste it here.")
+    sys.stdout.flush()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        tg.start_soon(pasted)
+        await done.wait()
+        tg.cancel_scope.cancel()
+    await listener.aclose()
+    if failure:
+        raise failure[0]
+    return await oauth.exchange_code(settings, found[0], verifier, redirect)
 
 
 # --- parser ---------------------------------------------------------------------------
@@ -397,9 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mailbox", parents=[common], help="mailbox tools")
     tools = p.add_subparsers(dest="tool", required=True, metavar="TOOL")
-    t = tools.add_parser("test", parents=[common], help="try the SMTP login of a mailbox and report")
+    t = tools.add_parser("test", parents=[common], help="try the SMTP (and IMAP) login of a mailbox and report")
     t.add_argument("address")
     t.set_defaults(handler=cmd_mailbox_test)
+    t = tools.add_parser("authorize", parents=[common], help="sign an OAuth2 mailbox in; store its refresh token")
+    t.add_argument("address")
+    t.add_argument("--port", type=int, default=0, help="the loopback redirect's port (default: any free one)")
+    t.set_defaults(handler=cmd_mailbox_authorize)
 
     p = sub.add_parser("run", parents=[common], help="the daemon (foreground; systemd Type=notify)")
     p.set_defaults(handler=cmd_run)

@@ -52,14 +52,35 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuth2:
+    """A mailbox's OAuth2 client (SPEC §7a): cadenced gets access tokens itself with the refresh-token grant."""
+
+    client_id: str
+    client_secret: Secret | None
+    client_secret_source: str  # "client_secret_file:/path", "client_secret_env:VAR", … or ""
+    refresh_token: Secret | None  # None until `cadenced mailbox authorize` has written one
+    refresh_token_source: str
+    token_url: str
+    auth_url: str
+    scopes: tuple[str, ...]
+
+    @property
+    def refresh_token_file(self) -> str:
+        """Where a refresh token is written (by authorize, or when the provider rotates it); "" if not a file."""
+        kind, _, where = self.refresh_token_source.partition(":")
+        return where if kind == "refresh_token_file" else ""
+
+
+@dataclass(frozen=True, slots=True)
 class Auth:
-    """How to log in: a password from a file, the environment, a credential, or inline."""
+    """How to log in: a password from a file, the environment, a credential, or inline; or OAuth2."""
 
     username: str
     secret: Secret | None
     source: str  # "password_file:/path", "password_env:VAR", "credential:NAME", "password", ""
-    mechanism: str = "password"  # password | xoauth2
+    mechanism: str = "password"  # password | xoauth2 (token_command) | oauth2 (the mailbox's [oauth2])
     token_command: tuple[str, ...] = ()
+    oauth2: OAuth2 | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +119,8 @@ class Mailbox:
     paused: bool
     helo_name: str = ""  # the EHLO name; "" is the host's FQDN
     sent_copies: str = "none"  # none | provider: whether the provider files submitted mail in Sent itself
+    provider: str = ""  # google | microsoft | generic: the preset its servers were filled in from
+    oauth2: OAuth2 | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +294,48 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 SENT_COPIES = ("none", "provider")
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """What `provider = "…"` fills in; any key the file sets wins."""
+
+    smtp: tuple[str, int, str]  # host, port, security
+    imap: tuple[str, int, str] | None
+    token_url: str
+    auth_url: str
+    scopes: tuple[str, ...]
+    sent_copies: str
+
+
+PROVIDERS = {
+    # Google: SMTP and IMAP accept XOAUTH2 with the one scope that covers mail; Gmail files what is sent in Sent.
+    "google": Preset(
+        ("smtp.gmail.com", 587, "starttls"),
+        ("imap.gmail.com", 993, "tls"),
+        "https://oauth2.googleapis.com/token",
+        "https://accounts.google.com/o/oauth2/v2/auth",
+        ("https://mail.google.com/",),
+        "provider",
+    ),
+    # Microsoft 365 (work and school accounts): SMTP AUTH client submission, which Exchange Online files in
+    # Sent Items; offline_access is what brings a refresh token.
+    "microsoft": Preset(
+        ("smtp.office365.com", 587, "starttls"),
+        ("outlook.office365.com", 993, "tls"),
+        "https://login.microsoftonline.com/organizations/oauth2/v2.0/token",
+        "https://login.microsoftonline.com/organizations/oauth2/v2.0/authorize",
+        (
+            "https://outlook.office.com/SMTP.Send",
+            "https://outlook.office.com/IMAP.AccessAsUser.All",
+            "offline_access",
+        ),
+        "provider",
+    ),
+    # A self-hosted server: the usual ports and security; hosts and auth are the file's to give.
+    "generic": Preset(("", 587, "starttls"), None, "", "", (), "none"),
+}
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}")
 _ADDRESS_LITERAL = re.compile(r"\[(?:\d{1,3}\.){3}\d{1,3}\]|\[IPv6:[0-9A-Fa-f:.]+\]")
 
@@ -490,6 +555,75 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
     return Schedule(tz, days, hours, limit, gap)
 
 
+def _named_secret(t: _Table, name: str, base_dir: Path, missing_ok: bool = False) -> tuple[Secret | None, str]:
+    """`<name>_file`, `<name>_env` or `<name>_credential`: the secret and where it came from.
+
+    `missing_ok`: a file that does not exist yet is no error (a refresh token before `mailbox authorize`).
+    """
+    sources = [k for k in (f"{name}_file", f"{name}_env", f"{name}_credential") if t.has(k)]
+    if len(sources) > 1:
+        t.problems.add(t.path, f"give only one of {', '.join(sources)}")
+    if not sources:
+        return None, ""
+    key = sources[0]
+    for other in sources[1:]:
+        t.seen.add(other)
+    value = t.string(key)
+    if not isinstance(value, str):
+        return None, ""
+    if key.endswith("_file"):
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        if missing_ok and not path.exists():
+            return None, f"{key}:{path}"
+        return _secret_file(t, key, path, f"{key}:{path}", str(path))
+    if key.endswith("_env"):
+        if value not in os.environ:
+            t.problems.add(t.at(key), f"environment variable {value} is not set")
+            return None, ""
+        return Secret(os.environ[value]), f"{key}:{value}"
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not creds:
+        t.problems.add(t.at(key), "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
+        return None, ""
+    return _secret_file(t, key, Path(creds) / value, f"{key}:{value}", f"credential {value}")
+
+
+def _oauth2(t: _Table, preset: Preset | None, base_dir: Path) -> OAuth2 | None:
+    client_id = t.string("client_id")
+    secret, secret_source = _named_secret(t, "client_secret", base_dir)
+    token, token_source = _named_secret(t, "refresh_token", base_dir, missing_ok=True)
+    token_url = t.string("token_url", preset.token_url if preset else "")
+    auth_url = t.string("auth_url", preset.auth_url if preset else "")
+    scopes = t.strings("scopes", list(preset.scopes) if preset else [])
+    t.finish()
+    for key, url in (("token_url", token_url), ("auth_url", auth_url)):
+        if not isinstance(url, str):
+            continue
+        problem = _endpoint_problem(url)
+        if problem:
+            t.problems.add(t.at(key), problem)
+    if not token_source:
+        t.problems.add(t.path, "needs refresh_token_file, refresh_token_env or refresh_token_credential")
+    if not isinstance(client_id, str) or not isinstance(token_url, str) or not isinstance(auth_url, str):
+        return None
+    return OAuth2(client_id, secret, secret_source, token, token_source, token_url, auth_url, tuple(scopes or ()))
+
+
+def _endpoint_problem(url: str) -> str:
+    """Why an OAuth endpoint cannot be used: HTTPS, or plain HTTP to this machine (a test or local proxy)."""
+    if not url:
+        return "is required (no provider preset gives it)"
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit(":", 1)[0] if not rest.startswith("[") else rest.split("]", 1)[0] + "]"
+    if scheme == "https" and host:
+        return ""
+    if scheme == "http" and host in _LOOPBACK_HOSTS:
+        return ""
+    if scheme == "http":
+        return f"must be https:// (plain http only to this machine), got {url!r}"
+    return f"must be an https:// URL, got {url!r}"
+
+
 def _secret(t: _Table, base_dir: Path, problems: _Problems, config_path: Path) -> tuple[Secret | None, str]:
     sources = [k for k in ("password_file", "password_env", "credential", "password") if t.has(k)]
     if len(sources) > 1:
@@ -537,11 +671,23 @@ def _secret_file(t: _Table, key: str, path: Path, source: str, label: str) -> tu
         return None, ""
 
 
-def _server(t: _Table, kind: str, base_dir: Path, problems: _Problems, config_path: Path) -> Server:
-    host = t.string("host", "")
+def _server(
+    t: _Table,
+    kind: str,
+    base_dir: Path,
+    problems: _Problems,
+    config_path: Path,
+    preset: tuple[str, int, str] | None = None,
+    oauth2: OAuth2 | None = None,
+    address: str = "",
+) -> Server:
+    """One [smtp] or [imap] table; a provider's preset fills in what it leaves out, OAuth2 the login."""
+    host = t.string("host", preset[0] if preset else "")
     default_port = {"smtp": 587, "imap": 993}[kind]
-    port = t.integer("port", default_port, 1, 65535)
-    security = t.choice("security", "starttls" if kind == "smtp" else "tls", ("tls", "starttls", "none"))
+    port = t.integer("port", preset[1] if preset else default_port, 1, 65535)
+    security = t.choice(
+        "security", preset[2] if preset else ("starttls" if kind == "smtp" else "tls"), ("tls", "starttls", "none")
+    )
     ca_file = t.string("ca_file", "")
     if ca_file:
         ca_path = Path(ca_file) if Path(ca_file).is_absolute() else base_dir / ca_file
@@ -549,8 +695,8 @@ def _server(t: _Table, kind: str, base_dir: Path, problems: _Problems, config_pa
             t.problems.add(t.at("ca_file"), f"no such file {ca_path}")
         ca_file = str(ca_path)
     allow_plaintext = t.boolean("allow_plaintext", False)
-    username = t.string("username", "")
-    mechanism = t.choice("auth", "password", ("password", "xoauth2"))
+    mechanism = t.choice("auth", "oauth2" if oauth2 is not None else "password", ("password", "xoauth2", "oauth2"))
+    username = t.string("username", address if mechanism == "oauth2" or preset else "")
     token_command = t.strings("token_command", [])
     secret, source = _secret(t, base_dir, problems, config_path)
     timeout = t.parsed("timeout", 60.0, parse_duration)
@@ -561,9 +707,13 @@ def _server(t: _Table, kind: str, base_dir: Path, problems: _Problems, config_pa
         t.problems.add(t.at("host"), "is required")
     if mechanism == "xoauth2" and not token_command:
         t.problems.add(t.at("token_command"), 'is required with auth = "xoauth2"')
-    if mechanism == "password" and token_command:
+    if mechanism != "xoauth2" and token_command:
         t.problems.add(t.at("token_command"), 'only goes with auth = "xoauth2"')
-    if security == "none" and (secret is not None or token_command) and not allow_plaintext:
+    if mechanism == "oauth2" and oauth2 is None:
+        t.problems.add(t.at("auth"), '"oauth2" needs a [mailboxes.oauth2] table (client_id, refresh_token_file, …)')
+    if mechanism == "oauth2" and secret is not None:
+        t.problems.add(t.at("auth"), '"oauth2" logs in with a token: remove the password')
+    if security == "none" and (secret is not None or token_command or mechanism == "oauth2") and not allow_plaintext:
         t.problems.add(
             t.at("security"),
             '"none" would send the password in clear text; set allow_plaintext = true to allow it',
@@ -571,7 +721,7 @@ def _server(t: _Table, kind: str, base_dir: Path, problems: _Problems, config_pa
     if (secret is not None or token_command) and not username:
         t.problems.add(t.at("username"), "is required when a password or token is given")
     t.finish()
-    auth = Auth(username, secret, source, mechanism, tuple(token_command))
+    auth = Auth(username, secret, source, mechanism, tuple(token_command), oauth2 if mechanism == "oauth2" else None)
     return Server(host, port, security, ca_file, allow_plaintext, auth, timeout, poll)
 
 
@@ -661,6 +811,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     defaults = _schedule(dt, _FALLBACK_SCHEDULE)
     default_helo = _helo_name(dt, "")
     default_copies = dt.choice("sent_copies", "none", SENT_COPIES)
+    default_provider = dt.choice("provider", "", ("", *PROVIDERS))
     dt.finish()
 
     users: list[User] = []
@@ -697,14 +848,43 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         schedule = _schedule(t, defaults)
         paused = t.boolean("paused", False)
         helo_name = _helo_name(t, default_helo)
-        sent_copies = t.choice("sent_copies", default_copies, SENT_COPIES)
-        smtp_t = t.table("smtp", required=True)
-        smtp = _server(smtp_t, "smtp", base_dir, problems, config_path) if smtp_t else None
+        provider = t.choice("provider", default_provider, ("", *PROVIDERS))
+        preset = PROVIDERS.get(provider)
+        sent_copies = t.choice("sent_copies", preset.sent_copies if preset else default_copies, SENT_COPIES)
+        oauth_t = t.table("oauth2")
+        oauth2 = _oauth2(oauth_t, preset, base_dir) if oauth_t else None
+        me = address if isinstance(address, str) else ""
+        smtp_t = t.table("smtp", required=preset is None)
+        if smtp_t is None and preset is not None:
+            smtp_t = _Table({}, t.at("smtp"), problems)
+        smtp = (
+            _server(smtp_t, "smtp", base_dir, problems, config_path, preset.smtp if preset else None, oauth2, me)
+            if smtp_t
+            else None
+        )
         imap_t = t.table("imap")
-        imap = _server(imap_t, "imap", base_dir, problems, config_path) if imap_t else None
+        if imap_t is None and preset is not None and preset.imap is not None:
+            imap_t = _Table({}, t.at("imap"), problems)  # Google and Microsoft always have IMAP: replies are read
+        imap = (
+            _server(imap_t, "imap", base_dir, problems, config_path, preset.imap if preset else None, oauth2, me)
+            if imap_t
+            else None
+        )
         t.finish()
         if isinstance(address, str) and isinstance(owner, str) and smtp is not None:
-            mailbox = Mailbox(address, name or "", owner, schedule, smtp, imap, bool(paused), helo_name, sent_copies)
+            mailbox = Mailbox(
+                address,
+                name or "",
+                owner,
+                schedule,
+                smtp,
+                imap,
+                bool(paused),
+                helo_name,
+                sent_copies,
+                provider,
+                oauth2,
+            )
             if sent_copies == "provider" and imap is None:
                 t.problems.add(t.at("sent_copies"), '"provider" needs [imap] to look in the Sent folder')
             mailboxes.append(mailbox)
@@ -744,6 +924,10 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         for server in (m.smtp, m.imap):
             if server is not None and server.auth.secret is not None:
                 redact.register(server.auth.username, server.auth.secret.reveal())
+        if m.oauth2 is not None:
+            for secret in (m.oauth2.client_secret, m.oauth2.refresh_token):
+                if secret is not None:
+                    redact.register(m.address, secret.reveal())
     return Config(
         path=config_path,
         daemon=daemon,
@@ -898,6 +1082,8 @@ def _server_dict(s: Server, kind: str) -> dict[str, Any]:
     if s.auth.mechanism == "xoauth2":
         out["auth"] = "xoauth2"
         out["token_command"] = list(s.auth.token_command)
+    elif s.auth.mechanism == "oauth2":
+        out["auth"] = "oauth2"
     kind_of_source = s.auth.source.partition(":")[0]
     if kind_of_source == "password":
         out["password"] = MASK
@@ -906,6 +1092,15 @@ def _server_dict(s: Server, kind: str) -> dict[str, Any]:
     if kind == "imap":
         out["poll"] = format_duration(s.poll)
     return out
+
+
+def _oauth2_dict(o: OAuth2) -> dict[str, Any]:
+    out: dict[str, Any] = {"client_id": o.client_id}
+    for source in (o.client_secret_source, o.refresh_token_source):
+        if source:
+            key, _, where = source.partition(":")
+            out[key] = where
+    return {**out, "token_url": o.token_url, "auth_url": o.auth_url, "scopes": list(o.scopes)}
 
 
 def effective_dict(config: Config) -> dict[str, Any]:
@@ -934,7 +1129,9 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "paused": m.paused,
                 **({"helo_name": m.helo_name} if m.helo_name else {}),
                 "sent_copies": m.sent_copies,
+                **({"provider": m.provider} if m.provider else {}),
                 **_schedule_dict(m.schedule),
+                **({"oauth2": _oauth2_dict(m.oauth2)} if m.oauth2 else {}),
                 "smtp": _server_dict(m.smtp, "smtp"),
                 **({"imap": _server_dict(m.imap, "imap")} if m.imap else {}),
             }

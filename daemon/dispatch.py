@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon import compose, logs, outcomes, smtp, timing
+from daemon import compose, logs, oauth, outcomes, smtp, timing
 from daemon.config import Cadence, Config, Mailbox, Step
 from daemon.errors import (
     AddressRejected,
@@ -209,6 +209,7 @@ class Dispatcher:
         self.runners: dict[str, MailboxRunner] = {}
         self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
         self.imap_opening = anyio.CapacityLimiter(IMAP_OPENING)
+        self.tokens = oauth.Tokens(clock)  # OAuth2 access tokens, one per mailbox for its SMTP and IMAP sessions
         self.scheduler = AsyncIOScheduler(
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1}
         )
@@ -280,6 +281,8 @@ class Dispatcher:
                 outer.cancel_scope.cancel()  # every loop has returned: nothing more to commit
         finally:
             self.scheduler.shutdown(wait=False)
+            with anyio.CancelScope(shield=True):
+                await self.tokens.aclose()
 
     async def _watch_replies(self) -> None:
         """One IMAP watcher per mailbox with [imap]; restarted when its settings change by reload."""
@@ -298,7 +301,13 @@ class Dispatcher:
                         scope = anyio.CancelScope()
                         running[address] = (mailbox.imap, scope)
                         watcher = Watcher(
-                            mailbox, self.db, lambda: self.config, self._waker(address), self.clock, self.imap_opening
+                            mailbox,
+                            self.db,
+                            lambda: self.config,
+                            self._waker(address),
+                            self.clock,
+                            self.imap_opening,
+                            self.tokens,
                         )
                         tg.start_soon(self._run_watcher, watcher, scope)
                 await self._config_changed.wait()
@@ -339,6 +348,7 @@ class Dispatcher:
         self.config = config
         self._config_changed.set()
         new = {m.address: m for m in config.mailboxes}
+        self.tokens.forget({(m.address, m.oauth2) for m in config.mailboxes if m.oauth2 is not None})
         removed = sorted(old - set(new))
         for address in removed:
             runner = self.runners.pop(address)
@@ -402,7 +412,7 @@ class MailboxRunner:
         self.d = dispatcher
         self.mailbox = mailbox
         self.address = mailbox.address
-        self.conn = smtp.Connection(mailbox)
+        self.conn = smtp.Connection(mailbox, dispatcher.tokens)
         self.holds_slot = False
         self.removed = False
         self._event = anyio.Event()
@@ -428,7 +438,7 @@ class MailboxRunner:
         """Between transactions: a connection opened with old settings (password, host, CA) is closed."""
         if self.conn.mailbox.smtp != self.mailbox.smtp or self.conn.mailbox.helo_name != self.mailbox.helo_name:
             await self._close()
-            self.conn = smtp.Connection(self.mailbox)
+            self.conn = smtp.Connection(self.mailbox, self.d.tokens)
             self.log.info("mailbox.settings_applied", detail="new SMTP settings from the next transaction")
 
     async def wake_job(self) -> None:

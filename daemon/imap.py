@@ -23,11 +23,11 @@ from typing import Any
 import aioimaplib
 import anyio
 
-from daemon import logs, outcomes, redact
+from daemon import logs, oauth, outcomes, redact
 from daemon.compose import OUR_MESSAGE_ID
-from daemon.config import Config, Mailbox, Server
+from daemon.config import Config, Mailbox, OAuth2, Server
 from daemon.errors import AddressRejected
-from daemon.smtp import tls_context
+from daemon.smtp import command_token, tls_context
 from daemon.store import Store
 
 _OUT_OF_OFFICE = re.compile(
@@ -292,7 +292,9 @@ class Watcher:
         wake: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
         opening: anyio.CapacityLimiter | None = None,
+        tokens: oauth.Tokens | None = None,
     ) -> None:
+        self.tokens = tokens if tokens is not None else oauth.Tokens(clock)  # shared with the SMTP sessions
         self.clock = clock  # the daemon's one clock: instants recorded by replies, bounces and settlements
         self.opening = opening  # sessions being opened at once, shared by the daemon's watchers
         self.wake = wake  # the mailbox's sender loop: a settled message may be due now
@@ -344,8 +346,7 @@ class Watcher:
     async def _open(self, client: aioimaplib.IMAP4, server: Server) -> int:
         """Greeting, LOGIN and SELECT INBOX: the session's UIDVALIDITY."""
         await client.wait_hello_from_server()
-        secret = server.auth.secret.reveal() if server.auth.secret is not None else ""
-        _ok(await client.login(server.auth.username, secret), "LOGIN")
+        await login(client, server, self.address, self.tokens)
         return await self._select_inbox(client)
 
     async def _serve(self, client: aioimaplib.IMAP4, server: Server, validity: int) -> None:
@@ -538,6 +539,65 @@ def _stop_on_reply(config: Config, cadence: str) -> bool:
         return config.cadence(cadence).stop_on_reply
     except KeyError:
         return True
+
+
+async def login(client: aioimaplib.IMAP4, server: Server, address: str, tokens: oauth.Tokens) -> None:
+    """LOGIN with the password, or AUTHENTICATE XOAUTH2 with the mailbox's token (refused: one fresh one)."""
+    auth = server.auth
+    if auth.mechanism == "oauth2":
+        assert auth.oauth2 is not None
+        token = await _token(tokens, address, auth.oauth2)
+        answer = await client.xoauth2(auth.username, token)
+        if answer.result != "OK" and client.protocol.state == aioimaplib.NONAUTH:
+            tokens.refused(address, auth.oauth2, token)  # expired early or revoked: once more
+            answer = await client.xoauth2(auth.username, await _token(tokens, address, auth.oauth2))
+        _ok(answer, "AUTHENTICATE XOAUTH2")
+    elif auth.mechanism == "xoauth2":
+        token = await command_token(auth.token_command, auth.username)
+        _ok(await client.xoauth2(auth.username, token), "AUTHENTICATE XOAUTH2")
+    else:
+        secret = auth.secret.reveal() if auth.secret is not None else ""
+        _ok(await client.login(auth.username, secret), "LOGIN")
+
+
+async def _token(tokens: oauth.Tokens, address: str, settings: OAuth2) -> str:
+    try:
+        return await tokens.get(address, settings)
+    except oauth.TokenError as exc:
+        raise ImapFailure(f"oauth2: {exc}") from None
+
+
+async def check(mailbox: Mailbox, tokens: oauth.Tokens, report: Callable[[str], None]) -> None:
+    """`cadenced mailbox test`: connect, log in, INBOX and the Sent folder, each step reported as it passes."""
+    server = mailbox.imap
+    assert server is not None
+    client = _Client(
+        host=server.host,
+        port=server.port,
+        timeout=server.timeout,
+        ssl_context=tls_context(server) if server.security == "tls" else None,
+    )
+    where = f"IMAP {server.host}:{server.port} {server.security}"
+    try:
+        with anyio.fail_after(server.timeout * 4):
+            await client.wait_hello_from_server()
+            report(f"{where}: connected")
+            await login(client, server, mailbox.address, tokens)
+            how = "AUTHENTICATE XOAUTH2" if server.auth.mechanism != "password" else "LOGIN"
+            report(f"{where}: {how} ok")
+            selected = _ok(await client.select("INBOX"), "SELECT INBOX")
+            exists = next((bytes(x).split()[0].decode() for x in selected.lines if bytes(x).endswith(b" EXISTS")), "?")
+            report(f"{where}: INBOX has {exists} messages")
+            listing = _ok(await client.list('""', "*"), "LIST")
+            sent = next((name for flags, name in list_folders(listing.lines) if "\\sent" in flags), None)
+            report(f"{where}: Sent folder: {sent!r}" if sent else f"{where}: no SPECIAL-USE \\Sent folder")
+    except TimeoutError:
+        raise ImapFailure(f"{where}: no answer within {server.timeout * 4:.0f} s") from None
+    except OSError as exc:
+        raise ImapFailure(f"{where}: {redact.clean(str(exc) or type(exc).__name__)}") from None
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await _logout(client)
 
 
 def _ok(response: Any, what: str) -> Any:

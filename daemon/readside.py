@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon import timing
+from daemon import oauth, timing
 from daemon.config import Config, Mailbox, config_digest
 from daemon.store import ENROLLMENT_STATES, Store
 
@@ -57,6 +57,8 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         earliest = store.earliest_due(m.address) if scheduled else None
         if state in ("disconnected", "refused"):
             waiting_for = "reconnect" if state == "disconnected" else "operator"
+            if h and str(h["reason"] or "").startswith(oauth.REAUTHORISE):
+                waiting_for = oauth.REAUTHORISE  # a revoked OAuth grant: `cadenced mailbox authorize`, then reload
             next_send_at = h["next_probe_at"] if h else None
         elif state == "paused":
             waiting_for = None

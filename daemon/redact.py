@@ -15,8 +15,12 @@ from typing import Any
 MASK = "***"
 _MIN_LEN = 4  # a shorter secret cannot be masked without masking ordinary words (and log keys) too
 _lock = threading.Lock()
-_forms: set[str] = set()
-_pattern: re.Pattern[str] | None = None
+_forms: set[str] = set()  # configured secrets: kept for the life of the process
+_rotating: dict[str, set[str]] = {}  # key → forms of its current secret (an access token replaced hourly)
+_recent: set[str] = set()  # rotating forms added since `_pattern` was built
+_pattern: re.Pattern[str] | None = None  # _forms and the rotating forms as they were when it was built
+_recent_pattern: re.Pattern[str] | None = None
+REBUILD_AT = 2000  # recent forms (~280 token refreshes) before the whole pattern is built again without old ones
 
 
 def _b64(raw: bytes) -> str:
@@ -55,15 +59,49 @@ def register(username: str, secret: str) -> None:
         _pattern = None  # made again, once, by the next redact()
 
 
+def register_rotating(key: str, username: str, secret: str) -> None:
+    """A secret that replaces the previous one under `key` (an access token): both masked until the pattern is
+    next built whole, then only the current one. Building the whole pattern costs its size (2,000 mailboxes'
+    forms take a second), so tokens refreshed meanwhile go to a small pattern of their own."""
+    global _pattern, _recent_pattern
+    if len(secret) < _MIN_LEN:
+        return
+    new = encodings(username, secret)
+    with _lock:
+        if _rotating.get(key) == new:
+            return
+        _rotating[key] = new
+        _recent.update(new)
+        _recent_pattern = None
+        if len(_recent) > REBUILD_AT:
+            _recent.clear()
+            _pattern = None
+
+
+def forget(key: str) -> None:
+    """A rotating secret no longer in use (its mailbox left the config): gone at the next whole build."""
+    with _lock:
+        _rotating.pop(key, None)
+
+
 def redact(text: str) -> str:
-    global _pattern
-    pattern = _pattern
-    if not text or not _forms:
+    global _pattern, _recent_pattern
+    pattern, recent = _pattern, _recent_pattern
+    if not text or not (_forms or _rotating):
         return text
     if pattern is None:
         with _lock:
-            pattern = _pattern = _pattern or re.compile(trie_pattern(_forms))
-    return pattern.sub(MASK, text)
+            if _pattern is None:
+                _recent.clear()
+                _pattern = re.compile(trie_pattern(_forms.union(*_rotating.values())))
+            pattern = _pattern
+    if recent is None and _recent:
+        with _lock:
+            if _recent_pattern is None and _recent:
+                _recent_pattern = re.compile(trie_pattern(_recent))
+            recent = _recent_pattern
+    text = pattern.sub(MASK, text)
+    return recent.sub(MASK, text) if recent is not None else text
 
 
 def trie_pattern(words: set[str]) -> str:

@@ -16,8 +16,8 @@ import aiosmtplib
 import anyio
 from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, PERIOD_REGEX, normalize_message_line_endings
 
-from daemon import outcomes, redact
-from daemon.config import Mailbox, Server
+from daemon import oauth, outcomes, redact
+from daemon.config import Mailbox, OAuth2, Server
 from daemon.errors import MailboxDown, SmtpFailure
 from daemon.outcomes import AUTH, CONNECT, DATA, EHLO, END, MAIL, RCPT
 
@@ -60,7 +60,7 @@ def _shared_context(ca_file: str | None, stamp: tuple[int, int, int] | None) -> 
     return ctx
 
 
-async def _token(command: tuple[str, ...], username: str) -> str:
+async def command_token(command: tuple[str, ...], username: str) -> str:
     result = await anyio.run_process(list(command), check=False)
     if result.returncode != 0:
         raise MailboxDown(None, f"token_command exited {result.returncode}", stage=AUTH)
@@ -69,9 +69,19 @@ async def _token(command: tuple[str, ...], username: str) -> str:
     return token
 
 
+async def access_token(tokens: oauth.Tokens, address: str, settings: OAuth2) -> str:
+    """The mailbox's access token, or the failure that stops it: `reauthorise` waits for the operator."""
+    try:
+        return await tokens.get(address, settings)
+    except oauth.GrantRevoked as exc:
+        raise MailboxDown(None, str(exc), stage=AUTH) from None
+    except oauth.TokenError as exc:
+        raise MailboxDown(None, f"oauth2: {exc}", stage=AUTH) from None
+
+
 def choose_mechanism(offered: list[str], configured: str) -> str | None:
     """The one AUTH mechanism to use: XOAUTH2 when configured, else PLAIN, else LOGIN."""
-    if configured == "xoauth2":
+    if configured in ("xoauth2", "oauth2"):
         return "xoauth2" if "xoauth2" in offered else None
     return next((m for m in ("plain", "login") if m in offered), None)
 
@@ -79,8 +89,9 @@ def choose_mechanism(offered: list[str], configured: str) -> str | None:
 class Connection:
     """One SMTP connection of one mailbox, opened on demand and reused across its sends."""
 
-    def __init__(self, mailbox: Mailbox) -> None:
+    def __init__(self, mailbox: Mailbox, tokens: oauth.Tokens | None = None) -> None:
         self.mailbox = mailbox
+        self.tokens = tokens if tokens is not None else oauth.Tokens()
         self.client: aiosmtplib.SMTP | None = None
         auth = mailbox.smtp.auth
         if auth.secret is not None:
@@ -106,21 +117,37 @@ class Connection:
     async def _login(self, client: aiosmtplib.SMTP) -> None:
         """One AUTH attempt with one mechanism: a wrong password costs one failed login, not two."""
         auth = self.mailbox.smtp.auth
-        if auth.mechanism != "xoauth2" and auth.secret is None:
+        if auth.mechanism == "password" and auth.secret is None:
             return
         if client.is_ehlo_or_helo_needed:
             await client.ehlo()  # connect() says EHLO only around STARTTLS: the AUTH offer comes with it
         mechanism = choose_mechanism(client.server_auth_methods, auth.mechanism)
         if mechanism is None:
             offered = " ".join(client.server_auth_methods).upper() or "no AUTH"
-            wanted = "XOAUTH2" if auth.mechanism == "xoauth2" else "PLAIN or LOGIN"
+            wanted = "PLAIN or LOGIN" if auth.mechanism == "password" else "XOAUTH2"
             raise MailboxDown(None, f"the server offers {offered}, not {wanted}", stage=AUTH)
-        if mechanism == "xoauth2":
-            await client.auth_xoauth2(auth.username, await _token(auth.token_command, auth.username))
+        if auth.mechanism == "oauth2":
+            await self._oauth2_login(client)
+        elif mechanism == "xoauth2":
+            await client.auth_xoauth2(auth.username, await command_token(auth.token_command, auth.username))
         else:
             assert auth.secret is not None
             login = client.auth_plain if mechanism == "plain" else client.auth_login
             await login(auth.username, auth.secret.reveal())
+
+    async def _oauth2_login(self, client: aiosmtplib.SMTP) -> None:
+        """XOAUTH2 with the mailbox's cached token; refused, once more with a fresh one (it may have been revoked
+        or expired early), then the refusal stands."""
+        auth = self.mailbox.smtp.auth
+        assert auth.oauth2 is not None
+        token = await access_token(self.tokens, self.mailbox.address, auth.oauth2)
+        try:
+            await client.auth_xoauth2(auth.username, token)
+        except aiosmtplib.SMTPAuthenticationError:
+            self.tokens.refused(self.mailbox.address, auth.oauth2, token)
+            if not client.is_connected:
+                raise
+            await client.auth_xoauth2(auth.username, await access_token(self.tokens, self.mailbox.address, auth.oauth2))
 
     async def open(self) -> None:
         """Connect, TLS, EHLO and AUTH; raise the classified failure (the mailbox's, or throttled)."""

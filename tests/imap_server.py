@@ -81,7 +81,9 @@ service stats {{
 class Dovecot:
     """dovecot -F -c FILE on a free loopback port (implicit TLS), one user per mailbox."""
 
-    def __init__(self, pki: Pki, users: dict[str, str], idle: bool = True, extra_conf: str = "") -> None:
+    def __init__(
+        self, pki: Pki, users: dict[str, str], idle: bool = True, extra_conf: str = "", introspection_url: str = ""
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="cadenced-dovecot-"))
         self.root.chmod(0o755)  # its login and mail processes run as other users
         for sub in ("base", "state", "mail"):
@@ -92,6 +94,14 @@ class Dovecot:
         (self.root / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in users.items()))
         self.port = free_port()
         conf = _CONF.format(root=self.root, port=self.port)
+        if introspection_url:  # bearer tokens checked by the tests' own OAuth2 provider
+            (self.root / "oauth2.conf").write_text(
+                f"introspection_url = {introspection_url}\nintrospection_mode = post\nforce_introspection = yes\n"
+                "username_attribute = email\nactive_attribute = active\nactive_value = true\n"
+            )
+            conf = conf.replace("auth_mechanisms = plain login", "auth_mechanisms = plain login xoauth2 oauthbearer")
+            conf += "passdb {\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+            conf += f"  args = {self.root}/oauth2.conf\n}}\n"
         if not idle:  # a server without IDLE: the watcher has to poll
             conf += "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ SPECIAL-USE\n"
         (self.root / "dovecot.conf").write_text(conf + extra_conf)
