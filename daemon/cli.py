@@ -20,7 +20,7 @@ import anyio.abc
 import tomli_w
 
 from daemon import __version__, enroll, operate, readside
-from daemon.config import Config, OAuth2, config_path_from, effective_dict, load_config
+from daemon.config import Config, Mailbox, OAuth2, config_path_from, effective_dict, load_config
 from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, UsageError
 from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store
@@ -309,12 +309,15 @@ def cmd_outbox_reassign(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_mailbox_test(args: argparse.Namespace) -> int:
-    config = _load(args)
+def _mailbox(config: Config, address: str) -> Mailbox:
     try:
-        mailbox = config.mailbox(args.address)
+        return config.mailbox(address)
     except KeyError:
-        raise UsageError(f"unknown mailbox {args.address!r}") from None
+        raise UsageError(f"unknown mailbox {address!r}") from None
+
+
+def cmd_mailbox_test(args: argparse.Namespace) -> int:
+    mailbox = _mailbox(_load(args), args.address)
     from daemon import imap, oauth, smtp
 
     tokens = oauth.Tokens()
@@ -347,11 +350,7 @@ def cmd_mailbox_test(args: argparse.Namespace) -> int:
 
 def cmd_mailbox_authorize(args: argparse.Namespace) -> int:
     """The authorization-code flow with PKCE; the refresh token goes where the config reads it from."""
-    config = _load(args)
-    try:
-        mailbox = config.mailbox(args.address)
-    except KeyError:
-        raise UsageError(f"unknown mailbox {args.address!r}") from None
+    mailbox = _mailbox(_load(args), args.address)
     settings = mailbox.oauth2
     if settings is None:
         raise UsageError(

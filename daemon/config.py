@@ -118,7 +118,7 @@ class Mailbox:
     imap: Server | None
     paused: bool
     helo_name: str = ""  # the EHLO name; "" is the host's FQDN
-    sent_copies: str = "none"  # none | provider: whether the provider files submitted mail in Sent itself
+    sent_copies: str = "none"  # none | provider (files submitted mail in Sent itself) | append (we save a copy)
     provider: str = ""  # google | microsoft | generic: the preset its servers were filled in from
     oauth2: OAuth2 | None = None
 
@@ -293,7 +293,7 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple(merged)
 
 
-SENT_COPIES = ("none", "provider")
+SENT_COPIES = ("none", "provider", "append")
 
 
 @dataclass(frozen=True, slots=True)
@@ -560,23 +560,37 @@ def _named_secret(t: _Table, name: str, base_dir: Path, missing_ok: bool = False
 
     `missing_ok`: a file that does not exist yet is no error (a refresh token before `mailbox authorize`).
     """
-    sources = [k for k in (f"{name}_file", f"{name}_env", f"{name}_credential") if t.has(k)]
+    picked = _one_source(t, (f"{name}_file", f"{name}_env", f"{name}_credential"))
+    if picked is None:
+        return None, ""
+    key, value = picked
+    kind = key.rpartition("_")[2]
+    return _read_secret(t, key, kind, value, base_dir, missing_ok)
+
+
+def _one_source(t: _Table, keys: tuple[str, ...]) -> tuple[str, str] | None:
+    """The one key of `keys` the table gives, with its value; giving two is a problem."""
+    sources = [k for k in keys if t.has(k)]
     if len(sources) > 1:
         t.problems.add(t.path, f"give only one of {', '.join(sources)}")
     if not sources:
-        return None, ""
-    key = sources[0]
+        return None
     for other in sources[1:]:
         t.seen.add(other)
-    value = t.string(key)
-    if not isinstance(value, str):
-        return None, ""
-    if key.endswith("_file"):
+    value = t.string(sources[0])
+    return (sources[0], value) if isinstance(value, str) else None
+
+
+def _read_secret(
+    t: _Table, key: str, kind: str, value: str, base_dir: Path, missing_ok: bool = False
+) -> tuple[Secret | None, str]:
+    """A secret from a file, an environment variable or a systemd credential, and its source."""
+    if kind == "file":
         path = Path(value) if Path(value).is_absolute() else base_dir / value
         if missing_ok and not path.exists():
             return None, f"{key}:{path}"
         return _secret_file(t, key, path, f"{key}:{path}", str(path))
-    if key.endswith("_env"):
+    if kind == "env":
         if value not in os.environ:
             t.problems.add(t.at(key), f"environment variable {value} is not set")
             return None, ""
@@ -625,31 +639,14 @@ def _endpoint_problem(url: str) -> str:
 
 
 def _secret(t: _Table, base_dir: Path, problems: _Problems, config_path: Path) -> tuple[Secret | None, str]:
-    sources = [k for k in ("password_file", "password_env", "credential", "password") if t.has(k)]
-    if len(sources) > 1:
-        t.problems.add(t.path, f"give only one of {', '.join(sources)}")
-    if not sources:
+    picked = _one_source(t, ("password_file", "password_env", "credential", "password"))
+    if picked is None:
         return None, ""
-    key = sources[0]
-    for other in sources[1:]:
-        t.seen.add(other)
-    value = t.string(key)
-    if not isinstance(value, str):
-        return None, ""
-    if key == "password_file":
-        path = Path(value) if Path(value).is_absolute() else base_dir / value
-        return _secret_file(t, key, path, f"password_file:{path}", str(path))
-    if key == "password_env":
-        if value not in os.environ:
-            t.problems.add(t.at(key), f"environment variable {value} is not set")
-            return None, ""
-        return Secret(os.environ[value]), f"password_env:{value}"
-    if key == "credential":
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not creds:
-            t.problems.add(t.at(key), "CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
-            return None, ""
-        return _secret_file(t, key, Path(creds) / value, f"credential:{value}", f"credential {value}")
+    key, value = picked
+    if key != "password":
+        return _read_secret(
+            t, key, {"password_file": "file", "password_env": "env"}.get(key, "credential"), value, base_dir
+        )
     try:
         mode = config_path.stat().st_mode
     except OSError:
@@ -885,8 +882,8 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
                 provider,
                 oauth2,
             )
-            if sent_copies == "provider" and imap is None:
-                t.problems.add(t.at("sent_copies"), '"provider" needs [imap] to look in the Sent folder')
+            if sent_copies in ("provider", "append") and imap is None:
+                t.problems.add(t.at("sent_copies"), f'"{sent_copies}" needs [imap] to reach the Sent folder')
             mailboxes.append(mailbox)
 
     cadences: list[Cadence] = []

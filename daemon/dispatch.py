@@ -704,6 +704,7 @@ class MailboxRunner:
             timing.local_day(now, schedule.timezone),
             gap_until,
             self._next_step(c, now),
+            message if self.mailbox.sent_copies == "append" else None,
         )
         # Committed by the next turn, before anything else is claimed or sent.
         self._pending = Sent(record, log, accepted.code, subject)

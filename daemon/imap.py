@@ -53,6 +53,7 @@ MAX_LINE = 64 * 1024  # one protocol line without its literal
 MAX_LITERAL = MAX_MESSAGE + 1024  # a literal bigger than what we asked for is a lie
 MAX_ANSWER = 16 * 1024 * 1024  # bytes received for one command (or one IDLE) before we give up on the server
 MAX_NUMBER = 2**32 - 1  # UIDs, UIDVALIDITY, counts: RFC 3501 nz-number
+COPIES_PER_ROUND = 50  # sent copies saved per round of the session loop
 SETTLE_EVERY = 60.0  # seconds between looks in Sent for uncertain messages
 
 _PERMANENT = re.compile(
@@ -355,7 +356,7 @@ class Watcher:
         position = await self.db(Store.imap_position, self.address)
         self.log.info("imap.watching", uidvalidity=validity, after_uid=position[1] if position else 0, idle=idle)
         while True:
-            if await self.settle_uncertain(client):
+            if await self.settle_uncertain(client) | await self.file_copies(client):
                 validity = await self._select_inbox(client)
             await self.fetch_new(client, validity)
             if idle:
@@ -508,6 +509,38 @@ class Watcher:
             self.log.info("message.settled", message=message, message_id=message_id, sent=delivered, folder=sent)
         if changed:
             self.wake()
+        return True
+
+    async def file_copies(self, client: aioimaplib.IMAP4) -> bool:
+        """sent_copies = "append": save what the server took to the Sent folder, flagged \\Seen, once.
+
+        A copy already there (saved before a crash could forget it) is not saved again; a refused APPEND is
+        logged and tried at the next round, and never sends anything again. True when the session left INBOX.
+        """
+        if self.mailbox.sent_copies != "append":
+            return False
+        due = await self.db(Store.sent_copies_due, self.address, COPIES_PER_ROUND)
+        if not due:
+            return False
+        listing = _ok(await client.list('""', "*"), "LIST")
+        sent = next((name for flags, name in list_folders(listing.lines) if "\\sent" in flags), None)
+        if sent is None:
+            self.log.warning("imap.no_sent_folder", detail=f"no SPECIAL-USE \\Sent folder: {len(due)}+ copies wait")
+            return False
+        _ok(await client.select(quoted(sent)), f"SELECT {sent}")
+        for message, message_id, content in due:
+            found = _ok(await client.uid_search("HEADER", "Message-ID", quoted(message_id), charset=None), "SEARCH")
+            first = found.lines[0] if found.lines else b""
+            if not (isinstance(first, bytes | bytearray) and bytes(first).split()):
+                answer = await client.append(content, mailbox=quoted(sent), flags="\\Seen")
+                if answer.result != "OK":
+                    text = b" ".join(x for x in answer.lines if isinstance(x, bytes)).decode(errors="replace")
+                    detail = f"APPEND {answer.result} {redact.clean(text, 200)}"
+                    await self.db(Store.copy_failed, message, detail)
+                    self.log.warning("imap.copy_failed", message=message, folder=sent, detail=detail)
+                    continue
+            await self.db(Store.copy_filed, message)
+            self.log.info("message.copied", message=message, message_id=message_id, folder=sent)
         return True
 
     def _settle(self, store: Store, message: int, delivered: bool, folder: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from daemon.errors import StoreError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -175,6 +175,18 @@ _MIGRATIONS: dict[int, str] = {
     # enrollments counts them in bulk, as messages are.
     6: """
     DROP TRIGGER enrollment_counted;
+    """,
+    # sent_copies = "append": what the server took (250), waiting to be saved to the mailbox's Sent folder.
+    7: """
+    CREATE TABLE sent_copies (
+        message INTEGER PRIMARY KEY,
+        mailbox TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        content BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        detail TEXT
+    );
+    CREATE INDEX sent_copies_mailbox ON sent_copies (mailbox, message);
     """,
 }
 
@@ -652,9 +664,15 @@ class Store:
         day: str,
         gap_until: float,
         next_step: tuple[int, str, float] | None,
+        copy: bytes | None = None,
     ) -> None:
-        """Sent: the message, the day's count, the gap and the next step, in one commit."""
+        """Sent: the message, the day's count, the gap, the next step and the copy for Sent, in one commit."""
         with self.transaction():
+            if copy is not None:
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO sent_copies (message, mailbox, message_id, content) VALUES (?, ?, ?, ?)",
+                    (c.id, c.mailbox, c.message_id, copy),
+                )
             self.conn.execute(
                 """UPDATE messages SET state = 'sent', sent_at = ?, smtp_code = ?, detail = ?, subject = ?
                    WHERE id = ?""",
@@ -677,6 +695,24 @@ class Store:
                 self.schedule_step(c.enrollment_id, step, mailbox, due)
             else:
                 self.finish_enrollment(c.enrollment_id, now)
+
+    def sent_copies_due(self, mailbox: str, limit: int) -> list[tuple[int, str, bytes]]:
+        """(message, Message-ID, content) of sent messages not yet saved in the mailbox's Sent folder."""
+        rows = self.conn.execute(
+            "SELECT message, message_id, content FROM sent_copies WHERE mailbox = ? ORDER BY message LIMIT ?",
+            (mailbox, limit),
+        )
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def copy_filed(self, message: int) -> None:
+        with self.transaction():
+            self.conn.execute("DELETE FROM sent_copies WHERE message = ?", (message,))
+
+    def copy_failed(self, message: int, detail: str) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE sent_copies SET attempts = attempts + 1, detail = ? WHERE message = ?", (detail, message)
+            )
 
     def reschedule(self, message: int, due_at: float, code: int | None, detail: str, transient: bool) -> None:
         """Back to `scheduled` (a 4xx to retry later, or a deferral): nothing was delivered."""

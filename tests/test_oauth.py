@@ -4,6 +4,7 @@ SMTP server that accepts only live tokens, a revoked grant, an endpoint that is 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -390,3 +391,77 @@ def test_authorize_reports_a_refusal_by_the_user(project: Project, provider: Pro
     _, err = proc.communicate(redirect + "\n", timeout=20)
     assert proc.returncode == 1 and "not authorized: the provider said access_denied" in err
     assert not (project.root / "refresh").exists()
+
+
+@needs_dovecot
+async def test_append_saves_each_sent_message_once_in_sent_seen(project: Project, tmp_path: Path) -> None:
+    """sent_copies = "append": each message the server took appears once in Sent, flagged \\Seen, through a
+    restart and a copy whose removal from the queue was lost (a crash between APPEND and its commit)."""
+    pki = Pki(tmp_path)
+    dovecot = Dovecot(pki, {"alice": "imap-pw"}, idle=False).start()
+    server = SmtpServer().start()
+    try:
+        (tmp_path / "imap-pw").write_text("imap-pw")
+        project.data["defaults"]["gap"] = "0s"
+        imap = dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="1s")
+        project.add_mailboxes(1, smtp=server.smtp_config(), imap=imap, sent_copies="append")
+        project.add_cadence()
+        project.enroll(project.people(3))
+        with structlog.testing.capture_logs() as logs:
+            async with running(project.write()):
+                await until(lambda: len([e for e in logs if e["event"] == "message.copied"]) == 3, what="copies")
+        assert query(db(project), "SELECT count(*) FROM sent_copies") == [(0,)]
+        sent = [d["Message-ID"] for d in server.recorder.deliveries]
+        # A crash after the APPEND but before its commit: the copy is still queued at the next start.
+        with sqlite3.connect(db(project)) as conn:
+            conn.execute(
+                "INSERT INTO sent_copies (message, mailbox, message_id, content) VALUES (1, ?, ?, ?)",
+                ("mb1@alice.example", sent[0], b"Message-ID: " + sent[0].encode() + b"\r\n\r\nbody\r\n"),
+            )
+        with structlog.testing.capture_logs() as logs:
+            async with running(project.config_path):
+                await until(lambda: query(db(project), "SELECT count(*) FROM sent_copies") == [(0,)])
+        client = dovecot.client("alice")
+        try:
+            client.select("Sent", readonly=True)
+            typ, data = client.fetch("1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+            assert typ == "OK"
+            ids = [bytes(part[1]).decode().split(":", 1)[1].strip() for part in data if isinstance(part, tuple)]
+            flags = [bytes(part[0]) for part in data if isinstance(part, tuple)]
+        finally:
+            client.logout()
+        assert sorted(ids) == sorted(sent) and len(ids) == 3
+        assert all(b"\\Seen" in f for f in flags)
+        assert len(server.recorder.deliveries) == 3  # no copy is ever a reason to send again
+    finally:
+        server.stop()
+        dovecot.cleanup()
+
+
+@needs_dovecot
+async def test_a_refused_append_keeps_the_copy_and_sends_nothing_again(project: Project, tmp_path: Path) -> None:
+    """The server refuses the APPEND (over quota): logged, kept for the next round, no second delivery."""
+    pki = Pki(tmp_path)
+    quota = (
+        "mail_plugins = $mail_plugins quota\nplugin {\n  quota = maildir:User quota\n  quota_rule = *:storage=1B\n}\n"
+    )
+    dovecot = Dovecot(pki, {"alice": "imap-pw"}, idle=False, extra_conf=quota).start()
+    server = SmtpServer().start()
+    try:
+        (tmp_path / "imap-pw").write_text("imap-pw")
+        project.data["defaults"]["gap"] = "0s"
+        imap = dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="1s")
+        project.add_mailboxes(1, smtp=server.smtp_config(), imap=imap, sent_copies="append")
+        project.add_cadence()
+        project.enroll(project.people(1))
+        with structlog.testing.capture_logs() as logs:
+            async with running(project.write()):
+                await until(lambda: len([e for e in logs if e["event"] == "imap.copy_failed"]) >= 2, what="retries")
+        failed = [e for e in logs if e["event"] == "imap.copy_failed"]
+        assert "APPEND NO" in failed[0]["detail"]
+        assert query(db(project), "SELECT message, attempts >= 2 FROM sent_copies") == [(1, 1)]
+        assert len(server.recorder.deliveries) == 1
+        assert query(db(project), "SELECT state FROM messages") == [("sent",)]
+    finally:
+        server.stop()
+        dovecot.cleanup()
