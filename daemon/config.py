@@ -10,6 +10,7 @@ import tomllib
 import zoneinfo
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,14 +99,29 @@ class Server:
 
 
 @dataclass(frozen=True, slots=True)
+class Warmup:
+    """A new mailbox's ramp (SPEC §11): `start` a day on its first send day, `step` more every `every` days."""
+
+    start: int
+    step: int
+    every: int  # days
+    ceiling: int
+
+    def allowance(self, days_since_first: int) -> int:
+        return min(self.ceiling, self.start + self.step * (max(days_since_first, 0) // self.every))
+
+
+@dataclass(frozen=True, slots=True)
 class Schedule:
-    """When a mailbox may send: local days and hours, the daily limit, the gap."""
+    """When a mailbox may send: local days and hours, the daily limit, the gap, warm-up and skipped dates."""
 
     timezone: str
     days: frozenset[int]  # 0 = Monday
     hours: tuple[tuple[int, int], ...]  # minutes after local midnight, [start, end)
     daily_limit: int
     gap: tuple[float, float]  # seconds, min and max
+    warmup: Warmup | None = None
+    skip_dates: frozenset[str] = frozenset()  # ISO local dates with no sends
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,7 +568,44 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
         hours = merge_ranges(ranges) or base.hours
     limit = t.integer("daily_limit", base.daily_limit, 0, 100_000)
     gap = t.parsed("gap", base.gap, parse_gap)
-    return Schedule(tz, days, hours, limit, gap)
+    warmup = _warmup(t, base.warmup)
+    skip_dates = base.skip_dates
+    skip_list = t.strings("skip_dates", None)
+    if skip_list is not None:
+        picked_dates = set()
+        for i, text in enumerate(skip_list):
+            try:
+                if len(text) != 10:  # YYYY-MM-DD only (fromisoformat also reads 20261224)
+                    raise ValueError(text)
+                picked_dates.add(date.fromisoformat(text).isoformat())
+            except ValueError:
+                t.problems.add(f"{t.at('skip_dates')}[{i}]", f"must be a date such as 2026-12-24, got {text!r}")
+        skip_dates = frozenset(picked_dates)
+    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates)
+
+
+def _warmup(t: _Table, base: Warmup | None) -> Warmup | None:
+    """`warmup = { start, step, every, ceiling }`, or `warmup = false` to turn a default off."""
+    if not t.has("warmup"):
+        return base
+    value = t.data["warmup"]
+    if value is False:
+        t.seen.add("warmup")
+        return None
+    w = t.table("warmup")
+    if w is None:
+        return base
+    start = w.integer("start", 5, 1, 100_000)
+    step = w.integer("step", 2, 0, 100_000)
+    every = w.parsed("every", 86400.0, parse_duration)
+    ceiling = w.integer("ceiling", 40, 1, 100_000)
+    w.finish()
+    if every % 86400 or every < 86400:
+        w.problems.add(w.at("every"), f"must be whole days (1d, 2d, …), got {format_duration(every)}")
+        every = 86400.0
+    if ceiling < start:
+        w.problems.add(w.at("ceiling"), f"must be at least start ({start}), got {ceiling}")
+    return Warmup(start, step, int(every // 86400), ceiling)
 
 
 def _named_secret(t: _Table, name: str, base_dir: Path, missing_ok: bool = False) -> tuple[Secret | None, str]:
@@ -1055,6 +1108,10 @@ def config_path_from(arg: str | None) -> Path:
 
 
 def _schedule_dict(s: Schedule) -> dict[str, Any]:
+    extra: dict[str, Any] = {"skip_dates": sorted(s.skip_dates)}
+    if s.warmup is not None:
+        w = s.warmup
+        extra["warmup"] = {"start": w.start, "step": w.step, "every": f"{w.every}d", "ceiling": w.ceiling}
     return {
         "timezone": s.timezone,
         "days": [DAYS[d] for d in sorted(s.days)],
@@ -1063,7 +1120,7 @@ def _schedule_dict(s: Schedule) -> dict[str, Any]:
         "gap": format_duration(s.gap[0])
         if s.gap[0] == s.gap[1]
         else f"{format_duration(s.gap[0])}-{format_duration(s.gap[1])}",
-    }
+    } | extra
 
 
 def _server_dict(s: Server, kind: str) -> dict[str, Any]:

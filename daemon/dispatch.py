@@ -573,7 +573,7 @@ class MailboxRunner:
                 return Turn(snap, day, None, None, [])
             full = timing.day_count(snap.sent_today, schedule.daily_limit, snap.quota_day, day)
             decision = timing.next_allowed(
-                max(now, snap.earliest_due), schedule, snap.gap_until, {day: full}, snap.throttled_until
+                max(now, snap.earliest_due), schedule, snap.gap_until, {day: full}, snap.throttled_until, snap.first_day
             )
             if decision.at is None or decision.at > now:
                 return Turn(snap, day, decision, None, [])
@@ -614,12 +614,14 @@ class MailboxRunner:
         """Every waiting message says why (SPEC: `deferred: daily_limit until <time>`)."""
         reason = decision.waiting_for or "window"
         until = iso(decision.at) if decision.at is not None else "further notice (daily_limit = 0)"
-        if reason == "daily_limit" and snap.limit_logged_day != day:
+        if reason in ("daily_limit", "warmup") and snap.limit_logged_day != day:
             if await self.d.db(Store.note_limit, self.address, day, False, now):
                 self.log.info(
                     "mailbox.limit_reached",
                     sent_today=snap.sent_today,
                     daily_limit=self.mailbox.schedule.daily_limit,
+                    allowance=timing.allowance(self.mailbox.schedule, day, snap.first_day)[0],
+                    rule=reason,
                     next_send_at=until,
                 )
         if reason == "gap":

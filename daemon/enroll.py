@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from daemon import compose, rotation
-from daemon.config import Cadence, Config, address_problem
+from daemon import compose, rotation, timing
+from daemon.config import Cadence, Config, Mailbox, address_problem
 from daemon.errors import Refused, UsageError
 from daemon.store import Pin, Store
 
@@ -366,6 +366,13 @@ class Importer:
         self.store.enroll_staged(self.cadence.name, self.adder, now, first_id, cycles, by_owner)
         return True
 
+    def _capacity(self, m: Mailbox) -> int:
+        """What the mailbox may send today: its daily limit, or less while it warms up (weighted rotation)."""
+        if m.schedule.warmup is None:
+            return m.schedule.daily_limit
+        today = timing.local_day(time.time(), m.schedule.timezone)
+        return timing.allowance(m.schedule, today, self.store.first_send_day(m.address))[0]
+
     def _rotator(self) -> rotation.Rotator:
         cadence = self.cadence
         states = self.store.mailbox_states()
@@ -373,7 +380,7 @@ class Importer:
         for address in cadence.pool:
             m = self.config.mailbox(address)
             ok = rotation.eligible(m.paused, states.get(address, "connected"), m.schedule.daily_limit)
-            pool.append(rotation.PoolMember(address, m.owner, ok, float(m.schedule.daily_limit)))
+            pool.append(rotation.PoolMember(address, m.owner, ok, float(self._capacity(m))))
         among = rotate_among(cadence, self.store.pins())
         rules = rotation.Rules(cadence.auto_rotate, among, cadence.sender, cadence.steps[0].sender, cadence.rotation)
         cursors, credits = self.store.rotation_state(cadence.name)

@@ -28,17 +28,24 @@ def mailbox_state(paused: bool, health: dict[str, Any] | None) -> str:
 
 
 def next_send(
-    mailbox: Mailbox, health: dict[str, Any] | None, sent_today: int, now: float, at: float | None = None
+    mailbox: Mailbox,
+    health: dict[str, Any] | None,
+    sent_today: int,
+    now: float,
+    at: float | None = None,
+    first_day: str | None = None,
 ) -> timing.Decision:
     """When a connected mailbox may send at or after `at` (default now): window, gap, throttle, limits.
 
-    `sent_today` is the count of `now`'s local day.
+    `sent_today` is the count of `now`'s local day; `first_day` the day of its first send ever (warm-up).
     """
     h = health or {}
     today = timing.local_day(now, mailbox.schedule.timezone)
     full = timing.day_count(sent_today, mailbox.schedule.daily_limit, h.get("quota_day"), today)
     start = now if at is None else max(now, at)
-    return timing.next_allowed(start, mailbox.schedule, h.get("not_before"), {today: full}, h.get("throttled_until"))
+    return timing.next_allowed(
+        start, mailbox.schedule, h.get("not_before"), {today: full}, h.get("throttled_until"), first_day
+    )
 
 
 def status(config: Config, store: Store, now: float) -> dict[str, Any]:
@@ -55,6 +62,8 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         next_send_at: float | None = None
         waiting_for: str | None = None
         earliest = store.earliest_due(m.address) if scheduled else None
+        first_day = store.first_send_day(m.address) if m.schedule.warmup is not None else None
+        allowance = 0 if today in m.schedule.skip_dates else timing.allowance(m.schedule, today, first_day)[0]
         if state in ("disconnected", "refused"):
             waiting_for = "reconnect" if state == "disconnected" else "operator"
             if h and str(h["reason"] or "").startswith(oauth.REAUTHORISE):
@@ -63,7 +72,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         elif state == "paused":
             waiting_for = None
         elif earliest is not None:
-            decision = next_send(m, h, sent_today, now, earliest)
+            decision = next_send(m, h, sent_today, now, earliest, first_day)
             next_send_at = decision.at
             waiting_for = decision.waiting_for
         mailboxes.append(
@@ -72,6 +81,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 "state": state,
                 "sent_today": sent_today,
                 "daily_limit": m.schedule.daily_limit,
+                "allowance_today": allowance,  # warm-up and skip dates applied
                 "next_send_at": iso(next_send_at),
                 "waiting_for": waiting_for,
                 "scheduled": scheduled,
@@ -161,7 +171,10 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         free_at[address] = max(now, (health.get(address) or {}).get("not_before") or now)
     heapq.heapify(heap)
     seq = len(heap)
-    stretches = {address: timing.Stretches(m.schedule) for address, m in live.items()}
+    stretches = {
+        address: timing.Stretches(m.schedule, store.first_send_day(address) if m.schedule.warmup else None)
+        for address, m in live.items()
+    }
     full: set[str] = set()  # mailboxes with no room left in the horizon
     forecast: dict[tuple[str, str], int] = {}
     while heap:

@@ -604,11 +604,17 @@ class Store:
             """SELECT (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled'),
                       (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
                       h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
-                      h.next_probe_at, h.failures, h.throttled_until
+                      h.next_probe_at, h.failures, h.throttled_until,
+                      (SELECT min(day) FROM daily_counts WHERE mailbox = ?1)
                FROM (SELECT 1) LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
             (mailbox, day),
         ).fetchone()
-        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0, row[8])
+        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0, row[8], row[9])
+
+    def first_send_day(self, mailbox: str) -> str | None:
+        """The local day of the mailbox's first send ever (warm-up counts from it)."""
+        row = self.conn.execute("SELECT min(day) FROM daily_counts WHERE mailbox = ?", (mailbox,)).fetchone()
+        return str(row[0]) if row[0] is not None else None
 
     def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
         """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
@@ -1155,6 +1161,7 @@ class Snapshot:
     next_probe_at: float | None
     failures: int
     throttled_until: float | None = None
+    first_day: str | None = None  # the local day of its first send ever
 
 
 @dataclass(frozen=True, slots=True)

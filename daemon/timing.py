@@ -117,7 +117,17 @@ class Decision:
     """When a mailbox may send next, and what holds it back (SPEC §9 `waiting_for`)."""
 
     at: float | None  # None: never (a daily limit of 0)
-    waiting_for: str | None  # None | window | gap | throttled | daily_limit
+    waiting_for: str | None  # None | window | gap | throttled | daily_limit | warmup | skip_date
+
+
+def allowance(s: Schedule, day: str, first_day: str | None) -> tuple[int, str]:
+    """The most the mailbox may send on local `day`, and the rule that sets it: `daily_limit`, or `warmup`
+    counted from its first send day (`first_day`; None: it has sent nothing yet, so `day` would be the first)."""
+    if s.warmup is None:
+        return s.daily_limit, "daily_limit"
+    since = 0 if first_day is None else (date.fromisoformat(day) - date.fromisoformat(first_day)).days
+    ramp = s.warmup.allowance(since)
+    return (ramp, "warmup") if ramp < s.daily_limit else (s.daily_limit, "daily_limit")
 
 
 def next_allowed(
@@ -126,8 +136,10 @@ def next_allowed(
     gap_until: float | None,
     sent_on: Mapping[str, int] | Callable[[str], int],
     throttled_until: float | None = None,
+    first_day: str | None = None,
 ) -> Decision:
-    """The first instant at or after `now` the mailbox may send, under window, gap, throttle and daily limit."""
+    """The first instant at or after `now` the mailbox may send, under window, gap, throttle, skipped dates,
+    warm-up and daily limit. `first_day`: the local day of its first send ever (warm-up counts from it)."""
     if s.daily_limit <= 0:
         return Decision(None, "daily_limit")
     count = sent_on if callable(sent_on) else (lambda day: sent_on.get(day, 0))
@@ -137,15 +149,20 @@ def next_allowed(
         t, reason = gap_until, "gap"
     if throttled_until is not None and throttled_until > t:
         t, reason = throttled_until, "throttled"
-    for _ in range(HORIZON_DAYS * 2):
+    for _ in range(HORIZON_DAYS * 2 + len(s.skip_dates)):
         opened = next_open(t, s)
         if opened > t and reason in (None, "gap", "throttled"):
             reason = "window"  # the window closed meanwhile: that is what holds it back now
         t = opened
-        if count(local_day(t, s.timezone)) < s.daily_limit:
+        day = local_day(t, s.timezone)
+        if day in s.skip_dates:
+            t, reason = next_local_midnight(t, s.timezone), "skip_date"
+            continue
+        limit, rule = allowance(s, day, first_day)
+        if count(day) < limit:
             return Decision(t, reason)
         t = next_local_midnight(t, s.timezone)
-        reason = "daily_limit"
+        reason = rule
     return Decision(None, "daily_limit")
 
 
@@ -169,19 +186,23 @@ class Stretches:
     holds the two equal).
     """
 
-    def __init__(self, s: Schedule) -> None:
+    def __init__(self, s: Schedule, first_day: str | None = None) -> None:
         self.s = s
+        self.first_day = first_day  # of the mailbox's first send ever: the plan's first send makes it so
         self.lo = self.hi = 0.0
         self.day = ""
+        self.limit = 0
 
     def next_allowed(self, t: float, sent_on: Mapping[str, int]) -> tuple[float, str] | None:
         """(when, its local day), or None when the mailbox never sends (a daily limit of 0)."""
-        if self.lo <= t < self.hi and sent_on.get(self.day, 0) < self.s.daily_limit:
+        if self.lo <= t < self.hi and sent_on.get(self.day, 0) < self.limit:
             return t, self.day
-        at = next_allowed(t, self.s, None, sent_on).at
+        at = next_allowed(t, self.s, None, sent_on, first_day=self.first_day).at
         if at is None:
             return None
         self._find(at)
+        self.first_day = self.first_day or self.day
+        self.limit = allowance(self.s, self.day, self.first_day)[0]
         return at, self.day
 
     def _find(self, t: float) -> None:

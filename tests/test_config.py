@@ -255,3 +255,25 @@ def test_the_fast_address_check_never_accepts_what_email_validator_refuses(text:
 
     if _plainly_valid(text):
         email_validator.validate_email(text, check_deliverability=False, allow_smtputf8=False)
+
+
+def test_warmup_and_skip_dates_are_checked_where_they_are(project: Project) -> None:
+    project.data["defaults"]["warmup"] = {"start": 5, "step": 2, "every": "1d", "ceiling": 40}
+    project.data["defaults"]["skip_dates"] = ["2026-12-24"]
+    (a, b, c) = project.add_mailboxes(3)
+    project.data["mailboxes"][1].update(warmup={"start": 9, "every": "36h", "ceiling": 4}, skip_dates=["24.12.2026"])
+    project.data["mailboxes"][2]["warmup"] = False
+    project.add_cadence()
+    result = project.run("check")
+    assert result.code == 2
+    assert "mailboxes[1].warmup.every: must be whole days (1d, 2d, …), got 1d12h" in result.err
+    assert "mailboxes[1].warmup.ceiling: must be at least start (9), got 4" in result.err
+    assert "mailboxes[1].skip_dates[0]: must be a date such as 2026-12-24, got '24.12.2026'" in result.err
+    del project.data["mailboxes"][1]["warmup"], project.data["mailboxes"][1]["skip_dates"]
+    config = load_config(project.write())
+    first, _, third = (config.mailbox(x).schedule for x in (a, b, c))
+    assert first.warmup is not None and first.warmup.ceiling == 40 and first.skip_dates == {"2026-12-24"}
+    assert third.warmup is None  # `warmup = false` turns the default off
+    printed = project.run("check", "--print")
+    assert 'skip_dates = [\n    "2026-12-24",\n]' in printed.out or 'skip_dates = ["2026-12-24"]' in printed.out
+    assert 'every = "1d"' in printed.out

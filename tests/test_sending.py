@@ -253,3 +253,53 @@ async def test_message_left_sending_becomes_uncertain(project: Project) -> None:
         assert [d.recipient for d in server.recorder.deliveries] == ["p1@prospects.example"]
     finally:
         server.stop()
+
+
+async def test_warmup_and_skip_dates_hold_sends_and_say_why(project: Project) -> None:
+    """A new mailbox sends its warm-up allowance and no more, the rest say `deferred: warmup until`; a skipped
+    date sends nothing (`deferred: skip_date until`); status, plan and the run agree."""
+    server = SmtpServer().start()
+    try:
+        project.data["defaults"].update(
+            {"timezone": "UTC", "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "hours": ["00:00-24:00"]}
+        )
+        fast(project, daily_limit=10)
+        warm, holiday = project.add_mailboxes(2, smtp=server.smtp_config())
+        now = time.time()
+        today = datetime.fromtimestamp(now, UTC).date()
+        project.data["mailboxes"][0]["warmup"] = {"start": 2, "step": 2, "every": "1d", "ceiling": 8}
+        project.data["mailboxes"][1]["skip_dates"] = [today.isoformat()]
+        project.add_cadence(mailboxes=[warm, holiday], users=[])
+        project.enroll(project.people(8))  # 4 each
+        async with running(project.write()):
+            await anyio.to_thread.run_sync(server.recorder.wait_for, 2)
+            await until(
+                lambda: (
+                    len(query(project.root / "cadenced.db", "SELECT id FROM messages WHERE detail LIKE 'deferred:%'"))
+                    == 6
+                )
+            )
+        assert {d.sender for d in server.recorder.deliveries} == {warm}
+        tomorrow = (today + timedelta(days=1)).isoformat()
+        details = dict(
+            query(
+                project.root / "cadenced.db",
+                "SELECT mailbox, group_concat(DISTINCT detail) FROM messages "
+                "WHERE state = 'scheduled' GROUP BY mailbox",
+            )
+        )
+        assert details[warm] == f"deferred: warmup until {tomorrow}T00:00:00Z"
+        assert details[holiday] == f"deferred: skip_date until {tomorrow}T00:00:00Z"
+        status = {m["address"]: m for m in project.run("status", "--json").json()["mailboxes"]}
+        assert (status[warm]["waiting_for"], status[warm]["allowance_today"], status[warm]["sent_today"]) == (
+            "warmup",
+            2,
+            2,
+        )
+        assert (status[holiday]["waiting_for"], status[holiday]["allowance_today"]) == ("skip_date", 0)
+        plan = project.run("plan", "--days", "3", "--json").json()["days"]
+        by = {(row["date"], row["mailbox"]): row["sends"] for row in plan}
+        assert by.get((tomorrow, warm)) == 2 and by.get((tomorrow, holiday)) == 4  # 2 left, the ramp allows 4
+        assert (today.isoformat(), holiday) not in by
+    finally:
+        server.stop()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon import timing
-from daemon.config import Schedule
+from daemon.config import Schedule, Warmup
 
 BERLIN = "Europe/Berlin"
 NEW_YORK = "America/New_York"
@@ -111,7 +112,19 @@ def schedules(draw: st.DrawFn) -> Schedule:
     hours = tuple((points[i], points[i + 1]) for i in range(0, len(points), 2))
     low = draw(st.integers(0, 600))
     high = low + draw(st.integers(0, 600))
-    return Schedule(tz, frozenset(days), hours, draw(st.integers(1, 20)), (float(low), float(high)))
+    warmup = draw(
+        st.none()
+        | st.builds(Warmup, st.integers(1, 5), st.integers(0, 3), st.integers(1, 3), st.integers(5, 25)).filter(
+            lambda w: w.ceiling >= w.start
+        )
+    )
+    # Skipped dates around the instants drawn (DST days included), a run of several in a row among them.
+    base = date(2026, 1, 1)
+    offsets = draw(
+        st.sets(st.sampled_from([86, 87, 88, 89, 297, 298, 299, 66, 67, 303, 304, 305, 160, 161]), max_size=6)
+    )
+    skip = frozenset((base + timedelta(days=o)).isoformat() for o in offsets)
+    return Schedule(tz, frozenset(days), hours, draw(st.integers(1, 20)), (float(low), float(high)), warmup, skip)
 
 
 @settings(max_examples=300, deadline=None)
@@ -137,17 +150,23 @@ def test_planned_sends_keep_window_gap_and_limit(s: Schedule, start: float, seed
     counts: dict[str, int] = {}
     gap_until: float | None = None
     last: float | None = None
+    first: str | None = None
     t = start
     for _ in range(60):
-        decision = timing.next_allowed(t, s, gap_until, counts)
+        decision = timing.next_allowed(t, s, gap_until, counts, first_day=first)
         assert decision.at is not None
         at = decision.at
         assert timing.in_window(at, s)
         if last is not None:
             assert at - last >= s.gap[0] - 1e-6
         day = timing.local_day(at, s.timezone)
+        assert day not in s.skip_dates
+        first = first or day
         counts[day] = counts.get(day, 0) + 1
-        assert counts[day] <= s.daily_limit
+        assert counts[day] <= min(s.daily_limit, timing.allowance(s, day, first)[0])
+        if s.warmup is not None:  # the ramp: day n of sending allows start + step * (n // every), up to the ceiling
+            n = (date.fromisoformat(day) - date.fromisoformat(first)).days
+            assert counts[day] <= min(s.warmup.ceiling, s.warmup.start + s.warmup.step * (n // s.warmup.every))
         gap = timing.draw_gap(s, rng)
         assert s.gap[0] <= gap <= s.gap[1]
         gap_until, last, t = at + gap, at, at
@@ -169,16 +188,73 @@ def test_the_plans_stretches_answer_as_next_allowed_does(s: Schedule, start: flo
     """`plan` keeps the open stretch it found; every answer equals the full `next_allowed`, DST included."""
     stretches = timing.Stretches(s)
     counts: dict[str, int] = {}
+    first: str | None = None
     t = start
     hits = 0
     for step in steps:
-        expected = timing.next_allowed(t, s, None, counts).at
+        expected = timing.next_allowed(t, s, None, counts, first_day=first).at
         assert expected is not None
         hits += stretches.lo <= t < stretches.hi
         got = stretches.next_allowed(t, counts)
         assert got == (expected, timing.local_day(expected, s.timezone)), (wall(t, s.timezone), s)
+        first = first or got[1]
         counts[got[1]] = counts.get(got[1], 0) + 1
         t = got[0] + step
+
+
+@settings(max_examples=100, deadline=None)
+@given(s=schedules(), start=instants)
+def test_thirty_days_of_a_plan_are_what_a_run_sends(s: Schedule, start: float) -> None:
+    """A mailbox with mail always due, for 30 days: `plan`'s day counts equal a run's (the daemon's
+    next_allowed, the plan's average gap), and no day is over its allowance or on a skipped date."""
+    gap = sum(s.gap) / 2
+    end = start + 30 * 86400
+
+    def days(answer: Callable[[float, dict[str, int], str | None], float | None]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        first: str | None = None
+        t = start
+        while (at := answer(t, counts, first)) is not None and at < end:
+            day = timing.local_day(at, s.timezone)
+            first = first or day
+            counts[day] = counts.get(day, 0) + 1
+            t = at + gap
+        return counts
+
+    stretches = timing.Stretches(s)
+    run = days(lambda t, counts, first: timing.next_allowed(t, s, None, counts, first_day=first).at)
+    plan = days(lambda t, counts, _: (stretches.next_allowed(t, counts) or (None, ""))[0])
+    assert plan == run
+    first_day = min(run, default=None)
+    for day, n in run.items():
+        assert day not in s.skip_dates and n <= timing.allowance(s, day, first_day)[0] <= s.daily_limit
+
+
+def test_warmup_ramps_from_the_first_send_day_and_skip_dates_wait() -> None:
+    s = Schedule(BERLIN, frozenset(range(7)), ((540, 1020),), 10, (0.0, 0.0), Warmup(2, 3, 2, 9), frozenset())
+    assert [timing.allowance(s, f"2026-12-{d:02d}", "2026-12-01")[0] for d in range(1, 9)] == [2, 2, 5, 5, 8, 8, 9, 9]
+    assert timing.allowance(s, "2026-12-05", "2026-12-01") == (8, "warmup")
+    grown = Schedule(BERLIN, frozenset(range(7)), ((540, 1020),), 6, (0.0, 0.0), Warmup(2, 3, 2, 9), frozenset())
+    assert timing.allowance(grown, "2026-12-05", "2026-12-01") == (6, "daily_limit")  # never above daily_limit
+    t = ts("2026-12-01 10:00", BERLIN)
+    d = timing.next_allowed(t, s, None, {"2026-12-01": 2}, first_day="2026-12-01")
+    assert (wall(d.at or 0, BERLIN), d.waiting_for) == ("Wed 2026-12-02 09:00:00", "warmup")
+    holidays = Schedule(
+        BERLIN, frozenset(range(5)), ((540, 1020),), 10, (0.0, 0.0), None, frozenset({"2026-12-24", "2026-12-25"})
+    )
+    d = timing.next_allowed(ts("2026-12-23 18:00", BERLIN), holidays, None, {})
+    assert (wall(d.at or 0, BERLIN), d.waiting_for) == ("Mon 2026-12-28 09:00:00", "skip_date")
+    many = Schedule(
+        "UTC",
+        frozenset(range(7)),
+        ((0, 1440),),
+        10,
+        (0.0, 0.0),
+        None,
+        frozenset((date(2026, 7, 1) + timedelta(days=i)).isoformat() for i in range(40)),
+    )
+    d = timing.next_allowed(ts("2026-07-01 00:00", "UTC"), many, None, {})
+    assert wall(d.at or 0, "UTC") == "Mon 2026-08-10 00:00:00"  # six weeks off: found, not "never"
 
 
 def test_a_days_sends_cost_one_zone_look_up() -> None:
