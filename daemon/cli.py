@@ -20,7 +20,7 @@ import anyio.abc
 import tomli_w
 
 from daemon import __version__, enroll, operate, readside
-from daemon.config import Config, Mailbox, OAuth2, config_path_from, effective_dict, load_config
+from daemon.config import Config, Mailbox, OAuth2, config_path_from, effective_dict, load_config, valid_address
 from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, UsageError
 from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store
@@ -139,6 +139,62 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if report.rejected_total > len(report.rejected):
         _out(f"  … and {report.rejected_total - len(report.rejected)} more rejected rows")
     return code
+
+
+def _addresses(given: list[str]) -> list[str]:
+    """Addresses from the command line, lower-cased as enrollments keep them; a bad one refuses them all."""
+    bad = [a for a in given if not valid_address(a)]
+    if bad:
+        raise UsageError(f"not an email address: {bad[0]!r}; nothing was changed")
+    return list(dict.fromkeys(a.lower() for a in given))
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    """Never send to these addresses again; what they have pending is cancelled."""
+    addresses = _addresses(args.addresses)
+    store = _open_store(_load(args))
+    try:
+        cancelled = store.suppress_addresses(addresses, args.reason, time.time())
+    finally:
+        store.close()
+    if args.json:
+        _json({"suppressed": addresses, "cancelled": {a: ids for a, ids in cancelled.items()}})
+    else:
+        for address, ids in cancelled.items():
+            _out(f"{address}: suppressed; {len(ids)} pending message(s) cancelled")
+    return 0
+
+
+def cmd_unsuppress(args: argparse.Namespace) -> int:
+    addresses = _addresses(args.addresses)
+    store = _open_store(_load(args))
+    try:
+        lifted = store.unsuppress(addresses)
+    finally:
+        store.close()
+    missing = [a for a in addresses if a not in lifted]
+    if args.json:
+        _json({"unsuppressed": lifted, "not_suppressed": missing})
+    else:
+        for address in lifted:
+            _out(f"{address}: no longer suppressed (a new import may enroll it; nothing ended restarts)")
+        for address in missing:
+            _out(f"{address}: was not suppressed")
+    return 0
+
+
+def cmd_suppressions(args: argparse.Namespace) -> int:
+    store = _open_store(_load(args), create=False)
+    try:
+        rows = store.suppressions(args.limit)
+    finally:
+        store.close()
+    if args.json:
+        _json({"suppressions": [{**r, "created_at": iso(r["created_at"])} for r in rows]})
+    else:
+        for r in rows:
+            _out(f"{r['email']:<40} {iso(r['created_at'])}  {r['reason']}")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -519,6 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--to", required=True, metavar="M2")
     r.add_argument("--include-uncertain", action="store_true", help="allow uncertain messages named by --id")
     r.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("suppress", parents=[common], help="never send to these addresses again")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("--reason", default="operator", help="kept with the suppression (default: operator)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_suppress)
+    p = sub.add_parser("unsuppress", parents=[common], help="lift suppressions (nothing ended restarts)")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_unsuppress)
+    p = sub.add_parser("suppressions", parents=[common], help="list suppressed addresses and why")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_suppressions)
 
     p = sub.add_parser("mailbox", parents=[common], help="mailbox tools")
     tools = p.add_subparsers(dest="tool", required=True, metavar="TOOL")

@@ -106,11 +106,17 @@ def _required_names(tree: nodes.Template) -> set[str]:
     }
 
 
-def prospect_variables(fields: Mapping[str, str], sender_name: str, sender_address: str) -> dict[str, str]:
-    """Template variables of one prospect: its non-empty fields plus the sender's."""
+SAMPLE_UNSUBSCRIBE = "mailto:sender@example.com?subject=unsubscribe-1-sample"
+
+
+def prospect_variables(
+    fields: Mapping[str, str], sender_name: str, sender_address: str, unsubscribe_url: str = SAMPLE_UNSUBSCRIBE
+) -> dict[str, str]:
+    """Template variables of one prospect: its non-empty fields, the sender's, and its unsubscribe link."""
     variables = {k: v for k, v in fields.items() if v != ""}
     variables["sender_name"] = sender_name
     variables["sender_address"] = sender_address
+    variables["unsubscribe_url"] = unsubscribe_url
     return variables
 
 
@@ -140,6 +146,7 @@ class Outgoing:
     date: float
     in_reply_to: str | None = None
     references: tuple[str, ...] = ()
+    unsubscribe: tuple[str, ...] = ()  # List-Unsubscribe URIs: the mailto, then an https one-click link if any
 
 
 OUR_MESSAGE_ID = re.compile(r"<cadenced\.\d+\.\d+\.[0-9a-f]+@[^>\s]+>")  # what make_message_id makes
@@ -173,6 +180,17 @@ def build_message(out: Outgoing) -> bytes:
     return _plain_message(out) or library_message(out)
 
 
+def _unsubscribe_headers(out: Outgoing) -> bytes:
+    """List-Unsubscribe (RFC 2369), one URI a line, and RFC 8058's one-click POST when an https link is given.
+    Written as is on both paths: the URIs are plain ASCII without spaces (made so by the caller)."""
+    if not out.unsubscribe:
+        return b""
+    lines = "List-Unsubscribe: " + ",\r\n ".join(f"<{uri}>" for uri in out.unsubscribe) + "\r\n"
+    if any(uri.startswith("https://") for uri in out.unsubscribe):
+        lines += "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+    return lines.encode("ascii")
+
+
 def library_message(out: Outgoing) -> bytes:
     """The message through the standard library's compat32 API.
 
@@ -192,7 +210,13 @@ def library_message(out: Outgoing) -> bytes:
     msg["MIME-Version"] = "1.0"
     plain = out.body.isascii() and all(len(line) <= 998 for line in out.body.splitlines())
     msg.set_payload(out.body, _ASCII if plain else _UTF8)
-    return msg.as_bytes(policy=_POLICY)
+    written = msg.as_bytes(policy=_POLICY)
+    if not out.unsubscribe:
+        return written
+    # After References, as the direct writer puts them (the subject is one line: this is the header's own).
+    return written.replace(
+        b"\r\nMIME-Version: 1.0\r\n", b"\r\n" + _unsubscribe_headers(out) + b"MIME-Version: 1.0\r\n", 1
+    )
 
 
 _HEADER_LINE = 78  # compat32's max_line_length: a longer header is folded
@@ -224,4 +248,5 @@ def _plain_message(out: Outgoing) -> bytes | None:
         lines.append(f"{name}: {value}\r\n")
     if _NEEDS_LIBRARY.search(out.body):
         return None
-    return "".join(lines).encode("ascii") + _BODY_HEADERS + _LINE_ENDS.sub("\r\n", out.body).encode("ascii")
+    head = "".join(lines).encode("ascii") + _unsubscribe_headers(out)
+    return head + _BODY_HEADERS + _LINE_ENDS.sub("\r\n", out.body).encode("ascii")

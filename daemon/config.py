@@ -112,6 +112,31 @@ class Warmup:
 
 
 @dataclass(frozen=True, slots=True)
+class PauseRule:
+    """`pause_on` (SPEC §11): past either rate over its last `window_days` of sends, a mailbox pauses itself."""
+
+    bounce_rate: float
+    block_rate: float
+    min_sends: int
+    window_days: int
+
+    def reason(self, sent: int, bounces: int, blocks: int) -> str | None:
+        """Why the mailbox should stop now, with the numbers; None while it is under both rates (pure)."""
+        if sent < self.min_sends or sent <= 0:
+            return None
+        for what, n, rate in (("bounce", bounces, self.bounce_rate), ("block", blocks, self.block_rate)):
+            if n / sent > rate:
+                return (
+                    f"{what} rate {n / sent:.1%} ({n} of {sent} sends in {self.window_days}d) "
+                    f"over pause_on.{what}_rate {rate:.1%}"
+                )
+        return None
+
+
+DEFAULT_PAUSE = PauseRule(0.05, 0.05, 50, 7)
+
+
+@dataclass(frozen=True, slots=True)
 class Schedule:
     """When a mailbox may send: local days and hours, the daily limit, the gap, warm-up and skipped dates."""
 
@@ -137,6 +162,8 @@ class Mailbox:
     sent_copies: str = "none"  # none | provider (files submitted mail in Sent itself) | append (we save a copy)
     provider: str = ""  # google | microsoft | generic: the preset its servers were filled in from
     oauth2: OAuth2 | None = None
+    unsubscribe_url: compose.Template | None = None  # an https one-click link ({{ token }}, {{ email }}, {{ mailbox }})
+    pause_on: PauseRule | None = DEFAULT_PAUSE  # None: never pauses itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +611,59 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
     return Schedule(tz, days, hours, limit, gap, warmup, skip_dates)
 
 
+UNSUBSCRIBE_LINK = re.compile(r"https://[!-;=?-~]+")  # printable ASCII without spaces or angle brackets
+
+
+def _unsubscribe_url(t: _Table, base: compose.Template | None) -> compose.Template | None:
+    """The one-click unsubscribe link's template, checked by rendering it for a sample prospect."""
+    text = t.string("unsubscribe_url", None)
+    if text is None:
+        return base
+    if not text:
+        return None
+    template = _template(t, "unsubscribe_url", text)
+    if template is None:
+        return None
+    try:
+        sample = template.render(
+            {"token": "12-abcdefghijklmnopqrstuvwxyz", "email": "pat@example.com", "mailbox": "sam@example.com"}
+        )
+    except compose.TemplateProblem as exc:
+        t.problems.add(t.at("unsubscribe_url"), f"template error: {exc} (it knows token, email and mailbox)")
+        return None
+    if not UNSUBSCRIBE_LINK.fullmatch(sample):
+        t.problems.add(t.at("unsubscribe_url"), f"must make an https:// link without spaces, made {sample[:80]!r}")
+        return None
+    return template
+
+
+def _pause_on(t: _Table, base: PauseRule | None) -> PauseRule | None:
+    """`pause_on = { bounce_rate, block_rate, min_sends, window }`, or `pause_on = false`."""
+    if not t.has("pause_on"):
+        return base
+    if t.data["pause_on"] is False:
+        t.seen.add("pause_on")
+        return None
+    r = t.table("pause_on")
+    if r is None:
+        return base
+    defaults = base or DEFAULT_PAUSE
+    rates = []
+    for key, default in (("bounce_rate", defaults.bounce_rate), ("block_rate", defaults.block_rate)):
+        value = r._get(key, (int, float), "a number", default)
+        if isinstance(value, int | float) and not 0 < value < 1:
+            r.problems.add(r.at(key), f"must be between 0 and 1 (0.05 is 5%), got {value}")
+            value = default
+        rates.append(float(value))
+    min_sends = r.integer("min_sends", defaults.min_sends, 1, 1_000_000)
+    window = r.parsed("window", defaults.window_days * 86400.0, parse_duration)
+    r.finish()
+    if window % 86400 or window < 86400:
+        r.problems.add(r.at("window"), f"must be whole days (1d, 7d, …), got {format_duration(window)}")
+        window = defaults.window_days * 86400.0
+    return PauseRule(rates[0], rates[1], min_sends, int(window // 86400))
+
+
 def _warmup(t: _Table, base: Warmup | None) -> Warmup | None:
     """`warmup = { start, step, every, ceiling }`, or `warmup = false` to turn a default off."""
     if not t.has("warmup"):
@@ -862,6 +942,8 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     default_helo = _helo_name(dt, "")
     default_copies = dt.choice("sent_copies", "none", SENT_COPIES)
     default_provider = dt.choice("provider", "", ("", *PROVIDERS))
+    default_unsubscribe = _unsubscribe_url(dt, None)
+    default_pause = _pause_on(dt, DEFAULT_PAUSE)
     dt.finish()
 
     users: list[User] = []
@@ -898,6 +980,8 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         schedule = _schedule(t, defaults)
         paused = t.boolean("paused", False)
         helo_name = _helo_name(t, default_helo)
+        unsubscribe_url = _unsubscribe_url(t, default_unsubscribe)
+        pause_on = _pause_on(t, default_pause)
         provider = t.choice("provider", default_provider, ("", *PROVIDERS))
         preset = PROVIDERS.get(provider)
         sent_copies = t.choice("sent_copies", preset.sent_copies if preset else default_copies, SENT_COPIES)
@@ -934,6 +1018,8 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
                 sent_copies,
                 provider,
                 oauth2,
+                unsubscribe_url,
+                pause_on,
             )
             if sent_copies in ("provider", "append") and imap is None:
                 t.problems.add(t.at("sent_copies"), f'"{sent_copies}" needs [imap] to reach the Sent folder')
@@ -1184,6 +1270,15 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 **({"helo_name": m.helo_name} if m.helo_name else {}),
                 "sent_copies": m.sent_copies,
                 **({"provider": m.provider} if m.provider else {}),
+                **({"unsubscribe_url": m.unsubscribe_url.source} if m.unsubscribe_url else {}),
+                "pause_on": {
+                    "bounce_rate": m.pause_on.bounce_rate,
+                    "block_rate": m.pause_on.block_rate,
+                    "min_sends": m.pause_on.min_sends,
+                    "window": f"{m.pause_on.window_days}d",
+                }
+                if m.pause_on
+                else False,
                 **_schedule_dict(m.schedule),
                 **({"oauth2": _oauth2_dict(m.oauth2)} if m.oauth2 else {}),
                 "smtp": _server_dict(m.smtp, "smtp"),

@@ -24,8 +24,8 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon import compose, logs, oauth, outcomes, smtp, timing
-from daemon.config import Cadence, Config, Mailbox, Step
+from daemon import compose, logs, oauth, outcomes, smtp, timing, unsubscribe
+from daemon.config import UNSUBSCRIBE_LINK, Cadence, Config, Mailbox, Step
 from daemon.errors import (
     AddressRejected,
     Blocked,
@@ -210,6 +210,7 @@ class Dispatcher:
         self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
         self.imap_opening = anyio.CapacityLimiter(IMAP_OPENING)
         self.tokens = oauth.Tokens(clock)  # OAuth2 access tokens, one per mailbox for its SMTP and IMAP sessions
+        self.unsubscribe_key = b""  # of the tokens in List-Unsubscribe: read from the database by serve()
         self.scheduler = AsyncIOScheduler(
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1}
         )
@@ -264,6 +265,7 @@ class Dispatcher:
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every mailbox's loop until stop(); returns when all in-flight sends are recorded."""
         self._data_version = await self.db.others_version()
+        self.unsubscribe_key = await self.db(Store.unsubscribe_key)
         self.scheduler.start()
         try:
             async with anyio.create_task_group() as outer:
@@ -726,8 +728,17 @@ class MailboxRunner:
             self.d.stats.errors += 1
             log.warning("message.error", reason="config_changed", detail=detail)
             return None
-        variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address)
+        key = self.d.unsubscribe_key
+        links: tuple[str, ...] = (unsubscribe.mailto(self.address, key, c.enrollment_id),)
         try:
+            if self.mailbox.unsubscribe_url is not None:
+                url = self.mailbox.unsubscribe_url.render(
+                    {"token": unsubscribe.token(key, c.enrollment_id), "email": c.email, "mailbox": self.address}
+                )
+                if not UNSUBSCRIBE_LINK.fullmatch(url):
+                    raise compose.TemplateProblem(f"unsubscribe_url made {url[:80]!r}, not an https:// link")
+                links = (links[0], url)
+            variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address, links[-1])
             body = step.body.render(variables)
             if step.subject is not None:
                 subject = step.subject.render(variables)
@@ -754,6 +765,7 @@ class MailboxRunner:
             date=self.d.clock(),
             in_reply_to=references[-1] if references else None,
             references=references,
+            unsubscribe=links,
         )
         return compose.build_message(out), subject
 

@@ -252,7 +252,13 @@ class Importer:
                 if template is None:
                     continue
                 try:
-                    template.render({k: v for k, v in variables.items() if k in header or k.startswith("sender_")})
+                    template.render(
+                        {
+                            k: v
+                            for k, v in variables.items()
+                            if k in header or k.startswith("sender_") or k == "unsubscribe_url"
+                        }
+                    )
                 except compose.TemplateProblem as exc:
                     raise UsageError(
                         f"{path}:1: cadence {self.cadence.name!r} step {step.number} {part} cannot be filled "

@@ -23,7 +23,7 @@ from typing import Any
 import aioimaplib
 import anyio
 
-from daemon import logs, oauth, outcomes, redact
+from daemon import logs, oauth, outcomes, redact, unsubscribe
 from daemon.compose import OUR_MESSAGE_ID
 from daemon.config import Config, Mailbox, OAuth2, Server
 from daemon.errors import AddressRejected
@@ -122,20 +122,73 @@ def number(raw: bytes | bytearray | str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    kind: str  # reply | bounce | blocked | ignore | bounce?
+    kind: str  # reply | bounce | blocked | ignore | bounce? | unsubscribe
     why: str
     message_ids: tuple[str, ...] = ()
     sender: str = ""
     recipient: str = ""  # a DSN's Final-Recipient
     status: str = ""  # a DSN's Status
+    enrollment: int = 0  # an unsubscribe token's
 
 
-def classify_headers(raw: bytes, own: frozenset[str]) -> Verdict:
-    """First look, from the headers alone: ignore, reply, or `bounce?` (needs the body)."""
+# A reply that says only this (case, punctuation, a greeting-free line) asks to hear no more. Kept short on
+# purpose: a sentence that merely contains "stop" is a reply, not an unsubscribe. README lists them.
+UNSUBSCRIBE_WORDS = frozenset(
+    {
+        "unsubscribe",
+        "remove me",
+        "remove",
+        "stop",
+        "opt out",
+        "opt-out",
+        "take me off your list",
+        "abmelden",
+        "austragen",
+        "désabonner",
+        "desabonner",
+        "désinscrire",
+        "desinscrire",
+        "baja",
+        "darse de baja",
+        "descadastrar",
+        "afmelden",
+        "cancellami",
+        "disiscrivimi",
+    }
+)
+_QUOTE_START = re.compile(r"^(?:>|on .+ wrote:|le .+ a écrit|am .+ schrieb|-----original message-----)", re.I)
+
+
+def says_unsubscribe(raw: bytes) -> bool:
+    """Is the new text of this reply (quoted text and what follows it left out) only an unsubscribe word?"""
+    message = _PARSER.parsebytes(raw)
+    part = next((p for p in message.walk() if p.get_content_type() == "text/plain"), None)
+    if part is None:
+        return False
+    try:
+        payload = part.get_payload(decode=True)
+        text = payload.decode(part.get_content_charset() or "utf-8", "replace") if isinstance(payload, bytes) else ""
+    except (LookupError, ValueError):
+        return False
+    said = []
+    for line in text.splitlines():
+        if _QUOTE_START.match(line.strip()) or line.strip() == "--":
+            break
+        if line.strip():
+            said.append(line.strip())
+    words = " ".join(said).lower().strip(" .!,;:")
+    return len(said) <= 2 and words in UNSUBSCRIBE_WORDS
+
+
+def classify_headers(raw: bytes, own: frozenset[str], key: bytes = b"") -> Verdict:
+    """First look, from the headers alone: ignore, reply, unsubscribe, or `bounce?` (needs the body)."""
     headers = _HEADERS.parsebytes(raw)
     sender = email.utils.parseaddr(str(headers.get("From", "")))[1].lower()
     if sender in own:
         return Verdict("ignore", "our own mailbox", sender=sender)
+    enrollment = unsubscribe.found(key, str(headers.get("Subject", ""))) if key else None
+    if enrollment is not None:  # the List-Unsubscribe mailto came back (a mail client's unsubscribe button)
+        return Verdict("unsubscribe", "List-Unsubscribe mailto", sender=sender, enrollment=enrollment)
     content_type = str(headers.get("Content-Type", "")).lower()
     is_report = "multipart/report" in content_type and "delivery-status" in content_type
     if is_report or sender.partition("@")[0] in _DAEMON_SENDERS:
@@ -306,6 +359,7 @@ class Watcher:
         self.log = logs.get(mailbox=mailbox.address)
         self.backoff = 1.0
         self._settled_at = 0.0
+        self.unsubscribe_key = b""  # read from the database at the first fetch
 
     async def run(self) -> None:
         while True:
@@ -406,21 +460,35 @@ class Watcher:
         asked = set(uids)
         new = sorted((uid, raw) for uid, raw in fetched(answer.lines) if uid in asked)
         own = frozenset(m.address.lower() for m in self.config().mailboxes)
+        if not self.unsubscribe_key:
+            self.unsubscribe_key = await self.db(Store.unsubscribe_key)
         verdicts: list[tuple[int, Verdict]] = []
         for uid, raw in new:
-            verdict = classify_headers(raw, own)
-            if verdict.kind == "bounce?":
+            verdict = classify_headers(raw, own, self.unsubscribe_key)
+            if verdict.kind == "bounce?" or (verdict.kind == "reply" and await self._from_a_prospect(verdict)):
                 full = _ok(await client.uid("fetch", str(uid), f"(UID {FULL_PART})"), "UID FETCH")
                 bodies = [body for u, body in fetched(full.lines) if u == uid]
-                verdicts += [(uid, v) for v in classify_bounce(bodies[0] if bodies else raw)]
-            else:
-                verdicts.append((uid, verdict))
+                body = bodies[0] if bodies else raw
+                if verdict.kind == "bounce?":
+                    verdicts += [(uid, v) for v in classify_bounce(body)]
+                    continue
+                if says_unsubscribe(body):
+                    why = "a reply that says only to unsubscribe"
+                    verdict = Verdict("unsubscribe", why, verdict.message_ids, verdict.sender)
+            verdicts.append((uid, verdict))
         for uid, v in verdicts:
             if v.kind == "ignore":
                 self.log.debug("imap.ignored", uid=uid, why=v.why, sender=v.sender, recipient=v.recipient)
         events = await self.db(self.apply, verdicts, validity, uids[-1])
         for name, fields in events:
             self.log.info(name, **fields)
+
+    async def _from_a_prospect(self, v: Verdict) -> bool:
+        """Worth reading the body of (to see whether it only says "unsubscribe"): it answers one of our
+        messages, or comes from an address enrolled here. The rep's other mail is never fetched whole."""
+        if v.message_ids:
+            return True
+        return bool(await self.db(Store.enrollments_of_sender, v.sender, self.address))
 
     def apply(
         self, store: Store, verdicts: list[tuple[int, Verdict]], validity: int, last_uid: int
@@ -433,6 +501,8 @@ class Watcher:
             for uid, v in verdicts:
                 if v.kind == "reply":
                     events += self._reply(store, config, uid, v, now)
+                elif v.kind == "unsubscribe":
+                    events += self._unsubscribe(store, uid, v, now)
                 elif v.kind in ("bounce", "blocked"):
                     events += self._bounce(store, uid, v, now)
             store.set_imap_position(self.address, validity, last_uid)
@@ -454,6 +524,26 @@ class Watcher:
             if eid in stop and state == "active"
         ]
         return events + [("message.cancelled", {"message": m, "reason": "replied"}) for m in cancelled]
+
+    def _unsubscribe(self, store: Store, uid: int, v: Verdict, now: float) -> list[tuple[str, Any]]:
+        """The prospect asked to hear no more: suppressed, every cadence of theirs stopped (SPEC §11)."""
+        detail = "the prospect unsubscribed"
+        if v.enrollment:
+            found = store.unsubscribe(v.enrollment, now, detail)
+            done = [found] if found is not None else []
+        else:  # a reply: the prospects of the thread it answers, or of its sender here; no one else
+            known = (
+                store.enrollments_of_message_ids(v.message_ids)
+                if v.message_ids
+                else store.enrollments_of_sender(v.sender, self.address)
+            )
+            prospects = dict.fromkeys(email for _eid, _cadence, email, _state in known)
+            done = [(p, store.unsubscribe_address(p, now, detail)) for p in prospects]
+        events: list[tuple[str, Any]] = []
+        for prospect, cancelled in done:
+            events.append(("unsubscribe.detected", {"uid": uid, "prospect": prospect, "how": v.why}))
+            events += [("message.cancelled", {"message": m, "reason": "unsubscribed"}) for m in cancelled]
+        return events
 
     def _bounce(self, store: Store, uid: int, v: Verdict, now: float) -> list[tuple[str, Any]]:
         """A failed DSN for one of our messages to this very recipient: suppress (bounce) or stop (blocked)."""

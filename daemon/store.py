@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -316,6 +317,53 @@ class Store:
         )
 
     # --- enrollment -------------------------------------------------------------
+
+    def unsubscribe_key(self) -> bytes:
+        """The key of every unsubscribe token (made once; the same across restarts and reloads)."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO daemon_state VALUES ('unsubscribe_key', ?) ON CONFLICT (key) DO NOTHING",
+                (secrets.token_hex(32),),
+            )
+            row = self.conn.execute("SELECT value FROM daemon_state WHERE key = 'unsubscribe_key'").fetchone()
+        return bytes.fromhex(row[0])
+
+    def unsubscribe(self, enrollment: int, now: float, detail: str) -> tuple[str, list[int]] | None:
+        """The prospect of `enrollment` asked to hear no more: suppressed, every cadence of theirs stopped."""
+        row = self.conn.execute("SELECT email FROM enrollments WHERE id = ?", (enrollment,)).fetchone()
+        if row is None:
+            return None
+        return row[0], self.unsubscribe_address(row[0], now, detail)
+
+    def unsubscribe_address(self, email: str, now: float, detail: str) -> list[int]:
+        """Suppressed as unsubscribed; its active enrollments stopped and their pending messages cancelled."""
+        self.suppress(email, "unsubscribed", now)
+        return self._cancel_pending("e.email = ?", (email,), now, detail)
+
+    def suppress_addresses(self, emails: Sequence[str], reason: str, now: float) -> dict[str, list[int]]:
+        """The operator's `cadenced suppress`: each address suppressed, its pending messages cancelled."""
+        with self.transaction():
+            out = {}
+            for email in emails:
+                self.suppress(email, reason, now)
+                out[email] = self._cancel_pending("e.email = ?", (email,), now, f"address suppressed: {reason}")
+            return out
+
+    def unsuppress(self, emails: Sequence[str]) -> list[str]:
+        """Suppressions lifted (new imports may enroll the address again; nothing ended is restarted)."""
+        with self.transaction():
+            return [
+                r[0]
+                for email in emails
+                for r in self.conn.execute("DELETE FROM suppressions WHERE email = ? RETURNING email", (email,))
+            ]
+
+    def suppressions(self, limit: int | None = None) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT email, reason, created_at FROM suppressions ORDER BY created_at, email LIMIT ?",
+            (limit if limit is not None else -1,),
+        )
+        return [{"email": r[0], "reason": r[1], "created_at": r[2]} for r in rows]
 
     def suppress(self, email: str, reason: str, now: float) -> None:
         self.conn.execute(

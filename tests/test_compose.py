@@ -17,6 +17,7 @@ _WORDS = st.sampled_from(
 )
 TEXT = st.lists(_WORDS, max_size=12).map("".join) | st.text(max_size=120)
 BODY = TEXT | st.integers(0, 1100).map(lambda n: "y" * n + "\n")
+MAILTO = "mailto:sam@sender.example?subject=unsubscribe-12-abcdefghijklmnopqrstuvwxyz"
 
 
 def outgoing(**kw: object) -> compose.Outgoing:
@@ -39,13 +40,14 @@ def outgoing(**kw: object) -> compose.Outgoing:
     subject=TEXT,
     body=BODY,
     references=st.lists(st.sampled_from(["<a@b>", "<cadenced.2.1.ff@x>"]), max_size=8),
+    unsubscribe=st.sampled_from([(), (MAILTO,), (MAILTO, "https://acme.example/u?t=12-abc&e=p%40x.example")]),
 )
-@example(name="Sam", subject="s" * 69, body="", references=[])  # "Subject: " + 69 = 78: fits
-@example(name="Sam", subject="s" * 70, body="", references=[])  # 79: folded by the library
-@example(name="Sam", subject="Hi", body="From here on\n", references=[])
-@example(name="Zoë", subject="Hi", body="x", references=[])
+@example(name="Sam", subject="s" * 69, body="", references=[], unsubscribe=())  # "Subject: " + 69 = 78: fits
+@example(name="Sam", subject="s" * 70, body="", references=[], unsubscribe=())  # 79: folded by the library
+@example(name="Sam", subject="Hi", body="From here on\n", references=[], unsubscribe=(MAILTO,))
+@example(name="Zoë", subject="Hi", body="x", references=[], unsubscribe=(MAILTO,))
 def test_the_direct_path_writes_what_the_library_writes(
-    name: str, subject: str, body: str, references: list[str]
+    name: str, subject: str, body: str, references: list[str], unsubscribe: tuple[str, ...]
 ) -> None:
     out = outgoing(
         from_name=name,
@@ -53,6 +55,7 @@ def test_the_direct_path_writes_what_the_library_writes(
         body=body,
         in_reply_to=references[-1] if references else None,
         references=tuple(references),
+        unsubscribe=unsubscribe,
     )
     assert compose.build_message(out) == compose.library_message(out)
 
@@ -77,3 +80,15 @@ def test_what_needs_the_library_goes_to_it() -> None:
         assert compose.build_message(out) == compose.library_message(out)
     assert compose._plain_message(outgoing(subject="Grüße")) is None
     assert compose._plain_message(outgoing(body="From the desk of\n")) is None
+
+
+def test_every_message_says_how_to_unsubscribe() -> None:
+    for body in ("Hi Pat\n", "Grüße\n"):  # the direct path and the library's
+        one_click = "https://acme.example/u?t=12-abc"
+        raw = compose.build_message(outgoing(body=body, unsubscribe=(MAILTO, one_click)))
+        parsed = email.message_from_bytes(raw, policy=email.policy.default)
+        assert " ".join(str(parsed["List-Unsubscribe"]).split()) == f"<{MAILTO}>, <{one_click}>"
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    mailto_only = email.message_from_bytes(compose.build_message(outgoing(unsubscribe=(MAILTO,))))
+    assert mailto_only["List-Unsubscribe"] == f"<{MAILTO}>" and mailto_only["List-Unsubscribe-Post"] is None
