@@ -149,6 +149,36 @@ def _addresses(given: list[str]) -> list[str]:
     return list(dict.fromkeys(a.lower() for a in given))
 
 
+def cmd_mailbox_pause(args: argparse.Namespace) -> int:
+    """Stop a mailbox without editing the config (kept in the database until `mailbox resume`)."""
+    config = _load(args)
+    mailbox = _mailbox(config, args.address)
+    store = _open_store(config)
+    try:
+        done = store.pause(mailbox.address, f"paused by the operator: {args.reason}", time.time())
+    finally:
+        store.close()
+    _out(f"{mailbox.address}: paused" if done else f"{mailbox.address}: was paused already")
+    return 0
+
+
+def cmd_mailbox_resume(args: argparse.Namespace) -> int:
+    config = _load(args)
+    mailbox = _mailbox(config, args.address)
+    store = _open_store(config)
+    try:
+        was = store.resume(mailbox.address)
+    finally:
+        store.close()
+    if was is None:
+        raise Refused(
+            f"{mailbox.address}: not paused by pause_on or `mailbox pause`"
+            + (" (paused = true in the config: change it there and reload)" if mailbox.paused else "")
+        )
+    _out(f"{mailbox.address}: resumed (was {was}); its bounce and block rates count afresh")
+    return 0
+
+
 def cmd_suppress(args: argparse.Namespace) -> int:
     """Never send to these addresses again; what they have pending is cancelled."""
     addresses = _addresses(args.addresses)
@@ -595,6 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = tools.add_parser("test", parents=[common], help="try the SMTP (and IMAP) login of a mailbox and report")
     t.add_argument("address")
     t.set_defaults(handler=cmd_mailbox_test)
+    t = tools.add_parser("pause", parents=[common], help="stop a mailbox until `mailbox resume` (not the config)")
+    t.add_argument("address")
+    t.add_argument("--reason", default="no reason given")
+    t.set_defaults(handler=cmd_mailbox_pause)
+    t = tools.add_parser("resume", parents=[common], help="resume a mailbox paused by pause_on or `mailbox pause`")
+    t.add_argument("address")
+    t.set_defaults(handler=cmd_mailbox_resume)
     t = tools.add_parser("authorize", parents=[common], help="sign an OAuth2 mailbox in; store its refresh token")
     t.add_argument("address")
     t.add_argument("--port", type=int, default=0, help="the loopback redirect's port (default: any free one)")

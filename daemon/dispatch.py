@@ -541,6 +541,13 @@ class MailboxRunner:
         snap, day = turn.snap, turn.day
         if self.mailbox.paused:
             return False
+        if snap.paused_reason is not None:
+            # Kept in the database (pause_on, `mailbox pause`): what is due says why it waits, once.
+            if snap.earliest_due is not None and snap.earliest_due <= now:
+                detail = f"deferred: paused ({snap.paused_reason}) until `cadenced mailbox resume {self.address}`"
+                for message in await self.d.db(Store.mark_deferred, self.address, float("inf"), detail):
+                    self.log.info("message.deferred", message=message, reason="paused")
+            return False
         if snap.state in ("disconnected", "refused"):
             return await self._retry_queue(snap, now)
         if turn.claimed is not None:
@@ -571,7 +578,7 @@ class MailboxRunner:
             if pending is not None:
                 store.record_sent(*pending.record)
             snap = store.snapshot(self.address, day)
-            if self.mailbox.paused or snap.state != "connected" or snap.earliest_due is None:
+            if self.mailbox.paused or snap.paused_reason or snap.state != "connected" or snap.earliest_due is None:
                 return Turn(snap, day, None, None, [])
             full = timing.day_count(snap.sent_today, schedule.daily_limit, snap.quota_day, day)
             decision = timing.next_allowed(
@@ -856,13 +863,15 @@ class MailboxRunner:
     async def _refused_recipient(self, c: Claimed, f: SmtpFailure, now: float, log: Any) -> None:
         """5xx for this recipient: suppress (address) or stop (blocked), unless it is the mailbox's in disguise."""
         suppress = isinstance(f, AddressRejected)
-        cancelled = await self._commit(Store.record_failed, c, now, f.code, f.text, suppress)
+        day = timing.local_day(now, self.mailbox.schedule.timezone)
+        cancelled = await self._commit(Store.record_failed, c, now, f.code, f.text, suppress, day)
         self.d.stats.errors += 1
         log.warning("message.failed", reason=f.reason, detail=f.text)
         if suppress:
             log.info("bounce.detected", source="smtp")
         for message in cancelled:
             self.log.info("message.cancelled", message=message, prospect=c.email, reason=f.reason)
+        await self._judge_reputation(now)
         key = outcomes.refusal_key(f)
         if not self._streak or self._streak[-1][0] != key or c.email in {e for _, _, e in self._streak}:
             self._streak = []
@@ -872,9 +881,29 @@ class MailboxRunner:
         # The same refusal for several different recipients in a row: the sender is the problem.
         streak, self._streak = self._streak, []
         detail = f"the same refusal for {len(streak)} recipients in a row: {f.code} {f.text}"
-        undone = await self._commit(Store.unblame, self.address, [m for _, m, _ in streak], now, detail)
+        undone = await self._commit(Store.unblame, self.address, [m for _, m, _ in streak], now, detail, day)
         log.warning("mailbox.refusal_streak", recipients=[e for _, _, e in streak], restored=undone)
         await self._mailbox_stops(MailboxRefused(f.code, detail, stage=f.stage, enhanced=f.enhanced), now, log)
+
+    async def _judge_reputation(self, now: float) -> None:
+        """pause_on: past a bounce or block rate over its window, the mailbox pauses itself."""
+        rule = self.mailbox.pause_on
+        if rule is None:
+            return
+        since = timing.first_day_of(now, rule.window_days, self.mailbox.schedule.timezone)
+        paused = await self._commit(Store.pause_if, self.address, rule, since, now)
+        if paused is not None:
+            reason, (attempts, bounces, blocks) = paused
+            self.log.warning(
+                "mailbox.auto_paused",
+                detail=reason,
+                sends=attempts,
+                bounces=bounces,
+                blocks=blocks,
+                since=since,
+                action=f"find the cause (the list? the domain?), then `cadenced mailbox resume {self.address}`",
+            )
+            self.wake()
 
     # --- the retry queue ----------------------------------------------------------------------
 

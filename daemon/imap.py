@@ -23,7 +23,7 @@ from typing import Any
 import aioimaplib
 import anyio
 
-from daemon import logs, oauth, outcomes, redact, unsubscribe
+from daemon import logs, oauth, outcomes, redact, timing, unsubscribe
 from daemon.compose import OUR_MESSAGE_ID
 from daemon.config import Config, Mailbox, OAuth2, Server
 from daemon.errors import AddressRejected
@@ -505,7 +505,18 @@ class Watcher:
                     events += self._unsubscribe(store, uid, v, now)
                 elif v.kind in ("bounce", "blocked"):
                     events += self._bounce(store, uid, v, now)
+            mailbox = next((m for m in config.mailboxes if m.address == self.address), self.mailbox)  # as reloaded
+            if any(name == "bounce.detected" for name, _ in events) and mailbox.pause_on is not None:
+                rule = mailbox.pause_on
+                since = timing.first_day_of(now, rule.window_days, self.mailbox.schedule.timezone)
+                paused = store.pause_if(self.address, rule, since, now)
+                if paused is not None:
+                    reason, (attempts, bounces, blocks) = paused
+                    fields = {"detail": reason, "sends": attempts, "bounces": bounces, "blocks": blocks, "since": since}
+                    events.append(("mailbox.auto_paused", fields))
             store.set_imap_position(self.address, validity, last_uid)
+        if any(name == "mailbox.auto_paused" for name, _ in events):
+            self.wake()  # its loop marks what is due as paused
         return events
 
     def _reply(self, store: Store, config: Config, uid: int, v: Verdict, now: float) -> list[tuple[str, Any]]:
@@ -559,6 +570,7 @@ class Watcher:
                 cancelled = store.end_enrollments([eid], "stopped", now, f"stopped after a block: {v.status}")
                 reason = "blocked"
             store.dsn_failed(v.message_ids, prospect, reason, detail, self.address)
+            store.count_failure(self.address, timing.local_day(now, self.mailbox.schedule.timezone), reason, False)
             events.append(
                 (
                     "bounce.detected",

@@ -20,8 +20,8 @@ def iso(ts: float | None) -> str | None:
 
 
 def mailbox_state(paused: bool, health: dict[str, Any] | None) -> str:
-    if paused:
-        return "paused"
+    if paused or (health and health.get("paused_reason")):
+        return "paused"  # by the config, or kept in the database (pause_on, `mailbox pause`)
     if health and health["state"] in ("disconnected", "refused"):
         return str(health["state"])
     return "connected"
@@ -70,7 +70,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 waiting_for = oauth.REAUTHORISE  # a revoked OAuth grant: `cadenced mailbox authorize`, then reload
             next_send_at = h["next_probe_at"] if h else None
         elif state == "paused":
-            waiting_for = None
+            waiting_for = None if m.paused else "operator"  # `cadenced mailbox resume`
         elif earliest is not None:
             decision = next_send(m, h, sent_today, now, earliest, first_day)
             next_send_at = decision.at
@@ -88,7 +88,9 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 "error": errors,
                 "owner": m.owner,
                 "timezone": m.schedule.timezone,
-                "reason": h["reason"] if h and state in ("disconnected", "refused") else None,
+                "reason": h["reason"]
+                if h and state in ("disconnected", "refused")
+                else (h.get("paused_reason") if h and not m.paused else None),
                 "blocks": h["blocks"] if h else 0,
             }
         )

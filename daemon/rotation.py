@@ -41,7 +41,7 @@ class Rules:
 
 def eligible(paused: bool, state: str, daily_limit: int) -> bool:
     """May this mailbox take new enrollments? One definition for enroll, status and plan."""
-    return not paused and state not in ("disconnected", "refused") and daily_limit > 0
+    return not paused and state not in ("disconnected", "refused", "paused") and daily_limit > 0
 
 
 @dataclass(slots=True)

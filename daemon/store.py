@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.config import PauseRule
 from daemon.errors import StoreError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -188,6 +189,14 @@ _MIGRATIONS: dict[int, str] = {
         detail TEXT
     );
     CREATE INDEX sent_copies_mailbox ON sent_copies (mailbox, message);
+    """,
+    # pause_on (SPEC §11): per local day, what the mailbox's sends came to: refused at SMTP time (5xx, also
+    # attempts), bounced, blocked (at SMTP time or by a DSN); and a pause the database keeps (not the config).
+    8: """
+    ALTER TABLE daily_counts ADD COLUMN refused INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_counts ADD COLUMN bounces INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily_counts ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE mailbox_health ADD COLUMN paused_reason TEXT;
     """,
 }
 
@@ -536,7 +545,11 @@ class Store:
     # --- mailbox health ---------------------------------------------------------
 
     def mailbox_states(self) -> dict[str, str]:
-        return dict(self.conn.execute("SELECT mailbox, state FROM mailbox_health").fetchall())
+        """disconnected | refused | connected, or paused (kept here by pause_on or `mailbox pause`)."""
+        rows = self.conn.execute(
+            "SELECT mailbox, CASE WHEN paused_reason IS NOT NULL THEN 'paused' ELSE state END FROM mailbox_health"
+        )
+        return dict(rows.fetchall())
 
     def set_mailbox_state(self, mailbox: str, state: str, reason: str | None, now: float) -> None:
         self.conn.execute(
@@ -653,16 +666,76 @@ class Store:
                       (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
                       h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
                       h.next_probe_at, h.failures, h.throttled_until,
-                      (SELECT min(day) FROM daily_counts WHERE mailbox = ?1)
+                      (SELECT min(day) FROM daily_counts WHERE mailbox = ?1 AND sent > 0), h.paused_reason
                FROM (SELECT 1) LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
             (mailbox, day),
         ).fetchone()
-        return Snapshot(row[0], row[1] or 0, row[2], row[3], row[4], row[5], row[6], row[7] or 0, row[8], row[9])
+        r = row
+        return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10])
 
     def first_send_day(self, mailbox: str) -> str | None:
         """The local day of the mailbox's first send ever (warm-up counts from it)."""
-        row = self.conn.execute("SELECT min(day) FROM daily_counts WHERE mailbox = ?", (mailbox,)).fetchone()
+        row = self.conn.execute(
+            "SELECT min(day) FROM daily_counts WHERE mailbox = ? AND sent > 0", (mailbox,)
+        ).fetchone()
         return str(row[0]) if row[0] is not None else None
+
+    # --- reputation (pause_on) ---------------------------------------------------------
+
+    def count_failure(self, mailbox: str, day: str, kind: str, at_smtp: bool, n: int = 1) -> None:
+        """A bounce or a block of one of the mailbox's messages (`n` < 0 takes some back)."""
+        column = {"bounced": "bounces", "blocked": "blocks"}[kind]
+        self.conn.execute(
+            f"""INSERT INTO daily_counts (mailbox, day, sent, refused, {column}) VALUES (?1, ?2, 0, ?3, max(?4, 0))
+                ON CONFLICT (mailbox, day) DO UPDATE SET refused = max(refused + ?3, 0),
+                {column} = max({column} + ?4, 0)""",
+            (mailbox, day, n if at_smtp else 0, n),
+        )
+
+    def reputation(self, mailbox: str, since_day: str) -> tuple[int, int, int]:
+        """(attempts, bounces, blocks) of the mailbox's local days from `since_day` on."""
+        row = self.conn.execute(
+            """SELECT coalesce(sum(sent + refused), 0), coalesce(sum(bounces), 0), coalesce(sum(blocks), 0)
+               FROM daily_counts WHERE mailbox = ? AND day >= ?""",
+            (mailbox, since_day),
+        ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def pause_if(self, mailbox: str, rule: PauseRule, since_day: str, now: float) -> tuple[str, tuple[int, ...]] | None:
+        """Past a rate of `rule` over the window: paused (kept here, not in the config). (reason, numbers) when
+        it is newly paused; None when it stays as it was."""
+        with self.transaction():
+            numbers = self.reputation(mailbox, since_day)
+            reason = rule.reason(*numbers)
+            if reason is None or not self.pause(mailbox, f"auto-paused: {reason}", now):
+                return None
+        return reason, numbers
+
+    def pause(self, mailbox: str, reason: str, now: float) -> bool:
+        """Paused with `reason` until `mailbox resume`; False when it already was."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO mailbox_health (mailbox, state, since) VALUES (?, 'connected', ?) ON CONFLICT DO NOTHING",
+                (mailbox, now),
+            )
+            rows = self.conn.execute(
+                "UPDATE mailbox_health SET paused_reason = ? WHERE mailbox = ? AND paused_reason IS NULL RETURNING 1",
+                (reason, mailbox),
+            ).fetchall()
+        return bool(rows)
+
+    def resume(self, mailbox: str) -> str | None:
+        """Unpaused; its bounce and block counts start afresh (else the next bounce pauses it again). Returns
+        the reason it was paused for, None when it was not."""
+        with self.transaction():
+            row = self.conn.execute(
+                "SELECT paused_reason FROM mailbox_health WHERE mailbox = ? AND paused_reason IS NOT NULL", (mailbox,)
+            ).fetchone()
+            if row is None:
+                return None
+            self.conn.execute("UPDATE mailbox_health SET paused_reason = NULL WHERE mailbox = ?", (mailbox,))
+            self.conn.execute("UPDATE daily_counts SET bounces = 0, blocks = 0 WHERE mailbox = ?", (mailbox,))
+        return str(row[0])
 
     def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
         """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
@@ -733,7 +806,7 @@ class Store:
                 (now, code, text, subject, c.id),
             )
             self.conn.execute(
-                """INSERT INTO daily_counts VALUES (?, ?, 1)
+                """INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, 1)
                    ON CONFLICT (mailbox, day) DO UPDATE SET sent = sent + 1""",
                 (c.mailbox, day),
             )
@@ -785,14 +858,18 @@ class Store:
                 (reason, code, detail, reason, now, message),
             )
 
-    def record_failed(self, c: Claimed, now: float, code: int | None, detail: str, suppress: bool) -> list[int]:
+    def record_failed(
+        self, c: Claimed, now: float, code: int | None, detail: str, suppress: bool, day: str = ""
+    ) -> list[int]:
         """A permanent refusal of this message.
 
         suppress (the address does not exist): the enrollment bounced, the address suppressed and every
         pending message to it cancelled. Otherwise (blocked): this enrollment stops, the address is kept,
-        and the block counts against the mailbox's health.
+        and the block counts against the mailbox's health. Either counts on the mailbox's local `day`.
         """
         with self.transaction():
+            if day:
+                self.count_failure(c.mailbox, day, "bounced" if suppress else "blocked", at_smtp=True)
             self.conn.execute(
                 "UPDATE messages SET state = 'failed', reason = ?, smtp_code = ?, detail = ? WHERE id = ?",
                 ("bounced" if suppress else "blocked", code, detail, c.id),
@@ -819,11 +896,19 @@ class Store:
             ).fetchall()
         return bool(rows)
 
-    def unblame(self, mailbox: str, messages: Sequence[int], now: float, detail: str) -> list[int]:
+    def unblame(self, mailbox: str, messages: Sequence[int], now: float, detail: str, day: str = "") -> list[int]:
         """Refusals that turned out to be the mailbox's (the same one for several recipients in a row):
-        undo what they did to the prospects, and put the messages in the error section as `refused`."""
+        undo what they did to the prospects (and to the day's bounce counts), and put the messages in the error
+        section as `refused`."""
         ids = _json_list(list(messages))
         with self.transaction():
+            if day:
+                for kind, n in self.conn.execute(
+                    """SELECT reason, count(*) FROM messages WHERE state = 'failed' AND reason IN ('bounced', 'blocked')
+                       AND id IN (SELECT value FROM json_each(?)) GROUP BY reason""",
+                    (ids,),
+                ).fetchall():
+                    self.count_failure(mailbox, day, kind, at_smtp=True, n=-n)
             restored = self.conn.execute(
                 """UPDATE messages SET state = 'scheduled', detail = 'restored: the refusal was the sender''s'
                    WHERE state = 'cancelled' AND detail IN
@@ -1210,6 +1295,7 @@ class Snapshot:
     failures: int
     throttled_until: float | None = None
     first_day: str | None = None  # the local day of its first send ever
+    paused_reason: str | None = None  # paused by pause_on or `mailbox pause`, until `mailbox resume`
 
 
 @dataclass(frozen=True, slots=True)

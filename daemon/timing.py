@@ -106,6 +106,11 @@ def next_open(t: float, s: Schedule) -> float:
     return best
 
 
+def first_day_of(now: float, days: int, tz: str) -> str:
+    """The first local day of a window of `days` local days that ends today (pause_on's window)."""
+    return local_day(now - (max(days, 1) - 1) * 86400, tz)
+
+
 def next_local_midnight(t: float, tz: str) -> float:
     """The first instant of the local day after `t`'s."""
     day = local(t, tz).date() + timedelta(days=1)

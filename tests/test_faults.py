@@ -306,7 +306,7 @@ def test_reassign_moves_the_sticky_sender(project: Project) -> None:
     assert query(path, "SELECT DISTINCT mailbox FROM enrollments") == [(target,)]
     # A target at its daily limit: the reassign says when the messages will go, and why they wait.
     today = datetime.now(UTC).date().isoformat()
-    query(path, "INSERT INTO daily_counts VALUES (?, ?, 50)", source, today)
+    query(path, "INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, 50)", source, today)
     result = project.run("outbox", "reassign", "--from", target, "--to", source)
     assert result.code == 0, result.err
     assert f"{source} waits for daily_limit: they go from {today}" not in result.out

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from daemon.config import PauseRule
 from daemon.store import Claimed, Store
 
 # A table scan of one of these grows with everything ever enrolled or sent.
@@ -94,6 +95,14 @@ HOT: dict[str, Callable[[Store], Any]] = {
         s.schedule_first_steps(51, None, 1.0, {"m@x.example": 5, "n@x.example": 5}),  # p50 … p59 are new
     ),
     "start-up": lambda s: s.orphan_removed_mailboxes({"other@x.example"}, 1.0),
+    "reputation": lambda s: (
+        s.count_failure("m@x.example", "2026-11-28", "bounced", True),
+        s.pause_if("m@x.example", PauseRule(0.05, 0.05, 1, 7), "2026-11-22", 1.0),
+        s.resume("m@x.example"),
+        s.first_send_day("m@x.example"),
+        s.unsubscribe(1, 1.0, "unsubscribed"),
+        s.suppress_addresses(["p2@x.example"], "operator", 1.0),
+    ),
     "messages_by_id": lambda s: s.messages_by_id([1, 2]),
 }
 
