@@ -147,6 +147,7 @@ class Schedule:
     gap: tuple[float, float]  # seconds, min and max
     warmup: Warmup | None = None
     skip_dates: frozenset[str] = frozenset()  # ISO local dates with no sends
+    domain_daily_limit: int = 0  # sends per recipient domain per local day (0: no such limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,7 +609,8 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
             except ValueError:
                 t.problems.add(f"{t.at('skip_dates')}[{i}]", f"must be a date such as 2026-12-24, got {text!r}")
         skip_dates = frozenset(picked_dates)
-    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates)
+    domain_limit = t.integer("domain_daily_limit", base.domain_daily_limit, 0, 100_000)
+    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates, domain_limit)
 
 
 UNSUBSCRIBE_LINK = re.compile(r"https://[!-;=?-~]+")  # printable ASCII without spaces or angle brackets
@@ -1194,7 +1196,7 @@ def config_path_from(arg: str | None) -> Path:
 
 
 def _schedule_dict(s: Schedule) -> dict[str, Any]:
-    extra: dict[str, Any] = {"skip_dates": sorted(s.skip_dates)}
+    extra: dict[str, Any] = {"skip_dates": sorted(s.skip_dates), "domain_daily_limit": s.domain_daily_limit}
     if s.warmup is not None:
         w = s.warmup
         extra["warmup"] = {"start": w.start, "step": w.step, "every": f"{w.every}d", "ceiling": w.ceiling}

@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -177,6 +177,10 @@ class Turn:
     decision: timing.Decision | None
     claimed: Claimed | None
     thread: list[tuple[int, str, str]]
+    deferred: list[tuple[int, str, str]] = field(default_factory=list)  # (message, domain, until): domain_limit
+
+
+DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_daily_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +554,8 @@ class MailboxRunner:
             return False
         if snap.state in ("disconnected", "refused"):
             return await self._retry_queue(snap, now)
+        for message, domain, until in turn.deferred:
+            self.log.info("message.deferred", message=message, reason="domain_limit", domain=domain, until=until)
         if turn.claimed is not None:
             await self._send(turn.claimed, turn.thread)
             return True
@@ -586,9 +592,30 @@ class MailboxRunner:
             )
             if decision.at is None or decision.at > now:
                 return Turn(snap, day, decision, None, [])
+            deferred = self._domains_full(store, now, day, snap) if schedule.domain_daily_limit else []
+            if deferred is None:
+                return Turn(snap, day, decision, None, [])
             claimed = store.claim(self.address, now, self._message_id)
             thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
-            return Turn(snap, day, decision, claimed, thread)
+            return Turn(snap, day, decision, claimed, thread, deferred)
+
+    def _domains_full(self, store: Store, now: float, day: str, snap: Snapshot) -> list[tuple[int, str, str]] | None:
+        """domain_daily_limit: the next due message's domain has had its sends today? Its due messages wait for
+        the next day the mailbox sends, and the next domain is looked at. Returns (message, domain, until) of
+        those deferred, or None when DOMAIN_LOOKS domains in a row were full (the next turn looks again)."""
+        schedule = self.mailbox.schedule
+        deferred: list[tuple[int, str, str]] = []
+        for _ in range(DOMAIN_LOOKS):
+            domain = store.next_due_domain(self.address, now)
+            if domain is None or store.domain_sent(self.address, day, domain) < schedule.domain_daily_limit:
+                return deferred
+            after = timing.next_local_midnight(now, schedule.timezone)
+            until = timing.next_allowed(after, schedule, None, {}, None, snap.first_day).at or after
+            detail = f"deferred: domain_limit until {iso(until)} ({schedule.domain_daily_limit} to {domain} today)"
+            deferred += [
+                (m, domain, iso(until) or "") for m in store.defer_domain(self.address, domain, now, until, detail)
+            ]
+        return None
 
     def _sent(self, pending: Sent) -> None:
         self.d.stats.sent += 1
@@ -716,6 +743,7 @@ class MailboxRunner:
             gap_until,
             self._next_step(c, now),
             message if self.mailbox.sent_copies == "append" else None,
+            schedule.domain_daily_limit > 0,
         )
         # Committed by the next turn, before anything else is claimed or sent.
         self._pending = Sent(record, log, accepted.code, subject)

@@ -10,7 +10,7 @@ from typing import Any
 
 from daemon import oauth, timing
 from daemon.config import Config, Mailbox, config_digest
-from daemon.store import ENROLLMENT_STATES, Store
+from daemon.store import ENROLLMENT_STATES, Store, domain_of
 
 
 def iso(ts: float | None) -> str | None:
@@ -178,6 +178,13 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         for address, m in live.items()
     }
     full: set[str] = set()  # mailboxes with no room left in the horizon
+    domains: dict[int, str] = {}  # enrollment → recipient domain, looked up only for a domain_daily_limit
+    domain_counts: dict[tuple[str, str, str], int] = {
+        (address, day, domain): n
+        for address, m in live.items()
+        if m.schedule.domain_daily_limit
+        for day, domain, n in store.domain_counts_on(address, timing.local_day(now, m.schedule.timezone))
+    }
     forecast: dict[tuple[str, str], int] = {}
     while heap:
         due, _, address, step, enrollment, cadence_name, stored = heapq.heappop(heap)
@@ -192,6 +199,15 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
             full.add(address)
             continue
         at, day = slot
+        cap = live[address].schedule.domain_daily_limit
+        if cap:  # domain_daily_limit: a full domain's message waits for the next day; the others go on
+            domain = domains.setdefault(enrollment, domain_of(store.email_of(enrollment)))
+            if domain_counts.get((address, day, domain), 0) >= cap:
+                later = timing.next_local_midnight(at, live[address].schedule.timezone)
+                heapq.heappush(heap, (later, seq, address, step, enrollment, cadence_name, False))
+                seq += 1
+                continue
+            domain_counts[(address, day, domain)] = domain_counts.get((address, day, domain), 0) + 1
         counts[address][day] = counts[address].get(day, 0) + 1
         forecast[(day, address)] = forecast.get((day, address), 0) + 1
         free_at[address] = at + sum(live[address].schedule.gap) / 2

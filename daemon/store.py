@@ -16,7 +16,7 @@ from typing import Any
 from daemon.config import PauseRule
 from daemon.errors import StoreError
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -197,6 +197,16 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE daily_counts ADD COLUMN bounces INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daily_counts ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE mailbox_health ADD COLUMN paused_reason TEXT;
+    """,
+    # domain_daily_limit: what each mailbox sent to each recipient domain per local day.
+    9: """
+    CREATE TABLE domain_counts (
+        mailbox TEXT NOT NULL,
+        day TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        sent INTEGER NOT NULL,
+        PRIMARY KEY (mailbox, day, domain)
+    ) WITHOUT ROWID;
     """,
 }
 
@@ -737,6 +747,46 @@ class Store:
             self.conn.execute("UPDATE daily_counts SET bounces = 0, blocks = 0 WHERE mailbox = ?", (mailbox,))
         return str(row[0])
 
+    def next_due_domain(self, mailbox: str, now: float) -> str | None:
+        """The recipient domain of the message `claim` would take now."""
+        row = self.conn.execute(
+            """SELECT e.email FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+               WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ? ORDER BY m.due_at, m.id LIMIT 1""",
+            (mailbox, now),
+        ).fetchone()
+        return domain_of(row[0]) if row else None
+
+    def domain_counts_on(self, mailbox: str, day: str) -> list[tuple[str, str, int]]:
+        """(day, domain, sent) of the mailbox's local `day` (what plan starts from)."""
+        rows = self.conn.execute(
+            "SELECT day, domain, sent FROM domain_counts WHERE mailbox = ? AND day = ?", (mailbox, day)
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def email_of(self, enrollment: int) -> str:
+        row = self.conn.execute("SELECT email FROM enrollments WHERE id = ?", (enrollment,)).fetchone()
+        return str(row[0]) if row else ""
+
+    def domain_sent(self, mailbox: str, day: str, domain: str) -> int:
+        row = self.conn.execute(
+            "SELECT sent FROM domain_counts WHERE mailbox = ? AND day = ? AND domain = ?", (mailbox, day, domain)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def defer_domain(self, mailbox: str, domain: str, now: float, until: float, detail: str) -> list[int]:
+        """domain_daily_limit reached: the mailbox's due messages to `domain` wait until `until`, in their order
+        (the others go on). Costs the mailbox's due messages, once per domain and day."""
+        with self.transaction():
+            rows = self.conn.execute(
+                """UPDATE messages SET due_at = ?1 + (due_at - ?5) / 1e6, detail = ?2 WHERE id IN (
+                       SELECT m.id FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+                       WHERE m.mailbox = ?3 AND m.state = 'scheduled' AND m.due_at <= ?5
+                       AND substr(e.email, instr(e.email, '@') + 1) = ?4)
+                   RETURNING id""",
+                (until, detail, mailbox, domain, now),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
         """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
         with self.transaction():
@@ -792,9 +842,16 @@ class Store:
         gap_until: float,
         next_step: tuple[int, str, float] | None,
         copy: bytes | None = None,
+        count_domain: bool = False,
     ) -> None:
         """Sent: the message, the day's count, the gap, the next step and the copy for Sent, in one commit."""
         with self.transaction():
+            if count_domain:
+                self.conn.execute(
+                    """INSERT INTO domain_counts VALUES (?, ?, ?, 1)
+                       ON CONFLICT (mailbox, day, domain) DO UPDATE SET sent = sent + 1""",
+                    (c.mailbox, day, domain_of(c.email)),
+                )
             if copy is not None:
                 self.conn.execute(
                     "INSERT OR IGNORE INTO sent_copies (message, mailbox, message_id, content) VALUES (?, ?, ?, ?)",
@@ -1312,6 +1369,11 @@ class Claimed:
     transient_failures: int
     sticky: str
     message_id: str
+
+
+def domain_of(email: str) -> str:
+    """The recipient domain domain_daily_limit counts by (addresses are stored lower-cased)."""
+    return email.rpartition("@")[2]
 
 
 SUPPRESSED_BY = "address suppressed after a bounce of message"

@@ -303,3 +303,62 @@ async def test_warmup_and_skip_dates_hold_sends_and_say_why(project: Project) ->
         assert (today.isoformat(), holiday) not in by
     finally:
         server.stop()
+
+
+async def test_a_domain_gets_its_daily_share_and_the_others_go_on(project: Project) -> None:
+    """domain_daily_limit = 2: the third message to a domain waits for the next day, oldest first, while the
+    other domain's messages behind it go today; plan forecasts the same."""
+    server = SmtpServer().start()
+    try:
+        project.data["defaults"].update(
+            {"timezone": "UTC", "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "hours": ["00:00-24:00"]}
+        )
+        fast(project, daily_limit=10, domain_daily_limit=2)
+        project.add_mailboxes(1, smtp=server.smtp_config())
+        project.add_cadence()
+        order = ["a1@a.example", "a2@a.example", "a3@a.example", "b1@b.example", "a4@a.example", "b2@b.example"]
+        project.enroll(project.csv([f"{e},P,Co" for e in order]))
+        async with running(project.write()):
+            await anyio.to_thread.run_sync(server.recorder.wait_for, 4)
+            await until(
+                lambda: (
+                    len(
+                        query(
+                            project.root / "cadenced.db",
+                            "SELECT 1 FROM messages WHERE detail LIKE 'deferred: domain_limit%'",
+                        )
+                    )
+                    == 2
+                )
+            )
+        assert [d.recipient for d in server.recorder.deliveries] == [
+            "a1@a.example",
+            "a2@a.example",
+            "b1@b.example",
+            "b2@b.example",
+        ]
+        tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+        waiting = query(
+            project.root / "cadenced.db",
+            "SELECT e.email, m.detail FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "
+            "WHERE m.state = 'scheduled' ORDER BY m.due_at, m.id",
+        )
+        assert [w[0] for w in waiting] == ["a3@a.example", "a4@a.example"]  # oldest first, tomorrow
+        assert all(w[1] == f"deferred: domain_limit until {tomorrow}T00:00:00Z (2 to a.example today)" for w in waiting)
+        plan = project.run("plan", "--days", "3", "--json").json()["days"]
+        assert [(row["date"], row["sends"]) for row in plan] == [(tomorrow, 2)]
+    finally:
+        server.stop()
+
+
+def test_plan_keeps_each_domain_to_its_daily_share(project: Project) -> None:
+    project.data["defaults"].update(
+        {"timezone": "UTC", "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "hours": ["00:00-24:00"]}
+    )
+    fast(project, daily_limit=10, domain_daily_limit=2)
+    project.add_mailboxes(1)
+    project.add_cadence()
+    emails = [f"a{i}@a.example" for i in range(5)] + ["b0@b.example"]
+    project.enroll(project.csv([f"{e},P,Co" for e in emails]))
+    plan = project.run("plan", "--days", "4", "--json").json()["days"]
+    assert [row["sends"] for row in plan] == [3, 2, 1]  # a a b | a a | a
