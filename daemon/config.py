@@ -165,6 +165,7 @@ class Mailbox:
     oauth2: OAuth2 | None = None
     unsubscribe_url: compose.Template | None = None  # an https one-click link ({{ token }}, {{ email }}, {{ mailbox }})
     pause_on: PauseRule | None = DEFAULT_PAUSE  # None: never pauses itself
+    reassign_after: float = 0.0  # seconds disconnected before its never-contacted enrollments move (0: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -946,6 +947,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     default_provider = dt.choice("provider", "", ("", *PROVIDERS))
     default_unsubscribe = _unsubscribe_url(dt, None)
     default_pause = _pause_on(dt, DEFAULT_PAUSE)
+    default_reassign = dt.parsed("reassign_after", 0.0, parse_duration)
     dt.finish()
 
     users: list[User] = []
@@ -984,6 +986,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         helo_name = _helo_name(t, default_helo)
         unsubscribe_url = _unsubscribe_url(t, default_unsubscribe)
         pause_on = _pause_on(t, default_pause)
+        reassign_after = t.parsed("reassign_after", default_reassign, parse_duration)
         provider = t.choice("provider", default_provider, ("", *PROVIDERS))
         preset = PROVIDERS.get(provider)
         sent_copies = t.choice("sent_copies", preset.sent_copies if preset else default_copies, SENT_COPIES)
@@ -1022,6 +1025,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
                 oauth2,
                 unsubscribe_url,
                 pause_on,
+                reassign_after,
             )
             if sent_copies in ("provider", "append") and imap is None:
                 t.problems.add(t.at("sent_copies"), f'"{sent_copies}" needs [imap] to reach the Sent folder')
@@ -1273,6 +1277,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "sent_copies": m.sent_copies,
                 **({"provider": m.provider} if m.provider else {}),
                 **({"unsubscribe_url": m.unsubscribe_url.source} if m.unsubscribe_url else {}),
+                "reassign_after": format_duration(m.reassign_after),
                 "pause_on": {
                     "bounce_rate": m.pause_on.bounce_rate,
                     "block_rate": m.pause_on.block_rate,

@@ -553,7 +553,12 @@ class MailboxRunner:
                     self.log.info("message.deferred", message=message, reason="paused")
             return False
         if snap.state in ("disconnected", "refused"):
-            return await self._retry_queue(snap, now)
+            await self._hand_over(snap, now)
+            hand_over_at = self.next_wake
+            back = await self._retry_queue(snap, now)
+            if hand_over_at is not None and (self.next_wake is None or hand_over_at < self.next_wake):
+                self.next_wake = hand_over_at  # wake for the hand-over even when the next probe is later
+            return back
         for message, domain, until in turn.deferred:
             self.log.info("message.deferred", message=message, reason="domain_limit", domain=domain, until=until)
         if turn.claimed is not None:
@@ -934,6 +939,30 @@ class MailboxRunner:
             self.wake()
 
     # --- the retry queue ----------------------------------------------------------------------
+
+    async def _hand_over(self, snap: Snapshot, now: float) -> None:
+        """reassign_after: down that long, the enrollments nobody has heard from yet leave for healthy mailboxes."""
+        after = self.mailbox.reassign_after
+        if not after or snap.since is None:
+            return
+        if now - snap.since < after:
+            self.next_wake = snap.since + after
+            return
+        from daemon.enroll import hand_over
+
+        moved = await self._commit(hand_over, self.d.config, self.address)
+        for enrollment, to, messages in moved:
+            self.log.info(
+                "enrollment.reassigned",
+                enrollment=enrollment,
+                to=to,
+                messages=messages,
+                reason=f"{self.address} {snap.state} for {round(now - snap.since)} s (reassign_after)",
+            )
+        for to in {to for _, to, _ in moved}:
+            runner = self.d.runners.get(to)
+            if runner is not None:
+                runner.wake()
 
     async def _retry_queue(self, snap: Snapshot, now: float) -> bool:
         caught = await self._commit(Store.catch_due_while_down, self.address, now)

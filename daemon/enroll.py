@@ -372,25 +372,60 @@ class Importer:
         self.store.enroll_staged(self.cadence.name, self.adder, now, first_id, cycles, by_owner)
         return True
 
-    def _capacity(self, m: Mailbox) -> int:
-        """What the mailbox may send today: its daily limit, or less while it warms up (weighted rotation)."""
-        if m.schedule.warmup is None:
-            return m.schedule.daily_limit
-        today = timing.local_day(time.time(), m.schedule.timezone)
-        return timing.allowance(m.schedule, today, self.store.first_send_day(m.address))[0]
-
     def _rotator(self) -> rotation.Rotator:
-        cadence = self.cadence
-        states = self.store.mailbox_states()
-        pool = []
-        for address in cadence.pool:
-            m = self.config.mailbox(address)
-            ok = rotation.eligible(m.paused, states.get(address, "connected"), m.schedule.daily_limit)
-            pool.append(rotation.PoolMember(address, m.owner, ok, float(self._capacity(m))))
-        among = rotate_among(cadence, self.store.pins())
-        rules = rotation.Rules(cadence.auto_rotate, among, cadence.sender, cadence.steps[0].sender, cadence.rotation)
-        cursors, credits = self.store.rotation_state(cadence.name)
-        return rotation.Rotator(rules, pool, cursors, credits)
+        return build_rotator(self.store, self.config, self.cadence)
+
+
+def _capacity(store: Store, m: Mailbox) -> int:
+    """What the mailbox may send today: its daily limit, or less while it warms up (weighted rotation)."""
+    if m.schedule.warmup is None:
+        return m.schedule.daily_limit
+    today = timing.local_day(time.time(), m.schedule.timezone)
+    return timing.allowance(m.schedule, today, store.first_send_day(m.address))[0]
+
+
+def build_rotator(store: Store, config: Config, cadence: Cadence) -> rotation.Rotator:
+    """The cadence's rotation as stored, over its pool as it is now (who may take new enrollments)."""
+    states = store.mailbox_states()
+    pool = []
+    for address in cadence.pool:
+        m = config.mailbox(address)
+        ok = rotation.eligible(m.paused, states.get(address, "connected"), m.schedule.daily_limit)
+        pool.append(rotation.PoolMember(address, m.owner, ok, float(_capacity(store, m))))
+    among = rotate_among(cadence, store.pins())
+    rules = rotation.Rules(cadence.auto_rotate, among, cadence.sender, cadence.steps[0].sender, cadence.rotation)
+    cursors, credits = store.rotation_state(cadence.name)
+    return rotation.Rotator(rules, pool, cursors, credits)
+
+
+def hand_over(store: Store, config: Config, mailbox: str) -> list[tuple[int, str, list[int]]]:
+    """reassign_after: the never-contacted enrollments of a mailbox that stays down go to its cadences'
+    eligible mailboxes by the cadences' own rotation (the cursors move as for an import). An enrollment that
+    only this mailbox could take stays. Returns (enrollment, new mailbox, its messages moved), one commit."""
+    moved: list[tuple[int, str, list[int]]] = []
+    with store.transaction():
+        rotators: dict[str, rotation.Rotator] = {}
+        for enrollment, cadence_name, owner, adder in store.never_contacted(mailbox):
+            try:
+                cadence = config.cadence(cadence_name)
+            except KeyError:
+                continue  # a cadence no longer configured: nothing to place it by
+            rotator = rotators.get(cadence_name) or rotators.setdefault(
+                cadence_name, build_rotator(store, config, cadence)
+            )
+            eligible = {m.address for m in rotator.pool if m.eligible}
+            if not rotator.rules.auto_rotate or not eligible - {mailbox}:
+                continue  # a fixed sender, or nowhere else to go
+            try:
+                to = rotator.place(owner, adder)
+            except rotation.Placement:
+                continue
+            if to == mailbox or to not in eligible:
+                continue
+            moved.append((enrollment, to, store.reassign([enrollment], to)))
+        for name, rotator in rotators.items():
+            store.save_rotation(name, rotator.cursors, rotator.credits)
+    return moved
 
 
 # --- list automations ----------------------------------------------------------------

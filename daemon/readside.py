@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from daemon import oauth, timing
@@ -46,6 +46,46 @@ def next_send(
     return timing.next_allowed(
         start, mailbox.schedule, h.get("not_before"), {today: full}, h.get("throttled_until"), first_day
     )
+
+
+def safeguards(
+    store: Store, m: Mailbox, h: dict[str, Any] | None, state: str, first_day: str | None, now: float
+) -> dict[str, Any]:
+    """SPEC §11 for one mailbox, as `status` shows it: each rule with where the mailbox stands against it."""
+    s = m.schedule
+    today = timing.local_day(now, s.timezone)
+    out: dict[str, Any] = {
+        "warmup": None,
+        "skip_today": today in s.skip_dates,
+        "next_skip_date": min((d for d in s.skip_dates if d >= today), default=None),
+        "domain_daily_limit": s.domain_daily_limit or None,
+        "pause_on": None,
+        "reassign_after": m.reassign_after or None,
+        "reassign_at": None,
+    }
+    if s.warmup is not None:
+        since = (date.fromisoformat(today) - date.fromisoformat(first_day)).days if first_day else 0
+        out["warmup"] = {
+            "day": since + 1,
+            "allowance": timing.allowance(s, today, first_day)[0],
+            "ceiling": s.warmup.ceiling,
+        }
+    if m.pause_on is not None:
+        window = timing.first_day_of(now, m.pause_on.window_days, s.timezone)
+        sends, bounces, blocks = store.reputation(m.address, window)
+        out["pause_on"] = {
+            "sends": sends,
+            "bounces": bounces,
+            "blocks": blocks,
+            "bounce_rate": round(bounces / sends, 4) if sends else 0.0,
+            "block_rate": round(blocks / sends, 4) if sends else 0.0,
+            "limits": {"bounce_rate": m.pause_on.bounce_rate, "block_rate": m.pause_on.block_rate},
+            "min_sends": m.pause_on.min_sends,
+            "window_days": m.pause_on.window_days,
+        }
+    if m.reassign_after and h and state in ("disconnected", "refused") and h.get("since") is not None:
+        out["reassign_at"] = iso(float(h["since"]) + m.reassign_after)
+    return out
 
 
 def status(config: Config, store: Store, now: float) -> dict[str, Any]:
@@ -92,6 +132,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 if h and state in ("disconnected", "refused")
                 else (h.get("paused_reason") if h and not m.paused else None),
                 "blocks": h["blocks"] if h else 0,
+                "safeguards": safeguards(store, m, h, state, first_day, now),
             }
         )
     enrollments = store.enrollment_counts()

@@ -676,12 +676,12 @@ class Store:
                       (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
                       h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
                       h.next_probe_at, h.failures, h.throttled_until,
-                      (SELECT min(day) FROM daily_counts WHERE mailbox = ?1 AND sent > 0), h.paused_reason
+                      (SELECT min(day) FROM daily_counts WHERE mailbox = ?1 AND sent > 0), h.paused_reason, h.since
                FROM (SELECT 1) LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
             (mailbox, day),
         ).fetchone()
         r = row
-        return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10])
+        return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])
 
     def first_send_day(self, mailbox: str) -> str | None:
         """The local day of the mailbox's first send ever (warm-up counts from it)."""
@@ -1194,6 +1194,22 @@ class Store:
         ).fetchall()
         return [r[0] for r in rows]
 
+    def never_contacted(self, mailbox: str) -> list[tuple[int, str, str, str]]:
+        """(enrollment, cadence, owner, adder) of the mailbox's active enrollments whose first step has not
+        gone (waiting in the retry queue or scheduled): nobody has heard from it yet. Uncertain ones are not
+        among them (they may have been delivered)."""
+        rows = self.conn.execute(
+            """SELECT e.id, e.cadence, e.owner, e.adder FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+               WHERE m.state = 'error' AND m.mailbox = ?1 AND m.reason IN ('disconnected', 'refused') AND m.step = 1
+               AND e.mailbox = ?1 AND e.state = 'active'
+               UNION ALL
+               SELECT e.id, e.cadence, e.owner, e.adder FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+               WHERE m.state = 'scheduled' AND m.mailbox = ?1 AND m.step = 1 AND e.mailbox = ?1 AND e.state = 'active'
+               ORDER BY 1""",
+            (mailbox,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
     def probe_now(self, mailbox: str, now: float) -> None:
         """A changed password (reload, restart): try the disconnected mailbox at once."""
         self.conn.execute(
@@ -1353,6 +1369,7 @@ class Snapshot:
     throttled_until: float | None = None
     first_day: str | None = None  # the local day of its first send ever
     paused_reason: str | None = None  # paused by pause_on or `mailbox pause`, until `mailbox resume`
+    since: float | None = None  # when it entered its state (disconnected: since when it is down)
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,6 +105,7 @@ HOT: dict[str, Callable[[Store], Any]] = {
         s.defer_domain("m@x.example", "x.example", 10.0, 20.0, "deferred: domain_limit"),
         s.domain_counts_on("m@x.example", "2026-11-28"),
         s.email_of(3),
+        s.never_contacted("m@x.example"),
         s.unsubscribe(1, 1.0, "unsubscribed"),
         s.suppress_addresses(["p2@x.example"], "operator", 1.0),
     ),

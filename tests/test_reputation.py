@@ -64,6 +64,8 @@ async def test_smtp_bounces_pause_the_mailbox_until_it_is_resumed(project: Proje
             "operator",
             f"auto-paused: {reason}",
         )
+        standing = status["safeguards"]["pause_on"]
+        assert (standing["sends"], standing["bounces"], standing["bounce_rate"]) == (6, 2, 0.3333)
         # Paused, it takes no new enrollments while another mailbox can.
         (other,) = project.add_mailboxes(1, smtp=server.smtp_config())
         project.data["cadences"][0]["mailboxes"] = [box, other]
@@ -127,3 +129,52 @@ async def test_dsn_bounces_count_too(project: Project, tmp_path: Path) -> None:
     finally:
         server.stop()
         dovecot.cleanup()
+
+
+async def test_a_mailbox_down_too_long_hands_over_who_never_heard_from_it(project: Project) -> None:
+    """reassign_after: past it, the down mailbox's never-contacted enrollments go to the healthy one; a thread
+    it started stays with it (its follow-up waits in the retry queue)."""
+    first, second = SmtpServer().start(), SmtpServer().start()
+    try:
+        project.data["defaults"].update(
+            {"gap": "0s", "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "hours": ["00:00-24:00"]}
+        )
+        project.data["daemon"].update({"probe_backoff": "1s-2s", "retry_delays": ["1s"]})
+        project.data["defaults"]["reassign_after"] = "2s"
+        (a,) = project.add_mailboxes(1, smtp=first.smtp_config())
+        (b,) = project.add_mailboxes(1, smtp=second.smtp_config())
+        cadence = project.add_cadence(steps=2, mailboxes=[a, b], users=[], rotate_among="cadence")
+        cadence["steps"][1]["wait"] = "1h"
+        project.enroll(project.people(2))  # p0 → a, p1 → b
+        with structlog.testing.capture_logs() as logs:
+            async with running(project.write()):
+                await anyio.to_thread.run_sync(first.recorder.wait_for, 1)
+                await anyio.to_thread.run_sync(second.recorder.wait_for, 1)
+                first.stop()  # a's server goes away for good
+                await anyio.to_thread.run_sync(project.enroll, project.people(2, start=2, name="more.csv"))  # p2 → a
+                await until(lambda: [e for e in logs if e["event"] == "enrollment.reassigned"], within=30)
+                await anyio.to_thread.run_sync(second.recorder.wait_for, 3)
+        (moved,) = [e for e in logs if e["event"] == "enrollment.reassigned"]
+        assert moved["to"] == b and moved["reason"].startswith(f"{a} disconnected for")
+        owners = dict(query(db(project), "SELECT email, mailbox FROM enrollments"))
+        assert owners == {
+            "p0@prospects.example": a,  # a thread a started stays with a
+            "p1@prospects.example": b,
+            "p2@prospects.example": b,  # never heard from a: handed over
+            "p3@prospects.example": b,
+        }
+        assert sorted(d.recipient for d in second.recorder.deliveries) == [
+            "p1@prospects.example",
+            "p2@prospects.example",
+            "p3@prospects.example",
+        ]
+        waiting = query(
+            db(project),
+            "SELECT e.email, m.step, m.state FROM messages m JOIN enrollments e "
+            "ON e.id = m.enrollment_id WHERE m.mailbox = ?",
+            a,
+        )
+        assert waiting == [("p0@prospects.example", 1, "sent"), ("p0@prospects.example", 2, "error")]
+    finally:
+        first.stop()
+        second.stop()

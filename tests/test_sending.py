@@ -297,6 +297,9 @@ async def test_warmup_and_skip_dates_hold_sends_and_say_why(project: Project) ->
             2,
         )
         assert (status[holiday]["waiting_for"], status[holiday]["allowance_today"]) == ("skip_date", 0)
+        assert status[warm]["safeguards"]["warmup"] == {"day": 1, "allowance": 2, "ceiling": 8}
+        assert status[holiday]["safeguards"]["skip_today"] is True
+        assert status[holiday]["safeguards"]["next_skip_date"] == today.isoformat()
         plan = project.run("plan", "--days", "3", "--json").json()["days"]
         by = {(row["date"], row["mailbox"]): row["sends"] for row in plan}
         assert by.get((tomorrow, warm)) == 2 and by.get((tomorrow, holiday)) == 4  # 2 left, the ramp allows 4
