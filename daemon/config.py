@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import email_validator
+import holidays
 
 from daemon import compose, redact
 from daemon.errors import ConfigError
@@ -148,6 +149,7 @@ class Schedule:
     warmup: Warmup | None = None
     skip_dates: frozenset[str] = frozenset()  # ISO local dates with no sends
     domain_daily_limit: int = 0  # sends per recipient domain per local day (0: no such limit)
+    holidays: tuple[str, ...] = ()  # public holiday calendars with no sends: "US", "DE-BY" (country-subdivision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,7 +613,25 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
                 t.problems.add(f"{t.at('skip_dates')}[{i}]", f"must be a date such as 2026-12-24, got {text!r}")
         skip_dates = frozenset(picked_dates)
     domain_limit = t.integer("domain_daily_limit", base.domain_daily_limit, 0, 100_000)
-    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates, domain_limit)
+    calendars = base.holidays
+    given = t.strings("holidays", None)
+    if given is not None:
+        for i, code in enumerate(given):
+            problem = holiday_calendar_problem(code)
+            if problem:
+                t.problems.add(f"{t.at('holidays')}[{i}]", problem)
+        calendars = tuple(dict.fromkeys(given))
+    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates, domain_limit, calendars)
+
+
+def holiday_calendar_problem(code: str) -> str:
+    """Why `code` ("US", "DE-BY") names no calendar of the holidays package, or ""."""
+    country, _, subdivision = code.partition("-")
+    try:
+        holidays.country_holidays(country, subdiv=subdivision or None, years=2026)
+    except NotImplementedError as exc:
+        return f'no holiday calendar {code!r} ({exc}); a country code such as "US" or "DE-BY"'
+    return ""
 
 
 UNSUBSCRIBE_LINK = re.compile(r"https://[!-;=?-~]+")  # printable ASCII without spaces or angle brackets
@@ -1200,7 +1220,11 @@ def config_path_from(arg: str | None) -> Path:
 
 
 def _schedule_dict(s: Schedule) -> dict[str, Any]:
-    extra: dict[str, Any] = {"skip_dates": sorted(s.skip_dates), "domain_daily_limit": s.domain_daily_limit}
+    extra: dict[str, Any] = {
+        "skip_dates": sorted(s.skip_dates),
+        "holidays": list(s.holidays),
+        "domain_daily_limit": s.domain_daily_limit,
+    }
     if s.warmup is not None:
         w = s.warmup
         extra["warmup"] = {"start": w.start, "step": w.step, "every": f"{w.every}d", "ceiling": w.ceiling}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import heapq
 import os
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from daemon import oauth, timing
-from daemon.config import Config, Mailbox, config_digest
+from daemon.config import Config, Mailbox, Schedule, config_digest
 from daemon.store import ENROLLMENT_STATES, Store, domain_of
 
 
@@ -48,6 +48,21 @@ def next_send(
     )
 
 
+def next_skipped(s: Schedule, today: str) -> str | None:
+    """The next local day (today included, a year ahead at most) with no sends: skip_dates and holidays."""
+    first = date.fromisoformat(today)
+    own = min((d for d in s.skip_dates if d >= today), default=None)
+    if not s.holidays:
+        return own
+    for i in range(366):
+        day = (first + timedelta(days=i)).isoformat()
+        if own is not None and day >= own:
+            return own
+        if timing.skipped(s, day):
+            return day
+    return own
+
+
 def safeguards(
     store: Store, m: Mailbox, h: dict[str, Any] | None, state: str, first_day: str | None, now: float
 ) -> dict[str, Any]:
@@ -56,8 +71,8 @@ def safeguards(
     today = timing.local_day(now, s.timezone)
     out: dict[str, Any] = {
         "warmup": None,
-        "skip_today": today in s.skip_dates,
-        "next_skip_date": min((d for d in s.skip_dates if d >= today), default=None),
+        "skip_today": timing.skipped(s, today),
+        "next_skip_date": next_skipped(s, today),
         "domain_daily_limit": s.domain_daily_limit or None,
         "pause_on": None,
         "reassign_after": m.reassign_after or None,
@@ -103,7 +118,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         waiting_for: str | None = None
         earliest = store.earliest_due(m.address) if scheduled else None
         first_day = store.first_send_day(m.address) if m.schedule.warmup is not None else None
-        allowance = 0 if today in m.schedule.skip_dates else timing.allowance(m.schedule, today, first_day)[0]
+        allowance = 0 if timing.skipped(m.schedule, today) else timing.allowance(m.schedule, today, first_day)[0]
         if state in ("disconnected", "refused"):
             waiting_for = "reconnect" if state == "disconnected" else "operator"
             if h and str(h["reason"] or "").startswith(oauth.REAUTHORISE):

@@ -16,6 +16,8 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+import holidays
+
 from daemon.config import Schedule
 
 HORIZON_DAYS = 9  # any weekly window opens within a week; two more days cover DST edges
@@ -125,6 +127,17 @@ class Decision:
     waiting_for: str | None  # None | window | gap | throttled | daily_limit | warmup | skip_date
 
 
+@lru_cache(maxsize=256)
+def _holiday_dates(code: str, year: int) -> frozenset[str]:
+    country, _, subdivision = code.partition("-")
+    return frozenset(d.isoformat() for d in holidays.country_holidays(country, subdiv=subdivision or None, years=year))
+
+
+def skipped(s: Schedule, day: str) -> bool:
+    """No sends on this local day: one of its skip_dates, or a public holiday of one of its calendars."""
+    return day in s.skip_dates or any(day in _holiday_dates(code, int(day[:4])) for code in s.holidays)
+
+
 def allowance(s: Schedule, day: str, first_day: str | None) -> tuple[int, str]:
     """The most the mailbox may send on local `day`, and the rule that sets it: `daily_limit`, or `warmup`
     counted from its first send day (`first_day`; None: it has sent nothing yet, so `day` would be the first)."""
@@ -154,13 +167,13 @@ def next_allowed(
         t, reason = gap_until, "gap"
     if throttled_until is not None and throttled_until > t:
         t, reason = throttled_until, "throttled"
-    for _ in range(HORIZON_DAYS * 2 + len(s.skip_dates)):
+    for _ in range(HORIZON_DAYS * 2 + len(s.skip_dates) + 30 * len(s.holidays)):
         opened = next_open(t, s)
         if opened > t and reason in (None, "gap", "throttled"):
             reason = "window"  # the window closed meanwhile: that is what holds it back now
         t = opened
         day = local_day(t, s.timezone)
-        if day in s.skip_dates:
+        if skipped(s, day):
             t, reason = next_local_midnight(t, s.timezone), "skip_date"
             continue
         limit, rule = allowance(s, day, first_day)

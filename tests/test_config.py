@@ -277,3 +277,14 @@ def test_warmup_and_skip_dates_are_checked_where_they_are(project: Project) -> N
     printed = project.run("check", "--print")
     assert 'skip_dates = [\n    "2026-12-24",\n]' in printed.out or 'skip_dates = ["2026-12-24"]' in printed.out
     assert 'every = "1d"' in printed.out
+
+
+def test_a_holiday_calendar_must_exist(project: Project) -> None:
+    project.data["defaults"]["holidays"] = ["US", "DE-ZZ", "XX"]
+    project.add_mailboxes(1)
+    project.add_cadence()
+    result = project.run("check")
+    assert result.code == 2
+    assert "defaults.holidays[1]: no holiday calendar 'DE-ZZ'" in result.err
+    assert "defaults.holidays[2]: no holiday calendar 'XX'" in result.err
+    assert "holidays[0]" not in result.err

@@ -271,3 +271,12 @@ def test_a_days_sends_cost_one_zone_look_up() -> None:
         t = at + 60
     assert wall(t - 60, BERLIN) == "Mon 2026-10-26 10:59:00"  # 480 on Sunday 09:00-16:59, 120 on Monday
     assert found == 2
+
+
+def test_public_holidays_of_a_calendar_are_skipped() -> None:
+    us = Schedule(NEW_YORK, frozenset(range(5)), ((540, 1020),), 10, (0.0, 0.0), None, frozenset(), 0, ("US",))
+    d = timing.next_allowed(ts("2026-12-24 18:00", NEW_YORK), us, None, {})  # Christmas is a Friday
+    assert (wall(d.at or 0, NEW_YORK), d.waiting_for) == ("Mon 2026-12-28 09:00:00", "skip_date")
+    assert timing.skipped(us, "2027-07-05")  # Independence Day observed, computed for the year asked
+    bavaria = Schedule(BERLIN, frozenset(range(5)), ((540, 1020),), 10, (0.0, 0.0), None, frozenset(), 0, ("DE-BY",))
+    assert timing.skipped(bavaria, "2026-01-06") and not timing.skipped(bavaria, "2026-01-07")  # Epiphany
