@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -55,6 +55,8 @@ def _open_store(config: Config, *, create: bool = True) -> Store:
         sys.stderr.write(f"warning: {warning}\n")
     return store
 
+
+T = TypeVar("T")
 
 # --- commands ---------------------------------------------------------------------
 
@@ -179,14 +181,19 @@ def cmd_mailbox_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_store(args: argparse.Namespace, fn: Callable[[Store], T], *, create: bool = True) -> T:
+    """`fn(store)` on the configured database, closed after."""
+    store = _open_store(_load(args), create=create)
+    try:
+        return fn(store)
+    finally:
+        store.close()
+
+
 def cmd_suppress(args: argparse.Namespace) -> int:
     """Never send to these addresses again; what they have pending is cancelled."""
     addresses = _addresses(args.addresses)
-    store = _open_store(_load(args))
-    try:
-        cancelled = store.suppress_addresses(addresses, args.reason, time.time())
-    finally:
-        store.close()
+    cancelled = _with_store(args, lambda store: store.suppress_addresses(addresses, args.reason, time.time()))
     if args.json:
         _json({"suppressed": addresses, "cancelled": {a: ids for a, ids in cancelled.items()}})
     else:
@@ -197,11 +204,7 @@ def cmd_suppress(args: argparse.Namespace) -> int:
 
 def cmd_unsuppress(args: argparse.Namespace) -> int:
     addresses = _addresses(args.addresses)
-    store = _open_store(_load(args))
-    try:
-        lifted = store.unsuppress(addresses)
-    finally:
-        store.close()
+    lifted = _with_store(args, lambda store: store.unsuppress(addresses))
     missing = [a for a in addresses if a not in lifted]
     if args.json:
         _json({"unsuppressed": lifted, "not_suppressed": missing})
@@ -214,11 +217,7 @@ def cmd_unsuppress(args: argparse.Namespace) -> int:
 
 
 def cmd_suppressions(args: argparse.Namespace) -> int:
-    store = _open_store(_load(args), create=False)
-    try:
-        rows = store.suppressions(args.limit)
-    finally:
-        store.close()
+    rows = _with_store(args, lambda store: store.suppressions(args.limit), create=False)
     if args.json:
         _json({"suppressions": [{**r, "created_at": iso(r["created_at"])} for r in rows]})
     else:

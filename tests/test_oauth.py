@@ -393,19 +393,25 @@ def test_authorize_reports_a_refusal_by_the_user(project: Project, provider: Pro
     assert not (project.root / "refresh").exists()
 
 
+def appending(project: Project, tmp_path: Path, extra_conf: str = "") -> tuple[Dovecot, SmtpServer]:
+    """A mailbox with sent_copies = "append" on a Dovecot (polled each second) and an aiosmtpd."""
+    pki = Pki(tmp_path)
+    dovecot = Dovecot(pki, {"alice": "imap-pw"}, idle=False, extra_conf=extra_conf).start()
+    server = SmtpServer().start()
+    (tmp_path / "imap-pw").write_text("imap-pw")
+    project.data["defaults"]["gap"] = "0s"
+    imap = dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="1s")
+    project.add_mailboxes(1, smtp=server.smtp_config(), imap=imap, sent_copies="append")
+    project.add_cadence()
+    return dovecot, server
+
+
 @needs_dovecot
 async def test_append_saves_each_sent_message_once_in_sent_seen(project: Project, tmp_path: Path) -> None:
     """sent_copies = "append": each message the server took appears once in Sent, flagged \\Seen, through a
     restart and a copy whose removal from the queue was lost (a crash between APPEND and its commit)."""
-    pki = Pki(tmp_path)
-    dovecot = Dovecot(pki, {"alice": "imap-pw"}, idle=False).start()
-    server = SmtpServer().start()
+    dovecot, server = appending(project, tmp_path)
     try:
-        (tmp_path / "imap-pw").write_text("imap-pw")
-        project.data["defaults"]["gap"] = "0s"
-        imap = dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="1s")
-        project.add_mailboxes(1, smtp=server.smtp_config(), imap=imap, sent_copies="append")
-        project.add_cadence()
         project.enroll(project.people(3))
         with structlog.testing.capture_logs() as logs:
             async with running(project.write()):
@@ -441,18 +447,11 @@ async def test_append_saves_each_sent_message_once_in_sent_seen(project: Project
 @needs_dovecot
 async def test_a_refused_append_keeps_the_copy_and_sends_nothing_again(project: Project, tmp_path: Path) -> None:
     """The server refuses the APPEND (over quota): logged, kept for the next round, no second delivery."""
-    pki = Pki(tmp_path)
     quota = (
         "mail_plugins = $mail_plugins quota\nplugin {\n  quota = maildir:User quota\n  quota_rule = *:storage=1B\n}\n"
     )
-    dovecot = Dovecot(pki, {"alice": "imap-pw"}, idle=False, extra_conf=quota).start()
-    server = SmtpServer().start()
+    dovecot, server = appending(project, tmp_path, quota)
     try:
-        (tmp_path / "imap-pw").write_text("imap-pw")
-        project.data["defaults"]["gap"] = "0s"
-        imap = dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="1s")
-        project.add_mailboxes(1, smtp=server.smtp_config(), imap=imap, sent_copies="append")
-        project.add_cadence()
         project.enroll(project.people(1))
         with structlog.testing.capture_logs() as logs:
             async with running(project.write()):
