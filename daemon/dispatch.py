@@ -183,6 +183,26 @@ class Turn:
 DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_daily_limit)
 
 
+def defer_full_domains(
+    store: Store, mailbox: Mailbox, now: float, day: str, first_day: str | None
+) -> list[tuple[int, str, str]] | None:
+    """domain_daily_limit: the next due message's domain has had its sends today? Its due messages wait for the
+    mailbox's next sending day, in their order, and the next domain is looked at. Returns (message, domain,
+    until) of those deferred, or None when DOMAIN_LOOKS domains in a row were full (the next turn looks again)."""
+    schedule = mailbox.schedule
+    deferred: list[tuple[int, str, str]] = []
+    for _ in range(DOMAIN_LOOKS):
+        domain = store.next_due_domain(mailbox.address, now)
+        if domain is None or store.domain_sent(mailbox.address, day, domain) < schedule.domain_daily_limit:
+            return deferred
+        after = timing.next_local_midnight(now, schedule.timezone)
+        until = timing.next_allowed(after, schedule, None, {}, None, first_day).at or after
+        detail = f"deferred: domain_limit until {iso(until)} ({schedule.domain_daily_limit} to {domain} today)"
+        moved = store.defer_domain(mailbox.address, domain, now, until, detail)
+        deferred += [(m, domain, iso(until) or "") for m in moved]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Sent:
     """A delivery accepted by the server, to be committed by the next turn."""
@@ -597,30 +617,14 @@ class MailboxRunner:
             )
             if decision.at is None or decision.at > now:
                 return Turn(snap, day, decision, None, [])
-            deferred = self._domains_full(store, now, day, snap) if schedule.domain_daily_limit else []
+            deferred = (
+                defer_full_domains(store, self.mailbox, now, day, snap.first_day) if schedule.domain_daily_limit else []
+            )
             if deferred is None:
                 return Turn(snap, day, decision, None, [])
             claimed = store.claim(self.address, now, self._message_id)
             thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
             return Turn(snap, day, decision, claimed, thread, deferred)
-
-    def _domains_full(self, store: Store, now: float, day: str, snap: Snapshot) -> list[tuple[int, str, str]] | None:
-        """domain_daily_limit: the next due message's domain has had its sends today? Its due messages wait for
-        the next day the mailbox sends, and the next domain is looked at. Returns (message, domain, until) of
-        those deferred, or None when DOMAIN_LOOKS domains in a row were full (the next turn looks again)."""
-        schedule = self.mailbox.schedule
-        deferred: list[tuple[int, str, str]] = []
-        for _ in range(DOMAIN_LOOKS):
-            domain = store.next_due_domain(self.address, now)
-            if domain is None or store.domain_sent(self.address, day, domain) < schedule.domain_daily_limit:
-                return deferred
-            after = timing.next_local_midnight(now, schedule.timezone)
-            until = timing.next_allowed(after, schedule, None, {}, None, snap.first_day).at or after
-            detail = f"deferred: domain_limit until {iso(until)} ({schedule.domain_daily_limit} to {domain} today)"
-            deferred += [
-                (m, domain, iso(until) or "") for m in store.defer_domain(self.address, domain, now, until, detail)
-            ]
-        return None
 
     def _sent(self, pending: Sent) -> None:
         self.d.stats.sent += 1
