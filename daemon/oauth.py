@@ -64,7 +64,6 @@ class Tokens:
         self._cache: dict[tuple[str, OAuth2], _Cached] = {}
         self._locks: dict[tuple[str, OAuth2], anyio.Lock] = {}
         self._rotated: dict[tuple[str, OAuth2], str] = {}  # refresh tokens the provider replaced
-        self.refreshes = 0
 
     def expiry(self, address: str, oauth: OAuth2) -> tuple[float, str] | None:
         """(expires_at, scope) of the cached token, for reports; never the token."""
@@ -121,7 +120,6 @@ class Tokens:
             form["client_secret"] = oauth.client_secret.reveal()
         if oauth.scopes:
             form["scope"] = " ".join(oauth.scopes)
-        self.refreshes += 1
         status, answer = await self._post(oauth.token_url, form)
         cached, rotated = parse_answer(status, answer, address, self.clock())
         redact.register_rotating(f"oauth:{address}", address, cached.token)
