@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.streams.stapled
 import tomli_w
 
 from daemon import __version__, enroll, operate, readside
@@ -445,7 +446,10 @@ def cmd_mailbox_authorize(args: argparse.Namespace) -> int:
     from daemon import oauth
 
     try:
-        refresh = anyio.run(_authorize, mailbox.address, settings, args.port, backend="asyncio")
+        # Microsoft matches the registered redirect's host to the letter (`http://localhost`, any port); Google's
+        # desktop clients take the loopback address.
+        host = "localhost" if mailbox.provider == "microsoft" else "127.0.0.1"
+        refresh = anyio.run(_authorize, mailbox.address, settings, args.port, host, backend="asyncio")
     except (oauth.AuthorizationFailed, oauth.TokenError) as exc:
         raise Refused(f"{args.address}: not authorized: {exc}") from None
     target = oauth.save_refresh_token(settings, refresh)
@@ -461,7 +465,7 @@ def cmd_mailbox_authorize(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _authorize(address: str, settings: OAuth2, port: int) -> str:
+async def _authorize(address: str, settings: OAuth2, port: int, host: str = "127.0.0.1") -> str:
     """Print the URL; wait for the browser's redirect on a loopback listener, or for it pasted on stdin."""
     import secrets
 
@@ -523,8 +527,18 @@ async def _authorize(address: str, settings: OAuth2, port: int) -> str:
                 if text and not accept(text):
                     sys.stderr.write("cadenced: that is not the address the browser was sent to; paste it whole\n")
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
-    redirect = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}/"
+    if host == "localhost":  # whichever of 127.0.0.1 and ::1 the browser picks for it, on one port
+        first = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+        bound = first.extra(anyio.abc.SocketAttribute.local_port)
+        listeners: list[anyio.abc.Listener[anyio.abc.SocketStream]] = [first]
+        with contextlib.suppress(OSError):  # no IPv6 here: 127.0.0.1 alone
+            listeners.append(await anyio.create_tcp_listener(local_host="::1", local_port=bound))
+        listener: anyio.abc.Listener[anyio.abc.SocketStream] = anyio.streams.stapled.MultiListener(listeners)
+    else:
+        single = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        bound = single.extra(anyio.abc.SocketAttribute.local_port)
+        listener = single
+    redirect = f"http://{host}:{bound}/"
     url = oauth.authorization_url(settings, address, redirect, state, challenge)
     _out(f"Open this address in a browser and sign in as {address}:\n\n{url}\n")
     _out(f"The browser is sent back to {redirect}: on this machine that completes the authorization by itself.")

@@ -464,3 +464,23 @@ async def test_a_refused_append_keeps_the_copy_and_sends_nothing_again(project: 
     finally:
         server.stop()
         dovecot.cleanup()
+
+
+def test_a_microsoft_mailbox_is_sent_back_to_localhost(
+    project: Project, provider: Provider, server: SmtpServer
+) -> None:
+    """Microsoft matches the registered `http://localhost` to the letter: the redirect says localhost, and the
+    listener answers there (IPv4 or IPv6, whichever the browser takes)."""
+    box = oauth_mailbox(project, provider, server, "")
+    (project.root / "refresh").unlink()
+    project.data["mailboxes"][0]["provider"] = "microsoft"
+    project.write()
+    proc, url = start_authorize(project, box)
+    redirect_uri = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["redirect_uri"]
+    assert redirect_uri.startswith("http://localhost:") and redirect_uri.endswith("/")
+    with urllib.request.urlopen(provider.consent(url), timeout=10) as page:
+        assert b"authorization received" in page.read()
+    proc.wait(timeout=20)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert (project.root / "refresh").read_text().strip() in provider.grants
