@@ -265,13 +265,14 @@ async def test_warmup_and_skip_dates_hold_sends_and_say_why(project: Project) ->
         )
         fast(project, daily_limit=10)
         warm, holiday = project.add_mailboxes(2, smtp=server.smtp_config())
-        now = time.time()
-        today = datetime.fromtimestamp(now, UTC).date()
+        # Noon of a day two days ahead: far from any midnight while the test runs, after the enrollment's time.
+        today = datetime.now(UTC).date() + timedelta(days=2)
+        clock = shifted_clock(datetime(today.year, today.month, today.day, 12, tzinfo=UTC).timestamp())
         project.data["mailboxes"][0]["warmup"] = {"start": 2, "step": 2, "every": "1d", "ceiling": 8}
         project.data["mailboxes"][1]["skip_dates"] = [today.isoformat()]
         project.add_cadence(mailboxes=[warm, holiday], users=[])
         project.enroll(project.people(8))  # 4 each
-        async with running(project.write()):
+        async with running(project.write(), clock):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 2)
             await until(
                 lambda: (
@@ -290,7 +291,13 @@ async def test_warmup_and_skip_dates_hold_sends_and_say_why(project: Project) ->
         )
         assert details[warm] == f"deferred: warmup until {tomorrow}T00:00:00Z"
         assert details[holiday] == f"deferred: skip_date until {tomorrow}T00:00:00Z"
-        status = {m["address"]: m for m in project.run("status", "--json").json()["mailboxes"]}
+        config = load_config(project.config_path)
+        store = Store.open(config.daemon.database)
+        try:
+            status = {m["address"]: m for m in readside.status(config, store, clock())["mailboxes"]}
+            plan = readside.plan(config, store, clock(), 3)["days"]
+        finally:
+            store.close()
         assert (status[warm]["waiting_for"], status[warm]["allowance_today"], status[warm]["sent_today"]) == (
             "warmup",
             2,
@@ -300,7 +307,6 @@ async def test_warmup_and_skip_dates_hold_sends_and_say_why(project: Project) ->
         assert status[warm]["safeguards"]["warmup"] == {"day": 1, "allowance": 2, "ceiling": 8}
         assert status[holiday]["safeguards"]["skip_today"] is True
         assert status[holiday]["safeguards"]["next_skip_date"] == today.isoformat()
-        plan = project.run("plan", "--days", "3", "--json").json()["days"]
         by = {(row["date"], row["mailbox"]): row["sends"] for row in plan}
         assert by.get((tomorrow, warm)) == 2 and by.get((tomorrow, holiday)) == 4  # 2 left, the ramp allows 4
         assert (today.isoformat(), holiday) not in by
@@ -321,7 +327,9 @@ async def test_a_domain_gets_its_daily_share_and_the_others_go_on(project: Proje
         project.add_cadence()
         order = ["a1@a.example", "a2@a.example", "a3@a.example", "b1@b.example", "a4@a.example", "b2@b.example"]
         project.enroll(project.csv([f"{e},P,Co" for e in order]))
-        async with running(project.write()):
+        today = datetime.now(UTC).date() + timedelta(days=2)  # noon, two days ahead: no midnight in the run
+        clock = shifted_clock(datetime(today.year, today.month, today.day, 12, tzinfo=UTC).timestamp())
+        async with running(project.write(), clock):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 4)
             await until(
                 lambda: (
@@ -340,7 +348,7 @@ async def test_a_domain_gets_its_daily_share_and_the_others_go_on(project: Proje
             "b1@b.example",
             "b2@b.example",
         ]
-        tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+        tomorrow = (today + timedelta(days=1)).isoformat()
         waiting = query(
             project.root / "cadenced.db",
             "SELECT e.email, m.detail FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "
@@ -348,7 +356,12 @@ async def test_a_domain_gets_its_daily_share_and_the_others_go_on(project: Proje
         )
         assert [w[0] for w in waiting] == ["a3@a.example", "a4@a.example"]  # oldest first, tomorrow
         assert all(w[1] == f"deferred: domain_limit until {tomorrow}T00:00:00Z (2 to a.example today)" for w in waiting)
-        plan = project.run("plan", "--days", "3", "--json").json()["days"]
+        config = load_config(project.config_path)
+        store = Store.open(config.daemon.database)
+        try:
+            plan = readside.plan(config, store, clock(), 3)["days"]
+        finally:
+            store.close()
         assert [(row["date"], row["sends"]) for row in plan] == [(tomorrow, 2)]
     finally:
         server.stop()
