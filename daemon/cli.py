@@ -268,24 +268,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         rows = store.outbox(state=args.state, mailbox=args.mailbox, cadence=args.cadence, limit=args.limit)
     finally:
         store.close()
-    messages = [
-        {
-            "id": r["id"],
-            "cadence": r["cadence"],
-            "prospect": r["prospect"],
-            "step": r["step"],
-            "mailbox": r["mailbox"],
-            "state": r["state"],
-            "reason": r["reason"],
-            "due_at": iso(r["due_at"]),
-            "sent_at": iso(r["sent_at"]),
-            "message_id": r["message_id"],
-            "attempts": r["attempts"],
-            "smtp_code": r["smtp_code"],
-            "detail": r["detail"],
-        }
-        for r in rows
-    ]
+    messages = readside.outbox_messages(rows)
     if args.json:
         _json({"messages": messages})
         return 0

@@ -241,6 +241,17 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """[api]: the daemon's HTTP listener (metrics, status, outbox), off without the table."""
+
+    host: str  # "" with a unix socket
+    port: int
+    socket: str  # a unix socket path, or ""
+    token: Secret | None
+    token_source: str
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path
     daemon: DaemonSettings
@@ -250,6 +261,7 @@ class Config:
     cadences: tuple[Cadence, ...]
     automations: tuple[Automation, ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    api: ApiSettings | None = None
     _mailboxes: dict[str, Mailbox] = field(default_factory=dict, compare=False, repr=False)
     _cadences: dict[str, Cadence] = field(default_factory=dict, compare=False, repr=False)
     _users: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -1078,6 +1090,8 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         if all(isinstance(v, str) for v in (name, cad, owner, watch)):
             wpath = Path(watch) if Path(watch).is_absolute() else base_dir / watch
             automations.append(Automation(name, cad, owner, wpath, max_size, settle))
+    api_t = root.table("api")
+    api = _api(api_t, base_dir) if api_t else None
     root.finish()
 
     if problems.items:
@@ -1099,7 +1113,32 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         cadences=tuple(cadences),
         automations=tuple(automations),
         warnings=tuple(problems.warnings),
+        api=api,
     )
+
+
+def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
+    """`listen = "127.0.0.1:8025"` (a loopback or any address; TLS is a reverse proxy's) or "unix:/path"."""
+    listen = t.string("listen", "127.0.0.1:8025")
+    token, source = _named_secret(t, "token", base_dir)
+    t.finish()
+    if not source:
+        t.problems.add(t.path, "needs token_file, token_env or token_credential (every request but /metrics shows it)")
+    if token is not None:
+        redact.register("api", token.reveal())
+    if not isinstance(listen, str):
+        return None
+    if listen.startswith("unix:"):
+        path = listen.removeprefix("unix:")
+        if not path.startswith("/"):
+            t.problems.add(t.at("listen"), f"a unix socket needs an absolute path, got {listen!r}")
+        return ApiSettings("", 0, path, token, source)
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        t.problems.add(t.at("listen"), f'must be "HOST:PORT" or "unix:/PATH", got {listen!r}')
+        return None
+    return ApiSettings(host, int(port_text), "", token, source)
 
 
 def _retry_delays(d: _Table) -> list[float]:
@@ -1273,6 +1312,12 @@ def _oauth2_dict(o: OAuth2) -> dict[str, Any]:
     return {**out, "token_url": o.token_url, "auth_url": o.auth_url, "scopes": list(o.scopes)}
 
 
+def _api_dict(a: ApiSettings) -> dict[str, Any]:
+    kind, _, where = a.token_source.partition(":")
+    listen = f"unix:{a.socket}" if a.socket else f"{a.host}:{a.port}"
+    return {"listen": listen, **({kind: where} if kind else {})}
+
+
 def effective_dict(config: Config) -> dict[str, Any]:
     """The effective configuration as plain TOML data, secrets masked."""
     d = config.daemon
@@ -1340,6 +1385,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
             }
             for c in config.cadences
         ],
+        **({"api": _api_dict(config.api)} if config.api else {}),
         "automations": [
             {
                 "name": a.name,

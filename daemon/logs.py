@@ -19,6 +19,65 @@ _NOISY = ("aiosmtplib", "apscheduler", "aioimaplib", "mail.log", "asyncio")
 _SECRET_KEYS = frozenset({"password", "passwd", "token", "secret", "authorization", "auth_string"})
 
 
+# Events counted for /metrics, by (event, reason): the label values come from the code, bounded; others "other".
+COUNTED = frozenset(
+    {
+        "message.sent",
+        "message.failed",
+        "message.error",
+        "message.deferred",
+        "message.cancelled",
+        "message.retried",
+        "message.copied",
+        "reply.detected",
+        "bounce.detected",
+        "unsubscribe.detected",
+        "mailbox.disconnected",
+        "mailbox.reconnected",
+        "mailbox.auto_paused",
+        "enrollment.reassigned",
+        "imap.watching",
+        "imap.error",
+        "store.error",
+    }
+)
+_REASONS = frozenset(
+    {
+        "",
+        "bounced",
+        "blocked",
+        "uncertain",
+        "disconnected",
+        "refused",
+        "throttled",
+        "daily_limit",
+        "warmup",
+        "skip_date",
+        "window",
+        "domain_limit",
+        "paused",
+        "template",
+        "config_changed",
+        "replied",
+        "unsubscribed",
+        "reconnected",
+        "quota",
+        "deferred",
+        "transient",
+    }
+)
+event_counts: dict[tuple[str, str], int] = {}
+
+
+def _count(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    name = event.get("event")
+    if name in COUNTED:
+        reason = str(event.get("reason", ""))
+        key = (str(name), reason if reason in _REASONS else "other")
+        event_counts[key] = event_counts.get(key, 0) + 1
+    return event
+
+
 def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """A field named like a secret never reaches the output; no value shows a configured secret."""
     for key, value in list(event.items()):
@@ -69,6 +128,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _count,
         _redact,
     ]
     renderer: Processor

@@ -280,3 +280,25 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
             seq += 1
     rows = [{"date": day, "mailbox": address, "sends": n} for (day, address), n in sorted(forecast.items())]
     return {"days": rows, "generated_at": iso(now), "horizon_days": days}
+
+
+def outbox_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`outbox --json`'s messages (the CLI and the API's GET /v1/outbox)."""
+    return [
+        {
+            "id": r["id"],
+            "cadence": r["cadence"],
+            "prospect": r["prospect"],
+            "step": r["step"],
+            "mailbox": r["mailbox"],
+            "state": r["state"],
+            "reason": r["reason"],
+            "due_at": iso(r["due_at"]),
+            "sent_at": iso(r["sent_at"]),
+            "message_id": r["message_id"],
+            "attempts": r["attempts"],
+            "smtp_code": r["smtp_code"],
+            "detail": r["detail"],
+        }
+        for r in rows
+    ]

@@ -99,6 +99,8 @@ class Daemon:
         self._lock: int | None = None
         self.dispatcher: Dispatcher | None = None
         self._stop = anyio.Event()
+        self._api_stop = anyio.Event()  # the [api] listener closes when it is set
+        self._api_done = anyio.Event()  # and sets this once closed
         self._served = anyio.Event()
         self.started_at = time.time()
 
@@ -204,6 +206,18 @@ class Daemon:
                 if self.handle_signals:
                     await tg.start(self._signals)
                 await tg.start(self._serve, dispatcher)
+                api_running = self.config.api is not None  # [api] is read at start: a reload does not move it
+                if self.config.api is not None:
+                    from daemon import api
+
+                    await tg.start(
+                        api.run,
+                        self.config.api,
+                        lambda: self.config,
+                        lambda: dispatcher.stats,
+                        self._api_stop,
+                        self._api_done,
+                    )
                 self.log.info(
                     "daemon.started",
                     pid=os.getpid(),
@@ -222,6 +236,10 @@ class Daemon:
                     tg.start_soon(self._watchdog, interval)
                 await self._stop.wait()
                 await self._drain(dispatcher)
+                self._api_stop.set()
+                if api_running:
+                    with anyio.move_on_after(5):
+                        await self._api_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             self.shutdown()

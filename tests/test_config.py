@@ -288,3 +288,18 @@ def test_a_holiday_calendar_must_exist(project: Project) -> None:
     assert "defaults.holidays[1]: no holiday calendar 'DE-ZZ'" in result.err
     assert "defaults.holidays[2]: no holiday calendar 'XX'" in result.err
     assert "holidays[0]" not in result.err
+
+
+def test_the_api_needs_a_token_and_a_place_to_listen(project: Project) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence()
+    project.data["api"] = {"listen": "8025"}
+    result = project.run("check")
+    assert result.code == 2
+    assert 'api.listen: must be "HOST:PORT" or "unix:/PATH", got \'8025\'' in result.err
+    assert "api: needs token_file, token_env or token_credential" in result.err
+    (project.root / "t").write_text("a-token-of-some-length\n")
+    project.data["api"] = {"listen": "unix:/run/cadenced/api.sock", "token_file": "t"}
+    config = load_config(project.write())
+    assert config.api is not None and config.api.socket == "/run/cadenced/api.sock"
+    assert "a-token-of-some-length" not in project.run("check", "--print").out
