@@ -592,8 +592,7 @@ class Watcher:
         pending = await self.db(Store.uncertain_message_ids, self.address)
         if not pending:
             return False
-        listing = _ok(await client.list('""', "*"), "LIST")
-        sent = next((name for flags, name in list_folders(listing.lines) if "\\sent" in flags), None)
+        sent = await sent_folder(client)
         if sent is None:
             self.log.warning("imap.no_sent_folder", detail="no SPECIAL-USE \\Sent folder: uncertain sends wait")
             return False
@@ -624,8 +623,7 @@ class Watcher:
         due = await self.db(Store.sent_copies_due, self.address, COPIES_PER_ROUND)
         if not due:
             return False
-        listing = _ok(await client.list('""', "*"), "LIST")
-        sent = next((name for flags, name in list_folders(listing.lines) if "\\sent" in flags), None)
+        sent = await sent_folder(client)
         if sent is None:
             self.log.warning("imap.no_sent_folder", detail=f"no SPECIAL-USE \\Sent folder: {len(due)}+ copies wait")
             return False
@@ -723,8 +721,7 @@ async def check(mailbox: Mailbox, tokens: oauth.Tokens, report: Callable[[str], 
             selected = _ok(await client.select("INBOX"), "SELECT INBOX")
             exists = next((bytes(x).split()[0].decode() for x in selected.lines if bytes(x).endswith(b" EXISTS")), "?")
             report(f"{where}: INBOX has {exists} messages")
-            listing = _ok(await client.list('""', "*"), "LIST")
-            sent = next((name for flags, name in list_folders(listing.lines) if "\\sent" in flags), None)
+            sent = await sent_folder(client)
             report(f"{where}: Sent folder: {sent!r}" if sent else f"{where}: no SPECIAL-USE \\Sent folder")
     except TimeoutError:
         raise ImapFailure(f"{where}: no answer within {server.timeout * 4:.0f} s") from None
@@ -733,6 +730,12 @@ async def check(mailbox: Mailbox, tokens: oauth.Tokens, report: Callable[[str], 
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await _logout(client)
+
+
+async def sent_folder(client: aioimaplib.IMAP4) -> str | None:
+    """The name of the SPECIAL-USE \\Sent folder (RFC 6154), or None when the server marks none."""
+    listing = _ok(await client.list('""', "*"), "LIST")
+    return next((name for flags, name in list_folders(listing.lines) if "\\sent" in flags), None)
 
 
 def _ok(response: Any, what: str) -> Any:

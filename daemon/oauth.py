@@ -32,7 +32,8 @@ import httpx
 from daemon import redact
 from daemon.config import OAuth2
 
-TIMEOUT = httpx.Timeout(15.0)
+TIMEOUT = httpx.Timeout(15.0)  # per network operation
+TOTAL = 30.0  # seconds for a whole exchange: an endpoint trickling its answer byte by byte does not hold a login
 MAX_ANSWER = 64 * 1024  # bytes of a token endpoint's answer
 MAX_TOKEN = 16 * 1024  # characters of an access token (Microsoft's JWTs are a few KiB)
 MARGIN = 120.0  # a token this close to its expiry is refreshed before use
@@ -135,13 +136,16 @@ class Tokens:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False, trust_env=False)
         try:
-            async with self._client.stream("POST", url, data=form, headers={"Accept": "application/json"}) as reply:
-                body = bytearray()
-                async for chunk in reply.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_ANSWER:
-                        raise TokenError(f"the token endpoint's answer is over {MAX_ANSWER // 1024} KiB")
-                return reply.status_code, bytes(body)
+            with anyio.fail_after(TOTAL):
+                async with self._client.stream("POST", url, data=form, headers={"Accept": "application/json"}) as reply:
+                    body = bytearray()
+                    async for chunk in reply.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_ANSWER:
+                            raise TokenError(f"the token endpoint's answer is over {MAX_ANSWER // 1024} KiB")
+                    return reply.status_code, bytes(body)
+        except TimeoutError:
+            raise TokenError(f"the token endpoint gave no whole answer within {TOTAL:.0f} s") from None
         except httpx.HTTPError as exc:
             raise TokenError(f"token endpoint unreachable: {type(exc).__name__}: {redact.clean(str(exc))}") from None
 

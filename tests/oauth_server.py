@@ -31,6 +31,7 @@ class Provider:
         self.down = False  # answer 503 to every refresh
         self.answer: bytes | None = None  # answer this instead (a hostile endpoint)
         self.rotate = False  # hand out a new refresh token with each access token
+        self.trickle = False  # answer one byte every 0.2 s (a stalling endpoint)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -145,7 +146,13 @@ class Provider:
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not provider.trickle:
+                    self.wfile.write(body)
+                    return
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    threading.Event().wait(0.2)
 
         return Handler
 

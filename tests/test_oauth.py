@@ -254,6 +254,24 @@ async def test_a_hostile_token_endpoint_is_a_transient_failure(
         await tokens.aclose()
 
 
+async def test_a_token_endpoint_that_trickles_its_answer_is_given_up_on(
+    project: Project, provider: Provider, server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each byte within the per-read timeout, the whole never: the exchange is bounded as a whole."""
+    box = oauth_mailbox(project, provider, server, provider.grant("mb1@alice.example"))
+    mailbox = load_config(project.write()).mailbox(box)
+    provider.trickle = True
+    monkeypatch.setattr(oauth, "TOTAL", 1.0)
+    tokens = oauth.Tokens()
+    try:
+        with pytest.raises(MailboxDown) as failure:
+            await smtp.Connection(mailbox, tokens).open()
+    finally:
+        provider.trickle = False
+        await tokens.aclose()
+    assert "gave no whole answer within 1 s" in failure.value.text
+
+
 async def test_a_rotated_refresh_token_is_kept_in_its_file(
     project: Project, provider: Provider, server: SmtpServer
 ) -> None:
