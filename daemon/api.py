@@ -1,15 +1,22 @@
-"""[api]: the daemon's HTTP listener. Prometheus /metrics (no token), and with a bearer token the JSON of
-`status` and `outbox` as the CLI prints them.
+"""[api]: the daemon's HTTP listener. Prometheus /metrics (no token); with a bearer token, playbook enrollments,
+and the JSON of `status`, `outbox`, `outbox retry` and `outbox reassign` as the CLI prints them.
 
 Starlette for the routes (an ASGI toolkit that runs on anyio) under Hypercorn (an ASGI server made to be
 embedded: it serves inside the daemon's own task group and stops on the daemon's signal, installing no
-signal handlers of its own). Every read opens its own connection in a worker thread: a scrape or a status
-never waits on, or holds up, the sender loops' event loop. TLS is a reverse proxy's job.
+signal handlers of its own). Every database call opens its own connection in a worker thread: a scrape,
+a status or an enrollment never blocks the sender loops' event loop. TLS is a reverse proxy's job.
+
+A request is hostile until parsed: its body is read up to a bound, its JSON checked field by field, and
+every refusal is a 4xx whose JSON names the field. Nothing a refused request carried is enrolled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
+import re
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +24,7 @@ from typing import Any
 import anyio
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as ServerConfig
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
@@ -25,25 +32,54 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon import logs, readside
-from daemon.config import ApiSettings, Config
+from daemon import enroll, logs, operate, readside, store
+from daemon.config import ApiSettings, Config, Playbook
+from daemon.errors import Refused, StoreError, UsageError
 from daemon.store import MESSAGE_STATES, Store
 
 MAX_LIMIT = 10_000  # messages one GET /v1/outbox returns
+MAX_PROSPECTS = 10_000  # prospects in one enrollment request
+MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
+MAX_FIELDS = 200  # distinct fields in one enrollment request
+MAX_NAME = 128  # characters of a field name
+MAX_IDS = 10_000  # message ids in one retry or reassign
+MAX_ID = 2**53  # a message id beyond this is no message (and would overflow SQLite's integer)
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # an Idempotency-Key: printable ASCII, no spaces
+_DIGITS = re.compile(r"[0-9]{1,6}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+CONCURRENT_ENROLLMENTS = 2  # requests enrolling at once (each holds its prospects in memory)
+
+
+class BadRequest(Exception):
+    """A 4xx for the client: what is wrong, where (a JSON path, a header, a query parameter)."""
+
+    def __init__(self, status: int, field: str, detail: str, error: str = "bad_request") -> None:
+        super().__init__(detail)
+        self.status, self.field, self.detail, self.error = status, field, detail, error
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.error, self.detail, self.field)
+
+
+def error_response(status: int, error: str, detail: str, field: str | None = None, **more: Any) -> JSONResponse:
+    body: dict[str, Any] = {"error": error, "detail": detail}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse({**body, **more}, status_code=status)
 
 
 class DaemonMetrics(Collector):
     """Read at each scrape: the daemon's counts since start, and the database's state now."""
 
-    def __init__(self, config: Callable[[], Config], stats: Callable[[], Any]) -> None:
+    def __init__(self, config: Callable[[], Config], dispatcher: Callable[[], Any]) -> None:
         self.config = config
-        self.stats = stats
+        self.dispatcher = dispatcher
 
     def collect(self) -> Iterator[Any]:
         config = self.config()
-        stats = self.stats()
+        d = self.dispatcher()
         sent = CounterMetricFamily("cadenced_messages_sent", "Messages the servers accepted since the daemon started")
-        sent.add_metric([], stats.sent if stats else 0)
+        sent.add_metric([], d.stats.sent if d else 0)
         yield sent
         events = CounterMetricFamily(
             "cadenced_events", "Log events since start, by event and reason", labels=["event", "reason"]
@@ -51,13 +87,20 @@ class DaemonMetrics(Collector):
         for (name, reason), n in sorted(logs.event_counts.items()):
             events.add_metric([name, reason], n)
         yield events
-        store = Store.open(config.daemon.database, create=False)
+        watchers = list(d.watchers.values()) if d else []
+        sessions = GaugeMetricFamily("cadenced_imap_sessions", "IMAP sessions logged in and watching INBOX")
+        sessions.add_metric([], sum(1 for w in watchers if w.watching))
+        yield sessions
+        watched = GaugeMetricFamily("cadenced_imap_watched_mailboxes", "Mailboxes with [imap] being watched")
+        watched.add_metric([], len(watchers))
+        yield watched
+        db = Store.open(config.daemon.database, create=False)
         try:
             now = time.time()
-            document = readside.status(config, store, now)
+            document = readside.status(config, db, now)
             by_state = GaugeMetricFamily("cadenced_messages", "Messages waiting, by state", labels=["state"])
             totals = {state: 0 for state in ("scheduled", "sending", "error")}
-            for (_mailbox, state), n in store.message_counts().items():
+            for (_mailbox, state), n in db.message_counts().items():
                 totals[state] = totals.get(state, 0) + n
             for state, n in sorted(totals.items()):
                 by_state.add_metric([state], n)
@@ -77,17 +120,178 @@ class DaemonMetrics(Collector):
             heartbeat = GaugeMetricFamily(
                 "cadenced_last_commit_timestamp_seconds", "When the daemon last committed its heartbeat"
             )
-            kept = store.daemon_state()
+            kept = db.daemon_state()
             heartbeat.add_metric([], float(kept.get("heartbeat_at") or 0))
             yield heartbeat
         finally:
-            store.close()
+            db.close()
 
 
-def build_app(settings: ApiSettings, config: Callable[[], Config], stats: Callable[[], Any]) -> Starlette:
+# --- request bodies ---------------------------------------------------------------------------------------
+
+
+async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
+    """The body as JSON: application/json, at most `limit` bytes (read no further), no NaN or Infinity."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise BadRequest(415, "Content-Type", "must be application/json", "unsupported_media_type")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, "body", f"larger than {limit} bytes", "too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, "body", f"larger than {limit} bytes", "too_large")
+    try:
+        return json.loads(bytes(body), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = str(exc)[:200] if isinstance(exc, json.JSONDecodeError) else "not UTF-8 JSON, or nested too deep"
+        raise BadRequest(400, "body", f"not valid JSON: {detail}", "malformed_json") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _object(value: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(422, where or "body", "must be a JSON object")
+    for key in value:
+        if key not in allowed:
+            raise BadRequest(422, f"{where}.{key}" if where else key, "unknown field")
+    return value
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise BadRequest(422, key, "must be true or false")
+    return value
+
+
+def _text(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and (not isinstance(value, str) or not value or len(value) > 320):
+        raise BadRequest(422, key, "must be a mailbox address (a non-empty string)")
+    return value
+
+
+def _ids(body: dict[str, Any]) -> list[int] | None:
+    value = body.get("ids")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_IDS:
+        raise BadRequest(422, "ids", f"must be a list of 1 to {MAX_IDS} message ids")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 < item <= MAX_ID:
+            raise BadRequest(422, f"ids[{i}]", "must be a message id (a positive whole number)")
+    return list(dict.fromkeys(value))
+
+
+def prospect_rows(doc: Any, playbook: Playbook) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """`{"prospects": [{…}, …]}` → a header and rows, as a CSV would give them; BadRequest names the field.
+
+    Values are strings, numbers, true/false or null (an empty field). Without `fields` in the playbook every
+    key is a field; with it, the mapped keys fill their fields, `email` and `owner` are read as they are,
+    and the rest of a payload (a CRM's whole record) is left alone.
+    """
+    body = _object(doc, "", {"prospects"})
+    if "prospects" not in body:
+        raise BadRequest(422, "prospects", "is required: a list of prospects")
+    prospects = body["prospects"]
+    if not isinstance(prospects, list):
+        raise BadRequest(422, "prospects", "must be a list of prospects")
+    if len(prospects) > MAX_PROSPECTS:
+        raise BadRequest(413, "prospects", f"{len(prospects)} prospects; one request takes at most {MAX_PROSPECTS}")
+    mapped = playbook.field_for()
+    header: dict[str, None] = {"email": None}
+    parsed: list[dict[str, str]] = []
+    for i, prospect in enumerate(prospects):
+        where = f"prospects[{i}]"
+        if not isinstance(prospect, dict):
+            raise BadRequest(422, where, "must be a JSON object of fields")
+        fields: dict[str, str] = {}
+        for key, value in prospect.items():
+            name = mapped.get(key) or (key if not mapped or key in ("email", "owner") else None)
+            if name is None:
+                continue
+            name = name.strip().lower()
+            at = f"{where}.{key}"
+            if not name or len(name) > MAX_NAME or _CONTROL.search(name):
+                raise BadRequest(422, at, f"not a field name (1 to {MAX_NAME} characters, no control characters)")
+            if name in fields:
+                raise BadRequest(422, at, f"field {name!r} given twice")
+            if value is None:
+                text = ""
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, int | float | str):
+                text = value if isinstance(value, str) else str(value)
+            else:
+                raise BadRequest(422, at, "must be a string, a number, true, false or null")
+            if len(text) > enroll.MAX_FIELD:
+                raise BadRequest(422, at, f"longer than {enroll.MAX_FIELD} characters")
+            fields[name] = text
+            header.setdefault(name, None)
+            if len(header) > MAX_FIELDS:
+                raise BadRequest(422, at, f"more than {MAX_FIELDS} different fields in one request")
+        if not fields.get("email", "").strip():
+            email_key = next((k for k, n in mapped.items() if n == "email"), "email")
+            raise BadRequest(422, f"{where}.{email_key}", "is required: the prospect's email address")
+        parsed.append(fields)
+    names = list(header)
+    return names, [(i, [fields.get(n, "") for n in names]) for i, fields in enumerate(parsed)]
+
+
+def _rejected(report: enroll.Report, keys: Callable[[int], dict[str, str]]) -> list[dict[str, Any]]:
+    out = []
+    for r in report.rejected:
+        field = f"prospects[{r.line}]"
+        if r.field:
+            field += f".{keys(r.line).get(r.field, r.field)}"
+        out.append({"index": r.line, "field": field, "email": r.email, "reason": r.reason})
+    return out
+
+
+def enrollment_answer(report: enroll.Report, keys: Callable[[int], dict[str, str]]) -> dict[str, Any]:
+    """`enroll --json`'s report; a rejected prospect is named by its index and field in the request."""
+    return {
+        "enrolled": report.enrolled,
+        "skipped": report.skipped,
+        "rejected": _rejected(report, keys),
+        "rejected_total": report.rejected_total,
+        "assignments": dict(report.assignments),
+    }
+
+
+class _Replay(Exception):
+    def __init__(self, kept: tuple[str, str, str]) -> None:
+        super().__init__("kept answer")
+        self.kept = kept
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+
+
+def build_app(
+    settings: ApiSettings,
+    config: Callable[[], Config],
+    dispatcher: Callable[[], Any],
+    wake: Callable[[], None] = lambda: None,
+) -> Starlette:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonMetrics(config, stats))
+    registry.register(DaemonMetrics(config, dispatcher))
+    commits = Histogram(
+        "cadenced_store_commit_seconds",
+        "Time of the daemon's transactions, BEGIN to COMMIT (waiting for the lock, work, fsync)",
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        registry=registry,
+    )
+    store.commit_observer = commits.observe
     expected = settings.token.reveal().encode() if settings.token is not None else None
+    enrolling = anyio.CapacityLimiter(CONCURRENT_ENROLLMENTS)
+    log = logs.get()
 
     def authorized(request: Request) -> bool:
         given = request.headers.get("authorization", "")
@@ -101,63 +305,459 @@ def build_app(settings: ApiSettings, config: Callable[[], Config], stats: Callab
             headers={"WWW-Authenticate": "Bearer"},
         )
 
+    def open_store() -> Store:
+        return Store.open(config().daemon.database, busy_timeout=config().daemon.busy_timeout)
+
+    async def in_thread(fn: Callable[[], Response], limiter: anyio.CapacityLimiter | None = None) -> Response:
+        """Run a database call in a worker thread; a database that cannot answer now is a 503, not a 500."""
+        try:
+            return await anyio.to_thread.run_sync(fn, limiter=limiter)
+        except (sqlite3.Error, StoreError) as exc:
+            log.error("api.error", detail=str(exc)[:300])
+            return JSONResponse(
+                {"error": "unavailable", "detail": "the database cannot answer now; try again"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+
+    def guarded(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            if not authorized(request):
+                return refused()
+            try:
+                response: Response = await handler(request)
+            except BadRequest as exc:
+                return exc.response()
+            return response
+
+        return endpoint
+
     async def metrics(_: Request) -> Response:
         body = await anyio.to_thread.run_sync(generate_latest, registry)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def status(request: Request) -> Response:
-        if not authorized(request):
-            return refused()
+    async def openapi(_: Request) -> Response:
+        return JSONResponse(openapi_document(config()))
 
-        def read() -> dict[str, Any]:
-            store = Store.open(config().daemon.database, create=False)
+    async def status(_: Request) -> Response:
+        def read() -> Response:
+            db = Store.open(config().daemon.database, create=False)
             try:
-                return readside.status(config(), store, time.time())
+                return JSONResponse(readside.status(config(), db, time.time()))
             finally:
-                store.close()
+                db.close()
 
-        return JSONResponse(await anyio.to_thread.run_sync(read))
+        return await in_thread(read)
 
     async def outbox(request: Request) -> Response:
-        if not authorized(request):
-            return refused()
         query = request.query_params
         unknown = sorted(set(query) - {"state", "mailbox", "cadence", "limit"})
         if unknown:
-            return JSONResponse({"error": "bad_request", "field": unknown[0], "detail": "unknown parameter"}, 400)
+            raise BadRequest(400, unknown[0], "unknown parameter")
         state = query.get("state")
         if state is not None and state not in MESSAGE_STATES:
-            detail = f"one of {', '.join(MESSAGE_STATES)}"
-            return JSONResponse({"error": "bad_request", "field": "state", "detail": detail}, 400)
+            raise BadRequest(400, "state", f"one of {', '.join(MESSAGE_STATES)}")
         limit_text = query.get("limit", "1000")
-        if not limit_text.isdigit() or not 0 < int(limit_text) <= MAX_LIMIT:
-            detail = f"a whole number from 1 to {MAX_LIMIT}"
-            return JSONResponse({"error": "bad_request", "field": "limit", "detail": detail}, 400)
+        if not _DIGITS.fullmatch(limit_text) or not 0 < int(limit_text) <= MAX_LIMIT:
+            raise BadRequest(400, "limit", f"a whole number from 1 to {MAX_LIMIT}")
 
-        def read() -> list[dict[str, Any]]:
-            store = Store.open(config().daemon.database, create=False)
+        def read() -> Response:
+            db = Store.open(config().daemon.database, create=False)
             try:
-                rows = store.outbox(
+                rows = db.outbox(
                     state=state, mailbox=query.get("mailbox"), cadence=query.get("cadence"), limit=int(limit_text)
                 )
-                return readside.outbox_messages(rows)
+                return JSONResponse({"messages": readside.outbox_messages(rows)})
             finally:
-                store.close()
+                db.close()
 
-        return JSONResponse({"messages": await anyio.to_thread.run_sync(read)})
+        return await in_thread(read)
+
+    def operator_action(action: Callable[[Store, Config], dict[str, Any]]) -> Callable[[], Response]:
+        def work() -> Response:
+            db = open_store()
+            try:
+                answer = action(db, config())
+            except Refused as exc:
+                return error_response(409, "refused", str(exc))
+            except UsageError as exc:
+                return error_response(422, "bad_request", str(exc), "to")
+            finally:
+                db.close()
+            return JSONResponse(answer)
+
+        return work
+
+    async def retry(request: Request) -> Response:
+        body = _object(await read_json(request, 1024 * 1024), "", {"ids", "mailbox", "all", "include_uncertain"})
+        ids, mailbox, every = _ids(body), _text(body, "mailbox"), _flag(body, "all")
+        include = _flag(body, "include_uncertain")
+        if sum((ids is not None, mailbox is not None, every)) != 1:
+            raise BadRequest(422, "ids", 'name the messages: one of "ids", "mailbox" or "all": true')
+
+        def action(db: Store, cfg: Config) -> dict[str, Any]:
+            outcome = operate.retry(db, cfg, ids, mailbox, every, include_uncertain=include)
+            log.info("api.retried", messages=len(outcome.messages))
+            return {"retried": outcome.messages}
+
+        answer = await in_thread(operator_action(action))
+        wake()
+        return answer
+
+    async def reassign(request: Request) -> Response:
+        body = _object(await read_json(request, 1024 * 1024), "", {"ids", "from", "to", "include_uncertain"})
+        ids, source, to = _ids(body), _text(body, "from"), _text(body, "to")
+        include = _flag(body, "include_uncertain")
+        if to is None:
+            raise BadRequest(422, "to", "is required: the mailbox that sends them from now on")
+        if (ids is None) == (source is None):
+            raise BadRequest(422, "ids", 'name the messages: one of "ids" or "from"')
+
+        def action(db: Store, cfg: Config) -> dict[str, Any]:
+            outcome = operate.reassign(db, cfg, ids, source, to, include_uncertain=include)
+            log.info("api.reassigned", messages=len(outcome.messages), enrollments=outcome.enrollments, to=to)
+            return {
+                "reassigned": outcome.messages,
+                "enrollments": outcome.enrollments,
+                "to": to,
+                "goes_at": outcome.goes_at,
+                "waiting_for": outcome.waiting_for,
+            }
+
+        answer = await in_thread(operator_action(action))
+        wake()
+        return answer
+
+    async def enroll_prospects(request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            playbook = config().playbook(name)
+        except KeyError:
+            raise BadRequest(404, "name", f"no playbook {name!r} in the config", "not_found") from None
+        key = request.headers.get("idempotency-key")
+        if key is not None and not _KEY.fullmatch(key):
+            raise BadRequest(422, "Idempotency-Key", "1 to 255 printable ASCII characters, no spaces")
+        doc = await read_json(request)
+        header, rows = prospect_rows(doc, playbook)
+        digest = hashlib.sha256(
+            json.dumps([name, doc], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        ).hexdigest()
+        prospects = doc["prospects"]
+        mapped = {v: k for k, v in playbook.fields}
+
+        def keys(index: int) -> dict[str, str]:
+            """Field → the key the request gave it under (to name a rejected field as the client sent it)."""
+            given = prospects[index] if 0 <= index < len(prospects) else {}
+            return {n: next((k for k in given if k.strip().lower() == n), mapped.get(n, n)) for n in header}
+
+        def replay(kept: tuple[str, str, str]) -> Response:
+            if (kept[0], kept[1]) != (name, digest):
+                return error_response(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for another request; nothing was changed",
+                    "Idempotency-Key",
+                )
+            return Response(kept[2], media_type="application/json", headers={"Idempotent-Replayed": "true"})
+
+        def work() -> Response:
+            now = time.time()
+            db = open_store()
+            try:
+                if key is not None and (kept := db.api_answer(key)) is not None:
+                    return replay(kept)
+                cfg = config()
+                importer = enroll.Importer(db, cfg, playbook.cadence, playbook.owner)
+                importer.row_name = "prospects[{}]".format
+                importer.columns_name = "the prospects' fields"
+
+                def within(report: enroll.Report) -> None:
+                    if key is None:
+                        return
+                    if (kept := db.api_answer(key)) is not None:  # a twin request committed while we staged
+                        raise _Replay(kept)
+                    answer = json.dumps(enrollment_answer(report, keys), ensure_ascii=False)
+                    db.keep_api_answer(key, name, digest, answer, now)
+
+                report = importer.enroll_rows(f"playbook {name!r}", header, rows, now, strict=True, within=within)
+            except _Replay as twin:
+                return replay(twin.kept)
+            except enroll.Rejected as exc:
+                rejected = _rejected(exc.report, keys)
+                conflict = any(r.kind == "placement" for r in exc.report.rejected)
+                first = rejected[0] if rejected else {"field": "prospects", "reason": ""}
+                return error_response(
+                    409 if conflict else 422,
+                    "no_mailbox" if conflict else "invalid_prospects",
+                    f"{first['field']}: {first['reason']}; nothing was enrolled",
+                    str(first["field"]),
+                    rejected=rejected,
+                    rejected_total=exc.report.rejected_total,
+                )
+            except Refused as exc:
+                return error_response(409, "refused", str(exc))
+            except UsageError as exc:
+                return error_response(422, "invalid_prospects", str(exc), "prospects")
+            finally:
+                db.close()
+            log.info(
+                "api.enrolled",
+                playbook=name,
+                cadence=playbook.cadence,
+                enrolled=report.enrolled,
+                skipped=report.skipped,
+                rejected=report.rejected_total,
+                assignments=report.assignments,
+                idempotency_key=key,
+            )
+            return JSONResponse(enrollment_answer(report, keys))
+
+        answer = await in_thread(work, enrolling)
+        if answer.status_code == 200:
+            wake()
+        return answer
 
     routes = [
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/status", status, methods=["GET"]),
-        Route("/v1/outbox", outbox, methods=["GET"]),
+        Route("/v1/openapi.json", openapi, methods=["GET"]),
+        Route("/v1/status", guarded(status), methods=["GET"]),
+        Route("/v1/outbox", guarded(outbox), methods=["GET"]),
+        Route("/v1/outbox/retry", guarded(retry), methods=["POST"]),
+        Route("/v1/outbox/reassign", guarded(reassign), methods=["POST"]),
+        Route("/v1/playbooks/{name}/enrollments", guarded(enroll_prospects), methods=["POST"]),
     ]
     return Starlette(routes=routes)
+
+
+# --- the OpenAPI document ---------------------------------------------------------------------------------
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document(config: Config) -> dict[str, Any]:
+    """OpenAPI 3.1 of the listener; the playbooks of the config it runs are the `name`s it lists."""
+    from daemon import __version__
+
+    unauthorized = _error("no or wrong bearer token")
+    ids = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "minItems": 1}
+    ids["maxItems"] = MAX_IDS
+    address = {"type": "string", "minLength": 1, "maxLength": 320}
+    value = {"type": ["string", "number", "boolean", "null"]}
+    common = {
+        "401": unauthorized,
+        "415": _error("the body is not application/json"),
+        "400": _error("the body is not JSON"),
+        "413": _error("the body is too large"),
+        "422": _error("a field is wrong: `field` names it"),
+        "503": _error("the database cannot answer now"),
+    }
+    refused = _error("refused by the outbox's rules (the CLI's refusal): nothing was changed")
+    report = {
+        "type": "object",
+        "required": ["enrolled", "skipped", "rejected", "rejected_total", "assignments"],
+        "properties": {
+            "enrolled": {"type": "integer"},
+            "skipped": {"type": "integer", "description": "already enrolled in this cadence"},
+            "rejected": {"type": "array", "items": {"type": "object"}},
+            "rejected_total": {"type": "integer"},
+            "assignments": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "cadenced",
+            "version": __version__,
+            "description": "The daemon's HTTP API: enroll from other systems, read and work the outbox.",
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "detail"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "detail": {"type": "string"},
+                        "field": {"type": "string"},
+                    },
+                }
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/status": {
+                "get": {
+                    "summary": "`cadenced status --json`",
+                    "responses": {
+                        "200": _ok("mailboxes and cadences", {"type": "object", "required": ["mailboxes", "cadences"]}),
+                        "401": unauthorized,
+                        "503": common["503"],
+                    },
+                }
+            },
+            "/v1/outbox": {
+                "get": {
+                    "summary": "`cadenced outbox --json`",
+                    "parameters": [
+                        {"name": "state", "in": "query", "schema": {"type": "string", "enum": list(MESSAGE_STATES)}},
+                        {"name": "mailbox", "in": "query", "schema": {"type": "string"}},
+                        {"name": "cadence", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 1000},
+                        },
+                    ],
+                    "responses": {
+                        "200": _ok(
+                            "messages",
+                            {
+                                "type": "object",
+                                "required": ["messages"],
+                                "properties": {"messages": {"type": "array", "items": {"type": "object"}}},
+                            },
+                        ),
+                        "400": _error("a query parameter is wrong: `field` names it"),
+                        "401": unauthorized,
+                        "503": common["503"],
+                    },
+                }
+            },
+            "/v1/outbox/retry": {
+                "post": {
+                    "summary": "`cadenced outbox retry`: error → scheduled",
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "ids": ids,
+                                "mailbox": address,
+                                "all": {"type": "boolean"},
+                                "include_uncertain": {"type": "boolean"},
+                            },
+                            "oneOf": [
+                                {"required": ["ids"]},
+                                {"required": ["mailbox"]},
+                                {"required": ["all"], "properties": {"all": {"const": True}}},
+                            ],
+                        }
+                    ),
+                    "responses": {
+                        "200": _ok(
+                            "retried",
+                            {
+                                "type": "object",
+                                "required": ["retried"],
+                                "properties": {"retried": {"type": "array", "items": {"type": "integer"}}},
+                            },
+                        ),
+                        "409": refused,
+                        **common,
+                    },
+                }
+            },
+            "/v1/outbox/reassign": {
+                "post": {
+                    "summary": "`cadenced outbox reassign`: a new sticky sender",
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["to"],
+                            "properties": {
+                                "ids": ids,
+                                "from": address,
+                                "to": address,
+                                "include_uncertain": {"type": "boolean"},
+                            },
+                            "oneOf": [{"required": ["ids"]}, {"required": ["from"]}],
+                        }
+                    ),
+                    "responses": {
+                        "200": _ok(
+                            "reassigned",
+                            {
+                                "type": "object",
+                                "required": ["reassigned", "enrollments", "to", "goes_at", "waiting_for"],
+                            },
+                        ),
+                        "409": refused,
+                        **common,
+                    },
+                }
+            },
+            "/v1/playbooks/{name}/enrollments": {
+                "post": {
+                    "summary": "Enroll prospects as the playbook's owner adds them (`enroll --json`'s report)",
+                    "description": (
+                        "All or nothing: a prospect bad in itself refuses the request (422, nothing enrolled). "
+                        "Already enrolled, suppressed and repeated addresses are reported, the rest enrolled. "
+                        "A request retried with the same Idempotency-Key gets the first answer again."
+                    ),
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "enum": [p.name for p in config.playbooks] or ["-"]},
+                        },
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                        },
+                    ],
+                    "requestBody": _json_body(
+                        {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["prospects"],
+                            "properties": {
+                                "prospects": {
+                                    "type": "array",
+                                    "maxItems": MAX_PROSPECTS,
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["email"],
+                                        "properties": {"email": {"type": "string", "format": "email"}},
+                                        "additionalProperties": value,
+                                    },
+                                }
+                            },
+                        }
+                    ),
+                    "responses": {
+                        "200": _ok("the enrollment report", report),
+                        "404": _error("no such playbook"),
+                        "409": _error("no mailbox of the owner can take new prospects, or the cadence is pinned"),
+                        **common,
+                    },
+                }
+            },
+        },
+    }
 
 
 async def run(
     settings: ApiSettings,
     config: Callable[[], Config],
-    stats: Callable[[], Any],
+    dispatcher: Callable[[], Any],
+    wake: Callable[[], None],
     stop: anyio.Event,
     done: anyio.Event,
     *,
@@ -170,9 +770,10 @@ async def run(
     server.accesslog = None
     server.errorlog = None
     server.graceful_timeout = 2.0
-    app = build_app(settings, config, stats)
+    app = build_app(settings, config, dispatcher, wake)
     task_status.started()
     try:
         await serve(app, server, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
+        store.commit_observer = None
         done.set()

@@ -227,6 +227,23 @@ class Automation:
 
 
 @dataclass(frozen=True, slots=True)
+class Playbook:
+    """[[playbooks]]: prospects POSTed by another system (a CRM rule, a form) enrolled as the owner adds them."""
+
+    name: str
+    cadence: str
+    owner: str
+    fields: tuple[tuple[str, str], ...] = ()  # (field, the incoming JSON key that fills it)
+
+    def field_for(self) -> dict[str, str]:
+        """Incoming key → field name (lower case, as a CSV header is read)."""
+        return {key: name for name, key in self.fields}
+
+
+PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # it is a URL path segment
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonSettings:
     database: Path
     log_format: str
@@ -262,6 +279,7 @@ class Config:
     automations: tuple[Automation, ...]
     warnings: tuple[str, ...] = field(default=(), compare=False)
     api: ApiSettings | None = None
+    playbooks: tuple[Playbook, ...] = ()
     _mailboxes: dict[str, Mailbox] = field(default_factory=dict, compare=False, repr=False)
     _cadences: dict[str, Cadence] = field(default_factory=dict, compare=False, repr=False)
     _users: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -280,6 +298,12 @@ class Config:
 
     def user_names(self) -> frozenset[str]:
         return self._users
+
+    def playbook(self, name: str) -> Playbook:
+        for p in self.playbooks:
+            if p.name == name:
+                return p
+        raise KeyError(name)
 
 
 # --- values -----------------------------------------------------------------
@@ -1090,8 +1114,18 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         if all(isinstance(v, str) for v in (name, cad, owner, watch)):
             wpath = Path(watch) if Path(watch).is_absolute() else base_dir / watch
             automations.append(Automation(name, cad, owner, wpath, max_size, settle))
+    playbooks: list[Playbook] = []
+    for t in root.tables("playbooks", _cadence_label):
+        playbook = _playbook(t, {c.name for c in cadences}, user_names)
+        if playbook is not None:
+            if any(p.name == playbook.name for p in playbooks):
+                t.problems.add(t.at("name"), f"duplicate playbook {playbook.name!r}")
+            else:
+                playbooks.append(playbook)
     api_t = root.table("api")
     api = _api(api_t, base_dir) if api_t else None
+    if playbooks and api is None and not problems.items:
+        problems.warnings.append("playbooks: defined, but without [api] nothing can reach them")
     root.finish()
 
     if problems.items:
@@ -1114,7 +1148,43 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         automations=tuple(automations),
         warnings=tuple(problems.warnings),
         api=api,
+        playbooks=tuple(playbooks),
     )
+
+
+def _playbook(t: _Table, cadences: set[str], user_names: set[str]) -> Playbook | None:
+    name = t.string("name")
+    cadence = t.string("cadence")
+    owner = t.string("owner")
+    mapping = t.table("fields")
+    fields: list[tuple[str, str]] = []
+    if mapping is not None:
+        for field_name, key in mapping.data.items():
+            mapping.seen.add(field_name)
+            where = mapping.at(field_name)
+            if not isinstance(key, str) or not key:
+                t.problems.add(where, f"must be the incoming JSON key (a string), got {_type_name(key)}")
+            elif field_name != field_name.lower() or _BAD_FIELD.search(field_name):
+                t.problems.add(where, "a field name is lower case, without spaces or control characters")
+            else:
+                fields.append((field_name, key))
+        keys = [k for _, k in fields]
+        for key in sorted({k for k in keys if keys.count(k) > 1}):
+            t.problems.add(mapping.path, f"the key {key!r} fills more than one field")
+    t.finish()
+    if isinstance(name, str) and not PLAYBOOK_NAME.fullmatch(name):
+        t.problems.add(t.at("name"), f"letters, digits, '.', '_' and '-' (at most 64; it is in the URL), got {name!r}")
+        return None
+    if isinstance(cadence, str) and cadence not in cadences:
+        t.problems.add(t.at("cadence"), f"unknown cadence {cadence!r}")
+    if isinstance(owner, str) and owner not in user_names:
+        t.problems.add(t.at("owner"), f"unknown user {owner!r} (the playbook adds prospects as this user)")
+    if not all(isinstance(v, str) for v in (name, cadence, owner)):
+        return None
+    return Playbook(name, cadence, owner, tuple(fields))
+
+
+_BAD_FIELD = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
@@ -1396,5 +1466,9 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "settle": format_duration(a.settle),
             }
             for a in config.automations
+        ],
+        "playbooks": [
+            {"name": p.name, "cadence": p.cadence, "owner": p.owner, **({"fields": dict(p.fields)} if p.fields else {})}
+            for p in config.playbooks
         ],
     }

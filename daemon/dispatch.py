@@ -229,6 +229,7 @@ class Dispatcher:
         self.rng = random.Random()
         self.log = logs.get()
         self.stats = Stats()
+        self.watchers: dict[str, Any] = {}  # address → its IMAP watcher (imap.Watcher)
         self.stopping = False
         self.runners: dict[str, MailboxRunner] = {}
         self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
@@ -322,6 +323,7 @@ class Dispatcher:
                     if address not in wanted or wanted[address].imap != imap:
                         scope.cancel()
                         del running[address]
+                        self.watchers.pop(address, None)
                 for address, mailbox in wanted.items():
                     if address not in running:
                         scope = anyio.CancelScope()
@@ -335,6 +337,7 @@ class Dispatcher:
                             self.imap_opening,
                             self.tokens,
                         )
+                        self.watchers[address] = watcher
                         tg.start_soon(self._run_watcher, watcher, scope)
                 await self._config_changed.wait()
                 self._config_changed = anyio.Event()
@@ -388,6 +391,11 @@ class Dispatcher:
             else:
                 runner_or_none.reconfigure(mailbox)
         return removed
+
+    def wake_all(self) -> None:
+        """Every sender loop looks again (the API enrolled): new messages may be due now."""
+        for runner in self.runners.values():
+            runner.wake()
 
     async def _housekeeping_job(self) -> None:
         """APScheduler's housekeeping job: only signals (the work runs in the dispatcher's task group)."""

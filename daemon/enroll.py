@@ -9,7 +9,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +28,8 @@ class Rejection:
     line: int
     email: str
     reason: str
+    field: str = ""  # the field at fault, when one is: the API names it
+    kind: str = "row"  # "row" (the row itself is bad), "duplicate", "suppressed", "placement"
 
     def as_dict(self) -> dict[str, Any]:
         return {"line": self.line, "email": self.email, "reason": self.reason}
@@ -59,6 +61,15 @@ class Report:
             "rejected_total": self.rejected_total,
             "assignments": dict(self.assignments),
         }
+
+
+class Rejected(Exception):
+    """A strict import refused as a whole: nothing was enrolled; the report says which rows and why."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(f"{report.rejected_total} prospect(s) refused")
+        report.rejected.sort(key=lambda r: r.line)
+        self.report = report
 
 
 Staged = tuple[int, str, str, str]  # a valid row as staged: line, address (lower case), owner, fields as JSON
@@ -201,6 +212,8 @@ class Importer:
         self.adder = adder
         self.required = self.cadence.required_fields()
         self.users = config.user_names()
+        self.row_name: Callable[[int], str] = "line {}".format  # how a report names a row
+        self.columns_name = "this file's columns"
 
     def check_pins(self) -> None:
         problems = pin_problems(self.config, self.store.pins())
@@ -218,33 +231,57 @@ class Importer:
         stream = open_csv(path) if stream is None else stream
         try:
             header, rows = read_csv(path, stream)
-            self.check_pins()
-            self._check_columns(path, header)
-            report = Report()
-            # 1. Parse and validate the whole file into a scratch table, holding no lock on the database:
-            #    a problem of the file as a whole stops here, having changed nothing.
-            self.store.start_import()
-            batch: list[Staged] = []
-            for line, values in rows:
-                row = self._validate(line, header, values, report)
-                if row is not None:
-                    batch.append(row)
-                    if len(batch) >= BATCH:
-                        self.store.stage_import(batch)
-                        batch = []
-            self.store.stage_import(batch)
-            for line, email, first in self.store.drop_staged_duplicates():
-                report.reject(Rejection(line, email, f"duplicate of line {first}"))
-            # 2. Enroll what was staged in one transaction: all of the file's good rows, or none.
-            with self.store.transaction():
-                self._enroll_staged(now, report)
+            return self.enroll_rows(f"{path}:1", header, rows, now)
         finally:
             if own:
                 stream.close()
-        report.rejected.sort(key=lambda r: r.line)
+
+    def enroll_rows(
+        self,
+        where: str,
+        header: list[str],
+        rows: Iterable[tuple[int, list[str]]],
+        now: float,
+        *,
+        strict: bool = False,
+        within: Callable[[Report], None] | None = None,
+    ) -> Report:
+        """Rows (numbered for the report) enrolled in one transaction, or none of them.
+
+        `strict` (the API): a row bad in itself, or one no mailbox can take, refuses the whole request
+        (Rejected, nothing changed); duplicates, suppressed and already enrolled addresses are reported.
+        `within` runs in the enrolling transaction once the report is made (an Idempotency-Key kept with it).
+        """
+        self.check_pins()
+        self._check_columns(where, header)
+        report = Report()
+        # 1. Parse and validate the whole file into a scratch table, holding no lock on the database:
+        #    a problem of the file as a whole stops here, having changed nothing.
+        self.store.start_import()
+        batch: list[Staged] = []
+        for line, values in rows:
+            row = self._validate(line, header, values, report)
+            if row is not None:
+                batch.append(row)
+                if len(batch) >= BATCH:
+                    self.store.stage_import(batch)
+                    batch = []
+        self.store.stage_import(batch)
+        if strict and report.rejected_total:
+            raise Rejected(report)
+        for line, email, first in self.store.drop_staged_duplicates():
+            report.reject(Rejection(line, email, f"duplicate of {self.row_name(first)}", "email", "duplicate"))
+        # 2. Enroll what was staged in one transaction: all of the file's good rows, or none.
+        with self.store.transaction():
+            self._enroll_staged(now, report)
+            if strict and any(r.kind == "placement" for r in report.rejected):
+                raise Rejected(report)
+            report.rejected.sort(key=lambda r: r.line)
+            if within is not None:
+                within(report)
         return report
 
-    def _check_columns(self, path: Path, header: list[str]) -> None:
+    def _check_columns(self, where: str, header: list[str]) -> None:
         """Refuse the file before any row when it cannot fill a template at all."""
         variables = compose.sample_variables(tuple(header))
         for step in self.cadence.steps:
@@ -261,13 +298,13 @@ class Importer:
                     )
                 except compose.TemplateProblem as exc:
                     raise UsageError(
-                        f"{path}:1: cadence {self.cadence.name!r} step {step.number} {part} cannot be filled "
-                        f"from this file's columns: {exc}"
+                        f"{where}: cadence {self.cadence.name!r} step {step.number} {part} cannot be filled "
+                        f"from {self.columns_name}: {exc}"
                     ) from None
 
     def _validate(self, line: int, header: list[str], values: list[str], report: Report) -> Staged | None:
-        def reject(email: str, reason: str) -> None:
-            report.reject(Rejection(line, email[:254], reason))
+        def reject(email: str, reason: str, field: str = "") -> None:
+            report.reject(Rejection(line, email[:254], reason, field))
 
         stripped = [v.strip() for v in values]
         if not any(stripped):
@@ -281,25 +318,26 @@ class Importer:
         if _CONTROL.search("".join(values)) is not None:
             bad = next(n for n, v in fields.items() if _CONTROL.search(v))
             what = "a line break" if re.search(r"[\r\n\x85\u2028\u2029]", fields[bad]) else "a control character"
-            reject(email if bad != "email" else "", f"{what} in field {bad!r}")
+            reject(email if bad != "email" else "", f"{what} in field {bad!r}", bad)
             return None
         problem = address_problem(email)
         if problem is not None:
-            reject(email, f"not a valid email address: {problem}")
+            reject(email, f"not a valid email address: {problem}", "email")
             return None
         key = fields["email"] = email.lower()
         owner = fields.pop("owner", "") or self.adder
         if owner not in self.users:
-            reject(email, f"unknown owner {owner!r}")
+            reject(email, f"unknown owner {owner!r}", "owner")
             return None
         if not self.required.issubset(fields) or not all(fields[n] for n in self.required):
-            problem = self._render_problem(fields)
+            problem, field = self._render_problem(fields)
             if problem:
-                reject(email, problem)
+                reject(email, problem, field)
                 return None
         return line, key, owner, _encode(fields)
 
-    def _render_problem(self, fields: dict[str, str]) -> str:
+    def _render_problem(self, fields: dict[str, str]) -> tuple[str, str]:
+        """What keeps a template from being filled by these fields, and the first empty required field."""
         variables = compose.prospect_variables(fields, "sender", "sender@example.com")
         for step in self.cadence.steps:
             for part, template in (("subject", step.subject), ("body", step.body)):
@@ -308,8 +346,9 @@ class Importer:
                 try:
                     template.render(variables)
                 except compose.TemplateProblem as exc:
-                    return f"step {step.number} {part}: {exc}"
-        return ""
+                    empty = sorted(n for n in self.required if not fields.get(n))
+                    return f"step {step.number} {part}: {exc}", (empty[0] if empty else "")
+        return "", ""
 
     def _enroll_staged(self, now: float, report: Report) -> None:
         """In the enrolling transaction: suppressed and already enrolled addresses out, the rest placed."""
@@ -318,7 +357,7 @@ class Importer:
         rotator = self._rotator()
         self.store.pin(cadence.name, cadence.auto_rotate, rotator.rules.rotate_among, now)
         for line, email, reason in self.store.drop_staged_suppressed():
-            report.reject(Rejection(line, email, f"address is suppressed ({reason})"))
+            report.reject(Rejection(line, email, f"address is suppressed ({reason})", "email", "suppressed"))
         report.skipped += self.store.drop_staged_enrolled(cadence.name)
         first_id = next_id = self.store.next_enrollment_id()
         added: dict[str, int] = {}
@@ -333,7 +372,7 @@ class Importer:
                 try:
                     mailbox = rotator.place(owner, self.adder)
                 except rotation.Placement as exc:
-                    report.reject(Rejection(line, email, str(exc)))
+                    report.reject(Rejection(line, email, str(exc), "owner", "placement"))
                     continue
                 enrollments.append((next_id, cadence.name, email, mailbox, owner, self.adder, fields, now))
                 next_id += 1
@@ -362,7 +401,7 @@ class Importer:
                 cycle = rotator.cycle(owner, self.adder, n)
             except rotation.Placement as exc:
                 for line, email in self.store.drop_staged_group(owner if by_owner else None):
-                    report.reject(Rejection(line, email, str(exc)))
+                    report.reject(Rejection(line, email, str(exc), "owner", "placement"))
                 continue
             if cycle is None:
                 return False

@@ -360,6 +360,7 @@ class Watcher:
         self.backoff = 1.0
         self._settled_at = 0.0
         self.unsubscribe_key = b""  # read from the database at the first fetch
+        self.watching = False  # a session is logged in and watching INBOX (/metrics counts them)
 
     async def run(self) -> None:
         while True:
@@ -390,8 +391,10 @@ class Watcher:
                         ssl_context=tls_context(server) if server.security == "tls" else None,
                     )
                     validity = await self._open(client, server)
+                self.watching = True
                 await self._serve(client, server, validity)
             finally:
+                self.watching = False
                 if client is not None:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                         await _logout(client)

@@ -39,6 +39,7 @@ COUNTED = frozenset(
         "imap.watching",
         "imap.error",
         "store.error",
+        "api.enrolled",
     }
 )
 _REASONS = frozenset(

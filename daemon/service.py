@@ -214,7 +214,8 @@ class Daemon:
                         api.run,
                         self.config.api,
                         lambda: self.config,
-                        lambda: dispatcher.stats,
+                        lambda: dispatcher,
+                        dispatcher.wake_all,
                         self._api_stop,
                         self._api_done,
                     )

@@ -16,7 +16,7 @@ from typing import Any
 from daemon.config import PauseRule
 from daemon.errors import StoreError
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -208,7 +208,22 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (mailbox, day, domain)
     ) WITHOUT ROWID;
     """,
+    # POST /v1/playbooks/…/enrollments: the answer given to each Idempotency-Key, committed with what it did.
+    10: """
+    CREATE TABLE api_requests (
+        key TEXT PRIMARY KEY,
+        playbook TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX api_requests_created ON api_requests (created_at);
+    """,
 }
+
+# Told how long each transaction took, BEGIN to COMMIT (lock wait, work, fsync): the daemon's /metrics sets it.
+commit_observer: Callable[[float], None] | None = None
+IDEMPOTENCY_KEPT = 7 * 86400.0  # an Idempotency-Key is remembered this long (webhooks retry for up to days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +302,7 @@ class Store:
         if self.conn.in_transaction:
             yield self.conn
             return
+        started = time.perf_counter()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -294,6 +310,8 @@ class Store:
         except BaseException:
             self.rollback()
             raise
+        if commit_observer is not None:
+            commit_observer(time.perf_counter() - started)
 
     def rollback(self) -> None:
         """End the open transaction, if SQLite has not ended it already (disk full, I/O error)."""
@@ -346,6 +364,17 @@ class Store:
             )
             row = self.conn.execute("SELECT value FROM daemon_state WHERE key = 'unsubscribe_key'").fetchone()
         return bytes.fromhex(row[0])
+
+    def api_answer(self, key: str) -> tuple[str, str, str] | None:
+        """(playbook, digest of the request, answer as JSON) given to an Idempotency-Key, if still kept."""
+        row = self.conn.execute("SELECT playbook, digest, answer FROM api_requests WHERE key = ?", (key,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def keep_api_answer(self, key: str, playbook: str, digest: str, answer: str, now: float) -> None:
+        """In the transaction of what the request did; keys older than IDEMPOTENCY_KEPT are forgotten."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM api_requests WHERE created_at < ?", (now - IDEMPOTENCY_KEPT,))
+            self.conn.execute("INSERT INTO api_requests VALUES (?, ?, ?, ?, ?)", (key, playbook, digest, answer, now))
 
     def unsubscribe(self, enrollment: int, now: float, detail: str) -> tuple[str, list[int]] | None:
         """The prospect of `enrollment` asked to hear no more: suppressed, every cadence of theirs stopped."""

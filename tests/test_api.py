@@ -1,14 +1,20 @@
-"""[api] through a real daemon process: /metrics parses and matches what the server received; status and
-outbox need the token and answer as the CLI does; bad input gets a 4xx naming the field."""
+"""[api] through a real daemon process: /metrics parses and matches what the server received; playbooks enroll
+from the owner's mailboxes, once per Idempotency-Key; status, outbox, retry and reassign need the token and
+answer as the CLI does; bad input gets a 4xx naming the field and changes nothing; schemathesis finds no 5xx."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -126,3 +132,262 @@ def test_a_unix_socket_listener(project: Project, server: SmtpServer, tmp_path: 
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out.decode()[-2000:]
+
+
+class Daemon:
+    """`cadenced run` with [api] on a loopback port; stopped (and its exit checked) by the fixture."""
+
+    def __init__(self, project: Project, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.auth = {"Authorization": f"Bearer {TOKEN}"}
+        (tmp_path / "api-token").write_text(TOKEN)
+        project.data["api"] = {"listen": f"127.0.0.1:{self.port}", "token_file": str(tmp_path / "api-token")}
+        self.project = project
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        self.project.write()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(self.project.config_path), "run"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        wait_listening(self.port, self.proc)
+        return self
+
+    def stop(self) -> str:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, out.decode()[-2000:]
+        assert TOKEN.encode() not in out
+        return out.decode()
+
+    def post(self, path: str, body: Any = None, *, content: bytes | None = None, **headers: str) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}{path}",
+            json=body if content is None else None,
+            content=content,
+            headers={**self.auth, **headers},
+            timeout=30,
+        )
+
+    def enrolled(self) -> int:
+        status = httpx.get(f"{self.url}/v1/status", headers=self.auth, timeout=10).json()
+        return sum(sum(c["enrollments"].values()) for c in status["cadences"])
+
+
+@pytest.fixture
+def daemon(project: Project, tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(project, tmp_path)
+    yield d
+    if d.proc is not None and d.proc.returncode is None:
+        d.stop()
+
+
+def test_a_playbook_enrolls_from_its_owners_mailboxes_once_per_key(
+    project: Project, server: SmtpServer, daemon: Daemon
+) -> None:
+    project.data["defaults"]["gap"] = "0s"
+    project.add_mailboxes(2, owner="alice", smtp=server.smtp_config())
+    bobs = project.add_mailboxes(2, owner="bob", smtp=server.smtp_config())
+    project.add_cadence(users=["alice", "bob"])
+    project.data["playbooks"] = [
+        {"name": "crm-stage", "cadence": "c1", "owner": "bob", "fields": {"first_name": "FirstName"}}
+    ]
+    daemon.start()
+    # The CRM's whole record comes along: with `fields`, keys it does not map are left alone.
+    people = [{"email": f"Lead{i}@Prospects.example", "FirstName": f"Lead{i}", "crm": {"id": i}} for i in range(4)]
+    first = daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": people}, **{"Idempotency-Key": "hook-1"})
+    assert first.status_code == 200, first.text
+    report = first.json()
+    assert report == {
+        "enrolled": 4,
+        "skipped": 0,
+        "rejected": [],
+        "rejected_total": 0,
+        "assignments": {bobs[0]: 2, bobs[1]: 2},
+    }
+    deliveries = server.recorder.wait_for(4)
+    assert sorted(d.sender for d in deliveries) == sorted(bobs * 2)  # the owner's mailboxes, evenly
+    assert sorted(d.recipient for d in deliveries) == [f"lead{i}@prospects.example" for i in range(4)]
+    assert all(f"Hi {d.recipient.split('@')[0].title()}," in d.headers.get_body().get_content() for d in deliveries)
+
+    # A webhook retried with the same key: the first answer again, nothing enrolled twice.
+    again = daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": people}, **{"Idempotency-Key": "hook-1"})
+    assert again.status_code == 200 and again.json() == report
+    assert again.headers["idempotent-replayed"] == "true"
+    reused = daemon.post(
+        "/v1/playbooks/crm-stage/enrollments", {"prospects": people[:1]}, **{"Idempotency-Key": "hook-1"}
+    )
+    assert reused.status_code == 422 and reused.json()["field"] == "Idempotency-Key"
+    # Twins in flight at once: one enrolls, the other gets its answer.
+    twins = [{"email": f"twin{i}@prospects.example", "FirstName": "Twin"} for i in range(50)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(
+            pool.map(
+                lambda _: daemon.post(
+                    "/v1/playbooks/crm-stage/enrollments", {"prospects": twins}, **{"Idempotency-Key": "hook-2"}
+                ),
+                range(2),
+            )
+        )
+    assert [a.status_code for a in answers] == [200, 200] and answers[0].json() == answers[1].json()
+    assert answers[0].json()["enrolled"] == 50
+    assert sorted("idempotent-replayed" in a.headers for a in answers) == [False, True]
+    server.recorder.wait_for(54)
+    # Without a key the cadence's own rule holds: already enrolled addresses are skipped.
+    plain = daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": people})
+    assert plain.status_code == 200 and plain.json()["enrolled"] == 0 and plain.json()["skipped"] == 4
+    assert daemon.enrolled() == 54
+
+    new = {"email": "fresh@prospects.example", "FirstName": "Fresh"}
+    refusals: list[tuple[httpx.Response, int, str]] = [
+        (
+            daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": [new, {"email": "not an address"}]}),
+            422,
+            "prospects[1].email",
+        ),
+        (
+            daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": [new] * 10_001}),
+            413,
+            "prospects",
+        ),
+        (
+            daemon.post(
+                "/v1/playbooks/crm-stage/enrollments",
+                content=b'{"prospects": [',
+                **{"Content-Type": "application/json"},
+            ),
+            400,
+            "body",
+        ),
+        (
+            daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": [{**new, "FirstName": ["a"]}]}),
+            422,
+            "prospects[0].FirstName",
+        ),
+        (
+            daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": [{"FirstName": "No address"}]}),
+            422,
+            "prospects[0].email",
+        ),
+        (daemon.post("/v1/playbooks/crm-stage/enrollments", {"people": [new]}), 422, "people"),
+        (
+            daemon.post("/v1/playbooks/crm-stage/enrollments", content=b"email=x", **{"Content-Type": "text/plain"}),
+            415,
+            "Content-Type",
+        ),
+        (daemon.post("/v1/playbooks/nope/enrollments", {"prospects": [new]}), 404, "name"),
+        (
+            daemon.post(
+                "/v1/playbooks/crm-stage/enrollments", {"prospects": [new]}, **{"Idempotency-Key": "has space"}
+            ),
+            422,
+            "Idempotency-Key",
+        ),
+    ]
+    for answer, status, field in refusals:
+        assert (answer.status_code, answer.json().get("field")) == (status, field), answer.text
+    bad = refusals[0][0].json()
+    assert (
+        bad["rejected"][0]["reason"].startswith("not a valid email address") and "nothing was enrolled" in bad["detail"]
+    )
+    wrong = httpx.post(
+        f"{daemon.url}/v1/playbooks/crm-stage/enrollments",
+        json={"prospects": [new]},
+        headers={"Authorization": "Bearer wrong"},
+        timeout=10,
+    )
+    assert wrong.status_code == 401
+    assert daemon.enrolled() == 54  # none of the refused requests enrolled anything, not even its good prospect
+
+    found = metrics(daemon.port)
+    assert found[("cadenced_messages_sent_total", ())] == len(server.recorder.deliveries) == 54
+    assert found[("cadenced_events_total", (("event", "api.enrolled"), ("reason", "")))] == 3
+    assert found[("cadenced_store_commit_seconds_count", ())] > 0
+    assert found[("cadenced_imap_sessions", ())] == 0
+    log = [json.loads(line) for line in daemon.stop().splitlines() if line.startswith("{")]
+    enrolled = [(e["playbook"], e["idempotency_key"], e["enrolled"]) for e in log if e["event"] == "api.enrolled"]
+    assert enrolled == [("crm-stage", "hook-1", 4), ("crm-stage", "hook-2", 50), ("crm-stage", None, 0)]
+
+
+def test_retry_and_reassign_over_http_follow_the_clis_rules(
+    project: Project, server: SmtpServer, daemon: Daemon
+) -> None:
+    project.data["defaults"]["gap"] = "0s"
+    a1, a2 = project.add_mailboxes(2, smtp=server.smtp_config())
+    project.add_cadence()
+    assert project.enroll(project.people(4)).code == 0  # two each
+    project.data["mailboxes"][1]["paused"] = True  # a2's two wait
+    daemon.start()
+    server.recorder.wait_for(2)
+    waiting = httpx.get(f"{daemon.url}/v1/outbox?mailbox={a2}&state=scheduled", headers=daemon.auth, timeout=10)
+    ids = [m["id"] for m in waiting.json()["messages"]]
+    assert len(ids) == 2
+
+    not_error = daemon.post("/v1/outbox/retry", {"ids": ids})
+    assert not_error.status_code == 409 and "only error messages can be retried" in not_error.json()["detail"]
+    assert daemon.post("/v1/outbox/retry", {"all": True}).status_code == 409
+    for body, field in (
+        ({}, "ids"),
+        ({"ids": ids, "all": True}, "ids"),
+        ({"ids": [0]}, "ids[0]"),
+        ({"ids": "1"}, "ids"),
+        ({"all": "yes"}, "all"),
+        ({"colour": "red"}, "colour"),
+    ):
+        answer = daemon.post("/v1/outbox/retry", body)
+        assert (answer.status_code, answer.json()["field"]) == (422, field), body
+    assert daemon.post("/v1/outbox/reassign", {"ids": ids}).json()["field"] == "to"
+    ghost = daemon.post("/v1/outbox/reassign", {"ids": ids, "to": "ghost@x.example"})
+    assert ghost.status_code == 422 and "unknown mailbox" in ghost.json()["detail"]
+
+    moved = daemon.post("/v1/outbox/reassign", {"from": a2, "to": a1})
+    assert moved.status_code == 200, moved.text
+    assert moved.json() == {"reassigned": sorted(ids), "enrollments": 2, "to": a1, "goes_at": None, "waiting_for": None}
+    deliveries = server.recorder.wait_for(4)
+    assert [d.sender for d in deliveries].count(a1) == 4
+
+
+@pytest.mark.skipif(
+    shutil.which("schemathesis") is None and not Path(sys.executable).with_name("schemathesis").exists(),
+    reason="schemathesis is not installed (pip install -e '.[test]')",
+)
+def test_schemathesis_finds_no_server_error(project: Project, server: SmtpServer, daemon: Daemon) -> None:
+    """Property-based requests from the OpenAPI document: no 5xx, answers as documented (bounded examples)."""
+    project.add_mailboxes(2, smtp=server.smtp_config())
+    project.add_mailboxes(1, owner="bob", smtp=server.smtp_config())
+    project.add_cadence(users=["alice", "bob"])
+    project.data["playbooks"] = [{"name": "forms", "cadence": "c1", "owner": "alice"}]
+    daemon.start()
+    document = httpx.get(f"{daemon.url}/v1/openapi.json", timeout=10).json()
+    assert document["paths"]["/v1/playbooks/{name}/enrollments"]["post"]["parameters"][0]["schema"]["enum"] == ["forms"]
+    tool = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
+    run = subprocess.run(
+        [
+            tool,
+            "--config-file",
+            str(Path(__file__).with_name("schemathesis.toml")),
+            "run",
+            f"{daemon.url}/v1/openapi.json",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,negative_data_rejection",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--workers",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert TOKEN not in daemon.stop()

@@ -303,3 +303,38 @@ def test_the_api_needs_a_token_and_a_place_to_listen(project: Project) -> None:
     config = load_config(project.write())
     assert config.api is not None and config.api.socket == "/run/cadenced/api.sock"
     assert "a-token-of-some-length" not in project.run("check", "--print").out
+
+
+def test_playbooks_name_their_cadence_owner_and_fields(project: Project) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence()
+    (project.root / "t").write_text("a-token-of-some-length\n")
+    project.data["api"] = {"token_file": "t"}
+    project.data["playbooks"] = [
+        {"name": "crm", "cadence": "c9", "owner": "carol"},
+        {"name": "has space", "cadence": "c1", "owner": "alice"},
+        {"name": "forms", "cadence": "c1", "owner": "alice", "fields": {"First Name": "fn", "company": 3}},
+        {"name": "forms", "cadence": "c1", "owner": "alice", "fields": {"first_name": "x", "last_name": "x"}},
+        {"name": "ok", "cadence": "c1", "owner": "alice", "colour": "red"},
+    ]
+    result = project.run("check")
+    assert result.code == 2
+    for line in (
+        "playbooks.\"crm\".cadence: unknown cadence 'c9'",
+        "playbooks.\"crm\".owner: unknown user 'carol'",
+        "playbooks.\"has space\".name: letters, digits, '.', '_' and '-'",
+        'playbooks."forms".fields.First Name: a field name is lower case',
+        'playbooks."forms".fields.company: must be the incoming JSON key (a string), got an integer',
+        "playbooks.\"forms\".fields: the key 'x' fills more than one field",
+        'playbooks."ok".colour: unknown key',
+    ):
+        assert line in result.err, line
+    project.data["playbooks"] = [
+        {"name": "crm", "cadence": "c1", "owner": "bob", "fields": {"first_name": "FirstName"}}
+    ]
+    config = load_config(project.write())
+    assert config.playbook("crm").field_for() == {"FirstName": "first_name"}
+    printed = project.run("check", "--print").out
+    assert 'name = "crm"' in printed and 'first_name = "FirstName"' in printed
+    del project.data["api"]
+    assert "playbooks: defined, but without [api] nothing can reach them" in project.run("check").err
