@@ -74,6 +74,7 @@ class DaemonMetrics(Collector):
     def __init__(self, config: Callable[[], Config], dispatcher: Callable[[], Any]) -> None:
         self.config = config
         self.dispatcher = dispatcher
+        self.last_commit = 0.0  # when this process last committed (store.commit_observer)
 
     def collect(self) -> Iterator[Any]:
         config = self.config()
@@ -97,7 +98,6 @@ class DaemonMetrics(Collector):
         db = Store.open(config.daemon.database, create=False)
         try:
             now = time.time()
-            document = readside.status(config, db, now)
             by_state = GaugeMetricFamily("cadenced_messages", "Messages waiting, by state", labels=["state"])
             totals = {state: 0 for state in ("scheduled", "sending", "error")}
             for (_mailbox, state), n in db.message_counts().items():
@@ -110,18 +110,19 @@ class DaemonMetrics(Collector):
             up = GaugeMetricFamily(
                 "cadenced_mailbox_state", "1 for the mailbox's current state", labels=["mailbox", "state"]
             )
-            for m in document["mailboxes"]:
-                sent_today.add_metric([m["address"]], m["sent_today"])
-                limit.add_metric([m["address"]], m["allowance_today"])
-                up.add_metric([m["address"], m["state"]], 1)
+            for address, state, sent_on, allowance in readside.gauges(config, db, now):
+                sent_today.add_metric([address], sent_on)
+                limit.add_metric([address], allowance)
+                up.add_metric([address, state], 1)
             yield sent_today
             yield limit
             yield up
             heartbeat = GaugeMetricFamily(
-                "cadenced_last_commit_timestamp_seconds", "When the daemon last committed its heartbeat"
+                "cadenced_last_commit_timestamp_seconds",
+                "When the daemon last committed (a send, or its heartbeat every few seconds)",
             )
-            kept = db.daemon_state()
-            heartbeat.add_metric([], float(kept.get("heartbeat_at") or 0))
+            kept = float(db.daemon_state().get("heartbeat_at") or 0)
+            heartbeat.add_metric([], max(kept, self.last_commit))
             yield heartbeat
         finally:
             db.close()
@@ -281,14 +282,20 @@ def build_app(
     wake: Callable[[], None] = lambda: None,
 ) -> Starlette:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonMetrics(config, dispatcher))
+    collector = DaemonMetrics(config, dispatcher)
+    registry.register(collector)
     commits = Histogram(
         "cadenced_store_commit_seconds",
         "Time of the daemon's transactions, BEGIN to COMMIT (waiting for the lock, work, fsync)",
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         registry=registry,
     )
-    store.commit_observer = commits.observe
+
+    def committed(seconds: float) -> None:
+        commits.observe(seconds)
+        collector.last_commit = time.time()
+
+    store.commit_observer = committed
     expected = settings.token.reveal().encode() if settings.token is not None else None
     enrolling = anyio.CapacityLimiter(CONCURRENT_ENROLLMENTS)
     log = logs.get()

@@ -712,6 +712,31 @@ class Store:
         r = row
         return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])
 
+    def sent_on_days(self, wanted: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """Sends of each (mailbox, local day) in one statement per 5,000 (a scrape of 10,000 mailboxes)."""
+        out: dict[str, int] = {}
+        for i in range(0, len(wanted), 5000):
+            rows = self.conn.execute(
+                """SELECT d.mailbox, d.sent FROM json_each(?) j
+                   JOIN daily_counts d ON d.mailbox = json_extract(j.value, '$[0]')
+                                      AND d.day = json_extract(j.value, '$[1]')""",
+                (json.dumps(wanted[i : i + 5000]),),
+            )
+            out.update((r[0], int(r[1])) for r in rows)
+        return out
+
+    def first_send_days(self, mailboxes: Sequence[str]) -> dict[str, str]:
+        """first_send_day of many mailboxes, each by the index."""
+        out: dict[str, str] = {}
+        for i in range(0, len(mailboxes), 5000):
+            rows = self.conn.execute(
+                """SELECT j.value, (SELECT min(day) FROM daily_counts WHERE mailbox = j.value AND sent > 0)
+                   FROM json_each(?) j""",
+                (json.dumps(list(mailboxes[i : i + 5000])),),
+            )
+            out.update((r[0], r[1]) for r in rows if r[1] is not None)
+        return out
+
     def first_send_day(self, mailbox: str) -> str | None:
         """The local day of the mailbox's first send ever (warm-up counts from it)."""
         row = self.conn.execute(

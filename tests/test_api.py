@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -391,3 +392,33 @@ def test_schemathesis_finds_no_server_error(project: Project, server: SmtpServer
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert TOKEN not in daemon.stop()
+
+
+def test_the_scrapes_mailbox_gauges_are_what_status_says(project: Project) -> None:
+    """/metrics reads sent today, allowance and state of all mailboxes at once; status reads them one by one."""
+    from daemon import readside, timing
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    boxes = project.add_mailboxes(4)
+    project.data["mailboxes"][1]["timezone"] = "Pacific/Auckland"
+    project.data["mailboxes"][2]["warmup"] = {"start": 5, "step": 5, "every": "1d", "ceiling": 40}
+    project.data["mailboxes"][3]["paused"] = True
+    project.add_cadence()
+    config = load_config(project.write())
+    now = time.time()
+    store = Store.open(config.daemon.database)
+    try:
+        for i, box in enumerate(boxes):
+            today = timing.local_day(now, config.mailbox(box).schedule.timezone)
+            for back, sent in ((0, 3 + i), (1, 7), (3, 2)):
+                day = (date.fromisoformat(today) - timedelta(days=back)).isoformat()
+                store.conn.execute("INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, ?)", (box, day, sent))
+        store.pause(boxes[0], "operator: checking the list", now)
+        status = readside.status(config, store, now)["mailboxes"]
+        expected = [(m["address"], m["state"], m["sent_today"], m["allowance_today"]) for m in status]
+        assert readside.gauges(config, store, now) == expected
+        assert [e[1] for e in expected] == ["paused", "connected", "connected", "paused"]
+        assert expected[2][3] == 20  # day 4 of the ramp: 5 + 3 * 5
+    finally:
+        store.close()
