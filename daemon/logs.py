@@ -13,6 +13,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 from daemon import redact
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_METHOD_LEVELS = {**_LEVELS, "warn": logging.WARNING, "exception": logging.ERROR, "critical": logging.CRITICAL}
 # syslog priorities journald reads from a "<N>" prefix
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
 _NOISY = ("aiosmtplib", "apscheduler", "aioimaplib", "mail.log", "asyncio")
@@ -79,6 +80,17 @@ def _count(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+def _below(threshold: int) -> Processor:
+    """Drops what is under the configured level (after it was counted)."""
+
+    def drop(_: WrappedLogger, method: str, event: EventDict) -> EventDict:
+        if _METHOD_LEVELS.get(method, logging.CRITICAL) < threshold:
+            raise structlog.DropEvent
+        return event
+
+    return drop
+
+
 def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """A field named like a secret never reaches the output; no value shows a configured secret."""
     for key, value in list(event.items()):
@@ -125,11 +137,11 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     """Set up structlog and route stdlib logging (aiosmtplib, APScheduler, aioimaplib) through it."""
     out = stream if stream is not None else sys.stdout
     as_json = wants_json(log_format, out)
+    threshold = _LEVELS.get(level, logging.INFO)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _count,
         _redact,
     ]
     renderer: Processor
@@ -145,8 +157,9 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     if os.environ.get("JOURNAL_STREAM"):
         renderer = _JournalPrefix(renderer)
     structlog.configure(
-        processors=[*shared, tracebacks, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        # Counted first, then filtered by level: /metrics counts a send under log_level = "warning" too.
+        processors=[_count, _below(threshold), *shared, tracebacks, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(min(threshold, logging.INFO)),
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )

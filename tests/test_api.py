@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Project
@@ -422,3 +424,31 @@ def test_the_scrapes_mailbox_gauges_are_what_status_says(project: Project) -> No
         assert expected[2][3] == 20  # day 4 of the ramp: 5 + 3 * 5
     finally:
         store.close()
+
+
+def test_events_are_counted_under_any_log_level() -> None:
+    """log_level = "warning" hides a send's line, not its count in /metrics."""
+    import io
+
+    from daemon import logs
+
+    out = io.StringIO()
+    sent, deferred = ("message.sent", ""), ("message.deferred", "window")
+    before = {k: logs.event_counts.get(k, 0) for k in (sent, deferred)}
+    kept, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    logs.configure("json", "warning", out)
+    try:
+        log = logs.get(mailbox="m@x.example")
+        log.info("message.sent", message=1)
+        log.warning("message.deferred", reason="window")
+        log.debug("message.sent", message=2)  # not even counted: debug is below every counted event
+        log.exception("store.error", detail="shown at warning")
+    finally:  # as other tests found it
+        structlog.configure(**kept)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert logs.event_counts[sent] == before[sent] + 1
+    assert logs.event_counts[deferred] == before[deferred] + 1
+    shown = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert shown == ["message.deferred", "store.error"]
