@@ -344,7 +344,7 @@ def build_app(
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(_: Request) -> Response:
-        return JSONResponse(openapi_document(config()))
+        return JSONResponse(openapi_document(config()))  # behind the token: it names the playbooks
 
     async def status(_: Request) -> Response:
         def read() -> Response:
@@ -526,7 +526,7 @@ def build_app(
 
     routes = [
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/openapi.json", openapi, methods=["GET"]),
+        Route("/v1/openapi.json", guarded(openapi), methods=["GET"]),
         Route("/v1/status", guarded(status), methods=["GET"]),
         Route("/v1/outbox", guarded(outbox), methods=["GET"]),
         Route("/v1/outbox/retry", guarded(retry), methods=["POST"]),

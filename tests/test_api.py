@@ -365,7 +365,8 @@ def test_schemathesis_finds_no_server_error(project: Project, server: SmtpServer
     project.add_cadence(users=["alice", "bob"])
     project.data["playbooks"] = [{"name": "forms", "cadence": "c1", "owner": "alice"}]
     daemon.start()
-    document = httpx.get(f"{daemon.url}/v1/openapi.json", timeout=10).json()
+    assert httpx.get(f"{daemon.url}/v1/openapi.json", timeout=10).status_code == 401
+    document = httpx.get(f"{daemon.url}/v1/openapi.json", headers=daemon.auth, timeout=10).json()
     assert document["paths"]["/v1/playbooks/{name}/enrollments"]["post"]["parameters"][0]["schema"]["enum"] == ["forms"]
     tool = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
     run = subprocess.run(
