@@ -39,7 +39,9 @@ from daemon.store import MESSAGE_STATES, Store
 
 MAX_LIMIT = 10_000  # messages one GET /v1/outbox returns
 MAX_PROSPECTS = 10_000  # prospects in one enrollment request
-MAX_BODY = 32 * 1024 * 1024  # bytes of one request body
+MAX_BODY = 16 * 1024 * 1024  # bytes of one request body (10,000 prospects of 1.6 KB each)
+BODY_WITHIN = 120.0  # seconds a client has to send its whole body (a trickling one holds no slot for long)
+BODIES_AT_ONCE = 8  # request bodies being received at once: what they can hold in memory is bounded
 MAX_FIELDS = 200  # distinct fields in one enrollment request
 MAX_NAME = 128  # characters of a field name
 MAX_IDS = 10_000  # message ids in one retry or reassign
@@ -131,8 +133,9 @@ class DaemonMetrics(Collector):
 # --- request bodies ---------------------------------------------------------------------------------------
 
 
-async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
-    """The body as JSON: application/json, at most `limit` bytes (read no further), no NaN or Infinity."""
+async def read_json(request: Request, receiving: anyio.CapacityLimiter, limit: int = MAX_BODY) -> Any:
+    """The body as JSON: application/json, at most `limit` bytes (read no further) within BODY_WITHIN seconds,
+    no NaN or Infinity. At most BODIES_AT_ONCE are received at a time; the others wait their turn."""
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media != "application/json":
         raise BadRequest(415, "Content-Type", "must be application/json", "unsupported_media_type")
@@ -140,10 +143,14 @@ async def read_json(request: Request, limit: int = MAX_BODY) -> Any:
     if declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, "body", f"larger than {limit} bytes", "too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, "body", f"larger than {limit} bytes", "too_large")
+    async with receiving:
+        with anyio.move_on_after(BODY_WITHIN) as deadline:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise BadRequest(413, "body", f"larger than {limit} bytes", "too_large")
+    if deadline.cancelled_caught:
+        raise BadRequest(408, "body", f"not received within {BODY_WITHIN:.0f} s", "timeout")
     try:
         return json.loads(bytes(body), parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
@@ -298,6 +305,7 @@ def build_app(
     store.commit_observer = committed
     expected = settings.token.reveal().encode() if settings.token is not None else None
     enrolling = anyio.CapacityLimiter(CONCURRENT_ENROLLMENTS)
+    receiving = anyio.CapacityLimiter(BODIES_AT_ONCE)
     log = logs.get()
 
     def authorized(request: Request) -> bool:
@@ -396,7 +404,9 @@ def build_app(
         return work
 
     async def retry(request: Request) -> Response:
-        body = _object(await read_json(request, 1024 * 1024), "", {"ids", "mailbox", "all", "include_uncertain"})
+        body = _object(
+            await read_json(request, receiving, 1024 * 1024), "", {"ids", "mailbox", "all", "include_uncertain"}
+        )
         ids, mailbox, every = _ids(body), _text(body, "mailbox"), _flag(body, "all")
         include = _flag(body, "include_uncertain")
         if sum((ids is not None, mailbox is not None, every)) != 1:
@@ -412,7 +422,7 @@ def build_app(
         return answer
 
     async def reassign(request: Request) -> Response:
-        body = _object(await read_json(request, 1024 * 1024), "", {"ids", "from", "to", "include_uncertain"})
+        body = _object(await read_json(request, receiving, 1024 * 1024), "", {"ids", "from", "to", "include_uncertain"})
         ids, source, to = _ids(body), _text(body, "from"), _text(body, "to")
         include = _flag(body, "include_uncertain")
         if to is None:
@@ -444,7 +454,7 @@ def build_app(
         key = request.headers.get("idempotency-key")
         if key is not None and not _KEY.fullmatch(key):
             raise BadRequest(422, "Idempotency-Key", "1 to 255 printable ASCII characters, no spaces")
-        doc = await read_json(request)
+        doc = await read_json(request, receiving)
         header, rows = prospect_rows(doc, playbook)
         digest = hashlib.sha256(
             json.dumps([name, doc], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -777,6 +787,7 @@ async def run(
     server.accesslog = None
     server.errorlog = None
     server.graceful_timeout = 2.0
+    server.read_timeout = 60  # a connection silent this long mid-request is closed
     app = build_app(settings, config, dispatcher, wake)
     task_status.started()
     try:

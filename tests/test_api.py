@@ -285,6 +285,15 @@ def test_a_playbook_enrolls_from_its_owners_mailboxes_once_per_key(
         (daemon.post("/v1/playbooks/nope/enrollments", {"prospects": [new]}), 404, "name"),
         (
             daemon.post(
+                "/v1/playbooks/crm-stage/enrollments",
+                content=b" " * (16 * 1024 * 1024 + 1),
+                **{"Content-Type": "application/json"},
+            ),
+            413,
+            "body",
+        ),
+        (
+            daemon.post(
                 "/v1/playbooks/crm-stage/enrollments", {"prospects": [new]}, **{"Idempotency-Key": "has space"}
             ),
             422,
