@@ -82,11 +82,22 @@ def _cannot_write(folder: Path) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     problems: list[str] = []
-    folder = _existing_parent(config.daemon.database)
-    why = _cannot_write(folder)
-    if why:
-        problems.append(f"daemon.database: cannot create {config.daemon.database}: {folder}: {why}")
-    if config.daemon.database.exists():
+    database = config.daemon.database
+    found = False
+    if isinstance(database, str):
+        from daemon import pg
+
+        server, schema = pg.inspect(database)
+        state = "no cadenced schema yet (made at the first enroll or start)" if schema is None else f"schema {schema}"
+        _out(f"database: PostgreSQL {server} at {pg.shown(database)}, {state}")
+        found = schema is not None
+    else:
+        folder = _existing_parent(database)
+        why = _cannot_write(folder)
+        if why:
+            problems.append(f"daemon.database: cannot create {database}: {folder}: {why}")
+        found = database.exists()
+    if found:
         store = _open_store(config, create=False)
         try:
             store.check_integrity()

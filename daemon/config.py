@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import email_validator
 import holidays
@@ -245,7 +246,7 @@ PLAYBOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # it is a URL pa
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
-    database: Path
+    database: Path | str  # an SQLite file, or a PostgreSQL URL (postgresql://…)
     log_format: str
     log_level: str
     max_connections: int
@@ -980,8 +981,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     root = _Table(data, "", problems)
 
     d = root.table("daemon") or _Table({}, "daemon", problems)
-    db_text = d.string("database", "/var/lib/cadenced/cadenced.db")
-    database = Path(db_text) if Path(db_text).is_absolute() else base_dir / db_text
+    database = _database(d, base_dir)
     daemon = DaemonSettings(
         database=database,
         log_format=d.choice("log_format", "auto", ("auto", "json", "console")),
@@ -1187,6 +1187,37 @@ def _playbook(t: _Table, cadences: set[str], user_names: set[str]) -> Playbook |
 _BAD_FIELD = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _database(d: _Table, base_dir: Path) -> Path | str:
+    """`database`: an SQLite file (relative to the config's folder), or `postgresql://…`; or `database_url_env`,
+    the environment variable that holds the URL (its password stays out of the file)."""
+    env = d.string("database_url_env", None)
+    if env is not None and d.has("database"):
+        d.problems.add(d.at("database_url_env"), "give database or database_url_env, not both")
+    if env is not None:
+        url = os.environ.get(env, "") if isinstance(env, str) else ""
+        if not url.startswith(POSTGRES_SCHEMES):
+            d.problems.add(d.at("database_url_env"), f"${env} must hold a postgresql:// URL (it is unset or not one)")
+            return "postgresql://unset"
+        text: str = url
+    else:
+        text = d.string("database", "/var/lib/cadenced/cadenced.db")
+        if not isinstance(text, str):
+            return Path("/var/lib/cadenced/cadenced.db")
+    if text.startswith(POSTGRES_SCHEMES):
+        try:
+            password = urlsplit(text).password
+        except ValueError as exc:
+            d.problems.add(d.at("database"), f"not a PostgreSQL URL: {exc}")
+            return text
+        if password:
+            redact.register("database", password)
+        return text
+    return Path(text) if Path(text).is_absolute() else base_dir / text
+
+
 def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
     """`listen = "127.0.0.1:8025"` (a loopback or any address; TLS is a reverse proxy's) or "unix:/path"."""
     listen = t.string("listen", "127.0.0.1:8025")
@@ -1388,12 +1419,22 @@ def _api_dict(a: ApiSettings) -> dict[str, Any]:
     return {"listen": listen, **({kind: where} if kind else {})}
 
 
+def shown_database(database: Path | str) -> str:
+    if isinstance(database, Path):
+        return str(database)
+    parts = urlsplit(database)
+    if parts.password is None:
+        return database
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:********@{host}"))
+
+
 def effective_dict(config: Config) -> dict[str, Any]:
     """The effective configuration as plain TOML data, secrets masked."""
     d = config.daemon
     return {
         "daemon": {
-            "database": str(d.database),
+            "database": shown_database(d.database),
             "log_format": d.log_format,
             "log_level": d.log_level,
             "max_connections": d.max_connections,

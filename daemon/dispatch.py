@@ -59,13 +59,14 @@ class AsyncStore:
     turns go through `grouped`: a third connection commits them in batches.
     """
 
-    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
-        self.fast = Store.open(path)
-        self.fast.conn.execute("PRAGMA busy_timeout = 0")
+    def __init__(self, path: Path | str, busy_timeout: float = 30.0) -> None:
+        self.fast = Store.open(path, wait=False)
         self.slow = Store.open(path, busy_timeout=busy_timeout)
-        self.group = Store.open(path)
-        self.group.conn.execute("PRAGMA busy_timeout = 0")
+        self.group = Store.open(path, wait=False)
+        # A PostgreSQL server is a round trip away: every call waits in a worker thread, never on the loop.
+        self.remote = isinstance(path, str)
         self.limiter = anyio.CapacityLimiter(1)
+        self.group_limiter = anyio.CapacityLimiter(1)
         self.waited = 0
         self._queue: list[_Call] = []
         self._pending = anyio.Event()
@@ -75,12 +76,13 @@ class AsyncStore:
 
         Raises StoreUnavailable (never a raw sqlite3 error) when the database cannot do it now.
         """
-        try:
-            return fn(self.fast, *args)
-        except sqlite3.Error as exc:
-            if not is_busy(exc):
-                raise StoreUnavailable(describe_store_error(exc)) from None
-        self.waited += 1
+        if not self.remote:
+            try:
+                return fn(self.fast, *args)
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise StoreUnavailable(describe_store_error(exc)) from None
+            self.waited += 1
         try:
             return await anyio.to_thread.run_sync(functools.partial(fn, self.slow, *args), limiter=self.limiter)
         except sqlite3.Error as exc:
@@ -118,7 +120,10 @@ class AsyncStore:
             batch, self._queue = self._queue, []
             try:
                 try:
-                    self._run_batch(self.group, batch)
+                    if self.remote:
+                        await anyio.to_thread.run_sync(self._run_batch, self.group, batch, limiter=self.group_limiter)
+                    else:
+                        self._run_batch(self.group, batch)
                 except sqlite3.Error as exc:
                     if not is_busy(exc):
                         raise
@@ -150,6 +155,8 @@ class AsyncStore:
         Read there, the daemon's own sends (the bulk of its commits) do not count as news.
         """
         try:
+            if self.remote:
+                return await anyio.to_thread.run_sync(self.group.data_version, limiter=self.group_limiter)
             return self.group.data_version()
         except sqlite3.Error as exc:
             raise StoreUnavailable(describe_store_error(exc)) from None
@@ -222,7 +229,7 @@ class Stats:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, database: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, database: Path | str, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.db = AsyncStore(database, config.daemon.busy_timeout)
         self.clock = clock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import signal
 import sqlite3
@@ -15,7 +16,7 @@ from typing import Any
 import anyio
 
 from daemon import enroll, logs, readside
-from daemon.config import Automation, Cadence, Config, config_digest, load_config
+from daemon.config import Automation, Cadence, Config, config_digest, load_config, shown_database
 from daemon.dispatch import Dispatcher
 from daemon.errors import CadencedError, ConfigError, Refused, StoreError, StoreUnavailable
 from daemon.store import IntegrityCheck, Store, startup_failure
@@ -24,8 +25,13 @@ from daemon.systemd import Notifier, watchdog_interval
 INTEGRITY_WAIT = 0.25  # seconds the first send waits for the database check (it reads the whole file)
 
 
-def hold_lock(database: Path) -> int:
-    """An exclusive lock on `<database>.lock`, held until the process ends; a second daemon is refused."""
+def hold_lock(database: Path | str) -> Callable[[], None]:
+    """One daemon per database, for the process's life: on SQLite an exclusive lock on `<database>.lock`, on
+    PostgreSQL a session advisory lock. A second daemon is refused. Returns what releases it."""
+    if isinstance(database, str):
+        from daemon import pg
+
+        return pg.hold_daemon_lock(database)
     path = database.with_name(database.name + ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +46,7 @@ def hold_lock(database: Path) -> int:
         raise Refused(f"another cadenced run (pid {holder}) already runs on {database}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return functools.partial(os.close, fd)
 
 
 def describe_changes(old: Config, new: Config) -> dict[str, list[str]]:
@@ -96,7 +102,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.log = logs.get()
         self.store: Store | None = None
-        self._lock: int | None = None
+        self._lock: Callable[[], None] | None = None
         self.dispatcher: Dispatcher | None = None
         self._stop = anyio.Event()
         self._api_stop = anyio.Event()  # the [api] listener closes when it is set
@@ -163,7 +169,7 @@ class Daemon:
         """
         if self._lock is None:
             self._lock = hold_lock(self.config.daemon.database)  # before anything else: one daemon per database
-        integrity = IntegrityCheck(self.config.daemon.database)
+        integrity = IntegrityCheck(self.config.daemon.database)  # nothing to read on PostgreSQL
         checked = anyio.Event()
         failure: list[StoreError] = []
 
@@ -223,7 +229,7 @@ class Daemon:
                     "daemon.started",
                     pid=os.getpid(),
                     config=str(self.config_path),
-                    database=str(self.config.daemon.database),
+                    database=shown_database(self.config.daemon.database),
                     mailboxes=len(self.config.mailboxes),
                     cadences=len(self.config.cadences),
                 )
@@ -261,7 +267,7 @@ class Daemon:
 
     def _release(self) -> None:
         if self._lock is not None:
-            os.close(self._lock)
+            self._lock()
             self._lock = None
 
     def shutdown(self) -> None:
@@ -299,7 +305,8 @@ class Daemon:
             problems = enroll.pin_problems(new, self.store.pins())
             if new.daemon.database != self.config.daemon.database:
                 problems.append(
-                    f"daemon.database: changed from {self.config.daemon.database} to {new.daemon.database}; "
+                    f"daemon.database: changed from {shown_database(self.config.daemon.database)} to "
+                    f"{shown_database(new.daemon.database)}; "
                     "restart to change the database"
                 )
             if problems:

@@ -244,7 +244,15 @@ class Store:
     # --- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True, busy_timeout: float = 30.0) -> Store:
+    def open(cls, path: Path | str, *, create: bool = True, busy_timeout: float = 30.0, wait: bool = True) -> Store:
+        """The database of `daemon.database`: an SQLite file, or a PostgreSQL URL (daemon.pg).
+
+        `wait` False: a write that finds another process's lock fails at once (is_busy) instead of waiting.
+        """
+        if isinstance(path, str):
+            from daemon import pg
+
+            return pg.PgStore.connect(path, busy_timeout=busy_timeout, wait=wait)
         if not create and not path.exists():
             raise StoreError(f"{path}: no database here yet (nothing has been enrolled)")
         if create:
@@ -258,7 +266,7 @@ class Store:
             raise StoreError(f"{path}: cannot open database: {exc}") from None
         store = cls(conn, path)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000) if wait else 0}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{path}: cannot switch the database to WAL mode (got {mode})")
@@ -295,6 +303,10 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _list(self, values: Sequence[Any]) -> Any:
+        """A list as one parameter: JSON for json_each (PostgreSQL takes an array)."""
+        return json.dumps(list(values))
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -407,10 +419,8 @@ class Store:
             ]
 
     def suppressions(self, limit: int | None = None) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            "SELECT email, reason, created_at FROM suppressions ORDER BY created_at, email LIMIT ?",
-            (limit if limit is not None else -1,),
-        )
+        sql = "SELECT email, reason, created_at FROM suppressions ORDER BY created_at, email"
+        rows = self.conn.execute(sql + (f" LIMIT {int(limit)}" if limit is not None else ""))
         return [{"email": r[0], "reason": r[1], "created_at": r[2]} for r in rows]
 
     def suppress(self, email: str, reason: str, now: float) -> None:
@@ -435,7 +445,7 @@ class Store:
         self.conn.execute("CREATE INDEX temp.import_by_email ON import_rows (email, line)")
         duplicates = self.conn.execute(
             """SELECT line, email, first FROM (
-                   SELECT line, email, min(line) OVER (PARTITION BY email) AS first FROM temp.import_rows)
+                   SELECT line, email, min(line) OVER (PARTITION BY email) AS first FROM temp.import_rows) AS firsts
                WHERE line != first"""
         ).fetchall()
         if duplicates:
@@ -511,7 +521,7 @@ class Store:
         """Keep the per-mailbox tally rotation balances on (SPEC §3: fewest so far)."""
         self.conn.executemany(
             """INSERT INTO rotation_counts VALUES (?, ?, ?) ON CONFLICT (cadence, mailbox)
-               DO UPDATE SET enrollments = enrollments + excluded.enrollments""",
+               DO UPDATE SET enrollments = rotation_counts.enrollments + excluded.enrollments""",
             ((cadence, mailbox, n) for mailbox, n in added.items()),
         )
 
@@ -554,7 +564,7 @@ class Store:
                 SELECT ? + w.n, ?, r.email, t.mailbox, r.owner, ?, r.fields, ?
                 FROM (SELECT line, grp, n, {turn} AS k
                       FROM (SELECT line, owner, {group} AS grp, row_number() OVER (ORDER BY line) - 1 AS n
-                            FROM temp.import_rows)) AS w
+                            FROM temp.import_rows) AS numbered) AS w
                 JOIN temp.import_rows r ON r.line = w.line
                 JOIN temp.import_cycles c ON c.grp = w.grp
                 JOIN temp.import_turns t ON t.grp = w.grp AND t.turn = w.k % c.turns""",
@@ -566,7 +576,7 @@ class Store:
         """New enrollments, all active (the one place that inserts counts them; changes count by trigger)."""
         self.conn.execute(
             """INSERT INTO enrollment_counts VALUES (?, 'active', ?)
-               ON CONFLICT (cadence, state) DO UPDATE SET n = n + excluded.n""",
+               ON CONFLICT (cadence, state) DO UPDATE SET n = enrollment_counts.n + excluded.n""",
             (cadence, n),
         )
 
@@ -614,7 +624,7 @@ class Store:
         """New scheduled messages (the one place that inserts counts them; updates count by trigger)."""
         self.conn.executemany(
             """INSERT INTO message_counts VALUES (?, 'scheduled', ?)
-               ON CONFLICT (mailbox, state) DO UPDATE SET n = n + excluded.n""",
+               ON CONFLICT (mailbox, state) DO UPDATE SET n = message_counts.n + excluded.n""",
             added,
         )
 
@@ -706,7 +716,7 @@ class Store:
                       h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
                       h.next_probe_at, h.failures, h.throttled_until,
                       (SELECT min(day) FROM daily_counts WHERE mailbox = ?1 AND sent > 0), h.paused_reason, h.since
-               FROM (SELECT 1) LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
+               FROM (SELECT 1) AS one LEFT JOIN mailbox_health h ON h.mailbox = ?1""",
             (mailbox, day),
         ).fetchone()
         r = row
@@ -751,8 +761,8 @@ class Store:
         column = {"bounced": "bounces", "blocked": "blocks"}[kind]
         self.conn.execute(
             f"""INSERT INTO daily_counts (mailbox, day, sent, refused, {column}) VALUES (?1, ?2, 0, ?3, max(?4, 0))
-                ON CONFLICT (mailbox, day) DO UPDATE SET refused = max(refused + ?3, 0),
-                {column} = max({column} + ?4, 0)""",
+                ON CONFLICT (mailbox, day) DO UPDATE SET refused = max(daily_counts.refused + ?3, 0),
+                {column} = max(daily_counts.{column} + ?4, 0)""",
             (mailbox, day, n if at_smtp else 0, n),
         )
 
@@ -903,12 +913,13 @@ class Store:
             if count_domain:
                 self.conn.execute(
                     """INSERT INTO domain_counts VALUES (?, ?, ?, 1)
-                       ON CONFLICT (mailbox, day, domain) DO UPDATE SET sent = sent + 1""",
+                       ON CONFLICT (mailbox, day, domain) DO UPDATE SET sent = domain_counts.sent + 1""",
                     (c.mailbox, day, domain_of(c.email)),
                 )
             if copy is not None:
                 self.conn.execute(
-                    "INSERT OR IGNORE INTO sent_copies (message, mailbox, message_id, content) VALUES (?, ?, ?, ?)",
+                    """INSERT INTO sent_copies (message, mailbox, message_id, content) VALUES (?, ?, ?, ?)
+                       ON CONFLICT DO NOTHING""",
                     (c.id, c.mailbox, c.message_id, copy),
                 )
             self.conn.execute(
@@ -918,7 +929,7 @@ class Store:
             )
             self.conn.execute(
                 """INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, 1)
-                   ON CONFLICT (mailbox, day) DO UPDATE SET sent = sent + 1""",
+                   ON CONFLICT (mailbox, day) DO UPDATE SET sent = daily_counts.sent + 1""",
                 (c.mailbox, day),
             )
             self.conn.execute(
@@ -1011,7 +1022,7 @@ class Store:
         """Refusals that turned out to be the mailbox's (the same one for several recipients in a row):
         undo what they did to the prospects (and to the day's bounce counts), and put the messages in the error
         section as `refused`."""
-        ids = _json_list(list(messages))
+        ids = self._list(list(messages))
         with self.transaction():
             if day:
                 for kind, n in self.conn.execute(
@@ -1038,7 +1049,7 @@ class Store:
             self.conn.execute(
                 """UPDATE enrollments SET state = 'active', ended_at = NULL
                    WHERE state IN ('bounced', 'stopped') AND id IN (SELECT value FROM json_each(?))""",
-                (_json_list(sorted(enrollments)),),
+                (self._list(sorted(enrollments)),),
             )
             self.conn.execute(
                 """UPDATE mailbox_health SET blocks = max(blocks - (SELECT count(*) FROM messages
@@ -1093,8 +1104,8 @@ class Store:
                 """INSERT INTO mailbox_health (mailbox, state, reason, since, failures, next_probe_at)
                    VALUES (?1, ?5, ?2, ?3, 1, ?4)
                    ON CONFLICT (mailbox) DO UPDATE SET
-                   since = CASE WHEN state = ?5 THEN since ELSE excluded.since END,
-                   failures = CASE WHEN state = ?5 THEN failures + 1 ELSE 1 END,
+                   since = CASE WHEN mailbox_health.state = ?5 THEN mailbox_health.since ELSE excluded.since END,
+                   failures = CASE WHEN mailbox_health.state = ?5 THEN mailbox_health.failures + 1 ELSE 1 END,
                    state = ?5, reason = excluded.reason, next_probe_at = excluded.next_probe_at""",
                 (mailbox, detail, now, next_probe_at, state),
             )
@@ -1190,7 +1201,7 @@ class Store:
             """SELECT m.id, m.state, m.reason, m.mailbox, m.enrollment_id, m.step, e.cadence, e.email
                FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
                WHERE m.id IN (SELECT value FROM json_each(?))""",
-            (_json_list(list(ids)),),
+            (self._list(list(ids)),),
         )
         keys = ("id", "state", "reason", "mailbox", "enrollment_id", "step", "cadence", "email")
         return {r[0]: dict(zip(keys, r, strict=True)) for r in rows}
@@ -1198,7 +1209,7 @@ class Store:
     def error_ids(self, mailbox: str | None, *, exclude_uncertain: bool = False) -> list[int]:
         sql = "SELECT id FROM messages INDEXED BY messages_state WHERE state = 'error'"  # see outbox()
         if exclude_uncertain:
-            sql += " AND reason IS NOT 'uncertain'"
+            sql += " AND coalesce(reason, '') != 'uncertain'"
         args: tuple[Any, ...] = ()
         if mailbox is not None:
             sql += " AND mailbox = ?"
@@ -1207,7 +1218,7 @@ class Store:
 
     def pending_ids(self, mailbox: str, *, exclude_uncertain: bool = False) -> list[int]:
         """Messages of `mailbox` not yet sent: scheduled, sending or in the error section."""
-        extra = " AND reason IS NOT 'uncertain'" if exclude_uncertain else ""
+        extra = " AND coalesce(reason, '') != 'uncertain'" if exclude_uncertain else ""
         rows = self.conn.execute(
             "SELECT id FROM messages WHERE mailbox = ? AND state IN ('scheduled', 'sending', 'error')"
             + extra
@@ -1222,13 +1233,13 @@ class Store:
             """UPDATE messages SET state = 'scheduled', reason = NULL, transient_failures = 0,
                detail = 'retried by the operator (was ' || coalesce(reason, 'error') || ')'
                WHERE state = 'error' AND id IN (SELECT value FROM json_each(?)) RETURNING id""",
-            (_json_list(list(ids)),),
+            (self._list(list(ids)),),
         ).fetchall()
         return len(rows)
 
     def reassign(self, enrollment_ids: Sequence[int], to: str) -> list[int]:
         """Move enrollments to `to`: their sticky sender and every message not yet sent."""
-        ids = _json_list(list(enrollment_ids))
+        ids = self._list(list(enrollment_ids))
         for cadence, mailbox, n in self.conn.execute(
             """SELECT cadence, mailbox, count(*) FROM enrollments
                WHERE id IN (SELECT value FROM json_each(?)) AND mailbox != ? GROUP BY cadence, mailbox""",
@@ -1290,7 +1301,7 @@ class Store:
             """SELECT DISTINCT e.id, e.cadence, e.email, e.state
                FROM json_each(?) j CROSS JOIN messages m ON m.message_id = j.value
                JOIN enrollments e ON e.id = m.enrollment_id""",
-            (_json_list(list(message_ids)),),
+            (self._list(list(message_ids)),),
         )
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
@@ -1304,7 +1315,7 @@ class Store:
 
     def end_enrollments(self, ids: Sequence[int], state: str, now: float, detail: str) -> list[int]:
         """Enrollments end (replied, bounced); their messages not yet sent are cancelled."""
-        ids_json = _json_list(list(ids))
+        ids_json = self._list(list(ids))
         self.conn.execute(
             """UPDATE enrollments SET state = ?, ended_at = ?
                WHERE state = 'active' AND id IN (SELECT value FROM json_each(?))""",
@@ -1333,7 +1344,7 @@ class Store:
             """UPDATE messages SET state = 'failed', reason = ?, detail = ?
                WHERE id IN (SELECT m.id FROM json_each(?) j CROSS JOIN messages m ON m.message_id = j.value)
                AND state = 'sent' AND enrollment_id IN (SELECT id FROM enrollments WHERE email = ?) RETURNING id""",
-            (reason, detail, _json_list(list(message_ids)), email),
+            (reason, detail, self._list(list(message_ids)), email),
         ).fetchall()
         if reason == "blocked" and rows:
             self._count_block(mailbox, time.time())
@@ -1342,7 +1353,7 @@ class Store:
         """Blocks count against the mailbox's health (its reputation, not the address)."""
         self.conn.execute(
             """INSERT INTO mailbox_health (mailbox, state, since, blocks) VALUES (?, 'connected', ?, 1)
-               ON CONFLICT (mailbox) DO UPDATE SET blocks = blocks + 1""",
+               ON CONFLICT (mailbox) DO UPDATE SET blocks = mailbox_health.blocks + 1""",
             (mailbox, now),
         )
 
@@ -1474,7 +1485,7 @@ def describe_store_error(exc: sqlite3.Error) -> str:
     return text
 
 
-def startup_failure(path: Path, exc: sqlite3.Error) -> StoreError:
+def startup_failure(path: Path | str, exc: sqlite3.Error) -> StoreError:
     """Why the daemon cannot start on the database (exit 2): damaged, locked, or what SQLite says."""
     if type(exc) is sqlite3.DatabaseError:  # SQLITE_CORRUPT, SQLITE_NOTADB: a damaged file
         return StoreError(f"{path}: the database is damaged ({exc}); restore it from a backup")
@@ -1498,7 +1509,7 @@ class IntegrityCheck:
     its first send wait for it on a large database; `interrupt()` ends it early.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._interrupted = False
@@ -1506,6 +1517,8 @@ class IntegrityCheck:
 
     def run(self) -> None:
         """Raises StoreError when the database is damaged; returns quietly when interrupted or absent."""
+        if isinstance(self.path, str):
+            return  # PostgreSQL checks its own pages
         if not self.path.exists():
             return  # nothing enrolled yet: the daemon creates it
         with self._lock:
@@ -1532,7 +1545,3 @@ class IntegrityCheck:
             self._interrupted = True
             if self._conn is not None:
                 self._conn.interrupt()
-
-
-def _json_list(values: Sequence[Any]) -> str:
-    return json.dumps(list(values))

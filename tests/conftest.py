@@ -15,6 +15,7 @@ import pytest
 import tomli_w
 
 from daemon.cli import main
+from tests.postgres_server import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +47,12 @@ def mailbox(address: str, owner: str, **extra: Any) -> dict[str, Any]:
 class Project:
     """A config file (and its folder) that tests edit and run commands against."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, database: str = "") -> None:
         self.root = root
         self.config_path = root / "cadenced.toml"
+        self.database: Path | str = database or root / "cadenced.db"  # an SQLite file or a PostgreSQL URL
         self.data: dict[str, Any] = {
-            "daemon": {"database": str(root / "cadenced.db"), "log_format": "json"},
+            "daemon": {"database": str(self.database), "log_format": "json"},
             "defaults": {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "hours": ["00:00-24:00"]},
             "users": [{"name": "alice"}, {"name": "bob"}],
             "mailboxes": [],
@@ -103,9 +105,18 @@ class Project:
         return self.run("enroll", "--cadence", cadence, "--as", adder, "--json", str(path))
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules marked `both_stores` run each test on SQLite and on PostgreSQL (SPEC §10: one store interface)."""
+    if "project" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_stores"):
+        metafunc.parametrize("project", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-def project(tmp_path: Path) -> Iterator[Project]:
+def project(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Project]:
     old = os.environ.get("CADENCED_CONFIG")
-    yield Project(tmp_path)
+    database = ""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        database = request.getfixturevalue("postgres_url")
+    yield Project(tmp_path, database)
     if old is not None:
         os.environ["CADENCED_CONFIG"] = old

@@ -44,12 +44,23 @@ async def until(condition: Callable[[], Any], within: float = 20.0, what: str = 
     raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
-def query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+def query(db: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """SQL (SQLite's) on the test's database: a file, or a PostgreSQL URL (translated as the store does)."""
+    if isinstance(db, str):
+        import psycopg
+
+        from daemon import pg
+
+        text, named = pg.translate(sql)
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.adapters.register_loader("numeric", pg._IntLoader)
+            cursor = conn.execute(text, pg._params(args, named))  # type: ignore[arg-type]
+            return cursor.fetchall() if cursor.description else []
     with sqlite3.connect(db, timeout=30) as conn:
         return conn.execute(sql, args).fetchall()
 
 
-def states(db: Path) -> dict[str, int]:
+def states(db: Path | str) -> dict[str, int]:
     return dict(query(db, "SELECT state, count(*) FROM messages GROUP BY state"))  # type: ignore[arg-type]
 
 

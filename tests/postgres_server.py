@@ -75,9 +75,9 @@ class Postgres:
             stderr=subprocess.PIPE,
         )
         options = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c full_page_writes=off"
+        pg_ctl = self._as_owner(str(BIN / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "log"), "-o", options)
         subprocess.run(
-            self._as_owner(str(BIN / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "log"), "-o", options, "-w")
-            + ["start"],
+            [*pg_ctl, "-w", "start"],
             check=True,
             stdout=subprocess.DEVNULL,
         )

@@ -14,6 +14,8 @@ from tests.conftest import Project
 from tests.daemon_helpers import running, until
 from tests.servers import SmtpServer
 
+pytestmark = pytest.mark.both_stores
+
 
 def test_only_complete_csv_files_are_read(tmp_path: Path) -> None:
     state = FolderState()

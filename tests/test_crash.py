@@ -11,9 +11,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Project
 from tests.daemon_helpers import query, states
 from tests.servers import SmtpServer
+
+pytestmark = pytest.mark.both_stores
 
 KILLS = 20
 MESSAGES = 200  # 100 prospects x 2 steps, all due at once
@@ -41,7 +45,7 @@ def test_sigkill_at_random_moments_never_sends_a_step_twice(project: Project) ->
     server.recorder.on_data = lambda rcpt: time.sleep(0.06)
     server.start()
     rng = random.Random(20261127)
-    db = project.root / "cadenced.db"
+    db = project.database
     log = project.root / "daemon.log"
     try:
         project.data["defaults"]["gap"] = "0s"

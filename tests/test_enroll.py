@@ -8,7 +8,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Project
+from tests.daemon_helpers import query
+
+pytestmark = pytest.mark.both_stores
 
 
 def senders(project: Project, cadence: str = "c1") -> Counter[str]:
@@ -85,14 +90,11 @@ def test_suppressed_addresses_are_rejected(project: Project) -> None:
     project.add_cadence()
     project.write()
     path = project.people(3)
-    db = sqlite3.connect(project.root / "cadenced.db") if (project.root / "cadenced.db").exists() else None
-    assert db is None
     project.run("status")  # creates the database
-    with sqlite3.connect(project.root / "cadenced.db") as db:
-        db.execute(
-            "INSERT INTO suppressions (email, reason, created_at) "
-            "VALUES ('p1@prospects.example', 'bounced 550 5.1.1', 0)"
-        )
+    query(
+        project.database,
+        "INSERT INTO suppressions (email, reason, created_at) VALUES ('p1@prospects.example', 'bounced 550 5.1.1', 0)",
+    )
     r = project.enroll(path).json()
     assert r["enrolled"] == 2
     assert r["rejected"] == [
@@ -130,8 +132,7 @@ def test_unavailable_mailboxes_take_no_new_enrollments(project: Project) -> None
     project.add_cadence()
     project.write()
     project.run("status")
-    with sqlite3.connect(project.root / "cadenced.db") as db:
-        db.execute("INSERT INTO mailbox_health (mailbox, state, since) VALUES (?, 'disconnected', 0)", (a,))
+    query(project.database, "INSERT INTO mailbox_health (mailbox, state, since) VALUES (?, 'disconnected', 0)", a)
     r = project.enroll(project.people(4)).json()
     assert r["assignments"] == {b: 4}
     status = {m["address"]: m for m in project.run("status", "--json").json()["mailboxes"]}
@@ -252,7 +253,18 @@ def test_database_problems(project: Project) -> None:
     project.add_mailboxes(1)
     project.add_cadence()
     project.write()
-    db = project.root / "cadenced.db"
+    if isinstance(project.database, str):  # PostgreSQL: a newer schema, and another program's database
+        assert project.run("status").code == 0
+        query(project.database, "UPDATE cadenced_schema SET version = 99")
+        r = project.run("status")
+        assert r.code == 2 and "schema 99 is newer than this cadenced knows" in r.err
+        query(project.database, "DROP SCHEMA public CASCADE")
+        query(project.database, "CREATE SCHEMA public")
+        query(project.database, "CREATE TABLE other (x INTEGER)")
+        r = project.enroll(project.people(1))
+        assert r.code == 2 and "another program" in r.err
+        return
+    db = project.database
     db.write_bytes(b"this is not sqlite at all" * 100)
     r = project.run("status")
     assert r.code == 2 and "not a cadenced database" in r.err
@@ -297,7 +309,6 @@ def test_an_import_places_each_row_as_one_at_a_time_placement_would(project: Pro
     order and the cursor left for the next import are those of placing the rows one by one, with owners
     interleaved, a group with no mailbox, duplicates, invalid and already enrolled rows in between."""
     from daemon import rotation
-    from tests.daemon_helpers import query
 
     alice = project.add_mailboxes(3)
     bob = project.add_mailboxes(2, owner="bob")
@@ -329,10 +340,10 @@ def test_an_import_places_each_row_as_one_at_a_time_placement_would(project: Pro
                 except rotation.Placement:
                     assert any(r["email"] == email for r in report["rejected"])
         got = query(
-            project.root / "cadenced.db",
+            project.database,
             "SELECT email, mailbox FROM enrollments WHERE cadence = ? ORDER BY id",
             cadence,
         )
         assert got == expected, cadence
-    ids = [r[0] for r in query(project.root / "cadenced.db", "SELECT id FROM enrollments ORDER BY id")]
+    ids = [r[0] for r in query(project.database, "SELECT id FROM enrollments ORDER BY id")]
     assert ids == list(range(1, len(ids) + 1))

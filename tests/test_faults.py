@@ -15,7 +15,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import query, running, states, until
 from tests.servers import Authenticator, Pki, SmtpServer
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
 
 
 def setup(project: Project, server: SmtpServer, n: int = 1, steps: int = 1, **smtp: object) -> list[str]:
@@ -28,8 +28,8 @@ def setup(project: Project, server: SmtpServer, n: int = 1, steps: int = 1, **sm
     return boxes
 
 
-def db(project: Project) -> Path:
-    return project.root / "cadenced.db"
+def db(project: Project) -> Path | str:
+    return project.database
 
 
 async def test_4xx_is_retried_then_exhausted(project: Project) -> None:

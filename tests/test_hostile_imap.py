@@ -13,6 +13,8 @@ from tests.daemon_helpers import DaemonProcess, query
 from tests.hostile_imap import SCENARIOS, HostileImap
 from tests.servers import SmtpServer
 
+pytestmark = pytest.mark.both_stores
+
 
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -41,7 +43,7 @@ def test_hostile_imap_answers_are_contained(project: Project, monkeypatch: pytes
         project.data["daemon"]["settle_after"] = "0s"
         project.add_cadence(rotate_among="cadence")
         project.enroll(project.people(6))
-        db = project.root / "cadenced.db"
+        db = project.database
         # One message of the watched mailbox was caught mid-send: the provider filed it in "Sent Items".
         query(
             db,

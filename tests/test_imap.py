@@ -20,6 +20,9 @@ from tests.servers import Pki, SmtpServer
 OWN = frozenset({"mb1@alice.example"})
 
 
+pytestmark = pytest.mark.both_stores
+
+
 def mail(sender: str, to: str, subject: str, *, in_reply_to: str = "", **headers: str) -> bytes:
     lines = [
         f"From: {sender}",
@@ -94,7 +97,7 @@ def stack(project: Project, tmp_path: Path) -> Iterator[tuple[SmtpServer, Doveco
 
 
 def enrollment_states(project: Project) -> dict[str, str]:
-    return dict(query(project.root / "cadenced.db", "SELECT email, state FROM enrollments"))  # type: ignore[arg-type]
+    return dict(query(project.database, "SELECT email, state FROM enrollments"))  # type: ignore[arg-type]
 
 
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -106,7 +109,7 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 async def test_replies_and_bounces_stop_the_follow_ups(project: Project, stack: tuple[SmtpServer, Dovecot]) -> None:
     smtp, dovecot = stack
     project.enroll(project.people(6))
-    db = project.root / "cadenced.db"
+    db = project.database
     with structlog.testing.capture_logs() as logs:
         async with running(project.config_path):
             await until(lambda: events(logs, "imap.watching"), what="the watcher")
@@ -173,7 +176,7 @@ async def test_uncertain_sends_are_settled_from_the_sent_folder(
 ) -> None:
     smtp, dovecot = stack
     project.enroll(project.people(2))
-    db = project.root / "cadenced.db"
+    db = project.database
     project.data["mailboxes"][0]["sent_copies"] = "provider"
     project.data["daemon"]["settle_after"] = "0s"
     project.write()
@@ -229,7 +232,7 @@ async def test_uncertain_stays_uncertain_where_the_provider_files_nothing(
     """A self-hosted server never files submitted mail in Sent: not finding it there proves nothing."""
     smtp, _dovecot = stack
     project.enroll(project.people(1))
-    db = project.root / "cadenced.db"
+    db = project.database
     query(
         db, "UPDATE messages SET state = 'error', reason = 'uncertain', message_id = '<cadenced.1.1.aa@alice.example>'"
     )
@@ -249,7 +252,7 @@ async def test_dsns_are_read_as_rfc_3464_says(project: Project, stack: tuple[Smt
     smtp, dovecot = stack
     project.data["cadences"][0]["steps"][1]["wait"] = "1h"
     project.enroll(project.people(4))
-    db = project.root / "cadenced.db"
+    db = project.database
     box = "mb1@alice.example"
     with structlog.testing.capture_logs() as logs:
         async with running(project.config_path):

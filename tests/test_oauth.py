@@ -4,7 +4,6 @@ SMTP server that accepts only live tokens, a revoked grant, an endpoint that is 
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from tests.oauth_server import OAuthRecorder, Provider
 from tests.servers import Authenticator, Pki, SmtpServer
 from tests.test_imap import mail
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
 
 
 @pytest.fixture
@@ -67,8 +66,8 @@ def oauth_mailbox(project: Project, provider: Provider, server: SmtpServer, refr
     return box
 
 
-def db(project: Project) -> Path:
-    return project.root / "cadenced.db"
+def db(project: Project) -> Path | str:
+    return project.database
 
 
 def test_a_provider_fills_in_servers_and_endpoints_and_the_file_wins(project: Project) -> None:
@@ -437,11 +436,13 @@ async def test_append_saves_each_sent_message_once_in_sent_seen(project: Project
         assert query(db(project), "SELECT count(*) FROM sent_copies") == [(0,)]
         sent = [d["Message-ID"] for d in server.recorder.deliveries]
         # A crash after the APPEND but before its commit: the copy is still queued at the next start.
-        with sqlite3.connect(db(project)) as conn:
-            conn.execute(
-                "INSERT INTO sent_copies (message, mailbox, message_id, content) VALUES (1, ?, ?, ?)",
-                ("mb1@alice.example", sent[0], b"Message-ID: " + sent[0].encode() + b"\r\n\r\nbody\r\n"),
-            )
+        query(
+            db(project),
+            "INSERT INTO sent_copies (message, mailbox, message_id, content) VALUES (1, ?, ?, ?)",
+            "mb1@alice.example",
+            sent[0],
+            b"Message-ID: " + sent[0].encode() + b"\r\n\r\nbody\r\n",
+        )
         with structlog.testing.capture_logs() as logs:
             async with running(project.config_path):
                 await until(lambda: query(db(project), "SELECT count(*) FROM sent_copies") == [(0,)])

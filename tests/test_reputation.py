@@ -16,11 +16,11 @@ from tests.imap_server import Dovecot, needs_dovecot
 from tests.servers import Pki, SmtpServer
 from tests.test_imap import dsn
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
 
 
-def db(project: Project) -> Path:
-    return project.root / "cadenced.db"
+def db(project: Project) -> Path | str:
+    return project.database
 
 
 def test_the_rule_needs_enough_sends_and_a_rate_over_the_limit() -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon import rotation
 from tests.conftest import Project
 from tests.daemon_helpers import query
+
+pytestmark = pytest.mark.both_stores
 
 POOL = [f"m{i}@x.example" for i in range(6)]
 
@@ -121,12 +124,12 @@ def test_a_cadence_pinned_under_the_old_default_keeps_it(project: Project) -> No
     project.add_cadence(users=["alice", "bob"])
     project.write()
     project.run("status")  # creates the database
-    db = project.root / "cadenced.db"
+    db = project.database
     query(db, "INSERT INTO cadence_pins VALUES ('c1', 1, 'cadence', 0)")
     query(
         db,
-        "INSERT INTO enrollments (cadence, email, mailbox, owner, adder, fields, created_at) "
-        "VALUES ('c1', 'old@x.example', ?, 'alice', 'alice', '{}', 0)",
+        "INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at) "
+        "VALUES (1, 'c1', 'old@x.example', ?, 'alice', 'alice', '{}', 0)",
         a1,
     )
     query(db, "INSERT INTO enrollment_counts VALUES ('c1', 'active', 1)")  # kept by whatever inserts one

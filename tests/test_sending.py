@@ -18,7 +18,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import next_weekday_at, query, running, shifted_clock, states, until
 from tests.servers import Authenticator, Pki, SmtpServer
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ async def test_each_security_mode_delivers(project: Project, pki: Pki, security:
         async with running(project.config_path):
             got = await anyio.to_thread.run_sync(server.recorder.wait_for, 2)
         assert {d.recipient for d in got} == {"p0@prospects.example", "p1@prospects.example"}
-        assert states(project.root / "cadenced.db") == {"sent": 2}
+        assert states(project.database) == {"sent": 2}
         if auth:
             assert auth.logins == 1  # one connection reused for both sends
     finally:
@@ -78,7 +78,7 @@ async def test_tls_is_never_skipped(project: Project, pki: Pki, problem: str) ->
         project.add_cadence()
         fast(project)
         project.enroll(project.people(2))
-        db = project.root / "cadenced.db"
+        db = project.database
         async with running(project.config_path):
             await until(lambda: states(db).get("error") == 2, what="messages in the error section")
         assert server.recorder.deliveries == []
@@ -119,7 +119,7 @@ async def test_rotation_stickiness_and_threads_at_the_server(project: Project) -
             assert second["References"] == first["Message-ID"]
             assert third["In-Reply-To"] == second["Message-ID"]
             assert third["References"].split() == [first["Message-ID"], second["Message-ID"]]
-        db = project.root / "cadenced.db"
+        db = project.database
         assert states(db) == {"sent": 30}
         assert query(db, "SELECT state, count(*) FROM enrollments GROUP BY state") == [("finished", 10)]
     finally:
@@ -138,7 +138,7 @@ async def test_daily_limit_defers_to_the_next_window_day_and_survives_restart(pr
         project.enroll(project.people(5))
         friday = next_weekday_at(4, 15, "Europe/Berlin")
         clock = shifted_clock(friday)
-        db = project.root / "cadenced.db"
+        db = project.database
         async with running(project.config_path, clock=clock):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 3)
             await until(
@@ -184,7 +184,7 @@ async def test_restart_mid_day_keeps_the_count(project: Project) -> None:
         async with running(project.config_path):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 2)
         project.enroll(project.people(3, start=2, name="more.csv"))
-        db = project.root / "cadenced.db"
+        db = project.database
         async with running(project.config_path):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 3)
             await until(lambda: len(query(db, "SELECT 1 FROM messages WHERE detail LIKE 'deferred:%'")) == 2)
@@ -244,7 +244,7 @@ async def test_message_left_sending_becomes_uncertain(project: Project) -> None:
         project.add_cadence()
         fast(project)
         project.enroll(project.people(2))
-        db = project.root / "cadenced.db"
+        db = project.database
         query(db, "UPDATE messages SET state = 'sending' WHERE id = 1")
         async with running(project.config_path):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 1)
@@ -275,20 +275,13 @@ async def test_warmup_and_skip_dates_hold_sends_and_say_why(project: Project) ->
         async with running(project.write(), clock):
             await anyio.to_thread.run_sync(server.recorder.wait_for, 2)
             await until(
-                lambda: (
-                    len(query(project.root / "cadenced.db", "SELECT id FROM messages WHERE detail LIKE 'deferred:%'"))
-                    == 6
-                )
+                lambda: len(query(project.database, "SELECT id FROM messages WHERE detail LIKE 'deferred:%'")) == 6
             )
         assert {d.sender for d in server.recorder.deliveries} == {warm}
         tomorrow = (today + timedelta(days=1)).isoformat()
-        details = dict(
-            query(
-                project.root / "cadenced.db",
-                "SELECT mailbox, group_concat(DISTINCT detail) FROM messages "
-                "WHERE state = 'scheduled' GROUP BY mailbox",
-            )
-        )
+        rows = query(project.database, "SELECT DISTINCT mailbox, detail FROM messages WHERE state = 'scheduled'")
+        details = dict(rows)
+        assert len(details) == len(rows)  # one reason per mailbox
         assert details[warm] == f"deferred: warmup until {tomorrow}T00:00:00Z"
         assert details[holiday] == f"deferred: skip_date until {tomorrow}T00:00:00Z"
         config = load_config(project.config_path)
@@ -335,7 +328,7 @@ async def test_a_domain_gets_its_daily_share_and_the_others_go_on(project: Proje
                 lambda: (
                     len(
                         query(
-                            project.root / "cadenced.db",
+                            project.database,
                             "SELECT 1 FROM messages WHERE detail LIKE 'deferred: domain_limit%'",
                         )
                     )
@@ -350,7 +343,7 @@ async def test_a_domain_gets_its_daily_share_and_the_others_go_on(project: Proje
         ]
         tomorrow = (today + timedelta(days=1)).isoformat()
         waiting = query(
-            project.root / "cadenced.db",
+            project.database,
             "SELECT e.email, m.detail FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "
             "WHERE m.state = 'scheduled' ORDER BY m.due_at, m.id",
         )

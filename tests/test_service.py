@@ -20,6 +20,8 @@ from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, query
 from tests.servers import Authenticator, Pki, SmtpServer
 
+pytestmark = pytest.mark.both_stores
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "cadenced.service"
 SECRET = "s3cret-Pa55-do-not-log"
@@ -155,7 +157,7 @@ def test_reload_applies_valid_config_and_keeps_the_old_one_otherwise(project: Pr
             daemon.signal(signal.SIGHUP)
             daemon.wait_event("config.reloaded", after=mark)
             project.enroll(project.people(2, start=30, name="late.csv"))
-            db = project.root / "cadenced.db"
+            db = project.database
             stuck = query(db, "SELECT id FROM messages WHERE mailbox = ? AND state = 'scheduled'", mb2)
             assert len(stuck) == 1
             del project.data["mailboxes"][1]
@@ -208,7 +210,7 @@ def test_sigterm_lets_a_slow_transaction_finish(project: Project) -> None:
         stopped = daemon.events()[-1]
         assert stopped["event"] == "daemon.stopped"
         assert (stopped["sent"], stopped["in_flight_cancelled"]) == (1, 0)
-        assert query(project.root / "cadenced.db", "SELECT state FROM messages") == [("sent",)]
+        assert query(project.database, "SELECT state FROM messages") == [("sent",)]
         assert len(server.recorder.deliveries) == 1
     finally:
         server.stop()

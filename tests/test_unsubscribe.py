@@ -18,11 +18,11 @@ from tests.imap_server import Dovecot, needs_dovecot
 from tests.servers import Pki, SmtpServer
 from tests.test_imap import mail
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
 
 
-def db(project: Project) -> Path:
-    return project.root / "cadenced.db"
+def db(project: Project) -> Path | str:
+    return project.database
 
 
 def test_a_token_names_its_enrollment_and_cannot_be_made_for_another() -> None:

@@ -1,0 +1,127 @@
+"""`database = "postgresql://…"`: what only PostgreSQL has to show. The engine's behaviour on it is the rest of
+the suite: every module marked `both_stores` runs each of its tests on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from daemon import pg
+from daemon.store import SCHEMA_VERSION, Store
+from tests.conftest import Project
+from tests.daemon_helpers import DaemonProcess, query
+from tests.postgres_server import Postgres
+from tests.servers import SmtpServer
+
+SECRET = "pg-password-of-the-tests-7731"
+
+
+@pytest.fixture
+def with_password(postgres_server: Postgres, postgres_url: str) -> str:
+    """The test database's URL as a role with a password would give it (the server trusts loopback: the
+    password is not checked, only carried, which is what must never show)."""
+    role = f"r_{urlsplit(postgres_url).path[3:11]}"
+    postgres_server.admin(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{SECRET}'")
+    parts = urlsplit(postgres_url)
+    return urlunsplit(parts._replace(netloc=f"{role}:{SECRET}@{parts.hostname}:{parts.port}"))
+
+
+def test_check_reports_the_server_and_the_schema(project: Project, with_password: str) -> None:
+    os.environ["CADENCED_TEST_DB_URL"] = with_password
+    try:
+        project.data["daemon"] = {"database_url_env": "CADENCED_TEST_DB_URL", "log_format": "json"}
+        project.add_mailboxes(1)
+        project.add_cadence()
+        before = project.run("check")
+        assert before.code == 0, before.err
+        assert "database: PostgreSQL 1" in before.out and "no cadenced schema yet" in before.out
+        assert project.enroll(project.people(2)).code == 0  # makes the schema
+        after = project.run("check")
+        assert f"schema {SCHEMA_VERSION}" in after.out
+        printed = project.run("check", "--print")
+        for output in (before.out, before.err, after.out, printed.out, project.run("status").out):
+            assert SECRET not in output
+        assert ":********@" in printed.out
+        project.data["daemon"] = {"database_url_env": "CADENCED_NOT_SET"}
+        unset = project.run("check")
+        assert (
+            unset.code == 2 and "daemon.database_url_env: $CADENCED_NOT_SET must hold a postgresql:// URL" in unset.err
+        )
+    finally:
+        del os.environ["CADENCED_TEST_DB_URL"]
+
+
+def test_an_unreachable_server_is_named_without_its_password(project: Project) -> None:
+    from tests.servers import free_port
+
+    project.data["daemon"]["database"] = f"postgresql://someone:{SECRET}@127.0.0.1:{free_port()}/nothing"
+    project.add_mailboxes(1)
+    project.add_cadence()
+    for args in (("check",), ("status",), ("enroll", "--cadence", "c1", "--as", "alice", str(project.people(1)))):
+        result = project.run(*args)
+        assert result.code == 2 and "cannot connect" in result.err, args
+        assert SECRET not in result.err + result.out and "someone:********@127.0.0.1" in result.err
+
+
+def test_text_postgresql_cannot_hold_matches_nothing_and_breaks_nothing(project: Project, postgres_url: str) -> None:
+    """A NUL (a hostile Message-ID, a query parameter) is refused by PostgreSQL's text type: it is looked up
+    and kept as U+FFFD, as unmatched as before, instead of failing the IMAP round or the request."""
+    store = Store.open(postgres_url)
+    try:
+        assert store.enrollments_of_message_ids(["<a\x00b@x>"]) == []
+        store.suppress("odd\x00@x.example", "operator", 0.0)
+        assert [s["email"] for s in store.suppressions()] == ["odd\ufffd@x.example"]
+        assert store.outbox(mailbox="m\x00@x") == []
+    finally:
+        store.close()
+
+
+def test_the_statements_translate(project: Project) -> None:
+    assert pg.translate("SELECT a FROM t WHERE x = ? AND y LIKE 'd:%'") == (
+        "SELECT a FROM t WHERE x = %s AND y LIKE 'd:%%'",
+        False,
+    )
+    text, named = pg.translate("UPDATE h SET b = max(b - (SELECT count(*) FROM m WHERE id = ?1), 0) WHERE k = ?2")
+    assert (
+        named
+        and text == "UPDATE h SET b = greatest(b - (SELECT count(*) FROM m WHERE id = %(p1)s), 0) WHERE k = %(p2)s"
+    )
+    assert pg.translate("SELECT min(due_at), max(x) FROM messages")[0] == "SELECT min(due_at), max(x) FROM messages"
+    assert pg.translate("DELETE FROM temp.import_rows WHERE m.attempts.x")[0] == (
+        "DELETE FROM pg_temp.import_rows WHERE m.attempts.x"
+    )
+    assert pg.translate("SELECT id FROM m WHERE id IN (SELECT value FROM json_each(?))")[0] == (
+        "SELECT id FROM m WHERE id IN (SELECT value FROM unnest(CAST(%s AS bigint[])) AS value)"
+    )
+
+
+def test_one_daemon_per_database_on_postgresql_too(project: Project, postgres_url: str) -> None:
+    """The daemon holds a session advisory lock: a second one, from any machine, is refused and says who runs."""
+    project.database = project.data["daemon"]["database"] = postgres_url
+    project.data["defaults"]["gap"] = "0s"
+    server = SmtpServer().start()
+    try:
+        project.add_mailboxes(1, smtp=server.smtp_config())
+        project.add_cadence()
+        project.enroll(project.people(3))
+        first = DaemonProcess(project.config_path)
+        try:
+            first.wait_event("daemon.started")
+            server.recorder.wait_for(3)
+            second = DaemonProcess(project.config_path)
+            assert second.wait(within=20) == 1
+            assert any(f"(pid {first.proc.pid} on " in line for line in second.lines)
+        finally:
+            first.signal(signal.SIGTERM)
+            assert first.wait() == 0
+        assert query(project.database, "SELECT state, count(*) FROM messages GROUP BY state") == [("sent", 3)]
+        # Released with the process: a new daemon starts at once.
+        again = DaemonProcess(project.config_path)
+        again.wait_event("daemon.started")
+        again.signal(signal.SIGTERM)
+        assert again.wait() == 0
+    finally:
+        server.stop()
