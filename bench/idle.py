@@ -8,7 +8,9 @@ measured in the same run, is the same N mailboxes without [imap].
 
 Target (issue: cost per mailbox): RSS and idle CPU reported for 2,000 sessions.
 
-    sudo python bench/idle.py [--mailboxes N] [--idle 10] [--warmup 10]
+    sudo python bench/idle.py [--mailboxes N] [--idle 10] [--warmup 10] [--postgres]
+
+--postgres: the daemon's database is a throwaway PostgreSQL of this run (the one daemon leases them all).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.imap_server import Dovecot  # noqa: E402
+from tests.postgres_server import Postgres  # noqa: E402
 from tests.servers import Pki  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -48,7 +51,7 @@ service imap-login {{
 """
 
 
-def write_config(folder: Path, n: int, dovecot: Dovecot | None, pki: Pki) -> Path:
+def write_config(folder: Path, n: int, dovecot: Dovecot | None, pki: Pki, database: str = "") -> Path:
     (folder / "imap-pw").write_text("imap-pw")
     mailboxes = []
     for i in range(n):
@@ -62,7 +65,7 @@ def write_config(folder: Path, n: int, dovecot: Dovecot | None, pki: Pki) -> Pat
             box["imap"] = dovecot.imap_config(f"u{i}", folder / "imap-pw", pki.ca_file, poll="30m")
         mailboxes.append(box)
     data = {
-        "daemon": {"database": str(folder / f"idle-{n}-{dovecot is not None}.db"), "log_format": "json"},
+        "daemon": {"database": database or str(folder / f"idle-{n}-{dovecot is not None}.db"), "log_format": "json"},
         "users": [{"name": f"u{i}"} for i in range(n)],
         "mailboxes": mailboxes,
         "cadences": [{"name": "c", "users": [f"u{i}" for i in range(n)], "steps": [{"subject": "Hi", "body": "Hi"}]}],
@@ -138,7 +141,9 @@ def main() -> int:
     parser.add_argument("--mailboxes", type=int, default=2000)
     parser.add_argument("--idle", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--postgres", action="store_true", help="on a throwaway PostgreSQL instead of SQLite")
     args = parser.parse_args()
+    postgres = Postgres().start() if args.postgres else None
     n = args.mailboxes
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -147,11 +152,14 @@ def main() -> int:
         users = {f"u{i}": "imap-pw" for i in range(n)}
         dovecot = Dovecot(pki, users, extra_conf=DOVECOT_SCALE.format(n=n + 100, clients=2 * n + 100)).start()
         try:
-            base = measure(write_config(root, n, None, pki), 0, args.warmup, args.idle)
-            idle = measure(write_config(root, n, dovecot, pki), n, args.warmup, args.idle)
+            urls = (postgres.database(), postgres.database()) if postgres else ("", "")
+            base = measure(write_config(root, n, None, pki, urls[0]), 0, args.warmup, args.idle)
+            idle = measure(write_config(root, n, dovecot, pki, urls[1]), n, args.warmup, args.idle)
         finally:
             dovecot.cleanup()
-    print(f"mailboxes:                         {n:,}")
+            if postgres:
+                postgres.stop()
+    print(f"mailboxes:                         {n:,} (database: {'PostgreSQL' if postgres else 'SQLite'})")
     print(
         f"without [imap] (baseline):         started in {base[0]:.1f} s, idle CPU {base[1]:.2f}%, RSS {base[2]:.0f} MB"
     )

@@ -258,6 +258,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if m.get("reason"):
             _out(f"  {'':<32} {m['state']}: {m['reason']}")
+        if "holder" in m:
+            lease = f"sent by {m['holder']} (lease to {m['lease_expires_at']})" if m["holder"] else "no daemon holds it"
+            _out(f"  {'':<32} {lease}")
+    for d in document.get("daemons", []):
+        _out(
+            f"daemon {d['node']}: pid {d['pid']} on {d['host']}, {'live' if d['live'] else 'gone'}, seen {d['seen_at']}"
+        )
     store_state = document["daemon"]["store"]
     if store_state not in (None, "ok"):
         _out(f"daemon (pid {document['daemon']['pid']}): {store_state}")
@@ -314,6 +321,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(config.daemon.log_format, config.daemon.log_level)
     daemon = Daemon(config.path, config)
     anyio.run(daemon.run, backend="asyncio")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Offline: the daemon's lock on the SQLite file is taken for the copy, so none runs meanwhile."""
+    from daemon import pg
+    from daemon.config import POSTGRES_SCHEMES
+    from daemon.service import hold_lock
+
+    config = _load(args)
+    source = config.daemon.database
+    url = os.environ.get(args.to[1:], "") if args.to.startswith("$") else args.to
+    if not isinstance(source, Path):
+        raise UsageError("daemon.database is already PostgreSQL: migrate copies an SQLite database into it")
+    if not url.startswith(POSTGRES_SCHEMES):
+        raise UsageError(f"--to: a postgresql:// URL (or $VARIABLE holding one), got {pg.shown(args.to)!r}")
+    release = hold_lock(source)
+    try:
+        store = Store.open(source, create=False)
+        try:
+            copied = pg.migrate(store, url)
+        finally:
+            store.close()
+    finally:
+        release()
+    if args.json:
+        _json({"to": pg.shown(url), "tables": copied, "rows": sum(copied.values())})
+        return 0
+    _out(f"copied {sum(copied.values())} rows of {len(copied)} tables to {pg.shown(url)}; every count verified")
+    for table, n in copied.items():
+        _out(f"  {table}: {n}")
+    _out("now set [daemon] database (or database_url_env) to it, and start the daemons there")
     return 0
 
 
@@ -651,6 +690,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=_days, default=7, help="1 to 366")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("migrate", parents=[common], help="copy the SQLite database into an empty PostgreSQL one")
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="URL",
+        help="postgresql://…, or $VARIABLE holding it (a password stays off the command line)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_migrate)
 
     p = sub.add_parser("demo", help="a self-contained run against a local SMTP server on loopback")
     p.add_argument("--keep", action="store_true", help="keep the demo's folder (config, database) afterwards")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import stat
 import tomllib
 import zoneinfo
@@ -256,6 +257,8 @@ class DaemonSettings:
     probe_backoff: tuple[float, float]
     busy_timeout: float = 30.0  # how long a commit waits for another process's write lock before sends pause
     settle_after: float = 900.0  # an uncertain send not in Sent after this long (sent_copies = provider) goes again
+    node: str = ""  # this daemon's name among several on one PostgreSQL database (default: the host name)
+    lease: float = 60.0  # PostgreSQL: how long a mailbox's lease lasts unless renewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -993,6 +996,8 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         probe_backoff=d.parsed("probe_backoff", (30.0, 1800.0), parse_gap),
         busy_timeout=d.parsed("busy_timeout", 30.0, parse_duration),
         settle_after=d.parsed("settle_after", 900.0, parse_duration),
+        node=_node(d),
+        lease=_lease(d),
     )
     d.finish()
 
@@ -1188,6 +1193,25 @@ _BAD_FIELD = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _node(d: _Table) -> str:
+    node = d.string("node", "")
+    if not node:  # the host name, made to fit
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).strip("-._")[:63] or "node"
+    if not isinstance(node, str) or not _NODE.fullmatch(node):
+        d.problems.add(d.at("node"), f"letters, digits, '.', '_' and '-', at most 63, got {node!r}")
+        return "node"
+    return node
+
+
+def _lease(d: _Table) -> float:
+    lease = d.parsed("lease", 60.0, parse_duration)
+    if isinstance(lease, float) and not 3.0 <= lease <= 3600.0:
+        d.problems.add(d.at("lease"), f"must be 3s to 1h, got {format_duration(lease)}")
+        return 60.0
+    return float(lease)
 
 
 def _database(d: _Table, base_dir: Path) -> Path | str:
@@ -1444,6 +1468,8 @@ def effective_dict(config: Config) -> dict[str, Any]:
             "probe_backoff": f"{format_duration(d.probe_backoff[0])}-{format_duration(d.probe_backoff[1])}",
             "busy_timeout": format_duration(d.busy_timeout),
             "settle_after": format_duration(d.settle_after),
+            "node": d.node,
+            "lease": format_duration(d.lease),
         },
         "defaults": _schedule_dict(config.defaults),
         "users": [{"name": u.name} for u in config.users],

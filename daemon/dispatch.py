@@ -239,6 +239,11 @@ class Dispatcher:
         self.watchers: dict[str, Any] = {}  # address → its IMAP watcher (imap.Watcher)
         self.stopping = False
         self.runners: dict[str, MailboxRunner] = {}
+        # PostgreSQL: the mailboxes this daemon leases (None: all, one daemon per SQLite database), and those
+        # whose loops it stopped to hand them to another daemon (released once the loop has finished).
+        self.held: set[str] | None = None
+        self._stop_requested = anyio.Event()
+        self.draining: dict[str, MailboxRunner | _Idle] = {}
         self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
         self.imap_opening = anyio.CapacityLimiter(IMAP_OPENING)
         self.tokens = oauth.Tokens(clock)  # OAuth2 access tokens, one per mailbox for its SMTP and IMAP sessions
@@ -304,14 +309,26 @@ class Dispatcher:
                 outer.start_soon(self.db.committer, name="group commit")
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    if self.db.slow.shared:
+                        await self._lease_round(first=True)
+                        outer.start_soon(self._leases, name="leases")
+                        # Holding no mailbox (yet) is no reason to stop: the group lives until stop().
+                        tg.start_soon(self._stop_requested.wait, name="until stopped")
                     for mailbox in self.config.mailboxes:
-                        self._start(mailbox)
+                        if self.held is None or mailbox.address in self.held:
+                            self._start(mailbox)
                     outer.start_soon(self._watch_replies, name="imap watchers")
                     outer.start_soon(self._notice_changes, name="housekeeping")
                     self.scheduler.add_job(
                         self._housekeeping_job, "interval", seconds=CHANGE_POLL, id="housekeeping:changes"
                     )
                     task_status.started()
+                if self.held is not None:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                        try:
+                            await self.db(_release_all, self.config.daemon.node)
+                        except StoreUnavailable:
+                            pass  # its leases expire by themselves
                 outer.cancel_scope.cancel()  # every loop has returned: nothing more to commit
         finally:
             self.scheduler.shutdown(wait=False)
@@ -325,7 +342,11 @@ class Dispatcher:
         running: dict[str, tuple[Any, anyio.CancelScope]] = {}
         async with anyio.create_task_group() as tg:
             while True:
-                wanted = {m.address: m for m in self.config.mailboxes if m.imap is not None}
+                wanted = {
+                    m.address: m
+                    for m in self.config.mailboxes
+                    if m.imap is not None and (self.held is None or m.address in self.held)
+                }
                 for address, (imap, scope) in list(running.items()):
                     if address not in wanted or wanted[address].imap != imap:
                         scope.cancel()
@@ -371,6 +392,7 @@ class Dispatcher:
     def stop(self, grace: float = float("inf")) -> None:
         """Take no new message; transactions in flight get `grace`, then they are cut."""
         self.stopping = True
+        self._stop_requested.set()
         self.deadline = time.monotonic() + grace
         self.cut_at = anyio.current_time() + grace
         for shield in self.shields:
@@ -394,10 +416,64 @@ class Dispatcher:
         for address, mailbox in new.items():
             runner_or_none = self.runners.get(address)
             if runner_or_none is None:
-                self._start(mailbox)
+                if self.held is None or address in self.held:
+                    self._start(mailbox)
             else:
                 runner_or_none.reconfigure(mailbox)
         return removed
+
+    # --- leases (PostgreSQL) -----------------------------------------------------------------
+
+    async def _leases(self) -> None:
+        """Renew this daemon's leases and take its share, several times per lease: a missed round or two
+        costs nothing; a daemon that cannot renew is fenced off by its claims' own lease check."""
+        while True:
+            await anyio.sleep(self.config.daemon.lease / 6)
+            if self.stopping:
+                return
+            try:
+                await self._lease_round(first=False)
+            except StoreUnavailable as exc:
+                self.store_failed(exc)
+
+    async def _lease_round(self, *, first: bool) -> None:
+        d = self.config.daemon
+        for store in (self.db.slow, self.db.group, self.db.fast):
+            store.node, store.lease_ttl = d.node, d.lease  # type: ignore[attr-defined]
+        finished = [a for a, r in self.draining.items() if r.done]
+        held, taken, uncertain, extra = await self.db(
+            _lease_round, d.node, [m.address for m in self.config.mailboxes], d.lease, finished, first
+        )
+        for address in finished:
+            del self.draining[address]
+        for message in uncertain:
+            self.log.warning(
+                "message.error", message=message, reason="uncertain", detail="found in sending at takeover"
+            )
+        before = self.held if self.held is not None else set()
+        self.held = set(held) - set(extra)
+        lost = (before - set(held)) | set(extra)
+        for address in sorted(lost):
+            runner = self.runners.pop(address, None)
+            if runner is not None:
+                runner.removed = True
+                runner.wake()
+                self._unschedule(address)
+                if address in extra:
+                    self.draining[address] = runner
+            elif address in extra and address not in self.draining:
+                self.draining[address] = _Idle()
+        gained = sorted(self.held - before - set(self.runners))
+        if first:
+            return  # serve() starts the held mailboxes' loops
+        for address in gained:
+            try:
+                self._start(self.config.mailbox(address))
+            except KeyError:
+                continue
+        if lost or gained:
+            self.log.info("daemon.leases", node=d.node, held=len(self.held), taken=taken, released=sorted(lost))
+            self._config_changed.set()  # the IMAP watchers follow
 
     def wake_all(self) -> None:
         """Every sender loop looks again (the API enrolled): new messages may be due now."""
@@ -442,6 +518,20 @@ class Dispatcher:
             job.remove()
 
 
+class _Idle:
+    """A mailbox given up before its loop started: nothing to wait for."""
+
+    done = True
+
+
+def _lease_round(store: Store, *args: Any) -> Any:
+    return store.lease_round(*args)  # type: ignore[attr-defined]
+
+
+def _release_all(store: Store, node: str) -> None:
+    store.release_all(node)  # type: ignore[attr-defined]
+
+
 def _aware(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -456,6 +546,7 @@ class MailboxRunner:
         self.conn = smtp.Connection(mailbox, dispatcher.tokens)
         self.holds_slot = False
         self.removed = False
+        self.done = False  # its loop has returned (a released lease may then go to another daemon)
         self._event = anyio.Event()
         self.next_wake: float | None = None
         self._pending: Sent | None = None
@@ -514,6 +605,7 @@ class MailboxRunner:
             with anyio.CancelScope(shield=True):
                 await self.flush()
                 await self._close()
+            self.done = True
 
     def _next_store_backoff(self) -> float:
         delay, self._store_backoff = self._store_backoff, min(self._store_backoff * 2, 30.0)
@@ -635,8 +727,8 @@ class MailboxRunner:
             deferred = (
                 defer_full_domains(store, self.mailbox, now, day, snap.first_day) if schedule.domain_daily_limit else []
             )
-            if deferred is None:
-                return Turn(snap, day, decision, None, [])
+            if deferred is None or not store.holds(self.address):
+                return Turn(snap, day, decision if deferred is None else None, None, [])
             claimed = store.claim(self.address, now, self._message_id)
             thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
             return Turn(snap, day, decision, claimed, thread, deferred)

@@ -171,6 +171,18 @@ CREATE TABLE api_requests (
     created_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX api_requests_created ON api_requests (created_at);
+CREATE TABLE daemons (
+    node TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    seen_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE leases (
+    mailbox TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
 CREATE FUNCTION instr(haystack TEXT, needle TEXT) RETURNS INTEGER
     LANGUAGE sql IMMUTABLE AS 'SELECT strpos(haystack, needle)';
 CREATE FUNCTION enrollment_recounted() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -246,27 +258,30 @@ def inspect(url: str) -> tuple[str, int | None]:
     return (str(version[0]) if version else "?"), (int(schema[0]) if schema else None)
 
 
-DAEMON_LOCK = 0x63616466  # held by the running daemon for its life: one daemon per database
-
-
-def hold_daemon_lock(url: str) -> Callable[[], None]:
-    """A session advisory lock on a connection of its own, held until released (or the process dies); the
-    connection's application_name says which process holds it."""
+def hold_daemon_lock(url: str, node: str) -> Callable[[], None]:
+    """One process per node name: a session advisory lock on a connection of its own, held until released
+    (or the process dies); the connection's application_name says which process holds it. Daemons with
+    other node names share the database, each with the mailboxes it leases."""
     name = f"cadenced run pid {os.getpid()} on {socket.gethostname()}"[:63]
     try:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name=name)
     except psycopg.Error as exc:
         raise StoreError(f"{shown(url)}: cannot connect: {redact_url(str(exc), url)}") from None
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (DAEMON_LOCK,)).fetchone()
+    key = f"cadenced node {node}"
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
     if not row or not row[0]:
         holder = conn.execute(
             """SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-               WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted""",
-            (DAEMON_LOCK,),
+               WHERE l.locktype = 'advisory' AND l.objid = (hashtext(%s)::bigint & 4294967295) AND l.granted
+               AND a.pid != pg_backend_pid()""",
+            (key,),
         ).fetchone()
         conn.close()
         who = str(holder[0]).removeprefix("cadenced run ") if holder else "unknown"
-        raise Refused(f"another cadenced run ({who}) already runs on {shown(url)}")
+        raise Refused(
+            f"another cadenced run ({who}) already runs on {shown(url)} as node {node!r} "
+            "(give each daemon its own [daemon] node)"
+        )
     return conn.close
 
 
@@ -544,6 +559,103 @@ class PgStore(Store):
             "CREATE TEMP TABLE import_rows (line BIGINT PRIMARY KEY, email TEXT, owner TEXT, fields TEXT)"
         )
 
+    # --- leases: which daemon sends for which mailbox -------------------------------------------
+
+    shared = True
+    node: str | None = None  # set on the daemon's connections: its claims are fenced by its leases
+    LEASE_MARGIN = 0.5  # a claim needs its lease to last this share of a lease longer (a send fits in it)
+    lease_ttl = 60.0
+
+    def lease_round(
+        self, node: str, mailboxes: Sequence[str], ttl: float, release: Sequence[str], first: bool
+    ) -> tuple[list[str], list[str], list[int], list[str]]:
+        """One round, in one transaction, in the server's time: this daemon seen; its leases renewed; those it
+        let go of (`release`, their loops stopped) dropped; its share of the live daemons' taken from the free
+        or expired ones. Returns (held, taken, messages found in `sending` under a dead holder (now
+        uncertain), extra: held beyond the fair share, to stop and release next round).
+
+        `first`: the daemon has just started; leases still under its node name are its dead predecessor's,
+        and what that left in `sending` is uncertain too."""
+        wanted = sorted(set(mailboxes))
+        with self.transaction():
+            now = float(self.conn.pg.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])  # type: ignore[index]
+            self.conn.execute(
+                """INSERT INTO daemons VALUES (?, ?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET
+                   pid = excluded.pid, host = excluded.host, seen_at = excluded.seen_at,
+                   started_at = CASE WHEN ? = 1 THEN excluded.started_at ELSE daemons.started_at END""",
+                (node, os.getpid(), socket.gethostname(), now, now, first),
+            )
+            self.conn.execute("DELETE FROM daemons WHERE seen_at < ?", (now - 10 * ttl,))
+            live = int(self.conn.execute("SELECT count(*) FROM daemons WHERE seen_at >= ?", (now - ttl,)).fetchone()[0])
+            self.conn.pg.execute(  # let go: what it released, and mailboxes no longer in its config
+                """DELETE FROM leases WHERE holder = %s
+                   AND (mailbox = ANY(%s::text[]) OR NOT mailbox = ANY(%s::text[]))""",
+                (node, list(release), wanted),
+            )
+            mine = sorted(
+                r[0]
+                for r in self.conn.pg.execute(
+                    "UPDATE leases SET expires_at = %s WHERE holder = %s RETURNING mailbox", (now + ttl, node)
+                )
+            )
+            share = -(-len(wanted) // max(live, 1))
+            extra = mine[share:]
+            taken: list[str] = []
+            if len(mine) < share:
+                taken = [
+                    r[0]
+                    for r in self.conn.pg.execute(
+                        """SELECT w.m FROM unnest(%s::text[]) AS w(m) LEFT JOIN leases l ON l.mailbox = w.m
+                           WHERE l.mailbox IS NULL OR l.expires_at < %s ORDER BY w.m LIMIT %s""",
+                        (wanted, now, share - len(mine)),
+                    )
+                ]
+                with self.conn.pg.cursor() as cursor:
+                    cursor.executemany(
+                        """INSERT INTO leases VALUES (%s, %s, %s) ON CONFLICT (mailbox)
+                           DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at""",
+                        [(m, node, now + ttl) for m in taken],
+                    )
+            orphaned = taken + (mine if first else [])
+            uncertain = [
+                r[0]
+                for r in self.conn.pg.execute(
+                    """UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = %s,
+                       detail = 'found in sending when ' || %s || ' took the mailbox over: its daemon stopped mid-send'
+                       WHERE state = 'sending' AND mailbox = ANY(%s::text[]) RETURNING id""",
+                    (now, node, orphaned),
+                )
+            ]
+        return sorted(mine + taken), taken, uncertain, extra
+
+    def holds(self, mailbox: str) -> bool:
+        """Fencing, in the claiming transaction: this daemon's lease on the mailbox lasts long enough for a send."""
+        if self.node is None:
+            return True
+        row = self.conn.pg.execute(
+            """SELECT 1 FROM leases WHERE mailbox = %s AND holder = %s
+               AND expires_at > extract(epoch FROM clock_timestamp()) + %s""",
+            (mailbox, self.node, self.lease_ttl * self.LEASE_MARGIN),
+        ).fetchone()
+        return row is not None
+
+    def release_all(self, node: str) -> None:
+        """A daemon that stops lets go of everything at once: the others take over at their next round."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM leases WHERE holder = ?", (node,))
+            self.conn.execute("DELETE FROM daemons WHERE node = ?", (node,))
+
+    def leases(self) -> dict[str, tuple[str, float]]:
+        return {r[0]: (r[1], float(r[2])) for r in self.conn.execute("SELECT mailbox, holder, expires_at FROM leases")}
+
+    def daemons(self, ttl: float) -> list[dict[str, Any]]:
+        now = float(self.conn.pg.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])  # type: ignore[index]
+        rows = self.conn.execute("SELECT node, pid, host, started_at, seen_at FROM daemons ORDER BY node")
+        return [
+            {"node": r[0], "pid": r[1], "host": r[2], "started_at": r[3], "seen_at": r[4], "live": r[4] >= now - ttl}
+            for r in rows
+        ]
+
     def sent_on_days(self, wanted: Sequence[tuple[str, str]]) -> dict[str, int]:
         rows = self.conn.pg.execute(
             """SELECT d.mailbox, d.sent FROM unnest(%s::text[], %s::text[]) AS w(mailbox, day)
@@ -564,3 +676,63 @@ class PgStore(Store):
 def redact_url(text: str, url: str) -> str:
     password = urlsplit(url).password
     return text.replace(password, "********") if password else text
+
+
+# --- copying an SQLite database over -----------------------------------------------------------------------
+
+NOT_COPIED = frozenset({"cadenced_schema", "daemons", "leases"})  # PostgreSQL's own
+
+
+def migrate(source: Store, url: str) -> dict[str, int]:
+    """Copy every row of an SQLite database into an empty PostgreSQL one, in one transaction, and verify
+    the counts table by table: on any difference (or error) nothing stays in PostgreSQL. Rows by table."""
+    target = PgStore.connect(url)
+    try:
+        tables = [
+            r[0]
+            for r in source.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid"
+            )
+        ]
+        theirs = {
+            r[0]
+            for r in target.conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            )
+        }
+        missing = sorted(set(tables) - theirs)
+        if missing:
+            raise StoreError(f"{target.path}: no table {', '.join(missing)} (schemas differ: upgrade cadenced)")
+        order = sorted(tables, key=lambda t: {"enrollments": 0, "messages": 1}.get(t, 2))  # references first
+        copied: dict[str, int] = {}
+        with target.transaction():
+            for table in order:
+                if target.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+                    raise StoreError(
+                        f"{target.path}: table {table} is not empty: migrate copies into an empty database"
+                    )
+            for table in order:
+                cursor = source.conn.execute(f"SELECT * FROM {table}")
+                columns = ", ".join(d[0] for d in cursor.description)
+                n = 0
+                with (
+                    target.conn.pg.cursor() as pg_cursor,
+                    pg_cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+                ):
+                    while rows := cursor.fetchmany(5000):
+                        for row in rows:
+                            copy.write_row([_value(v) for v in row])
+                        n += len(rows)
+                copied[table] = n
+            target.conn.pg.execute(
+                "SELECT setval(pg_get_serial_sequence('messages', 'id'), coalesce(max(id), 0) + 1, false) FROM messages"
+            )
+            for table, n in copied.items():
+                there = int(target.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                if there != n:
+                    raise StoreError(f"{target.path}: {table}: {n} rows read, {there} in PostgreSQL; nothing was kept")
+        return copied
+    except psycopg.Error as exc:
+        raise StoreError(f"{target.path}: {redact_url(str(exc).strip(), url)}; nothing was kept") from None
+    finally:
+        target.close()

@@ -150,12 +150,23 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 "safeguards": safeguards(store, m, h, state, first_day, now),
             }
         )
+    if store.shared:  # PostgreSQL: who sends for each mailbox, and which daemons are live
+        leases = store.leases()  # type: ignore[attr-defined]
+        for row in mailboxes:
+            holder, expires = leases.get(row["address"], (None, None))
+            row["holder"], row["lease_expires_at"] = holder, iso(expires)
     enrollments = store.enrollment_counts()
     cadences = []
     for c in config.cadences:
         mine = enrollments.get(c.name, {})
         cadences.append({"name": c.name, "enrollments": {s: mine.get(s, 0) for s in ENROLLMENT_STATES}})
-    return {"mailboxes": mailboxes, "cadences": cadences, "daemon": daemon(store, now), "generated_at": iso(now)}
+    out = {"mailboxes": mailboxes, "cadences": cadences, "daemon": daemon(store, now), "generated_at": iso(now)}
+    if store.shared:
+        out["daemons"] = [
+            {**d, "started_at": iso(d["started_at"]), "seen_at": iso(d["seen_at"])}
+            for d in store.daemons(config.daemon.lease)  # type: ignore[attr-defined]
+        ]
+    return out
 
 
 def gauges(config: Config, store: Store, now: float) -> list[tuple[str, str, int, int]]:

@@ -25,13 +25,13 @@ from daemon.systemd import Notifier, watchdog_interval
 INTEGRITY_WAIT = 0.25  # seconds the first send waits for the database check (it reads the whole file)
 
 
-def hold_lock(database: Path | str) -> Callable[[], None]:
+def hold_lock(database: Path | str, node: str = "") -> Callable[[], None]:
     """One daemon per database, for the process's life: on SQLite an exclusive lock on `<database>.lock`, on
     PostgreSQL a session advisory lock. A second daemon is refused. Returns what releases it."""
     if isinstance(database, str):
         from daemon import pg
 
-        return pg.hold_daemon_lock(database)
+        return pg.hold_daemon_lock(database, node)
     path = database.with_name(database.name + ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,9 @@ class Daemon:
     def startup(self) -> Dispatcher:
         config = self.config
         if self._lock is None:
-            self._lock = hold_lock(config.daemon.database)  # one daemon per database, for the process's life
+            self._lock = hold_lock(
+                config.daemon.database, config.daemon.node
+            )  # one daemon per database, for the process's life
         try:
             store = Store.open(config.daemon.database)
         except StoreError:
@@ -140,7 +142,9 @@ class Daemon:
         if problems:
             raise ConfigError(problems, str(self.config_path))
         now = self.clock()
-        for message in store.recover_sending(now):
+        # On PostgreSQL another daemon may be sending right now: what is left in `sending` is settled for each
+        # mailbox as this daemon takes its lease over (Dispatcher._lease_round), never all at once.
+        for message in [] if store.shared else store.recover_sending(now):
             self.log.warning(
                 "message.error", message=message, reason="uncertain", detail="found in sending at start-up"
             )
@@ -168,7 +172,9 @@ class Daemon:
         (`integrity_wait`, INTEGRITY_WAIT seconds by default).
         """
         if self._lock is None:
-            self._lock = hold_lock(self.config.daemon.database)  # before anything else: one daemon per database
+            self._lock = hold_lock(
+                self.config.daemon.database, self.config.daemon.node
+            )  # before anything else: one daemon per database
         integrity = IntegrityCheck(self.config.daemon.database)  # nothing to read on PostgreSQL
         checked = anyio.Event()
         failure: list[StoreError] = []

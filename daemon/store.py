@@ -237,6 +237,8 @@ class Pin:
 class Store:
     """One SQLite connection in WAL mode; writes go through `transaction()`."""
 
+    shared = False  # True on PostgreSQL: several daemons, each sending for the mailboxes it leases
+
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
@@ -303,6 +305,10 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def holds(self, mailbox: str) -> bool:
+        """May this daemon claim the mailbox's messages? On SQLite one daemon sends for every mailbox."""
+        return True
 
     def _list(self, values: Sequence[Any]) -> Any:
         """A list as one parameter: JSON for json_each (PostgreSQL takes an array)."""

@@ -49,6 +49,7 @@ class Postgres:
         self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
         self.url = EXTERNAL or f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
         self.proc_started = False
+        self.fsync = False  # the tests need no durability across a power cut; a benchmark does
 
     def _as_owner(self, *argv: str) -> list[str]:
         if os.geteuid() != 0:
@@ -74,7 +75,9 @@ class Postgres:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c full_page_writes=off"
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.folder}"
+        if not self.fsync:
+            options += " -c fsync=off -c full_page_writes=off"
         pg_ctl = self._as_owner(str(BIN / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "log"), "-o", options)
         subprocess.run(
             [*pg_ctl, "-w", "start"],

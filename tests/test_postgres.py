@@ -98,10 +98,12 @@ def test_the_statements_translate(project: Project) -> None:
     )
 
 
-def test_one_daemon_per_database_on_postgresql_too(project: Project, postgres_url: str) -> None:
-    """The daemon holds a session advisory lock: a second one, from any machine, is refused and says who runs."""
+def test_one_daemon_per_node_name(project: Project, postgres_url: str) -> None:
+    """Daemons share a database under their own node names; a second one under a name already running (from
+    any machine) is refused and says who runs, and the name is free again once that process is gone."""
     project.database = project.data["daemon"]["database"] = postgres_url
     project.data["defaults"]["gap"] = "0s"
+    project.data["daemon"]["node"] = "n1"
     server = SmtpServer().start()
     try:
         project.add_mailboxes(1, smtp=server.smtp_config())
@@ -113,7 +115,9 @@ def test_one_daemon_per_database_on_postgresql_too(project: Project, postgres_ur
             server.recorder.wait_for(3)
             second = DaemonProcess(project.config_path)
             assert second.wait(within=20) == 1
-            assert any(f"(pid {first.proc.pid} on " in line for line in second.lines)
+            assert any(f"(pid {first.proc.pid} on " in line and "as node 'n1'" in line for line in second.lines), (
+                second.lines
+            )
         finally:
             first.signal(signal.SIGTERM)
             assert first.wait() == 0
@@ -123,5 +127,63 @@ def test_one_daemon_per_database_on_postgresql_too(project: Project, postgres_ur
         again.wait_event("daemon.started")
         again.signal(signal.SIGTERM)
         assert again.wait() == 0
+    finally:
+        server.stop()
+
+
+def test_migrate_copies_an_sqlite_database_and_the_daemon_goes_on_there(
+    project: Project, postgres_url: str, with_password: str
+) -> None:
+    server = SmtpServer().start()
+    try:
+        project.data["defaults"]["gap"] = "0s"
+        project.add_mailboxes(2, smtp=server.smtp_config())
+        cadence = project.add_cadence(steps=2)
+        cadence["steps"][1]["wait"] = "1s"
+        assert project.enroll(project.people(6)).code == 0
+        assert project.run("suppress", "gone@prospects.example").code == 0
+        first = DaemonProcess(project.write())
+        try:
+            server.recorder.wait_for(6)  # step 1 of each; their follow-ups are scheduled
+            # Offline only: the running daemon holds the file.
+            busy = project.run("migrate", "--to", postgres_url)
+            assert busy.code == 1 and "already runs" in busy.err
+        finally:
+            first.signal(signal.SIGTERM)
+            assert first.wait() == 0
+        before = project.run("status", "--json").json()
+        outbox = project.run("outbox", "--json").json()
+        key = query(project.database, "SELECT value FROM daemon_state WHERE key = 'unsubscribe_key'")
+        os.environ["CADENCED_TEST_DB_URL"] = with_password
+        try:
+            moved = project.run("migrate", "--to", "$CADENCED_TEST_DB_URL", "--json")
+        finally:
+            del os.environ["CADENCED_TEST_DB_URL"]
+        assert moved.code == 0, moved.err
+        report = moved.json()
+        assert report["tables"]["enrollments"] == 6 and report["tables"]["messages"] == 12
+        assert report["tables"]["suppressions"] == 1 and SECRET not in moved.out
+        again = project.run("migrate", "--to", postgres_url)
+        assert again.code == 2 and "is not empty" in again.err
+
+        project.database = project.data["daemon"]["database"] = postgres_url
+        after = project.run("status", "--json").json()
+        assert after["cadences"] == before["cadences"]
+        assert [(m["address"], m["sent_today"], m["scheduled"]) for m in after["mailboxes"]] == [
+            (m["address"], m["sent_today"], m["scheduled"]) for m in before["mailboxes"]
+        ]
+        assert project.run("outbox", "--json").json() == outbox
+        assert query(postgres_url, "SELECT value FROM daemon_state WHERE key = 'unsubscribe_key'") == key
+        # The daemon goes on on PostgreSQL: the follow-ups leave, in the same threads, and new ids follow on.
+        second = DaemonProcess(project.write())
+        try:
+            later = server.recorder.wait_for(12)[6:]
+            assert {d.recipient for d in later} == {f"p{i}@prospects.example" for i in range(6)}
+            assert all(d["In-Reply-To"] for d in later)
+        finally:
+            second.signal(signal.SIGTERM)
+            assert second.wait() == 0
+        assert project.enroll(project.people(1, start=6, name="more.csv")).json()["enrolled"] == 1
+        assert query(postgres_url, "SELECT max(id) FROM messages") == [(13,)]
     finally:
         server.stop()
