@@ -65,6 +65,8 @@ class AsyncStore:
         self.group = Store.open(path, wait=False)
         # A PostgreSQL server is a round trip away: every call waits in a worker thread, never on the loop.
         self.remote = isinstance(path, str)
+        if self.remote:
+            self.group.conn.own = {s.conn.pid for s in (self.fast, self.slow, self.group)}  # type: ignore[attr-defined]
         self.limiter = anyio.CapacityLimiter(1)
         self.group_limiter = anyio.CapacityLimiter(1)
         self.waited = 0
