@@ -44,6 +44,16 @@ async def until(condition: Callable[[], Any], within: float = 20.0, what: str = 
     raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
+def wait_until(condition: Callable[[], Any], within: float, what: str) -> None:
+    """From a test's thread (real processes): poll `condition` until truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
 def query(db: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     """SQL (SQLite's) on the test's database: a file, or a PostgreSQL URL (translated as the store does)."""
     if isinstance(db, str):

@@ -12,21 +12,12 @@ from pathlib import Path
 import tomli_w
 
 from tests.conftest import Project
-from tests.daemon_helpers import DaemonProcess, query, states
+from tests.daemon_helpers import DaemonProcess, query, states, wait_until
 from tests.servers import SmtpServer
 
 LEASE = 6.0
 DAILY_LIMIT = 50
 _OUTBOX_ID = re.compile(r"<cadenced\.(\d+)\.(\d+)\.")
-
-
-def wait_until(condition: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def holders(url: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Project
-from tests.daemon_helpers import query, states
+from tests.daemon_helpers import query, states, wait_until
 from tests.servers import SmtpServer
 
 pytestmark = pytest.mark.both_stores
@@ -28,15 +28,6 @@ def start(project: Project, log: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "daemon", "--config", str(project.config_path), "run"]
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_until(condition: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def test_sigkill_at_random_moments_never_sends_a_step_twice(project: Project) -> None:
