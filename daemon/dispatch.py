@@ -453,7 +453,7 @@ class Dispatcher:
                 "message.error", message=message, reason="uncertain", detail="found in sending at takeover"
             )
         before = self.held if self.held is not None else set()
-        self.held = set(held) - set(extra)
+        self.held = set(held) - set(extra) - set(self.draining)
         lost = (before - set(held)) | set(extra)
         for address in sorted(lost):
             runner = self.runners.pop(address, None)
@@ -465,7 +465,8 @@ class Dispatcher:
                     self.draining[address] = runner
             elif address in extra and address not in self.draining:
                 self.draining[address] = _Idle()
-        gained = sorted(self.held - before - set(self.runners))
+        # A mailbox still draining is not started again before its lease is let go of (two loops at once).
+        gained = sorted(self.held - before - set(self.runners) - set(self.draining))
         if first:
             return  # serve() starts the held mailboxes' loops
         for address in gained:

@@ -432,7 +432,7 @@ def translate(sql: str) -> tuple[str, bool]:
     text = _EACH_ALIASED.sub(r"unnest(CAST(\1 AS text[])) AS \2(value)", text)
     text = _EACH.sub(r"unnest(CAST(\1 AS bigint[])) AS value", text)
     text = _greatest(text)
-    text = text.replace(" CROSS JOIN messages m ON ", " JOIN messages m ON ")  # SQLite's join-order hint
+    text = re.sub(r"\bCROSS JOIN (\w+ \w+) ON\b", r"JOIN \1 ON", text)  # SQLite's join-order hint
     named = bool(re.search(r"\?\d", text))
     text = _PLACEHOLDER.sub(lambda m: f"%(p{m.group(1)})s" if m.group(1) else "%s", text)
     return text, named

@@ -160,12 +160,25 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
     for c in config.cadences:
         mine = enrollments.get(c.name, {})
         cadences.append({"name": c.name, "enrollments": {s: mine.get(s, 0) for s in ENROLLMENT_STATES}})
-    out = {"mailboxes": mailboxes, "cadences": cadences, "daemon": daemon(store, now), "generated_at": iso(now)}
+    out: dict[str, Any] = {
+        "mailboxes": mailboxes,
+        "cadences": cadences,
+        "daemon": daemon(store, now),
+        "generated_at": iso(now),
+    }
     if store.shared:
-        out["daemons"] = [
+        daemons = [
             {**d, "started_at": iso(d["started_at"]), "seen_at": iso(d["seen_at"])}
             for d in store.daemons(config.daemon.lease)  # type: ignore[attr-defined]
         ]
+        out["daemons"] = daemons
+        # A pid says nothing across machines: the daemons are running when one of them is live.
+        live = [d for d in daemons if d["live"]]
+        running: dict[str, Any] = out["daemon"]
+        running["running"] = bool(live)
+        running["pid"] = live[0]["pid"] if len(live) == 1 else None
+        if live and running["store"] is None:
+            running["store"] = "ok"
     return out
 
 

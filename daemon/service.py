@@ -26,8 +26,8 @@ INTEGRITY_WAIT = 0.25  # seconds the first send waits for the database check (it
 
 
 def hold_lock(database: Path | str, node: str = "") -> Callable[[], None]:
-    """One daemon per database, for the process's life: on SQLite an exclusive lock on `<database>.lock`, on
-    PostgreSQL a session advisory lock. A second daemon is refused. Returns what releases it."""
+    """For the process's life: on SQLite an exclusive lock on `<database>.lock` (one daemon per database), on
+    PostgreSQL a session advisory lock on the node name (one process per node). Returns what releases it."""
     if isinstance(database, str):
         from daemon import pg
 
@@ -115,9 +115,8 @@ class Daemon:
     def startup(self) -> Dispatcher:
         config = self.config
         if self._lock is None:
-            self._lock = hold_lock(
-                config.daemon.database, config.daemon.node
-            )  # one daemon per database, for the process's life
+            # One daemon per database (per node name on PostgreSQL), for the process's life.
+            self._lock = hold_lock(config.daemon.database, config.daemon.node)
         try:
             store = Store.open(config.daemon.database)
         except StoreError:
@@ -172,9 +171,8 @@ class Daemon:
         (`integrity_wait`, INTEGRITY_WAIT seconds by default).
         """
         if self._lock is None:
-            self._lock = hold_lock(
-                self.config.daemon.database, self.config.daemon.node
-            )  # before anything else: one daemon per database
+            # Before anything else: one daemon per database (per node name on PostgreSQL).
+            self._lock = hold_lock(self.config.daemon.database, self.config.daemon.node)
         integrity = IntegrityCheck(self.config.daemon.database)  # nothing to read on PostgreSQL
         checked = anyio.Event()
         failure: list[StoreError] = []

@@ -85,6 +85,7 @@ def test_three_daemons_share_the_mailboxes_and_a_kill_9_loses_and_doubles_nothin
         wait_until(lambda: sorted(Counter(holders(postgres_url).values()).values()) == [4, 4, 4], 30, "4 each again")
         status = project.run("status", "--json").json()
         assert {d["node"] for d in status["daemons"] if d["live"]} == {"a", "b", "c"}
+        assert status["daemon"]["running"] is True
         assert all(m["holder"] in ("a", "b", "c") for m in status["mailboxes"])
     finally:
         for d in daemons.values():

@@ -93,6 +93,9 @@ def test_the_statements_translate(project: Project) -> None:
     assert pg.translate("DELETE FROM temp.import_rows WHERE m.attempts.x")[0] == (
         "DELETE FROM pg_temp.import_rows WHERE m.attempts.x"
     )
+    assert pg.translate("SELECT e.id FROM json_each(?) j CROSS JOIN messages m ON m.message_id = j.value")[0] == (
+        "SELECT e.id FROM unnest(CAST(%s AS text[])) AS j(value) JOIN messages m ON m.message_id = j.value"
+    )
     assert pg.translate("SELECT id FROM m WHERE id IN (SELECT value FROM json_each(?))")[0] == (
         "SELECT id FROM m WHERE id IN (SELECT value FROM unnest(CAST(%s AS bigint[])) AS value)"
     )
