@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.policy
 import email.utils
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ def compile_template(source: str) -> Template:
     try:
         tree = _ENV.parse(source)
         compiled = _ENV.from_string(tree)
+        # Jinja keeps a template's globals as a ChainMap over the environment's, and every render copies it
+        # key by key: flattened once here, a render costs a quarter (measured, bench/throughput.py).
+        compiled.globals = dict(compiled.globals)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}") from None
     except Exception as exc:  # the compiler folds constants: an expression can fail here too
@@ -228,13 +232,25 @@ _BODY_HEADERS = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_header(name: str, address: str) -> str:
+    """From of a mailbox: the same for every message it sends."""
+    return email.utils.formataddr((name, address))
+
+
+@functools.lru_cache(maxsize=4)
+def _date_header(second: int) -> str:
+    """Date: whole seconds, the same for every message sent within one."""
+    return email.utils.formatdate(second, usegmt=True)
+
+
 def _plain_message(out: Outgoing) -> bytes | None:
     """`library_message(out)` when it would write every header as given; else None."""
     headers = [
-        ("From", email.utils.formataddr((out.from_name, out.from_address))),
+        ("From", _address_header(out.from_name, out.from_address)),
         ("To", out.to_address),
         ("Subject", out.subject),
-        ("Date", email.utils.formatdate(out.date, usegmt=True)),
+        ("Date", _date_header(int(out.date))),
         ("Message-ID", out.message_id),
     ]
     if out.in_reply_to:

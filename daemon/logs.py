@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -93,12 +94,30 @@ def _below(threshold: int) -> Processor:
 
 def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """A field named like a secret never reaches the output; no value shows a configured secret."""
-    for key, value in list(event.items()):
+    masking = redact.active()
+    for key, value in event.items():  # values replaced in place: the keys stay as they are
         if key.lower() in _SECRET_KEYS:
             event[key] = "********"
-        elif isinstance(value, str):
+        elif masking and isinstance(value, str):
             event[key] = redact.redact(value)
     return event
+
+
+class _Stamper:
+    """`timestamp`, UTC, ISO 8601 to the microsecond (structlog's TimeStamper formats the whole date each line)."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, _: WrappedLogger, __: str, event: EventDict) -> EventDict:
+        now = time.time()
+        second, text = self._second
+        if int(now) != second:
+            second = int(now)
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)  # one tuple: a line logged from another thread reads a whole pair
+        event["timestamp"] = f"{text}.{min(int((now - second) * 1e6), 999_999):06d}Z"
+        return event
 
 
 class _Redacting:
@@ -141,7 +160,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _Stamper(),
         _redact,
     ]
     renderer: Processor

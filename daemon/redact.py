@@ -84,6 +84,11 @@ def forget(key: str) -> None:
         _rotating.pop(key, None)
 
 
+def active() -> bool:
+    """Is there a secret to mask at all?"""
+    return bool(_forms or _rotating)
+
+
 def redact(text: str) -> str:
     global _pattern, _recent_pattern
     pattern, recent = _pattern, _recent_pattern

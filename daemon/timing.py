@@ -236,3 +236,46 @@ class Stretches:
             if change > t:
                 hi = min(hi, change)
         self.hi = hi
+
+
+class SenderClock:
+    """A sender loop's `next_allowed` and `local_day`, answered from the open stretch it last found.
+
+    While `t` falls in that stretch (one hour range of one local day, one UTC
+    offset), past any gap or throttle and under the day's allowance, the full
+    `next_allowed` would answer `t` itself (a property test holds the two
+    equal): a mailbox sending all day pays the zone arithmetic once a stretch.
+    """
+
+    def __init__(self, s: Schedule) -> None:
+        self.s = s
+        self._stretch = Stretches(s)
+        self._first_day: str | None = None  # the warm-up's first day the stretch's allowance was counted from
+
+    def local_day(self, t: float) -> str:
+        stretch = self._stretch
+        return stretch.day if stretch.lo <= t < stretch.hi else local_day(t, self.s.timezone)
+
+    def next_allowed(
+        self,
+        t: float,
+        gap_until: float | None,
+        sent_on: Mapping[str, int],
+        throttled_until: float | None,
+        first_day: str | None,
+    ) -> Decision:
+        stretch = self._stretch
+        if (
+            stretch.lo <= t < stretch.hi
+            and first_day == self._first_day
+            and (gap_until is None or gap_until <= t)
+            and (throttled_until is None or throttled_until <= t)
+            and sent_on.get(stretch.day, 0) < stretch.limit
+        ):
+            return Decision(t, None)
+        decision = next_allowed(t, self.s, gap_until, sent_on, throttled_until, first_day)
+        if decision.at == t:
+            stretch._find(t)
+            stretch.limit = allowance(self.s, stretch.day, first_day)[0]
+            self._first_day = first_day
+        return decision

@@ -10,7 +10,6 @@ unsubscribe button sends exactly that) suppresses the address.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import re
 
@@ -20,8 +19,9 @@ _FOUND = re.compile(rf"{PREFIX}(\d{{1,18}})-([a-z2-7]{{{_MAC_CHARS}}})", re.IGNO
 
 
 def _mac(key: bytes, enrollment: int) -> str:
-    digest = hmac.new(key, f"enrollment:{enrollment}".encode(), hashlib.sha256).digest()
-    return base64.b32encode(digest).decode("ascii").lower()[:_MAC_CHARS]
+    digest = hmac.digest(key, f"enrollment:{enrollment}".encode(), "sha256")
+    # 17 bytes are the 136 bits that the first 26 base32 characters encode: the same token, half the encoding.
+    return base64.b32encode(digest[:17]).decode("ascii").lower()[:_MAC_CHARS]
 
 
 def token(key: bytes, enrollment: int) -> str:

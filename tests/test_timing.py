@@ -202,6 +202,57 @@ def test_the_plans_stretches_answer_as_next_allowed_does(s: Schedule, start: flo
         t = got[0] + step
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    s=schedules(),
+    start=instants,
+    steps=st.lists(st.tuples(st.integers(0, 7200), st.integers(-600, 600), st.booleans()), min_size=1, max_size=80),
+)
+def test_a_sender_loops_clock_answers_as_next_allowed_does(
+    s: Schedule, start: float, steps: list[tuple[int, int, bool]]
+) -> None:
+    """A sender loop keeps the open stretch it last sent in: every answer and every local day equal the full
+    computations, with gaps and throttles before and after `t`, the first send day set on the way, DST included."""
+    clock = timing.SenderClock(s)
+    counts: dict[str, int] = {}
+    first: str | None = None
+    t = start
+    for step, gap, throttled in steps:
+        gap_until, throttled_until = t + gap, (t + 300 if throttled else None)
+        expected = timing.next_allowed(t, s, gap_until, counts, throttled_until, first)
+        assert clock.next_allowed(t, gap_until, counts, throttled_until, first) == expected, (wall(t, s.timezone), s)
+        assert clock.local_day(t) == timing.local_day(t, s.timezone)
+        if expected.at is None:
+            return
+        day = timing.local_day(expected.at, s.timezone)
+        first = first or day
+        counts[day] = counts.get(day, 0) + 1
+        t = expected.at + step
+
+
+def test_a_sender_loop_finds_its_stretch_once_a_window() -> None:
+    s = sched(limit=500)  # 09:00-17:00 in Berlin
+    clock = timing.SenderClock(s)
+    counts: dict[str, int] = {}
+    t = ts("2026-10-25 09:00", BERLIN)  # the autumn DST change is that night
+    found = 0
+    for _ in range(600):
+        stretch = (clock._stretch.lo, clock._stretch.hi)
+        decision = clock.next_allowed(t, None, counts, None, "2026-10-01")
+        assert decision.at is not None
+        found += (clock._stretch.lo, clock._stretch.hi) != stretch
+        day = clock.local_day(decision.at)
+        counts[day] = counts.get(day, 0) + 1
+        t = decision.at + 60
+    assert wall(t - 60, BERLIN) == "Mon 2026-10-26 10:59:00"  # 480 on Sunday, 120 on Monday
+    assert found == 2
+    # The stretch's allowance was counted from one first send day: another one is asked afresh.
+    warm = Schedule(BERLIN, frozenset(range(7)), ((540, 1020),), 10, (0.0, 0.0), Warmup(2, 3, 2, 9), frozenset())
+    clock, t = timing.SenderClock(warm), ts("2026-12-05 10:00", BERLIN)
+    assert clock.next_allowed(t, None, {"2026-12-05": 2}, None, "2026-12-01") == timing.Decision(t, None)  # 8 a day
+    assert clock.next_allowed(t + 60, None, {"2026-12-05": 2}, None, "2026-12-05").waiting_for == "warmup"  # 2 a day
+
+
 @settings(max_examples=100, deadline=None)
 @given(s=schedules(), start=instants)
 def test_thirty_days_of_a_plan_are_what_a_run_sends(s: Schedule, start: float) -> None:
