@@ -64,7 +64,7 @@ class AsyncStore:
     def __init__(self, path: Path | str, busy_timeout: float = 30.0) -> None:
         self.fast = Store.open(path, wait=False)
         self.slow = Store.open(path, busy_timeout=busy_timeout)
-        self.group = Store.open(path, wait=False)
+        self.group = Store.open(path, wait=False, counts_by_hand=True)
         # A PostgreSQL server is a round trip away: every call waits in a worker thread, never on the loop.
         self.remote = isinstance(path, str)
         if self.remote:

@@ -35,6 +35,8 @@ from daemon.config import shown_database
 from daemon.errors import Refused, StoreError
 from daemon.store import SCHEMA_VERSION, Store
 
+PG_FIRST_SCHEMA = 10  # the schema PostgreSQL support started at
+
 PG_SCHEMA = """
 CREATE TABLE cadenced_schema (version INTEGER NOT NULL);
 CREATE TABLE suppressions (
@@ -520,8 +522,12 @@ class PgStore(Store):
                 f"{self.path}: database schema {version} is newer than this cadenced knows ({SCHEMA_VERSION}); "
                 "upgrade cadenced"
             )
-        if version < SCHEMA_VERSION:
+        if version < PG_FIRST_SCHEMA:
             raise StoreError(f"{self.path}: database schema {version}: this cadenced cannot upgrade it")
+        if version < SCHEMA_VERSION:
+            with self.transaction():
+                # 10 → 11 changed SQLite's counting triggers only: PostgreSQL keeps its own.
+                self.conn.execute("UPDATE cadenced_schema SET version = ? WHERE version < ?", (SCHEMA_VERSION,) * 2)
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:

@@ -20,6 +20,7 @@ import anyio
 
 from daemon.config import load_config
 from daemon.service import Daemon
+from daemon.store import install_counting
 
 
 @asynccontextmanager
@@ -67,6 +68,7 @@ def query(db: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
             cursor = conn.execute(text, pg._params(args, named))  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description else []
     with sqlite3.connect(db, timeout=30) as conn:
+        install_counting(conn)  # as every cadenced connection does: a state changed here is counted
         return conn.execute(sql, args).fetchall()
 
 

@@ -89,6 +89,16 @@ def test_sigkill_at_random_moments_never_sends_a_step_twice(project: Project) ->
                 assert seen <= 1
                 outcome["uncertain, delivered" if seen else "uncertain, not delivered"] += 1
         assert sum(outcome.values()) == len(rows)
+        # The counts `status` reads, kept by the sending connection itself and by the others' triggers, are exact.
+        kept = query(db, "SELECT mailbox, state, n FROM message_counts WHERE n != 0 ORDER BY 1, 2")
+        real = query(
+            db,
+            "SELECT mailbox, state, count(*) FROM messages WHERE state IN ('scheduled', 'sending', 'error') "
+            "GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        assert kept == real
+        kept = query(db, "SELECT cadence, state, n FROM enrollment_counts WHERE n != 0 ORDER BY 1, 2")
+        assert kept == query(db, "SELECT cadence, state, count(*) FROM enrollments GROUP BY 1, 2 ORDER BY 1, 2")
         assert len(deliveries) == sum(ids.values()) == outcome["sent"] + outcome["uncertain, delivered"]
         print(
             f"\ncrash test: {kills_while_due} SIGKILLs while messages were due; "

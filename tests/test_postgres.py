@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from daemon import pg
+from daemon.errors import StoreError
 from daemon.store import SCHEMA_VERSION, Store
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, query
@@ -99,6 +100,24 @@ def test_the_statements_translate(project: Project) -> None:
     assert pg.translate("SELECT id FROM m WHERE id IN (SELECT value FROM json_each(?))")[0] == (
         "SELECT id FROM m WHERE id IN (SELECT value FROM unnest(CAST(%s AS bigint[])) AS value)"
     )
+
+
+def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgres_url: str) -> None:
+    """Schema 11 changed only how SQLite keeps its counts: a PostgreSQL database made at 10 is marked 11 and
+    keeps its counting triggers."""
+    store = Store.open(postgres_url)
+    store.close()
+    query(postgres_url, "UPDATE cadenced_schema SET version = 10")
+    store = Store.open(postgres_url)
+    try:
+        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 11
+    finally:
+        store.close()
+    triggers = query(postgres_url, "SELECT DISTINCT trigger_name FROM information_schema.triggers ORDER BY 1")
+    assert ("message_recounted",) in triggers and ("enrollment_recounted",) in triggers
+    query(postgres_url, "UPDATE cadenced_schema SET version = 9")
+    with pytest.raises(StoreError, match="schema 9: this cadenced cannot upgrade it"):
+        Store.open(postgres_url)
 
 
 def test_one_daemon_per_node_name(project: Project, postgres_url: str) -> None:

@@ -200,6 +200,27 @@ def test_the_kept_message_counts_are_the_real_counts(store: Store) -> None:
     assert store.message_counts() == recount(store)
 
 
+def test_the_group_commits_own_counts_are_the_real_counts(store: Store) -> None:
+    """The daemon's group-commit connection has no counting triggers: its claim, send and finish count by
+    hand, between changes made by connections that have them."""
+    hand = Store.open(store.path, counts_by_hand=True)
+    assert hand.conn.execute("SELECT count(*) FROM sqlite_temp_master WHERE type = 'trigger'").fetchone()[0] == 0
+    for i in range(12):
+        with hand.transaction():
+            c = hand.claim("m@x.example", 1e12, lambda m, a: f"<{m}.{a}@x>")
+            assert c is not None
+            if i % 4 == 3:
+                hand.record_sent(c, 1.0, 250, "ok", "Hi", "2026-11-28", 2.0, None)  # the last step: finished
+            elif i % 4 != 2:
+                hand.record_sent(c, 1.0, 250, "ok", "Hi", "2026-11-28", 2.0, (2, "other@x.example", 9.0))
+        if i % 4 == 2:  # left in `sending`: the other connection finds it uncertain, its trigger counts
+            store.recover_sending(1.0)
+        assert hand.message_counts() == recount(hand), i
+        assert hand.enrollment_counts() == recount_enrollments(hand), i
+    assert recount(hand)[("m@x.example", "error")] == 3
+    assert recount_enrollments(hand)["c"]["finished"] == 3
+
+
 def test_every_insert_of_an_enrollment_counts_it() -> None:
     """As for messages: no trigger counts inserted enrollments, the inserting functions do."""
     source = (Path(__file__).parent.parent / "daemon" / "store.py").read_text()
