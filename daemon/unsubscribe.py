@@ -9,7 +9,6 @@ unsubscribe button sends exactly that) suppresses the address.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import re
 
@@ -18,10 +17,17 @@ _MAC_CHARS = 26  # 130 bits of the HMAC, base32
 _FOUND = re.compile(rf"{PREFIX}(\d{{1,18}})-([a-z2-7]{{{_MAC_CHARS}}})", re.IGNORECASE)
 
 
+_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648, lower case
+_PAIRS = [a + b for a in _BASE32 for b in _BASE32]  # ten bits → two characters
+_SHIFTS = tuple(range(120, -1, -10))  # 13 pairs: the first 130 bits
+
+
 def _mac(key: bytes, enrollment: int) -> str:
+    """The first 26 characters of the lower-cased base32 of the HMAC (what base64.b32encode makes, at half its
+    cost: it was a twentieth of the daemon's Python time per send)."""
     digest = hmac.digest(key, f"enrollment:{enrollment}".encode(), "sha256")
-    # 17 bytes are the 136 bits that the first 26 base32 characters encode: the same token, half the encoding.
-    return base64.b32encode(digest[:17]).decode("ascii").lower()[:_MAC_CHARS]
+    bits = int.from_bytes(digest[:17], "big") >> 6
+    return "".join([_PAIRS[(bits >> shift) & 1023] for shift in _SHIFTS])
 
 
 def token(key: bytes, enrollment: int) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +37,11 @@ def test_a_token_names_its_enrollment_and_cannot_be_made_for_another() -> None:
     assert unsubscribe.found(key, f"unsubscribe-{forged}") is None
     assert unsubscribe.found(bytes(32), f"unsubscribe-{t}") is None  # another database's key
     assert unsubscribe.found(key, "unsubscribe-42-" + "a" * 26) is None
+    # The token of the first release (base64.b32encode of the whole HMAC): tokens already sent stay good.
+    for enrollment in (1, 42, 10**17):
+        digest = hmac.new(key, f"enrollment:{enrollment}".encode(), hashlib.sha256).digest()
+        first = f"{enrollment}-{base64.b32encode(digest).decode().lower()[:26]}"
+        assert unsubscribe.token(key, enrollment) == first
 
 
 @pytest.mark.parametrize(
