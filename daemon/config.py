@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import email_validator
-import holidays
 
 from daemon import compose, redact
 from daemon.errors import ConfigError
@@ -666,6 +665,8 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
 
 def holiday_calendar_problem(code: str) -> str:
     """Why `code` ("US", "DE-BY") names no calendar of the holidays package, or ""."""
+    import holidays  # 50 ms: imported by the configs that name a calendar, not by every command
+
     country, _, subdivision = code.partition("-")
     try:
         holidays.country_holidays(country, subdiv=subdivision or None, years=2026)

@@ -23,6 +23,19 @@ from daemon.store import IntegrityCheck, Store, startup_failure
 from daemon.systemd import Notifier, watchdog_interval
 
 INTEGRITY_WAIT = 0.25  # seconds the first send waits for the database check (it reads the whole file)
+# A larger file takes the check longer than the wait (about 350 MB/s measured), so sending starts beside it
+# at once: 1,000,000 enrollments are 330 MB, and waiting for nothing cost their first send a quarter second.
+INTEGRITY_WAIT_SIZE = 64 * 1024 * 1024
+
+
+def integrity_wait(database: Path | str, most: float, size: int = INTEGRITY_WAIT_SIZE) -> float:
+    """How long the first send waits for the check of `database`: `most`, or nothing for a file over `size`."""
+    if isinstance(database, str):
+        return most  # PostgreSQL: nothing to read, the check returns at once
+    try:
+        return most if database.stat().st_size <= size else 0.0
+    except OSError:
+        return most  # not made yet: nothing to read either
 
 
 def hold_lock(database: Path | str, node: str = "") -> Callable[[], None]:
@@ -166,7 +179,8 @@ class Daemon:
         """Check the database, start, serve until stopped; a damaged database ends it with StoreError (exit 2).
 
         The check reads the whole file: on a small database it is done before
-        anything is sent; past INTEGRITY_WAIT sending starts beside it, and
+        anything is sent; past INTEGRITY_WAIT (at once for a file over
+        INTEGRITY_WAIT_SIZE) sending starts beside it, and
         damage found then stops the daemon as damage found at start does
         (`integrity_wait`, INTEGRITY_WAIT seconds by default).
         """
@@ -191,7 +205,7 @@ class Daemon:
         raised: list[Exception] = []  # raised again outside the task group, so not wrapped in a group
         async with anyio.create_task_group() as checking:
             checking.start_soon(check)
-            with anyio.move_on_after(self.integrity_wait):
+            with anyio.move_on_after(integrity_wait(self.config.daemon.database, self.integrity_wait)):
                 await checked.wait()
             if not failure:  # else refused before anything is sent
                 if not checked.is_set():

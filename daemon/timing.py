@@ -16,8 +16,6 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-import holidays
-
 from daemon.config import Schedule
 
 HORIZON_DAYS = 9  # any weekly window opens within a week; two more days cover DST edges
@@ -129,6 +127,8 @@ class Decision:
 
 @lru_cache(maxsize=256)
 def _holiday_dates(code: str, year: int) -> frozenset[str]:
+    import holidays  # 50 ms: imported by the schedules that name a calendar, not by every command
+
     country, _, subdivision = code.partition("-")
     return frozenset(d.isoformat() for d in holidays.country_holidays(country, subdiv=subdivision or None, years=year))
 

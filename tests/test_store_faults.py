@@ -14,7 +14,7 @@ import pytest
 
 from daemon.config import load_config
 from daemon.errors import StoreError
-from daemon.service import Daemon
+from daemon.service import INTEGRITY_WAIT_SIZE, Daemon, integrity_wait
 from daemon.store import IntegrityCheck
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
@@ -143,6 +143,17 @@ async def test_damage_found_while_sending_stops_the_daemon(project: Project) -> 
         assert daemon.dispatcher is not None  # it had started sending beside the check
     finally:
         server.stop()
+
+
+def test_only_a_database_the_check_reads_quickly_holds_up_the_first_send(tmp_path: Path) -> None:
+    small, large = tmp_path / "small.db", tmp_path / "large.db"
+    small.write_bytes(b"\0" * 4096)
+    with large.open("wb") as f:
+        f.truncate(INTEGRITY_WAIT_SIZE + 1)  # sparse: the size is what counts
+    assert integrity_wait(small, 0.25) == 0.25
+    assert integrity_wait(large, 0.25) == 0.0
+    assert integrity_wait(tmp_path / "not-yet.db", 0.25) == 0.25
+    assert integrity_wait("postgresql://db.example/cadenced", 0.25) == 0.25
 
 
 def test_a_check_interrupted_at_shutdown_ends_without_a_verdict(project: Project) -> None:
