@@ -284,6 +284,9 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         if m.schedule.domain_daily_limit
         for day, domain, n in store.domain_counts_on(address, timing.local_day(now, m.schedule.timezone))
     }
+    # (mailbox, domain) → (when, until): the run moves every due message of a full domain at once, to the
+    # mailbox's next sending day; those the plan has not reached yet follow when it does.
+    moved: dict[tuple[str, str], tuple[float, float]] = {}
     forecast: dict[tuple[str, str], int] = {}
     while heap:
         due, _, address, step, enrollment, cadence_name, stored = heapq.heappop(heap)
@@ -299,11 +302,20 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
             continue
         at, day = slot
         cap = live[address].schedule.domain_daily_limit
-        if cap:  # domain_daily_limit: a full domain's message waits for the next day; the others go on
+        if cap:  # domain_daily_limit: a full domain's due messages wait for the next sending day; the others go on
             domain = domains.setdefault(enrollment, domain_of(store.email_of(enrollment)))
-            if domain_counts.get((address, day, domain), 0) >= cap:
-                later = timing.next_local_midnight(at, live[address].schedule.timezone)
-                heapq.heappush(heap, (later, seq, address, step, enrollment, cadence_name, False))
+            when, until = moved.get((address, domain), (0.0, 0.0))
+            if due > when:  # not among the due messages the run moved
+                if domain_counts.get((address, day, domain), 0) < cap:
+                    when = until = 0.0  # it goes now
+                else:  # as defer_full_domains does it
+                    schedule = live[address].schedule
+                    later = timing.next_local_midnight(at, schedule.timezone)
+                    opens = timing.next_allowed(later, schedule, None, {}, None, stretches[address].first_day).at
+                    when, until = at, opens or later
+                    moved[(address, domain)] = (when, until)
+            if until:  # due again as Store.defer_domain makes it: in their order, just before `until`
+                heapq.heappush(heap, (until + (due - when) / 1e6, seq, address, step, enrollment, cadence_name, False))
                 seq += 1
                 continue
             domain_counts[(address, day, domain)] = domain_counts.get((address, day, domain), 0) + 1

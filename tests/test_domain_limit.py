@@ -8,7 +8,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from daemon import readside, timing
@@ -23,6 +23,22 @@ GAP = 600.0
 
 
 @settings(max_examples=40, deadline=None)
+@example(  # the run moves every due message of a full domain at once: the plan once moved only the one it met
+    tz="UTC",
+    start=1774706400.0,
+    hours=["00:00-24:00"],
+    daily_limit=2,
+    cap=1,
+    domains=["c.example", "c.example", "b.example", "c.example", "a.example", "b.example", "a.example", "b.example"],
+)
+@example(  # the order the run gives messages moved at different moments: the later moved, the sooner due
+    tz="UTC",
+    start=1774753421.0757854,
+    hours=["01:30-03:30", "22:00-23:00"],
+    daily_limit=5,
+    cap=2,
+    domains=[f"{d}.example" for d in "cbcbbacabaabababacccbabbabab"],
+)
 @given(
     tz=st.sampled_from(ZONES),
     start=st.sampled_from(STARTS).flatmap(lambda s: st.floats(s - 43200, s + 43200)),
