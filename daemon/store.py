@@ -310,25 +310,37 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open database: {exc}") from None
         store = cls(conn, path)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000) if wait else 0}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreError(f"{path}: cannot switch the database to WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous = FULL")  # a power cut loses no commit (SPEC §6)
-            conn.execute("PRAGMA foreign_keys = ON")
-            store._migrate()
-            if counts_by_hand:
-                store.counts_by_hand = True
-            else:
-                install_counting(conn)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StoreError(f"{path}: not a cadenced database ({exc})") from None
-        except StoreError:
-            conn.close()
-            raise
-        return store
+        # Several processes opening a new file at once (three imports started together) can find it busy in
+        # a way SQLite does not wait for: each step here can be taken again, so it is, within busy_timeout.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                store._set_up(busy_timeout if wait else 0.0, counts_by_hand)
+                return store
+            except sqlite3.DatabaseError as exc:
+                store.rollback()
+                if is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                conn.close()
+                raise StoreError(f"{path}: not a cadenced database ({exc})") from None
+            except StoreError:
+                conn.close()
+                raise
+
+    def _set_up(self, busy_timeout: float, counts_by_hand: bool) -> None:
+        conn = self.conn
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"{self.path}: cannot switch the database to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = FULL")  # a power cut loses no commit (SPEC §6)
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+        if counts_by_hand:
+            self.counts_by_hand = True
+        else:
+            install_counting(conn)
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
