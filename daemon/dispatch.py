@@ -215,8 +215,7 @@ def defer_full_domains(
         domain = store.next_due_domain(mailbox.address, now)
         if domain is None or store.domain_sent(mailbox.address, day, domain) < schedule.domain_daily_limit:
             return deferred
-        after = timing.next_local_midnight(now, schedule.timezone)
-        until = timing.next_allowed(after, schedule, None, {}, None, first_day).at or after
+        until = timing.next_sending_day(now, schedule, first_day)
         detail = f"deferred: domain_limit until {iso(until)} ({schedule.domain_daily_limit} to {domain} today)"
         moved = store.defer_domain(mailbox.address, domain, now, until, detail)
         deferred += [(m, domain, iso(until) or "") for m in moved]

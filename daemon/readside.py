@@ -309,10 +309,8 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
                 if domain_counts.get((address, day, domain), 0) < cap:
                     when = until = 0.0  # it goes now
                 else:  # as defer_full_domains does it
-                    schedule = live[address].schedule
-                    later = timing.next_local_midnight(at, schedule.timezone)
-                    opens = timing.next_allowed(later, schedule, None, {}, None, stretches[address].first_day).at
-                    when, until = at, opens or later
+                    when = at
+                    until = timing.next_sending_day(at, live[address].schedule, stretches[address].first_day)
                     moved[(address, domain)] = (when, until)
             if until:  # due again as Store.defer_domain makes it: in their order, just before `until`
                 heapq.heappush(heap, (until + (due - when) / 1e6, seq, address, step, enrollment, cadence_name, False))

@@ -92,7 +92,7 @@ def active() -> bool:
 def redact(text: str) -> str:
     global _pattern, _recent_pattern
     pattern, recent = _pattern, _recent_pattern
-    if not text or not (_forms or _rotating):
+    if not text or not active():
         return text
     if pattern is None:
         with _lock:

@@ -117,6 +117,13 @@ def next_local_midnight(t: float, tz: str) -> float:
     return _wall_to_instant(day, 0, tz)
 
 
+def next_sending_day(t: float, s: Schedule, first_day: str | None) -> float:
+    """When the mailbox's next local day after `t`'s first lets it send (domain_daily_limit moves a full
+    domain's due messages there); its midnight when it never sends."""
+    midnight = next_local_midnight(t, s.timezone)
+    return next_allowed(midnight, s, None, {}, None, first_day).at or midnight
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """When a mailbox may send next, and what holds it back (SPEC §9 `waiting_for`)."""
