@@ -526,7 +526,8 @@ class PgStore(Store):
             raise StoreError(f"{self.path}: database schema {version}: this cadenced cannot upgrade it")
         if version < SCHEMA_VERSION:
             with self.transaction():
-                # 10 → 11 changed SQLite's counting triggers only: PostgreSQL keeps its own.
+                # 10 → 11 and 11 → 12 changed SQLite's counting triggers and its index by state only:
+                # PostgreSQL keeps its own triggers and indexes.
                 self.conn.execute("UPDATE cadenced_schema SET version = ? WHERE version < ?", (SCHEMA_VERSION,) * 2)
 
     @contextmanager
@@ -565,8 +566,13 @@ class PgStore(Store):
     def start_import(self) -> None:
         self.conn.execute("DROP TABLE IF EXISTS temp.import_rows")
         self.conn.execute(
-            "CREATE TEMP TABLE import_rows (line BIGINT PRIMARY KEY, email TEXT, owner TEXT, fields TEXT)"
+            "CREATE TEMP TABLE import_rows (n BIGSERIAL PRIMARY KEY, line BIGINT, email TEXT, owner TEXT, fields TEXT)"
         )
+
+    @contextmanager
+    def staging(self) -> Iterator[None]:
+        """A TEMP table of PostgreSQL's is written statement by statement, as before: no transaction needed."""
+        yield
 
     # --- leases: which daemon sends for which mailbox -------------------------------------------
 

@@ -85,6 +85,22 @@ def test_bad_rows_are_rejected_alone(project: Project) -> None:
     }
 
 
+def test_a_field_ending_in_a_control_character_is_refused_by_name(project: Project) -> None:
+    """U+001F at a field's end is stripped with the spaces, but the row is still refused, and named (it
+    once ended the import with an internal error: the check looked for it in the stripped field)."""
+    project.add_mailboxes(1)
+    project.add_cadence()
+    project.write()
+    rows = ["p@prospects.example,Ann\x1f,Co", "q@prospects.example,Bo,Co\x1c ", "r@prospects.example,Cy,Co"]
+    r = project.enroll(project.csv(rows))
+    assert r.code == 0, r.err
+    assert r.json()["enrolled"] == 1
+    assert [(x["line"], x["reason"]) for x in r.json()["rejected"]] == [
+        (2, "a control character in field 'first_name'"),
+        (3, "a control character in field 'company'"),
+    ]
+
+
 def test_suppressed_addresses_are_rejected(project: Project) -> None:
     project.add_mailboxes(1)
     project.add_cadence()
