@@ -7,14 +7,25 @@ Peak RSS is that of this process after the enroll, before the baseline.
 Target: >= 50,000 prospects/s for 1,000,000 rows.
 
     python bench/enroll.py [--prospects N] [--mailboxes M]
+
+With `--against DIR` (another checkout of cadenced, say `git worktree add /tmp/old <commit>`), it
+compares two builds instead: each imports the same file in a fresh process, the two taking turns
+for `--rounds` rounds (the first one swapping every round), and it prints each round's times, the
+ratio of this build's time to the other's in the same round, and both builds' medians. This
+machine's speed drifts by half from one minute to the next; a ratio within one round does not.
+
+    python bench/enroll.py --prospects 300000 --rounds 12 --against /tmp/old
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import resource
 import sqlite3
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,11 +88,76 @@ def baseline(csv_path: Path, db_path: Path) -> float:
     return elapsed
 
 
+IMPORT_ONCE = """
+import sys, time
+from pathlib import Path
+from daemon.config import load_config
+from daemon.enroll import Importer
+from daemon.store import Store
+config_path, csv_path, database = map(Path, sys.argv[1:4])
+store = Store.open(database)
+start = time.perf_counter()
+report = Importer(store, load_config(config_path), "bench", "alice").run(csv_path, time.time())
+elapsed = time.perf_counter() - start
+store.close()
+print(elapsed, report.enrolled)
+"""
+
+
+def compare(args: argparse.Namespace) -> int:
+    """This build against the checkout `args.against`, round by round, each import in a fresh process."""
+    builds = {"this": Path(__file__).resolve().parent.parent, "other": Path(args.against).resolve()}
+    if not (builds["other"] / "daemon" / "enroll.py").is_file():
+        print(f"{builds['other']}: not a checkout of cadenced (no daemon/enroll.py)", file=sys.stderr)
+        return 2
+    times: dict[str, list[float]] = {name: [] for name in builds}
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes)
+        for n in range(args.rounds):
+            order = list(builds) if n % 2 == 0 else list(reversed(builds))
+            for name in order:
+                database = root / f"{name}-{n}.db"
+                run = subprocess.run(
+                    [sys.executable, "-c", IMPORT_ONCE, str(config_path), str(csv_path), str(database)],
+                    cwd=builds[name],
+                    env=dict(os.environ, PYTHONPATH=str(builds[name])),
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                elapsed, enrolled = run.stdout.split()
+                assert int(enrolled) == args.prospects, run.stdout
+                times[name].append(float(elapsed))
+                for path in root.glob(f"{name}-{n}.db*"):
+                    path.unlink()
+            ratios.append(times["this"][-1] / times["other"][-1])
+            print(
+                f"round {n + 1}: this {times['this'][-1]:.2f} s, other {times['other'][-1]:.2f} s, "
+                f"ratio {ratios[-1]:.2f}",
+                flush=True,
+            )
+    for name, label in (("this", "this build"), ("other", str(builds["other"]))):
+        rates = sorted(args.prospects / t for t in times[name])
+        print(f"{label}: median {statistics.median(rates):,.0f} prospects/s ({rates[0]:,.0f}-{rates[-1]:,.0f})")
+    faster = sum(r < 1 for r in ratios)
+    print(
+        f"time of this build / the other's, round by round: median {statistics.median(ratios):.2f} "
+        f"({min(ratios):.2f}-{max(ratios):.2f}), this one faster in {faster} of {len(ratios)} rounds"
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prospects", type=int, default=100_000)
     parser.add_argument("--mailboxes", type=int, default=20)
+    parser.add_argument("--against", metavar="DIR", help="compare with the cadenced checkout in DIR, round by round")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds of --against (default 10)")
     args = parser.parse_args()
+    if args.against:
+        return compare(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes)

@@ -994,7 +994,7 @@ class Store:
             mailbox=row[3],
             cadence=row[4],
             email=row[5],
-            fields=json.loads(row[6]),
+            fields={"email": row[5], **json.loads(row[6])},  # the address is stored once, in its own column
             due_at=row[7],
             attempts=attempts,
             transient_failures=row[9],

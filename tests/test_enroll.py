@@ -363,3 +363,40 @@ def test_an_import_places_each_row_as_one_at_a_time_placement_would(project: Pro
         assert got == expected, cadence
     ids = [r[0] for r in query(project.database, "SELECT id FROM enrollments ORDER BY id")]
     assert ids == list(range(1, len(ids) + 1))
+
+
+def test_the_address_is_stored_once_and_reaches_the_templates(project: Project) -> None:
+    """The address is kept in its own column, not again among the fields (a sixth of an enrollment's bytes); a
+    claim hands it to the templates, for these rows and for rows an earlier release stored with it inside."""
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    (mailbox,) = project.add_mailboxes(1)
+    project.add_cadence()
+    project.write()
+    r = project.enroll(project.csv(["Ann@Prospects.Example,Ann,Acme"]))
+    assert r.code == 0, r.err
+    assert query(project.database, "SELECT email, fields FROM enrollments") == [
+        ("ann@prospects.example", '{"first_name":"Ann","company":"Acme"}')
+    ]
+    query(
+        project.database,
+        """INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+           VALUES (100, 'c1', 'old@prospects.example', ?, 'alice', 'alice', ?, 0)""",
+        mailbox,
+        '{"email":"old@prospects.example","first_name":"Old","company":"Co"}',
+    )
+    query(
+        project.database,
+        "INSERT INTO messages (enrollment_id, step, mailbox, state, due_at) VALUES (100, 1, ?, 'scheduled', 1e9)",
+        mailbox,
+    )
+    store = Store.open(load_config(project.config_path).daemon.database)
+    try:
+        claimed = [store.claim(mailbox, 2e9, lambda i, a: f"<{i}.{a}@x.example>") for _ in range(2)]
+    finally:
+        store.close()
+    assert [c.fields if c else None for c in claimed] == [
+        {"email": "old@prospects.example", "first_name": "Old", "company": "Co"},
+        {"email": "ann@prospects.example", "first_name": "Ann", "company": "Acme"},
+    ]
