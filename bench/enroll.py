@@ -10,7 +10,7 @@ Target: >= 50,000 prospects/s for 1,000,000 rows.
 
 With `--against DIR` (another checkout of cadenced, say `git worktree add /tmp/old <commit>`), it
 compares two builds instead: each imports the same file in a fresh process, the two taking turns
-for `--rounds` rounds (the first one swapping every round), and it prints each round's times, the
+for `--rounds` rounds (which goes first alternates), and it prints each round's times, the
 ratio of this build's time to the other's in the same round, and both builds' medians. This
 machine's speed drifts by half from one minute to the next; a ratio within one round does not.
 
@@ -125,8 +125,11 @@ def compare(args: argparse.Namespace) -> int:
                     env=dict(os.environ, PYTHONPATH=str(builds[name])),
                     capture_output=True,
                     text=True,
-                    check=True,
+                    check=False,
                 )
+                if run.returncode != 0:
+                    print(f"{builds[name]}: the import failed (exit {run.returncode}):\n{run.stderr}", file=sys.stderr)
+                    return 1
                 elapsed, enrolled = run.stdout.split()
                 assert int(enrolled) == args.prospects, run.stdout
                 times[name].append(float(elapsed))
@@ -156,6 +159,8 @@ def main() -> int:
     parser.add_argument("--against", metavar="DIR", help="compare with the cadenced checkout in DIR, round by round")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of --against (default 10)")
     args = parser.parse_args()
+    if args.rounds < 1 or args.prospects < 1:
+        parser.error("--rounds and --prospects must be 1 or more")
     if args.against:
         return compare(args)
     with tempfile.TemporaryDirectory() as tmp:
