@@ -6,7 +6,10 @@ parses the same CSV and inserts the same rows with plain sqlite3 executemany.
 Peak RSS is that of this process after the enroll, before the baseline.
 Target: >= 50,000 prospects/s for 1,000,000 rows.
 
-    python bench/enroll.py [--prospects N] [--mailboxes M]
+    python bench/enroll.py [--prospects N] [--mailboxes M] [--quoted]
+
+`--quoted` writes every field in quotes, as some CRMs export them: the csv module then reads every row
+(a file with no quote, control character or backslash in a block is split at commas instead).
 
 With `--against DIR` (another checkout of cadenced, say `git worktree add /tmp/old <commit>`), it
 compares two builds instead: each imports the same file in a fresh process, the two taking turns
@@ -38,7 +41,9 @@ from daemon.enroll import Importer
 from daemon.store import Store
 
 
-def write_inputs(root: Path, prospects: int, mailboxes: int) -> tuple[Path, Path]:
+def write_inputs(root: Path, prospects: int, mailboxes: int, quoted: bool = False) -> tuple[Path, Path]:
+    """The config, and a CSV of `prospects` rows; `quoted`: every field in quotes, as some CRMs export them
+    (then no block of the file is plain: every row goes through the csv module)."""
     config = {
         "daemon": {"database": str(root / "bench.db")},
         "users": [{"name": "alice"}],
@@ -58,7 +63,7 @@ def write_inputs(root: Path, prospects: int, mailboxes: int) -> tuple[Path, Path
     config_path.write_text(tomli_w.dumps(config))
     csv_path = root / "prospects.csv"
     with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, quoting=csv.QUOTE_ALL if quoted else csv.QUOTE_MINIMAL)
         w.writerow(["email", "first_name", "last_name", "company", "title"])
         for i in range(prospects):
             w.writerow([f"person{i}@prospect{i % 997}.example", f"First{i}", f"Last{i}", f"Company {i % 5000}", "CTO"])
@@ -114,7 +119,7 @@ def compare(args: argparse.Namespace) -> int:
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes)
+        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes, args.quoted)
         for n in range(args.rounds):
             order = list(builds) if n % 2 == 0 else list(reversed(builds))
             for name in order:
@@ -158,6 +163,7 @@ def main() -> int:
     parser.add_argument("--mailboxes", type=int, default=20)
     parser.add_argument("--against", metavar="DIR", help="compare with the cadenced checkout in DIR, round by round")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of --against (default 10)")
+    parser.add_argument("--quoted", action="store_true", help="every field of the CSV in quotes")
     args = parser.parse_args()
     if args.rounds < 1 or args.prospects < 1:
         parser.error("--rounds and --prospects must be 1 or more")
@@ -165,7 +171,7 @@ def main() -> int:
         return compare(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes)
+        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes, args.quoted)
         config = load_config(config_path)
         store = Store.open(config.daemon.database)
         start = time.perf_counter()

@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,17 +128,120 @@ MAX_FIELD = 128 * 1024  # characters in one CSV field
 MAX_REJECTIONS_LISTED = 10_000  # a report lists this many rejected rows; the count says how many in all
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # what may not reach a header
 csv.field_size_limit(MAX_FIELD)
+MAX_LINE_BYTES = 4 * 1024 * 1024
+READ_BYTES = 1024 * 1024  # read and decoded this much at a time (a line at a time cost a microsecond a row)
 
 
-def read_csv(path: Path, stream: BinaryIO) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """Header (lower-cased) and (line, fields) rows, read as a stream; UsageError names the line."""
-    reader = csv.reader(decoded_lines(path, stream), strict=True)
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """Whole lines of a file in which the csv module would find nothing special: no quote, no control character
+    (a line may end in CR LF), no line longer than a field may be. Each is a row split at its commas, exactly as
+    the csv module reads it, and no field of them needs escaping in JSON (no backslash or tab either)."""
+
+    first: int  # the line number of lines[0]
+    lines: list[str]  # without their line ends
+
+
+Rows = Iterable["tuple[int, list[str]] | Plain"]  # (line, fields) as the csv module read them, or plain lines
+# What may be in a plain line, byte by byte: neither a quote (the csv module's), a backslash (JSON's), nor an ASCII
+# control character (JSON's and _CONTROL's; a CR before an LF ends the line). Beyond ASCII, _CONTROL's three.
+_PLAIN_BYTES = bytes(b for b in range(256) if b == 0x0A or (0x20 <= b < 0x7F and b not in b'"\\') or b >= 0x80)
+_NOT_PLAIN_BEYOND_ASCII = tuple(c.encode() for c in "\x85\u2028\u2029")
+
+
+def plain_lines(text: str, first: int, raw: bytes | None = None) -> Plain | None:
+    """The lines of `text` (whole lines, numbered from `first`; `raw`: its UTF-8) as a Plain run, or None when
+    any is not plain. Judged on the bytes: a tenth of the time of a regular expression over the text."""
+    raw = text.encode() if raw is None else raw
+    if left := raw.translate(None, _PLAIN_BYTES):
+        if left != b"\r" * len(left) or len(left) != raw.count(b"\r\n"):
+            return None  # a CR alone is the csv module's to judge (it refuses one outside quotes)
+        text = text.replace("\r\n", "\n")
+    if not raw.isascii() and any(c in raw for c in _NOT_PLAIN_BEYOND_ASCII):
+        return None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the end of the last line, not a line
+    if len(text) > MAX_FIELD and max(map(len, lines)) > MAX_FIELD:
+        return None  # the csv module refuses a field this long: let it say so
+    return Plain(first, lines)
+
+
+class _Lines:
+    """The file's lines for the csv module, a block at a time; `number` counts the lines given out so far."""
+
+    def __init__(self, blocks: Iterator[tuple[bytes, str]]) -> None:
+        self.blocks = blocks
+        self.pending: deque[str] = deque()
+        self.number = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if not self.pending:
+            self.pending.extend(io.StringIO(next(self.blocks)[1], newline="\n"))
+        self.number += 1
+        return self.pending.popleft()
+
+
+def read_csv(
+    path: Path, stream: BinaryIO, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
+) -> tuple[list[str], Iterator[tuple[int, list[str]] | Plain]]:
+    """Header (lower-cased) and rows, read as a stream; UsageError names the line.
+
+    A block of the file in which the csv module would find nothing special comes as one Plain run of lines,
+    which _stage splits at commas and checks with less to look at (reading and checking a row: 2.9 µs, against
+    5.8 µs through the csv module); any other row comes as (line, fields), read by the csv module.
+    """
+    blocks = decoded_blocks(path, stream, read_bytes, max_line)
+    lines = _Lines(blocks)
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader)
     except StopIteration:
         raise UsageError(f"{path}: empty file (a header row with an email column is required)") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}:1: {_csv_problem(exc)}") from None
+    names = header_names(path, header)
+
+    def rows() -> Iterator[tuple[int, list[str]] | Plain]:
+        pending = lines.pending
+        judge = True  # what is left of the first block after the header has not been looked at
+        while True:
+            if pending and judge:
+                judge = False
+                run = plain_lines("".join(pending), lines.number + 1)
+                if run is not None:
+                    pending.clear()
+                    lines.number += len(run.lines)
+                    yield run
+                    continue
+            if pending:  # lines of a block that is not plain, or the rest of one a quoted field ran into
+                at = lines.number + 1
+                try:
+                    values = next(reader, None)
+                except (csv.Error, UnicodeDecodeError) as exc:
+                    raise UsageError(f"{path}:{at}: {_csv_problem(exc)}") from None
+                if values is None:
+                    return
+                yield at, values
+                continue
+            block = next(blocks, None)
+            if block is None:
+                return
+            run = plain_lines(block[1], lines.number + 1, block[0])
+            if run is None:
+                pending.extend(io.StringIO(block[1], newline="\n"))
+                continue
+            lines.number += len(run.lines)
+            yield run
+
+    return names, rows()
+
+
+def header_names(path: Path, header: list[str]) -> list[str]:
+    """The columns' names (lower-cased), or UsageError: no email column, a name empty or twice."""
     names = [h.strip().lower() for h in header]
     if "email" not in names:
         shown = ", ".join(repr(n[:40]) for n in names[:20]) or "nothing"
@@ -149,17 +253,7 @@ def read_csv(path: Path, stream: BinaryIO) -> tuple[list[str], Iterator[tuple[in
         if name in seen:
             raise UsageError(f"{path}:1: column {name!r} appears twice")
         seen.add(name)
-
-    def rows() -> Iterator[tuple[int, list[str]]]:
-        line = reader.line_num + 1
-        try:
-            for fields in reader:
-                yield line, fields
-                line = reader.line_num + 1
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise UsageError(f"{path}:{line}: {_csv_problem(exc)}") from None
-
-    return names, rows()
+    return names
 
 
 def _csv_problem(exc: Exception) -> str:
@@ -173,14 +267,18 @@ def _csv_problem(exc: Exception) -> str:
     return text
 
 
-MAX_LINE_BYTES = 4 * 1024 * 1024
-READ_BYTES = 1024 * 1024  # read and decoded this much at a time (a line at a time cost a microsecond a row)
-
-
 def decoded_lines(
     path: Path, binary: BinaryIO, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
 ) -> Iterator[str]:
-    """The file's lines (ended by LF only, ends kept) as text; a decoding error or an over-long line names its line.
+    """The file's lines (ended by LF only, ends kept) as text; a decoding error or an over-long line names its line."""
+    for _, text in decoded_blocks(path, binary, read_bytes, max_line):
+        yield from io.StringIO(text, newline="\n")
+
+
+def decoded_blocks(
+    path: Path, binary: BinaryIO, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
+) -> Iterator[tuple[bytes, str]]:
+    """The file in blocks of whole lines, as read and as text; a decoding error or an over-long line names its line.
 
     Read in blocks that end at a line's end, so a block decodes whole and its lines cost nothing apiece.
     """
@@ -208,7 +306,8 @@ def decoded_lines(
         if number == 0:
             text = text.removeprefix("\ufeff")
         number += block.count(b"\n")
-        yield from io.StringIO(text, newline="\n")
+        if text:
+            yield block, text
         if not chunk:
             return
 
@@ -267,7 +366,7 @@ class Importer:
         self,
         where: str,
         header: list[str],
-        rows: Iterable[tuple[int, list[str]]],
+        rows: Rows,
         now: float,
         *,
         strict: bool = False,
@@ -292,7 +391,7 @@ class Importer:
         for line, email, first in self.store.drop_staged_duplicates():
             report.reject(Rejection(line, email, f"duplicate of {self.row_name(first)}", "email", "duplicate"))
         # 2. Enroll what was staged in one transaction: all of the file's good rows, or none.
-        with self.store.transaction():
+        with self.store.enrolling():
             self._enroll_staged(now, report)
             if strict and any(r.kind == "placement" for r in report.rejected):
                 raise Rejected(report)
@@ -322,12 +421,13 @@ class Importer:
                         f"from {self.columns_name}: {exc}"
                     ) from None
 
-    def _stage(self, header: list[str], rows: Iterable[tuple[int, list[str]]], report: Report) -> None:
+    def _stage(self, header: list[str], rows: Rows, report: Report) -> None:
         """Every row validated and the good ones staged, BATCH at a time.
 
         The everyday row (every field there, a plainly valid address, no control character, a known owner,
         the required fields filled) is judged here in a few microseconds; any other row goes to `_validate`,
-        which gives the same verdict the long way and names what is wrong. Both stage the same JSON.
+        which gives the same verdict the long way and names what is wrong. Both stage the same JSON. The rows
+        of a Plain run need neither the check for control characters nor JSON escaping.
         """
         width = len(header)
         at_email = header.index("email")
@@ -341,11 +441,34 @@ class Importer:
         # back), which was a sixth of an enrollment's bytes: an import 6-8% faster (bench/enroll.py --against).
         kept = [name for name in header if name not in ("owner", "email")]
         gone = sorted({at_email, at_owner} - {-1}, reverse=True)
-        template = "{" + ",".join(_quote(name).replace("%", "%%") + ":%s" for name in kept) + "}"
+        names = [_quote(name).replace("%", "%%") for name in kept]
+        template = "{" + ",".join(f"{name}:%s" for name in names) + "}"
+        bare = "{" + ",".join(f'{name}:"%s"' for name in names) + "}"  # for values that need no escaping
         users, adder, control, plain, quote = self.users, self.adder, _CONTROL.search, plainly_valid, _quote
         stage = self.store.stage_import
         batch: list[Staged] = []
-        for line, values in rows:
+        for item in rows:
+            if isinstance(item, Plain):
+                # Nothing in these lines is quoted or a control character, and no field needs escaping.
+                for line, text in enumerate(item.lines, item.first):
+                    values = text.split(",")
+                    if quick and len(values) == width:
+                        stripped = [v.strip() for v in values]
+                        email = stripped[at_email]
+                        owner = (stripped[at_owner] or adder) if at_owner >= 0 else adder
+                        if owner in users and plain(email) and all(filled(stripped)):
+                            for at in gone:
+                                del stripped[at]
+                            batch.append((line, email.lower(), owner, bare % tuple(stripped)))
+                            continue
+                    row = self._validate(line, header, values, report)
+                    if row is not None:
+                        batch.append(row)
+                if len(batch) >= BATCH:
+                    stage(batch)
+                    batch = []
+                continue
+            line, values = item
             if quick and len(values) == width:
                 stripped = [v.strip() for v in values]
                 email = stripped[at_email]

@@ -547,6 +547,12 @@ class PgStore(Store):
         if observer is not None:
             observer(time.perf_counter() - started)
 
+    @contextmanager
+    def enrolling(self) -> Iterator[Any]:
+        """PostgreSQL checks foreign keys as it must: an import's transaction is a transaction."""
+        with self.transaction() as conn:
+            yield conn
+
     def rollback(self) -> None:
         if self.conn.in_transaction:
             try:

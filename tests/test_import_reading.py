@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import sqlite3
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import load_config, plainly_valid
-from daemon.enroll import Importer, Report, decoded_lines
+from daemon.enroll import MAX_FIELD, Importer, Plain, Report, decoded_lines, header_names, plain_lines, read_csv
 from daemon.errors import UsageError
 from daemon.store import Store
 from tests.conftest import Project
@@ -57,6 +58,102 @@ def test_lines_read_in_blocks_are_those_read_one_at_a_time(pieces: list[bytes], 
     assert outcome(decoded_lines(path, io.BytesIO(data), read, most)) == expected
 
 
+def csv_module_rows(path: Path, data: bytes, read: int, most: int) -> tuple[str, object]:
+    """The obvious reading that read_csv's Plain runs must equal: the csv module given every line."""
+    reader = csv.reader(decoded_lines(path, io.BytesIO(data), read, most), strict=True)
+    try:
+        header = header_names(path, next(reader))
+        rows, line = [], reader.line_num + 1
+        for values in reader:
+            rows.append((line, values))
+            line = reader.line_num + 1
+    except StopIteration:
+        return "refused", "empty"
+    except csv.Error as exc:
+        return "refused", str(exc)
+    except UsageError as exc:
+        return "refused", str(exc)
+    return "rows", (header, rows)
+
+
+def read_csv_rows(path: Path, data: bytes, read: int, most: int) -> tuple[str, object]:
+    """read_csv's rows, a Plain run's lines split at commas as _stage splits them (a blank line gives [''] there,
+    where the csv module gives []: both are no prospect to _validate)."""
+    try:
+        header, items = read_csv(path, io.BytesIO(data), read, most)
+        rows = []
+        for item in items:
+            if isinstance(item, Plain):
+                rows.extend((line, text.split(",") if text else []) for line, text in enumerate(item.lines, item.first))
+            else:
+                rows.append(item)
+    except UsageError as exc:
+        return "refused", str(exc)
+    return "rows", (header, rows)
+
+
+CSV_PIECES = [
+    *(b"a", b"B ", b" ", b",", b",,", b'"', b'""', b"\n", b"\r\n", b"\r", b"\t", b"\\", b"\x00", b"\x1f", b"\x7f"),
+    *(b"\xc3\xa9", b"\xc2\x85", b"\xe2\x80\xa8", b"\xc2\xa0", b"\xff", b"x" * 9, b"p@x.example"),
+]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.sampled_from([b"email,name\n", b'"email","Name"\r\n', b"\xef\xbb\xbfemail\n", b"name\n", b""]),
+    st.lists(st.sampled_from(CSV_PIECES), max_size=40),
+    st.integers(1, 24),
+    st.integers(8, 40),
+)
+@example(b"email,name\n", [b"a", b",", b"B ", b"\n", b"x" * 9, b"\r\n", b"\n", b"a"], 4, 40)  # plain, CR LF, blank
+@example(b"email,name\n", [b"a", b"\n", b'"', b"\n", b'"', b",", b"a", b"\n", b"a"], 3, 40)  # a quoted line end
+@example(b"email,name\n", [b"a", b"\n", b'"', b"a", b"\n"], 4, 40)  # a quote never closed
+def test_plain_runs_read_as_the_csv_module_reads_every_line(
+    header: bytes, pieces: list[bytes], read: int, most: int
+) -> None:
+    """Rows, their lines, and the file's refusal (a quote never closed, NUL, a CR alone): as the csv module."""
+    data = header + b"".join(pieces)
+    path = Path("people.csv")
+    expected = csv_module_rows(path, data, read, most)
+    got = read_csv_rows(path, data, read, most)
+    if expected[0] == "refused":
+        assert got[0] == "refused"  # read_csv words the csv module's errors for people; its own are the same
+        if "people.csv" in str(expected[1]):
+            assert got == expected
+    else:
+        assert got == expected
+
+
+def test_a_plain_file_comes_in_plain_runs_and_the_rest_line_by_line() -> None:
+    plain = b"email,name\r\n" + b"".join(b"p%d@x.example,Ann %d\r\n" % (i, i) for i in range(100))
+    header, items = read_csv(Path("p.csv"), io.BytesIO(plain), 256, 256)
+    runs = list(items)
+    assert header == ["email", "name"]
+    assert all(isinstance(r, Plain) for r in runs) and len(runs) == 9  # a run per block of 256 bytes
+    lines = [line for r in runs if isinstance(r, Plain) for line in range(r.first, r.first + len(r.lines))]
+    assert lines == list(range(2, 102))
+    quoted = list(read_csv(Path("p.csv"), io.BytesIO(plain.replace(b"Ann 50", b'"Ann, 50"')), 256, 256)[1])
+    assert (52, ["p50@x.example", "Ann, 50"]) in quoted  # its block read by the csv module, a row at a time
+    assert sum(isinstance(r, Plain) for r in quoted) == 8  # that block only
+
+
+@pytest.mark.parametrize("c", ['"', "\\", "\t", "\r", "\x00", "\x1f", "\x7f", "\x85", "\u2028", "\u2029"])
+def test_a_line_with_what_csv_json_or_the_control_check_treat_specially_is_not_plain(c: str) -> None:
+    assert plain_lines(f"p@x.example,Ann\np@x.example,A{c}n\n", 2) is None
+    assert plain_lines(f"p@x.example,A{c}n", 2) is None
+
+
+def test_a_line_of_everyday_text_is_plain_and_cr_lf_ends_it() -> None:
+    run = plain_lines("p@x.example, Ann\xa0é ,\r\n\r\nq@x.example,Bo", 7)
+    assert run == Plain(7, ["p@x.example, Ann\xa0é ,", "", "q@x.example,Bo"])
+
+
+def test_a_field_too_long_for_the_csv_module_is_refused_in_a_plain_block_too() -> None:
+    data = b"email,name\np@x.example," + b"n" * (MAX_FIELD + 1) + b"\n"
+    got = read_csv_rows(Path("p.csv"), data, 1024 * 1024, 4 * 1024 * 1024)
+    assert got == ("refused", f"p.csv:2: a field longer than {MAX_FIELD} characters (an unterminated quote?)")
+
+
 @pytest.fixture
 def importer(project: Project) -> Iterator[Importer]:
     project.add_mailboxes(2)
@@ -84,6 +181,16 @@ VALUE = st.one_of(
 )
 
 
+@example(
+    HEADERS[0],
+    [
+        ["p@x.example", "a\\b", "Acme", "C\tTO"],
+        ["q@x.example", "x\x1fy", "Acme", "CTO"],
+        ["r@x.example", "Ann", "Acme", "CTO"],
+        ["s@x.example", "Ann", " Acme Ltd ", "CTO"],
+        ["t@x.example", "", "Acme", "CTO"],
+    ],
+)  # a backslash and a tab JSON escapes, a control character refused, an everyday row, one to strip, one with a gap
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.sampled_from(HEADERS),
@@ -104,6 +211,20 @@ def test_the_quick_check_stages_what_the_full_check_would(
     importer.store.start_import()
     with importer.store.staging():
         importer._stage(header, numbered, report)
+    staged = importer.store.conn.execute("SELECT line, email, owner, fields FROM temp.import_rows ORDER BY line")
+    assert staged.fetchall() == expected
+    assert report.rejected == expected_report.rejected
+    # The same rows as a reader gives them from a plain block of the file, where it can: each its own line.
+    runs: list[tuple[int, list[str]] | Plain] = []
+    for line, values in numbered:
+        text = ",".join(values)
+        run = plain_lines(text + "\n", line)
+        faithful = run is not None and run.lines == [text] and text.split(",") == values  # one line, as written
+        runs.append(run if run is not None and faithful else (line, values))
+    report = Report()
+    importer.store.start_import()
+    with importer.store.staging():
+        importer._stage(header, runs, report)
     staged = importer.store.conn.execute("SELECT line, email, owner, fields FROM temp.import_rows ORDER BY line")
     assert staged.fetchall() == expected
     assert report.rejected == expected_report.rejected
@@ -143,3 +264,26 @@ def test_the_address_shortcut_takes_everyday_addresses_and_keeps_its_memory_boun
     for i in range(config._DOMAINS_KEPT + 10):
         assert plainly_valid(f"p@d{i}.example")
     assert len(config._DOMAIN_VERDICTS) <= config._DOMAINS_KEPT
+
+
+def test_an_import_enrolls_with_foreign_keys_unchecked_and_checks_them_again_after(importer: Importer) -> None:
+    """Its messages name its enrollments (foreign_key_check finds nothing); the check is on again after it,
+    whether it committed or was rolled back."""
+    header = ["email", "first_name", "company", "title"]
+    conn = importer.store.conn
+    seen: list[int] = []
+
+    def fail(report: Report) -> None:
+        seen.append(conn.execute("PRAGMA foreign_keys").fetchone()[0])
+        raise RuntimeError("the request's answer could not be kept")
+
+    with pytest.raises(RuntimeError):
+        importer.enroll_rows("people.csv:1", header, [(2, ["p@x.example", "Ann", "Acme", "CTO"])], 1.0, within=fail)
+    assert seen == [0]
+    assert conn.execute("SELECT count(*) FROM enrollments").fetchone()[0] == 0
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    rows = [(i + 2, [f"p{i}@x.example", "Ann", "Acme", "CTO"]) for i in range(50)]
+    assert importer.enroll_rows("people.csv:1", header, rows, 1.0).enrolled == 50
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 50
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
