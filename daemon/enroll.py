@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -448,46 +449,31 @@ class Importer:
         stage = self.store.stage_import
         batch: list[Staged] = []
         for item in rows:
-            if isinstance(item, Plain):
-                # Nothing in these lines is quoted or a control character, and no field needs escaping.
-                for line, text in enumerate(item.lines, item.first):
-                    values = text.split(",")
-                    if quick and len(values) == width:
-                        stripped = [v.strip() for v in values]
-                        email = stripped[at_email]
-                        owner = (stripped[at_owner] or adder) if at_owner >= 0 else adder
-                        if owner in users and plain(email) and all(filled(stripped)):
-                            for at in gone:
-                                del stripped[at]
-                            batch.append((line, email.lower(), owner, bare % tuple(stripped)))
-                            continue
-                    row = self._validate(line, header, values, report)
-                    if row is not None:
-                        batch.append(row)
-                if len(batch) >= BATCH:
-                    stage(batch)
-                    batch = []
-                continue
-            line, values = item
-            if quick and len(values) == width:
-                stripped = [v.strip() for v in values]
-                email = stripped[at_email]
-                owner = (stripped[at_owner] or adder) if at_owner >= 0 else adder
-                if owner in users and plain(email) and control("".join(values)) is None and all(filled(stripped)):
-                    key = email.lower()
-                    for at in gone:
-                        del stripped[at]
-                    batch.append((line, key, owner, template % tuple(map(quote, stripped))))
-                    if len(batch) >= BATCH:
-                        stage(batch)
-                        batch = []
-                    continue
-            row = self._validate(line, header, values, report)
-            if row is not None:
-                batch.append(row)
-                if len(batch) >= BATCH:
-                    stage(batch)
-                    batch = []
+            # A Plain run: nothing in its lines is quoted or a control character, and no field needs escaping.
+            clean = isinstance(item, Plain)
+            pairs = zip(count(item.first), (t.split(",") for t in item.lines)) if isinstance(item, Plain) else (item,)
+            for line, values in pairs:
+                if quick and len(values) == width:
+                    stripped = [v.strip() for v in values]
+                    email = stripped[at_email]
+                    owner = (stripped[at_owner] or adder) if at_owner >= 0 else adder
+                    if (
+                        owner in users
+                        and plain(email)
+                        and (clean or control("".join(values)) is None)
+                        and all(filled(stripped))
+                    ):
+                        for at in gone:
+                            del stripped[at]
+                        fields = bare % tuple(stripped) if clean else template % tuple(map(quote, stripped))
+                        batch.append((line, email.lower(), owner, fields))
+                        continue
+                row = self._validate(line, header, values, report)
+                if row is not None:
+                    batch.append(row)
+            if len(batch) >= BATCH:
+                stage(batch)
+                batch = []
         stage(batch)
 
     def _validate(self, line: int, header: list[str], values: list[str], report: Report) -> Staged | None:

@@ -18,6 +18,7 @@ from daemon.enroll import (
     MAX_FIELD,
     Importer,
     Plain,
+    Rejection,
     Report,
     _csv_problem,
     decoded_lines,
@@ -189,6 +190,18 @@ VALUE = st.one_of(
 )
 
 
+def staged_by(
+    importer: Importer, header: list[str], rows: list[tuple[int, list[str]] | Plain]
+) -> tuple[list[tuple[int, str, str, str]], list[Rejection]]:
+    """What _stage puts in the scratch table, in line order, and the rows it rejects."""
+    report = Report()
+    importer.store.start_import()
+    with importer.store.staging():
+        importer._stage(header, rows, report)
+    staged = importer.store.conn.execute("SELECT line, email, owner, fields FROM temp.import_rows ORDER BY line")
+    return staged.fetchall(), report.rejected
+
+
 @example(
     HEADERS[0],
     [
@@ -215,13 +228,7 @@ def test_the_quick_check_stages_what_the_full_check_would(
     ]
     expected_report = Report()
     expected = [r for line, values in numbered if (r := importer._validate(line, header, values, expected_report))]
-    report = Report()
-    importer.store.start_import()
-    with importer.store.staging():
-        importer._stage(header, numbered, report)
-    staged = importer.store.conn.execute("SELECT line, email, owner, fields FROM temp.import_rows ORDER BY line")
-    assert staged.fetchall() == expected
-    assert report.rejected == expected_report.rejected
+    assert staged_by(importer, header, numbered) == (expected, expected_report.rejected)
     # The same rows as a reader gives them from a plain block of the file, where it can: each its own line.
     runs: list[tuple[int, list[str]] | Plain] = []
     for line, values in numbered:
@@ -231,13 +238,7 @@ def test_the_quick_check_stages_what_the_full_check_would(
             runs.append(run)
         else:
             runs.append((line, values))
-    report = Report()
-    importer.store.start_import()
-    with importer.store.staging():
-        importer._stage(header, runs, report)
-    staged = importer.store.conn.execute("SELECT line, email, owner, fields FROM temp.import_rows ORDER BY line")
-    assert staged.fetchall() == expected
-    assert report.rejected == expected_report.rejected
+    assert staged_by(importer, header, runs) == (expected, expected_report.rejected)
     for _, _, _, fields in expected:
         assert not {"owner", "email"} & set(json.loads(fields))  # each in its own column
 
