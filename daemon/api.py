@@ -12,13 +12,15 @@ every refusal is a 4xx whose JSON names the field. Nothing a refused request car
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemon import enroll, logs, operate, readside, store
-from daemon.config import ApiSettings, Config, Playbook
+from daemon.config import LOOPBACK_HOSTS, ApiSettings, Config, Playbook, is_loopback
 from daemon.errors import Refused, StoreError, UsageError
 from daemon.store import MESSAGE_STATES, Store
 
@@ -77,6 +79,8 @@ class DaemonMetrics(Collector):
         self.config = config
         self.dispatcher = dispatcher
         self.last_commit = 0.0  # when this process last committed (store.commit_observer)
+        self.db: Store | None = None
+        self.db_path: Path | str = ""
 
     def collect(self) -> Iterator[Any]:
         config = self.config()
@@ -97,7 +101,7 @@ class DaemonMetrics(Collector):
         watched = GaugeMetricFamily("cadenced_imap_watched_mailboxes", "Mailboxes with [imap] being watched")
         watched.add_metric([], len(watchers))
         yield watched
-        db = Store.open(config.daemon.database, create=False)
+        db = self._store(config)
         try:
             now = time.time()
             by_state = GaugeMetricFamily("cadenced_messages", "Messages waiting, by state", labels=["state"])
@@ -126,8 +130,24 @@ class DaemonMetrics(Collector):
             kept = float(db.daemon_state().get("heartbeat_at") or 0)
             heartbeat.add_metric([], max(kept, self.last_commit))
             yield heartbeat
-        finally:
-            db.close()
+        except BaseException:
+            self.close()  # a broken connection is not kept: the next scrape opens a new one
+            raise
+
+    def _store(self, config: Config) -> Store:
+        """One connection, kept from scrape to scrape (reopened after an error or when the database moves)."""
+        if self.db is not None and self.db_path != config.daemon.database:
+            self.close()
+        if self.db is None:
+            self.db = Store.open(config.daemon.database, create=False)
+            self.db_path = config.daemon.database
+        return self.db
+
+    def close(self) -> None:
+        db, self.db = self.db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db.close()
 
 
 # --- request bodies ---------------------------------------------------------------------------------------
@@ -303,15 +323,15 @@ def build_app(
         collector.last_commit = time.time()
 
     store.commit_observer = committed
-    expected = settings.token.reveal().encode() if settings.token is not None else None
+    expected = _secret_bytes(settings.token)
+    metrics_expected = _secret_bytes(settings.metrics_token)
+    snapshot = MetricsSnapshot(registry, collector)
     enrolling = anyio.CapacityLimiter(CONCURRENT_ENROLLMENTS)
     receiving = anyio.CapacityLimiter(BODIES_AT_ONCE)
     log = logs.get()
 
-    def authorized(request: Request) -> bool:
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        return expected is not None and scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), expected)
+    def authorized(request: Request, wanted: bytes | None = None) -> bool:
+        return bearer_matches(request.headers.get("authorization", ""), wanted or expected)
 
     def refused() -> JSONResponse:
         return JSONResponse(
@@ -347,8 +367,14 @@ def build_app(
 
         return endpoint
 
-    async def metrics(_: Request) -> Response:
-        body = await anyio.to_thread.run_sync(generate_latest, registry)
+    async def metrics(request: Request) -> Response:
+        if metrics_expected is not None and not authorized(request, metrics_expected):
+            return refused()
+        try:
+            body = await snapshot.latest()
+        except (sqlite3.Error, StoreError) as exc:
+            log.error("api.error", detail=str(exc)[:300])
+            return Response("the database cannot answer now\n", status_code=503, headers={"Retry-After": "5"})
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(_: Request) -> Response:
@@ -543,7 +569,52 @@ def build_app(
         Route("/v1/outbox/reassign", guarded(reassign), methods=["POST"]),
         Route("/v1/playbooks/{name}/enrollments", guarded(enroll_prospects), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.metrics = snapshot
+    return app
+
+
+def _secret_bytes(secret: Any) -> bytes | None:
+    """The token to compare with, or None: an empty or blank token is no token (it would match an empty one)."""
+    if secret is None:
+        return None
+    value = secret.reveal().strip()
+    return value.encode() if value else None
+
+
+def bearer_matches(header: str, expected: bytes | None) -> bool:
+    """`Authorization: Bearer <token>` against the configured token, in constant time; nothing matches no token,
+    and an empty presented token matches nothing."""
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode()
+    return expected is not None and bool(given) and scheme.lower() == "bearer" and hmac.compare_digest(given, expected)
+
+
+METRICS_TTL = 2.0  # seconds a /metrics snapshot is served again (a scrape storm costs one read of the database)
+
+
+class MetricsSnapshot:
+    """The exposition text, made at most once per METRICS_TTL by one scrape at a time over one kept connection;
+    the scrapes that come meanwhile get the same text."""
+
+    def __init__(self, registry: CollectorRegistry, collector: DaemonMetrics) -> None:
+        self.registry = registry
+        self.collector = collector
+        self.lock = anyio.Lock()
+        self.made_at = -METRICS_TTL
+        self.body = b""
+        self.made = 0  # snapshots made (tests count them)
+
+    async def latest(self) -> bytes:
+        async with self.lock:
+            if time.monotonic() - self.made_at >= METRICS_TTL:
+                self.body = await anyio.to_thread.run_sync(generate_latest, self.registry)
+                self.made_at = time.monotonic()
+                self.made += 1
+            return self.body
+
+    def close(self) -> None:
+        self.collector.close()
 
 
 # --- the OpenAPI document ---------------------------------------------------------------------------------
@@ -783,15 +854,60 @@ async def run(
     """Serve until `stop` is set (the daemon stopping), then set `done`: the server closes by its own shutdown
     (Hypercorn does not take being cancelled mid-serve well), the daemon waits for that, bounded."""
     server = ServerConfig()
-    server.bind = [f"unix:{settings.socket}"] if settings.socket else [f"{settings.host}:{settings.port}"]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    server.bind = [f"unix:{settings.socket}"] if settings.socket else [f"{host}:{settings.port}"]
     server.accesslog = None
     server.errorlog = None
     server.graceful_timeout = 2.0
     server.read_timeout = 60  # a connection silent this long mid-request is closed
+    server.umask = 0o117  # a unix socket is 0660: the service's user and group, nobody else
+    if settings.tls_cert:
+        server.certfile, server.keyfile = settings.tls_cert, settings.tls_key
     app = build_app(settings, config, dispatcher, wake)
+    # A unix socket cannot be reached by a browser (no rebinding); a listener off loopback has TLS.
+    guarded_app = HostCheck(app, settings) if not settings.socket and is_loopback(settings.host) else app
     task_status.started()
     try:
-        await serve(app, server, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await serve(guarded_app, server, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         store.commit_observer = None
+        app.state.metrics.close()
         done.set()
+
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class HostCheck:
+    """On a loopback listener, only requests that name this machine (or a configured `hosts` name) in Host: a
+    web page on another origin that resolves its own name to 127.0.0.1 (DNS rebinding) gets a 421."""
+
+    def __init__(self, app: Any, settings: ApiSettings) -> None:
+        self.app = app
+        self.allowed = LOOPBACK_HOSTS | {"[::1]"} | set(settings.hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and host_of(_header(scope, b"host")) not in self.allowed:
+            body = b'{"error":"misdirected","detail":"the Host header does not name this server"}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 421, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+def host_of(header: str) -> str:
+    """The host of a Host header, lower case, without its port (`[::1]:8025` → `[::1]`)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header.partition("]")[0] + "]"
+    return header.rpartition(":")[0] if header.count(":") == 1 else header

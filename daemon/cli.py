@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ import anyio.streams.stapled
 import tomli_w
 
 from daemon import __version__, enroll, operate, readside
-from daemon.config import Config, Mailbox, OAuth2, config_path_from, effective_dict, load_config, valid_address
+from daemon.config import Config, Mailbox, OAuth2, address_problem, config_path_from, effective_dict, load_config
 from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, UsageError
 from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store
@@ -157,9 +158,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def _addresses(given: list[str]) -> list[str]:
     """Addresses from the command line, lower-cased as enrollments keep them; a bad one refuses them all."""
-    bad = [a for a in given if not valid_address(a)]
+    bad = [(a, problem) for a in given if (problem := address_problem(a)) is not None]
     if bad:
-        raise UsageError(f"not an email address: {bad[0]!r}; nothing was changed")
+        raise UsageError(f"not an email address: {bad[0][0]!r} ({bad[0][1]}); nothing was changed")
     return list(dict.fromkeys(a.lower() for a in given))
 
 
@@ -314,11 +315,13 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load_config(config_path_from(args.config))
     from daemon import logs
     from daemon.service import Daemon
 
     logs.configure(config.daemon.log_format, config.daemon.log_level)
+    for warning in config.warnings:  # one event per line in the daemon's log, not loose text on stderr
+        logs.get().warning("config.warning", detail=warning)
     daemon = Daemon(config.path, config)
     anyio.run(daemon.run, backend="asyncio")
     return 0
@@ -476,13 +479,20 @@ def cmd_mailbox_authorize(args: argparse.Namespace) -> int:
             f"{args.address}: no [mailboxes.oauth2] table: give client_id and refresh_token_file "
             '(and provider = "google" or "microsoft", or token_url and auth_url)'
         )
+    missing = [key for key, value in (("auth_url", settings.auth_url), ("scopes", settings.scopes)) if not value]
+    if missing:
+        index = next(i for i, m in enumerate(_load(args).mailboxes) if m.address == mailbox.address)
+        raise UsageError(
+            "; ".join(f"mailboxes[{index}].oauth2.{key}: is required by `mailbox authorize`" for key in missing)
+            + ' (provider = "google" or "microsoft" gives both; the daemon itself needs neither)'
+        )
     from daemon import oauth
 
     try:
         # Microsoft matches the registered redirect's host to the letter (`http://localhost`, any port); Google's
         # desktop clients take the loopback address.
         host = "localhost" if mailbox.provider == "microsoft" else "127.0.0.1"
-        refresh = anyio.run(_authorize, mailbox.address, settings, args.port, host, backend="asyncio")
+        refresh = anyio.run(_authorize, mailbox.address, settings, args.port, host, args.timeout, backend="asyncio")
     except (oauth.AuthorizationFailed, oauth.TokenError) as exc:
         raise Refused(f"{args.address}: not authorized: {exc}") from None
     target = oauth.save_refresh_token(settings, refresh)
@@ -498,8 +508,14 @@ def cmd_mailbox_authorize(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _authorize(address: str, settings: OAuth2, port: int, host: str = "127.0.0.1") -> str:
-    """Print the URL; wait for the browser's redirect on a loopback listener, or for it pasted on stdin."""
+AUTHORIZE_CONNECTIONS = 16  # connections the redirect listener serves at once; more are closed at once
+
+
+async def _authorize(address: str, settings: OAuth2, port: int, host: str = "127.0.0.1", within: float = 600.0) -> str:
+    """Print the URL; wait for the browser's redirect on a loopback listener, or for it pasted on stdin.
+
+    Bounded: the whole wait (`within`), each connection (10 s for its request), and the connections served at
+    once (AUTHORIZE_CONNECTIONS: idle connections cannot exhaust the process's descriptors)."""
     import secrets
 
     from daemon import oauth
@@ -521,7 +537,19 @@ async def _authorize(address: str, settings: OAuth2, port: int, host: str = "127
         done.set()
         return True
 
+    serving = [0]
+
     async def serve(stream: anyio.abc.SocketStream) -> None:
+        if serving[0] >= AUTHORIZE_CONNECTIONS:
+            await stream.aclose()  # a flood of idle connections: the browser's own comes in when one ends
+            return
+        serving[0] += 1
+        try:
+            await _serve_redirect(stream)
+        finally:
+            serving[0] -= 1
+
+    async def _serve_redirect(stream: anyio.abc.SocketStream) -> None:
         async with stream:
             request = b""
             with anyio.move_on_after(10):
@@ -561,11 +589,7 @@ async def _authorize(address: str, settings: OAuth2, port: int, host: str = "127
                     sys.stderr.write("cadenced: that is not the address the browser was sent to; paste it whole\n")
 
     if host == "localhost":  # whichever of 127.0.0.1 and ::1 the browser picks for it, on one port
-        first = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
-        bound = first.extra(anyio.abc.SocketAttribute.local_port)
-        listeners: list[anyio.abc.Listener[anyio.abc.SocketStream]] = [first]
-        with contextlib.suppress(OSError):  # no IPv6 here: 127.0.0.1 alone
-            listeners.append(await anyio.create_tcp_listener(local_host="::1", local_port=bound))
+        listeners, bound = await _both_loopbacks(port)
         listener: anyio.abc.Listener[anyio.abc.SocketStream] = anyio.streams.stapled.MultiListener(listeners)
     else:
         single = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -580,15 +604,50 @@ async def _authorize(address: str, settings: OAuth2, port: int, host: str = "127
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, serve)
         tg.start_soon(pasted)
-        await done.wait()
+        with anyio.move_on_after(within):
+            await done.wait()
         tg.cancel_scope.cancel()
     await listener.aclose()
+    if not done.is_set():
+        raise oauth.AuthorizationFailed(f"no redirect came within {within:g} s (--timeout)")
     if failure:
         raise failure[0]
     return await oauth.exchange_code(settings, found[0], verifier, redirect)
 
 
+async def _both_loopbacks(port: int) -> tuple[list[anyio.abc.Listener[anyio.abc.SocketStream]], int]:
+    """Listeners on 127.0.0.1 and ::1 at one port, or on 127.0.0.1 alone where this host has no IPv6. A port taken
+    on ::1 by another program is never left to it (the browser could take the code there): another port, or, for
+    a --port given, an error."""
+    for _ in range(5):
+        first = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+        bound = first.extra(anyio.abc.SocketAttribute.local_port)
+        try:
+            second = await anyio.create_tcp_listener(local_host="::1", local_port=bound)
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                return [first], bound  # no IPv6 loopback here: a browser cannot reach ::1 either
+            await first.aclose()
+            if port:
+                raise Refused(f"[::1]:{port} is in use by another program; choose another --port") from None
+            continue
+        return [first, second], bound
+    raise Refused("no port was free on both 127.0.0.1 and ::1; give one with --port")
+
+
 # --- parser ---------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    from daemon.config import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be 1s to 1d, got {text!r}")
+    return value
 
 
 def _days(text: str) -> int:
@@ -681,6 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = tools.add_parser("authorize", parents=[common], help="sign an OAuth2 mailbox in; store its refresh token")
     t.add_argument("address")
     t.add_argument("--port", type=int, default=0, help="the loopback redirect's port (default: any free one)")
+    t.add_argument(
+        "--timeout", type=_seconds, default=600.0, help="give up without a redirect after this long (default 10m)"
+    )
     t.set_defaults(handler=cmd_mailbox_authorize)
 
     p = sub.add_parser("run", parents=[common], help="the daemon (foreground; systemd Type=notify)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import socket
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 import email_validator
 
@@ -269,6 +270,12 @@ class ApiSettings:
     socket: str  # a unix socket path, or ""
     token: Secret | None
     token_source: str
+    metrics_token: Secret | None = None  # /metrics asks for it when set
+    metrics_token_source: str = ""
+    tls_cert: str = ""  # served over HTTPS with both (a listener other machines can reach needs them)
+    tls_key: str = ""
+    allow_plain_http: bool = False  # plain HTTP off loopback: the operator says a proxy on this host does TLS
+    hosts: tuple[str, ...] = ()  # Host names accepted besides the loopback ones (a reverse proxy's own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -824,8 +831,8 @@ def _oauth2(t: _Table, preset: Preset | None, base_dir: Path) -> OAuth2 | None:
     scopes = t.strings("scopes", list(preset.scopes) if preset else [])
     t.finish()
     for key, url in (("token_url", token_url), ("auth_url", auth_url)):
-        if not isinstance(url, str):
-            continue
+        if not isinstance(url, str) or (key == "auth_url" and not url):
+            continue  # auth_url (and scopes) only `mailbox authorize` needs: a refresh token made elsewhere does not
         problem = _endpoint_problem(url)
         if problem:
             t.problems.add(t.at(key), problem)
@@ -872,13 +879,27 @@ def _secret(t: _Table, base_dir: Path, problems: _Problems, config_path: Path) -
     return Secret(value), "password"
 
 
+MAX_SECRET = 64 * 1024  # characters of a secret file (a refresh token is under 2 KB; a key file under 16 KB)
+
+
 def _secret_file(t: _Table, key: str, path: Path, source: str, label: str) -> tuple[Secret | None, str]:
     try:
-        return Secret(path.read_text(encoding="utf-8").rstrip("\r\n")), source
+        with path.open(encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read(MAX_SECRET + 1)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         t.problems.add(t.at(key), f"cannot read {label}: {reason}")
         return None, ""
+    if len(text) > MAX_SECRET:
+        t.problems.add(t.at(key), f"{label} is larger than a secret can be ({MAX_SECRET} characters)")
+        return None, ""
+    if mode & (stat.S_IRGRP | stat.S_IROTH) and not label.startswith("credential"):
+        t.problems.warnings.append(
+            f"{t.at(key)}: {path} can be read by its group or by others (mode {stat.S_IMODE(mode):04o}); "
+            "chmod 600 it (or 640 with a group of the service's own)"
+        )
+    return Secret(text.rstrip("\r\n")), source
 
 
 def _server(
@@ -1048,8 +1069,9 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     for t in root.tables("mailboxes"):
         address = t.string("address")
         if isinstance(address, str):
-            if not valid_address(address):
-                t.problems.add(t.at("address"), f"not an email address: {address!r}")
+            problem = address_problem(address)
+            if problem is not None:
+                t.problems.add(t.at("address"), f"not an email address: {address!r} ({problem})")
             elif address.lower() in address_seen:
                 t.problems.add(t.at("address"), f"duplicate mailbox {address!r}")
             address_seen.add(address.lower())
@@ -1232,55 +1254,155 @@ def _lease(d: _Table) -> float:
 
 
 def _database(d: _Table, base_dir: Path) -> Path | str:
-    """`database`: an SQLite file (relative to the config's folder), or `postgresql://…`; or `database_url_env`,
-    the environment variable that holds the URL (its password stays out of the file)."""
+    """`database`: an SQLite file (relative to the config's folder), or `postgresql://…`; or `database_url_env` /
+    `database_url_credential`, where the URL (and its password) is kept out of the file."""
+    sources = [k for k in ("database", "database_url_env", "database_url_credential") if d.has(k)]
+    if len(sources) > 1:
+        d.problems.add(d.at(sources[1]), f"give only one of {', '.join(sources)}")
+        d.seen.update(sources)
     env = d.string("database_url_env", None)
-    if env is not None and d.has("database"):
-        d.problems.add(d.at("database_url_env"), "give database or database_url_env, not both")
-    if env is not None:
-        url = os.environ.get(env, "") if isinstance(env, str) else ""
+    credential = d.string("database_url_credential", None)
+    if isinstance(env, str):
+        url = os.environ.get(env, "")
         if not url.startswith(POSTGRES_SCHEMES):
             d.problems.add(d.at("database_url_env"), f"${env} must hold a postgresql:// URL (it is unset or not one)")
             return "postgresql://unset"
         text: str = url
+    elif isinstance(credential, str):
+        folder = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not folder:
+            d.problems.add(d.at("database_url_credential"), "CREDENTIALS_DIRECTORY is not set (LoadCredential=)")
+            return "postgresql://unset"
+        secret, _ = _secret_file(
+            d, "database_url_credential", Path(folder) / credential, "", f"credential {credential}"
+        )
+        text = secret.reveal().strip() if secret is not None else ""
+        if not text.startswith(POSTGRES_SCHEMES):
+            if secret is not None:
+                d.problems.add(d.at("database_url_credential"), "the credential must hold a postgresql:// URL")
+            return "postgresql://unset"
     else:
         text = d.string("database", "/var/lib/cadenced/cadenced.db")
         if not isinstance(text, str):
             return Path("/var/lib/cadenced/cadenced.db")
     if text.startswith(POSTGRES_SCHEMES):
         try:
-            password = urlsplit(text).password
+            passwords = database_passwords(text)
         except ValueError as exc:
-            d.problems.add(d.at("database"), f"not a PostgreSQL URL: {exc}")
+            d.problems.add(d.at(sources[0] if sources else "database"), f"not a PostgreSQL URL: {exc}")
             return text
-        if password:
+        for password in passwords:
             redact.register("database", password)
+        if passwords and sources == ["database"]:
+            d.problems.warnings.append(
+                f"{d.at('database')}: a password in the config file; use database_url_env, "
+                "database_url_credential, or a ~/.pgpass / PGPASSFILE of the service's own"
+            )
         return text
     return Path(text) if Path(text).is_absolute() else base_dir / text
 
 
+_PASSWORD_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def database_passwords(url: str) -> set[str]:
+    """Every password a PostgreSQL URL carries (in its user part, or as `?password=` in libpq's form), as written
+    and as decoded: what must never be shown. psycopg's conninfo parser says what libpq will use."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = urlsplit(url)
+    found = {parts.password or ""}
+    try:
+        found |= {str(v) for k, v in conninfo_to_dict(url).items() if k in _PASSWORD_PARAMS and v is not None}
+    except Exception as exc:  # psycopg.ProgrammingError: libpq cannot parse it
+        raise ValueError(str(exc).strip()) from None
+    for piece in parts.query.split("&"):
+        key, _, value = piece.partition("=")
+        if unquote(key).lower() in _PASSWORD_PARAMS:
+            found |= {value, unquote(value), unquote_plus(value)}
+    found |= {unquote(f) for f in found}
+    return {f for f in found if f}
+
+
+MIN_TOKEN = 32  # characters of an [api] token: a guessable one is no lock
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
-    """`listen = "127.0.0.1:8025"` (a loopback or any address; TLS is a reverse proxy's) or "unix:/path"."""
+    """`listen = "127.0.0.1:8025"` (loopback; another address needs TLS or allow_plain_http) or "unix:/path"."""
     listen = t.string("listen", "127.0.0.1:8025")
     token, source = _named_secret(t, "token", base_dir)
+    metrics_token, metrics_source = _named_secret(t, "metrics_token", base_dir)
+    tls_cert = t.string("tls_cert", "")
+    tls_key = t.string("tls_key", "")
+    allow_plain_http = t.boolean("allow_plain_http", False)
+    hosts = t.strings("hosts", [])
     t.finish()
     if not source:
         t.problems.add(t.path, "needs token_file, token_env or token_credential (every request but /metrics shows it)")
-    if token is not None:
-        redact.register("api", token.reveal())
+    for secret, where in ((token, source), (metrics_token, metrics_source)):
+        if secret is None:
+            continue
+        redact.register("api", secret.reveal())
+        if len(secret.reveal().strip()) < MIN_TOKEN:
+            key = t.at(where.partition(":")[0])
+            t.problems.add(
+                key,
+                f"the token must be at least {MIN_TOKEN} characters, got {len(secret.reveal().strip())} "
+                "(make one: head -c 32 /dev/urandom | base64)",
+            )
+    tls: list[str] = []
+    for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if isinstance(value, str) and value:
+            file = Path(value) if Path(value).is_absolute() else base_dir / value
+            if not file.is_file():
+                t.problems.add(t.at(key), f"no such file {file}")
+            tls.append(str(file))
+    if len(tls) == 1:
+        t.problems.add(t.path, "give both tls_cert and tls_key, or neither")
+    cert, key_file = (tls[0], tls[1]) if len(tls) == 2 else ("", "")
+    names = tuple(h.lower() for h in hosts or [])
+    for i, name in enumerate(names):
+        if not re.fullmatch(r"[a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\]", name):
+            t.problems.add(f"{t.at('hosts')}[{i}]", f"not a host name: {name!r}")
+    plain = bool(allow_plain_http)
     if not isinstance(listen, str):
         return None
     if listen.startswith("unix:"):
         path = listen.removeprefix("unix:")
         if not path.startswith("/"):
             t.problems.add(t.at("listen"), f"a unix socket needs an absolute path, got {listen!r}")
-        return ApiSettings("", 0, path, token, source)
+        return ApiSettings("", 0, path, token, source, metrics_token, metrics_source, cert, key_file, plain, names)
     host, _, port_text = listen.rpartition(":")
     host = host.strip("[]")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         t.problems.add(t.at("listen"), f'must be "HOST:PORT" or "unix:/PATH", got {listen!r}')
         return None
-    return ApiSettings(host, int(port_text), "", token, source)
+    if not is_loopback(host):
+        if not cert and not plain:
+            t.problems.add(
+                t.at("listen"),
+                f"{listen} can be reached from other machines: give tls_cert and tls_key, or say "
+                "allow_plain_http = true (only behind a TLS proxy: tokens and every prospect cross the network)",
+            )
+        elif not cert:
+            t.problems.warnings.append(
+                f"{t.at('listen')}: {listen} serves plain HTTP to other machines (allow_plain_http = true): "
+                "tokens and prospects cross the network in clear unless a TLS proxy is in front"
+            )
+    return ApiSettings(
+        host, int(port_text), "", token, source, metrics_token, metrics_source, cert, key_file, plain, names
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if host.lower() in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _retry_delays(d: _Table) -> list[float]:
@@ -1457,17 +1579,37 @@ def _oauth2_dict(o: OAuth2) -> dict[str, Any]:
 def _api_dict(a: ApiSettings) -> dict[str, Any]:
     kind, _, where = a.token_source.partition(":")
     listen = f"unix:{a.socket}" if a.socket else f"{a.host}:{a.port}"
-    return {"listen": listen, **({kind: where} if kind else {})}
+    out: dict[str, Any] = {"listen": listen, **({kind: where} if kind else {})}
+    metrics_kind, _, metrics_where = a.metrics_token_source.partition(":")
+    if metrics_kind:
+        out[metrics_kind] = metrics_where
+    if a.tls_cert:
+        out |= {"tls_cert": a.tls_cert, "tls_key": a.tls_key}
+    if a.allow_plain_http:
+        out["allow_plain_http"] = True
+    if a.hosts:
+        out["hosts"] = list(a.hosts)
+    return out
 
 
 def shown_database(database: Path | str) -> str:
+    """The database as logs, errors and `check` may print it: every password (user part or query) masked."""
     if isinstance(database, Path):
         return str(database)
-    parts = urlsplit(database)
-    if parts.password is None:
-        return database
-    user, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:********@{host}"))
+    try:
+        parts = urlsplit(database)
+        password = parts.password
+    except ValueError:
+        return "postgresql://(a URL that cannot be parsed)"
+    netloc = parts.netloc
+    if password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:********@{host}"
+    query = "&".join(
+        f"{key}=********" if unquote(key).lower() in _PASSWORD_PARAMS else f"{key}{sep}{value}"
+        for key, sep, value in (piece.partition("=") for piece in parts.query.split("&") if piece)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def effective_dict(config: Config) -> dict[str, Any]:

@@ -198,6 +198,7 @@ class Turn:
     claimed: Claimed | None
     thread: list[tuple[int, str, str]]
     deferred: list[tuple[int, str, str]] = field(default_factory=list)  # (message, domain, until): domain_limit
+    token_first: bool = False  # a message may go now, but the mailbox's access token must be had before the claim
 
 
 DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_daily_limit)
@@ -549,6 +550,9 @@ def _aware(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+STREAK_KEPT = 50  # refusals of one streak remembered (a domain that refuses many prospects in a row)
+
+
 class MailboxRunner:
     """The sender loop of one mailbox: its window, gap, limit, connection and retry queue."""
 
@@ -673,8 +677,9 @@ class MailboxRunner:
         await self._apply_settings()
         now = self.d.clock()
         pending, self._pending = self._pending, None
+        may_claim = pending is not None or self._has_token()
         try:
-            turn = await self.d.db.grouped(self._turn, now, pending)
+            turn = await self.d.db.grouped(self._turn, now, pending, may_claim)
         except StoreUnavailable:
             self._pending = pending  # accepted by the server: kept in memory until it is recorded
             raise
@@ -702,6 +707,8 @@ class MailboxRunner:
             return back
         for message, domain, until in turn.deferred:
             self.log.info("message.deferred", message=message, reason="domain_limit", domain=domain, until=until)
+        if turn.token_first:
+            return await self._fetch_token(now)
         if turn.claimed is not None:
             await self._send(turn.claimed, turn.thread)
             return True
@@ -718,11 +725,12 @@ class MailboxRunner:
             self.next_wake = snap.earliest_due
         return False
 
-    def _turn(self, store: Store, now: float, pending: Sent | None) -> Turn:
+    def _turn(self, store: Store, now: float, pending: Sent | None, may_claim: bool = True) -> Turn:
         """In one transaction (a worker thread): record the last send, look, and claim the next.
 
         The send just made is committed before the next one is claimed, so every
         state change is durable before the next action, at one commit per message.
+        `may_claim` False: everything but the claim (the OAuth2 token is fetched first, with no message in hand).
         """
         schedule = self.mailbox.schedule
         day = self._local_day(now)
@@ -743,9 +751,30 @@ class MailboxRunner:
             )
             if deferred is None or not store.holds(self.address):
                 return Turn(snap, day, decision if deferred is None else None, None, [])
+            if not may_claim:
+                return Turn(snap, day, decision, None, [], deferred, token_first=True)
             claimed = store.claim(self.address, now, self._message_id)
             thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
             return Turn(snap, day, decision, claimed, thread, deferred)
+
+    def _has_token(self) -> bool:
+        """Nothing to fetch before a claim: not OAuth2, a connection already logged in, or a cached token."""
+        auth = self.mailbox.smtp.auth
+        if auth.mechanism != "oauth2" or auth.oauth2 is None or self.conn.is_open:
+            return True
+        return self.d.tokens.fresh(self.address, auth.oauth2)
+
+    async def _fetch_token(self, now: float) -> bool:
+        """The access token, before any message is claimed: an endpoint that is down, revoked or hostile stops
+        the mailbox (its messages wait in the error section, none is left `sending`). True: go on at once."""
+        oauth2 = self.mailbox.smtp.auth.oauth2
+        assert oauth2 is not None
+        try:
+            await smtp.access_token(self.d.tokens, self.address, oauth2)
+        except SmtpFailure as failure:
+            await self._mailbox_stops(failure, now, self.log)
+            return False
+        return True
 
     def _local_day(self, now: float) -> str:
         if self.clock.s is not self.mailbox.schedule:  # a reload changed it
@@ -779,7 +808,7 @@ class MailboxRunner:
             store.record_sent(*pending.record)
 
     def _message_id(self, outbox_id: int, attempt: int) -> str:
-        return compose.make_message_id(outbox_id, f"{attempt}.{secrets.token_hex(4)}", self.address)
+        return compose.make_message_id(outbox_id, f"{attempt}.{secrets.token_hex(16)}", self.address)
 
     async def _explain_wait(self, decision: timing.Decision, snap: Snapshot, day: str, now: float) -> None:
         """Every waiting message says why (SPEC: `deferred: daily_limit until <time>`)."""
@@ -850,6 +879,20 @@ class MailboxRunner:
             await self.d.connections.acquire_on_behalf_of(self)
             self.holds_slot = True
         reused = self.conn.is_open
+        if not reused:
+            try:
+                await self.conn.open()  # connect, TLS, EHLO, AUTH: nothing of the message has left yet
+            except SmtpFailure as failure:
+                await self._close()
+                await self._failed(c, failure, log)
+                return
+            except Exception:
+                # Not an answer we know (a bug, or something hostile we did not foresee): nothing was sent, so the
+                # claim is released and the message waits as it was, rather than `sending` and then `uncertain`.
+                await self._close()
+                detail = "not sent: the connection failed before the transaction (see mailbox.loop_error)"
+                await self._commit(Store.reschedule, c.id, c.due_at, None, detail, False)
+                raise
         try:
             try:
                 accepted = await self.conn.send(message, self.address, c.email)
@@ -1036,16 +1079,19 @@ class MailboxRunner:
             self.log.info("message.cancelled", message=message, prospect=c.email, reason=f.reason)
         await self._judge_reputation(now)
         key = outcomes.refusal_key(f)
-        if not self._streak or self._streak[-1][0] != key or c.email in {e for _, _, e in self._streak}:
+        if key is None:
+            return  # an address-class answer (no such user, full, disabled) is that address's: no streak either way
+        if self._streak and self._streak[-1][0] != key:
             self._streak = []
-        self._streak.append((key, c.id, c.email))
-        if len(self._streak) < outcomes.STREAK:
+        self._streak = [*self._streak[-(STREAK_KEPT - 1) :], (key, c.id, c.email)]
+        domains = {email.rpartition("@")[2] for _, _, email in self._streak}
+        if len(domains) < outcomes.STREAK:
             return
-        # The same refusal for several different recipients in a row: the sender is the problem.
+        # The same policy refusal for recipients at several domains in a row: the sender is the problem.
         streak, self._streak = self._streak, []
-        detail = f"the same refusal for {len(streak)} recipients in a row: {f.code} {f.text}"
+        detail = f"the same refusal for {len(streak)} recipients at {len(domains)} domains in a row: {f.code} {f.text}"
         undone = await self._commit(Store.unblame, self.address, [m for _, m, _ in streak], now, detail, day)
-        log.warning("mailbox.refusal_streak", recipients=[e for _, _, e in streak], restored=undone)
+        log.warning("mailbox.refusal_streak", recipients=[e for _, _, e in streak], moved_to_error=undone)
         await self._mailbox_stops(MailboxRefused(f.code, detail, stage=f.stage, enhanced=f.enhanced), now, log)
 
     async def _judge_reputation(self, now: float) -> None:

@@ -107,15 +107,18 @@ def pin_problems(config: Config, pins: dict[str, Pin]) -> list[str]:
     problems = []
     for cadence in config.cadences:
         pin = pins.get(cadence.name)
-        if pin is None or pin.enrollments == 0 or rotate_among(cadence, pins) != cadence.rotate_among:
+        if pin is None or pin.enrollments == 0:
             continue
+        # Judged by the rule in force, which for a cadence pinned under the old default is that default: the
+        # legacy case keeps rotate_among, never the right to change auto_rotate.
+        among = rotate_among(cadence, pins)
         changes = []
         if pin.auto_rotate != cadence.auto_rotate:
             changes.append(
                 f"auto_rotate was {str(pin.auto_rotate).lower()}, the config says {str(cadence.auto_rotate).lower()}"
             )
-        if pin.auto_rotate and cadence.auto_rotate and pin.rotate_among != cadence.rotate_among:
-            changes.append(f"rotate_among was {pin.rotate_among!r}, the config says {cadence.rotate_among!r}")
+        if pin.auto_rotate and cadence.auto_rotate and pin.rotate_among != among:
+            changes.append(f"rotate_among was {pin.rotate_among!r}, the config says {among!r}")
         if changes:
             problems.append(
                 f'cadences."{cadence.name}": {"; ".join(changes)}: fixed by {pin.enrollments} '
@@ -126,6 +129,7 @@ def pin_problems(config: Config, pins: dict[str, Pin]) -> list[str]:
 
 
 MAX_FIELD = 128 * 1024  # characters in one CSV field
+MAX_COLUMNS = 200  # columns of a CSV file (as fields of an API request): a CRM export has a few dozen
 MAX_REJECTIONS_LISTED = 10_000  # a report lists this many rejected rows; the count says how many in all
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # what may not reach a header
 csv.field_size_limit(MAX_FIELD)
@@ -243,6 +247,8 @@ def read_csv(
 
 def header_names(path: Path, header: list[str]) -> list[str]:
     """The columns' names (lower-cased), or UsageError: no email column, a name empty or twice."""
+    if len(header) > MAX_COLUMNS:
+        raise UsageError(f"{path}:1: {len(header)} columns in the header row; at most {MAX_COLUMNS}")
     names = [h.strip().lower() for h in header]
     if "email" not in names:
         shown = ", ".join(repr(n[:40]) for n in names[:20]) or "nothing"
@@ -404,6 +410,7 @@ class Importer:
     def _check_columns(self, where: str, header: list[str]) -> None:
         """Refuse the file before any row when it cannot fill a template at all."""
         variables = compose.sample_variables(tuple(header))
+        columns = set(header)
         for step in self.cadence.steps:
             for part, template in (("subject", step.subject), ("body", step.body)):
                 if template is None:
@@ -413,7 +420,7 @@ class Importer:
                         {
                             k: v
                             for k, v in variables.items()
-                            if k in header or k.startswith("sender_") or k == "unsubscribe_url"
+                            if k in columns or k.startswith("sender_") or k == "unsubscribe_url"
                         }
                     )
                 except compose.TemplateProblem as exc:
@@ -705,40 +712,60 @@ def ready_files(folder: Path, state: FolderState, now: float, settle: float = 10
     return ready
 
 
-def _filed_folder(folder: Path, name: str) -> Path:
-    """processed/ or failed/: made by us, and a real folder (never a link planted there)."""
-    path = folder / name
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _filed_folder(folder_fd: int, name: str) -> int:
+    """processed/ or failed/ inside the watched folder, opened as a descriptor: made by us and a real folder. What
+    is written there goes through this descriptor, so a link put in its place afterwards changes nothing."""
     try:
-        path.mkdir(mode=0o750)
+        os.mkdir(name, 0o750, dir_fd=folder_fd)
     except FileExistsError:
         pass
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise OSError(f"{path} is not a folder (a link or a file is in its place)")
-    return path
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(f"{name} is not a folder (a link or a file is in its place)") from None
+        raise
 
 
 def _file_away(path: Path, kind: str, now: float, note: str, text: str) -> Path:
-    """Move the dropped entry into processed/ or failed/ and write its note beside it, never through a link."""
-    folder = _filed_folder(path.parent, kind)
+    """Move the dropped entry into processed/ or failed/ and write its note beside it: by descriptors of the
+    watched folder and of the target folder (`dir_fd`), never by a name that a link could be swapped into."""
+    folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        target_fd = _filed_folder(folder_fd, kind)
+        try:
+            return path.parent / kind / _move_into(folder_fd, target_fd, path.name, now, note, text)
+        finally:
+            os.close(target_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def _move_into(folder_fd: int, target_fd: int, name: str, now: float, note: str, text: str) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     for n in range(1, 1000):
-        target = folder / (f"{stamp}-{path.name}" if n == 1 else f"{stamp}-{n}-{path.name}")
+        target = f"{stamp}-{name}" if n == 1 else f"{stamp}-{n}-{name}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(
-                target.with_name(target.name + note), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640
-            )
+            fd = os.open(target + note, flags, 0o640, dir_fd=target_fd)
         except FileExistsError:
             continue
-        if target.exists() or target.is_symlink():
+        try:
+            os.stat(target, dir_fd=target_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:  # the name is taken (by anything, a link too): the next one
             os.close(fd)
-            os.unlink(target.with_name(target.name + note))
+            os.unlink(target + note, dir_fd=target_fd)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
-        path.rename(target)  # renames the entry itself: a link moves as a link
+        os.rename(name, target, src_dir_fd=folder_fd, dst_dir_fd=target_fd)  # the entry itself: a link as a link
         return target
-    raise OSError(f"{folder}: no free name for {path.name}")
+    raise OSError(f"{name}: no free name in the folder it goes to")
 
 
 def import_dropped(

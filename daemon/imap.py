@@ -23,7 +23,7 @@ from typing import Any
 import aioimaplib
 import anyio
 
-from daemon import logs, oauth, outcomes, redact, timing, unsubscribe
+from daemon import logs, oauth, outcomes, redact, replies, timing, unsubscribe
 from daemon.compose import OUR_MESSAGE_ID
 from daemon.config import Config, Mailbox, OAuth2, Server
 from daemon.errors import AddressRejected
@@ -122,45 +122,18 @@ def number(raw: bytes | bytearray | str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    kind: str  # reply | bounce | blocked | ignore | bounce? | unsubscribe
+    kind: str  # reply | bounce | blocked | expired | ignore | bounce? | unsubscribe
     why: str
     message_ids: tuple[str, ...] = ()
     sender: str = ""
     recipient: str = ""  # a DSN's Final-Recipient
+    original: str = ""  # a DSN's Original-Recipient (the address we sent to, before an alias or a forward)
     status: str = ""  # a DSN's Status
     enrollment: int = 0  # an unsubscribe token's
 
 
-# A reply that says only this (case, punctuation, a greeting-free line) asks to hear no more. Kept short on
-# purpose: a sentence that merely contains "stop" is a reply, not an unsubscribe. README lists them.
-UNSUBSCRIBE_WORDS = frozenset(
-    {
-        "unsubscribe",
-        "remove me",
-        "remove",
-        "stop",
-        "opt out",
-        "opt-out",
-        "take me off your list",
-        "abmelden",
-        "austragen",
-        "désabonner",
-        "desabonner",
-        "désinscrire",
-        "desinscrire",
-        "baja",
-        "darse de baja",
-        "descadastrar",
-        "afmelden",
-        "cancellami",
-        "disiscrivimi",
-    }
-)
-_QUOTE_START = re.compile(r"^(?:>|on .+ wrote:|le .+ a écrit|am .+ schrieb|-----original message-----)", re.I)
-
-
 def says_unsubscribe(raw: bytes) -> bool:
-    """Is the new text of this reply (quoted text and what follows it left out) only an unsubscribe word?"""
+    """Is the new text of this reply (its first text/plain part) only an unsubscribe phrase? (replies.py)"""
     message = _PARSER.parsebytes(raw)
     part = next((p for p in message.walk() if p.get_content_type() == "text/plain"), None)
     if part is None:
@@ -170,14 +143,10 @@ def says_unsubscribe(raw: bytes) -> bool:
         text = payload.decode(part.get_content_charset() or "utf-8", "replace") if isinstance(payload, bytes) else ""
     except (LookupError, ValueError):
         return False
-    said = []
-    for line in text.splitlines():
-        if _QUOTE_START.match(line.strip()) or line.strip() == "--":
-            break
-        if line.strip():
-            said.append(line.strip())
-    words = " ".join(said).lower().strip(" .!,;:")
-    return len(said) <= 2 and words in UNSUBSCRIBE_WORDS
+    return replies.only_unsubscribe(text)
+
+
+_DMARC_FAIL = re.compile(r"\bdmarc\s*=\s*fail\b", re.IGNORECASE)
 
 
 def classify_headers(raw: bytes, own: frozenset[str], key: bytes = b"") -> Verdict:
@@ -202,6 +171,11 @@ def classify_headers(raw: bytes, own: frozenset[str], key: bytes = b"") -> Verdi
         return Verdict("ignore", "precedence auto_reply", sender=sender)
     if _OUT_OF_OFFICE.search(str(headers.get("Subject", ""))):
         return Verdict("ignore", "out-of-office subject", sender=sender)
+    # The receiving provider's verdict on the From domain (the topmost Authentication-Results is the one it
+    # added; a sender's own come below it). A From that fails DMARC may be forged: it stops or unsubscribes no one.
+    results = headers.get_all("Authentication-Results") or []
+    if results and _DMARC_FAIL.search(str(results[0])[:4000]):
+        return Verdict("ignore", "the From fails DMARC (Authentication-Results): maybe forged", sender=sender)
     thread = f"{headers.get('In-Reply-To', '')} {headers.get('References', '')}"
     ids = tuple(dict.fromkeys(OUR_MESSAGE_ID.findall(thread)))
     if ids:
@@ -241,22 +215,36 @@ def classify_bounce(raw: bytes) -> list[Verdict]:
         return [_legacy_bounce(message, ids)]
     verdicts = []
     for block in blocks:
-        recipient = _address(str(block.get("Final-Recipient", "") or block.get("Original-Recipient", "")))
+        final = _address(str(block.get("Final-Recipient", "")))
+        original = _address(str(block.get("Original-Recipient", "")))
+        recipient = final or original
         action = str(block.get("Action", "")).strip().lower()
         status = str(block.get("Status", "")).strip().split(" ")[0]
         diagnostic = " ".join(str(block.get("Diagnostic-Code", "")).split())
         if not recipient or not action:
             continue
+        original = original if original != recipient else ""
         if action != "failed":
-            verdicts.append(Verdict("ignore", f"Action: {action}", ids, recipient=recipient, status=status))
+            verdicts.append(
+                Verdict("ignore", f"Action: {action}", ids, recipient=recipient, original=original, status=status)
+            )
+            continue
+        if re.fullmatch(r"4\.\d{1,3}\.\d{1,3}", status):
+            # Failed with a temporary status: the relay gave up after its queue lifetime. Final for this
+            # message (stop the enrollment), but nothing says the address is bad: it is kept.
+            why = f"Status {status} (delivery expired): {diagnostic[:200]}".strip().rstrip(":")
+            verdicts.append(Verdict("expired", why, ids, recipient=recipient, original=original, status=status))
             continue
         if not re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", status):
-            verdicts.append(Verdict("ignore", f"failed with status {status!r}", ids, recipient=recipient))
+            verdicts.append(
+                Verdict("ignore", f"failed with status {status!r}", ids, recipient=recipient, original=original)
+            )
             continue
         code, text = _status_code(status, diagnostic)
         outcome = outcomes.classify(outcomes.DSN, code if code >= 500 else 550, f"{status} {text}")
         kind = "bounce" if isinstance(outcome, AddressRejected) else "blocked"
-        verdicts.append(Verdict(kind, f"Status {status}: {text}"[:300], ids, recipient=recipient, status=status))
+        why = f"Status {status}: {text}"[:300]
+        verdicts.append(Verdict(kind, why, ids, recipient=recipient, original=original, status=status))
     return verdicts or [Verdict("ignore", "a report without recipient blocks", ids)]
 
 
@@ -484,7 +472,7 @@ class Watcher:
                 self.log.debug("imap.ignored", uid=uid, why=v.why, sender=v.sender, recipient=v.recipient)
         events = await self.db(self.apply, verdicts, validity, uids[-1])
         for name, fields in events:
-            self.log.info(name, **fields)
+            (self.log.debug if name == "imap.ignored" else self.log.info)(name, **fields)
 
     async def _from_a_prospect(self, v: Verdict) -> bool:
         """Worth reading the body of (to see whether it only says "unsubscribe"): it answers one of our
@@ -506,7 +494,7 @@ class Watcher:
                     events += self._reply(store, config, uid, v, now)
                 elif v.kind == "unsubscribe":
                     events += self._unsubscribe(store, uid, v, now)
-                elif v.kind in ("bounce", "blocked"):
+                elif v.kind in ("bounce", "blocked", "expired"):
                     events += self._bounce(store, uid, v, now)
             mailbox = next((m for m in config.mailboxes if m.address == self.address), self.mailbox)  # as reloaded
             if any(name == "bounce.detected" for name, _ in events) and mailbox.pause_on is not None:
@@ -560,20 +548,31 @@ class Watcher:
         return events
 
     def _bounce(self, store: Store, uid: int, v: Verdict, now: float) -> list[tuple[str, Any]]:
-        """A failed DSN for one of our messages to this very recipient: suppress (bounce) or stop (blocked)."""
+        """A failed DSN for one of our messages to this very recipient (its Final- or Original-Recipient):
+        suppress (bounce), stop (blocked), or stop and keep the address (expired). What changes nothing is
+        logged at debug with why."""
         events: list[tuple[str, Any]] = []
-        for eid, cadence, prospect, _state in store.enrollments_of_message_ids(v.message_ids):
-            if prospect != v.recipient:
-                continue  # the DSN speaks of another recipient than the one we sent that message to
+        named = {v.recipient, v.original} - {""}
+        found = store.enrollments_of_message_ids(v.message_ids)
+        for eid, cadence, prospect, _state in found:
+            if prospect not in named:
+                why = f"the DSN names {' / '.join(sorted(named))}, not {prospect}, the recipient of that message"
+                events.append(("imap.ignored", {"uid": uid, "why": why, "recipient": v.recipient}))
+                continue
             detail = f"DSN in {self.address}: {v.why}"[:300]
             if v.kind == "bounce":
                 cancelled = store.bounce_address(prospect, now, detail)
                 reason = "bounced"
-            else:
+            elif v.kind == "blocked":
                 cancelled = store.end_enrollments([eid], "stopped", now, f"stopped after a block: {v.status}")
                 reason = "blocked"
+            else:
+                cancelled = store.end_enrollments([eid], "stopped", now, f"stopped: delivery expired ({v.status})")
+                reason = "expired"
             store.dsn_failed(v.message_ids, prospect, reason, detail, self.address)
-            store.count_failure(self.address, timing.local_day(now, self.mailbox.schedule.timezone), reason, False)
+            if reason != "expired":  # a relay's expired queue entry says nothing of the address or the sender
+                day = timing.local_day(now, self.mailbox.schedule.timezone)
+                store.count_failure(self.address, day, reason, False)
             events.append(
                 (
                     "bounce.detected",
@@ -581,6 +580,9 @@ class Watcher:
                 )
             )
             events += [("message.cancelled", {"message": m, "reason": reason}) for m in cancelled]
+        if not found:
+            why = "a DSN for a message that is no longer in the outbox"
+            events.append(("imap.ignored", {"uid": uid, "why": why, "recipient": v.recipient}))
         return events
 
     async def settle_uncertain(self, client: aioimaplib.IMAP4) -> bool:

@@ -49,6 +49,7 @@ _REASONS = frozenset(
         "",
         "bounced",
         "blocked",
+        "expired",
         "uncertain",
         "disconnected",
         "refused",

@@ -74,6 +74,11 @@ class Tokens:
         cached = self._cache.get((address, oauth))
         return (cached.expires_at, cached.scope) if cached else None
 
+    def fresh(self, address: str, oauth: OAuth2) -> bool:
+        """A cached token that `get` would hand out without asking the endpoint."""
+        cached = self._cache.get((address, oauth))
+        return cached is not None and cached.expires_at - MARGIN > self.clock()
+
     async def get(self, address: str, oauth: OAuth2) -> str:
         """A live access token for the mailbox; raises GrantRevoked or TokenError."""
         key = (address, oauth)
@@ -160,7 +165,7 @@ def parse_answer(status: int, answer: bytes, address: str, now: float) -> tuple[
     """The token endpoint's answer (RFC 6749 §5): the access token and a rotated refresh token, or why not."""
     try:
         data = json.loads(answer)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deeply nested arrays exhaust the parser's stack
         data = None
     if not isinstance(data, dict):
         raise TokenError(f"the token endpoint answered HTTP {status} without a JSON object")
@@ -201,9 +206,13 @@ def save_refresh_token(oauth: OAuth2, token: str) -> Path | None:
     if not oauth.refresh_token_file:
         return None
     path = Path(oauth.refresh_token_file)
+    folder = os.stat(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=".refresh-", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)
+        if os.geteuid() == 0 and folder.st_uid != 0:
+            # `mailbox authorize` run as root into the service's state directory: the token is the service's.
+            os.fchown(fd, folder.st_uid, folder.st_gid)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(token + "\n")
             out.flush()

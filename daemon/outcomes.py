@@ -29,7 +29,7 @@ SESSION = frozenset({CONNECT, EHLO})
 RECIPIENT = frozenset({RCPT, DATA, END, DSN})
 ANY = frozenset({CONNECT, EHLO, AUTH, MAIL, RCPT, DATA, END, DSN})
 
-STREAK = 3  # the same refusal for this many different recipients in a row is the mailbox's problem
+STREAK = 3  # the same policy refusal for recipients at this many different domains in a row: the mailbox's problem
 
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
@@ -72,6 +72,15 @@ _SENDER = (
     r"not authorized to send|client does not have permissions to send"
 )
 
+# Postfix's smtpd_client_*_rate_limit and anvil, Exim's ratelimit ACLs, Microsoft's and Yahoo's throttles: a
+# temporary refusal at RCPT that names the client, a count or a rate is about the sender's pace, not the recipient.
+_RATE = (
+    r"too many (recipients|messages|connections|errors|mails?)\b[^\n]{0,40}\bfrom\b|"
+    r"rate[ -]?limit|ratelimit|sending rate|message rate|recipient rate|connection rate|"
+    r"too (many|much) (mail|messages) (from|sent)|exceeded the (rate|maximum number)"
+)
+_CLIENT_IP = r"\bfrom\b[^\n]{0,60}\b\d{1,3}(\.\d{1,3}){3}\b|\[\d{1,3}(\.\d{1,3}){3}\]|\[ipv6:[0-9a-f:]+\]"
+
 TABLE: tuple[Rule, ...] = (
     # --- the provider's own quota for this sender: the day is full (never a bounce) ----------------
     Rule(ANY, "45", r"[45]\.4\.5", r"daily|limit|quota|exceeded", ProviderQuota, "Gmail daily sending limit"),
@@ -99,6 +108,10 @@ TABLE: tuple[Rule, ...] = (
     Rule(RECIPIENT, "5", r"5\.1\.[78]", "", MailboxRefused, "the sender's address is bad"),
     Rule(RECIPIENT, "5", r"5\.5\.\d+", r"helo|ehlo", MailboxRefused, "the EHLO name is refused"),
     Rule(RECIPIENT - {DSN}, "5", "", _SENDER, MailboxRefused, "a refusal that names the sender"),
+    # --- a rate limit on this client or sender, said at RCPT: the whole mailbox waits, no retry is spent ----
+    Rule(frozenset({RCPT, DATA}), "4", "", _RATE, Throttled, "a rate limit on this client (said at RCPT)"),
+    Rule(frozenset({RCPT, DATA}), "4", r"4\.7\.[01]", _CLIENT_IP, Throttled, "a refusal of this client's address"),
+    Rule(frozenset({RCPT, DATA}), "4", r"4\.7\.[5-7]\d\d", "", Throttled, "Microsoft 365 throttles this sender"),
     # --- the message's, for now: 4xx for this recipient --------------------------------------------
     Rule(RECIPIENT, "4", "", "", MessageDeferred, "temporary failure for this recipient"),
     # --- the address's: it does not exist or is disabled -------------------------------------------
@@ -147,6 +160,19 @@ def rule_for(stage: str, code: int, text: str) -> Rule | None:
 _VARIABLE = re.compile(r"<[^>]*>|[\w.+-]+@[\w.-]+|\d+")
 
 
-def refusal_key(failure: SmtpFailure) -> tuple[int | None, str, str]:
-    """What makes two refusals "the same" whatever the recipient: code, enhanced code, text without addresses."""
+def refusal_key(failure: SmtpFailure) -> tuple[int | None, str, str] | None:
+    """What makes two refusals "the same" whatever the recipient (code, enhanced code, text without addresses),
+    or None for a refusal that cannot be the sender's in disguise.
+
+    Only a policy refusal (`5.7.x`) or one with no class (`5xx` without an enhanced code, or `5.0.0`, that does
+    not say the user is unknown) can form a streak. An address-class answer (`5.1.x` no such user, `5.2.1`
+    disabled, `5.2.2` full, user unknown) is about that address whatever its wording: three dead addresses in a
+    row are three bounces, and the bounce-rate auto-pause is what protects a mailbox from a bad list.
+    """
+    if isinstance(failure, AddressRejected):
+        return None
+    if failure.enhanced and not failure.enhanced.startswith("5.7.") and failure.enhanced != "5.0.0":
+        return None
+    if re.search(_UNKNOWN_USER + r"|mailbox (is )?full|over quota|quota exceeded", failure.text, re.IGNORECASE):
+        return None
     return failure.code, failure.enhanced, _VARIABLE.sub("#", failure.text.lower())

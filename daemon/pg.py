@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import pq
@@ -31,7 +30,7 @@ from psycopg.adapt import Loader
 from psycopg.types.string import StrDumper
 
 from daemon import store as store_module
-from daemon.config import shown_database
+from daemon.config import database_passwords, shown_database
 from daemon.errors import Refused, StoreError
 from daemon.store import SCHEMA_VERSION, Store
 
@@ -695,8 +694,14 @@ class PgStore(Store):
 
 
 def redact_url(text: str, url: str) -> str:
-    password = urlsplit(url).password
-    return text.replace(password, "********") if password else text
+    """`text` without any password of `url` (its user part, `?password=`, written or decoded)."""
+    try:
+        passwords = database_passwords(url)
+    except ValueError:
+        return text
+    for password in sorted(passwords, key=len, reverse=True):
+        text = text.replace(password, "********")
+    return text
 
 
 # --- copying an SQLite database over -----------------------------------------------------------------------

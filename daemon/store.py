@@ -942,6 +942,12 @@ class Store:
                 return None
             self.conn.execute("UPDATE mailbox_health SET paused_reason = NULL WHERE mailbox = ?", (mailbox,))
             self.conn.execute("UPDATE daily_counts SET bounces = 0, blocks = 0 WHERE mailbox = ?", (mailbox,))
+            # What waited only for the pause no longer says so (the loop says anew what it waits for, if anything).
+            self.conn.execute(
+                """UPDATE messages SET detail = NULL WHERE mailbox = ? AND state = 'scheduled'
+                   AND detail LIKE 'deferred: paused (%'""",
+                (mailbox,),
+            )
         return str(row[0])
 
     def next_due_domain(self, mailbox: str, now: float) -> str | None:

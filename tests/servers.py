@@ -45,6 +45,7 @@ class Recorder:
     drop: dict[str, str] = field(default_factory=dict)  # recipient → "rcpt" | "data": hang up there
     fail_once: dict[str, str] = field(default_factory=dict)  # recipient → reply, given once at DATA
     fail_mail: list[str] = field(default_factory=list)  # replies to MAIL FROM, one per transaction, in order
+    fail_rcpt_seq: list[str] = field(default_factory=list)  # replies to RCPT, whoever the recipient, in order
     helo_names: list[str] = field(default_factory=list)  # every EHLO name a client gave
     pipelining: bool = True  # offer PIPELINING (RFC 2920), as Gmail, Microsoft 365, Postfix and Exim do
     on_data: Callable[[str], None] | None = None
@@ -72,6 +73,8 @@ class Recorder:
         if self.drop.get(address) == "rcpt":
             server.transport.close()  # the connection is lost before DATA: nothing delivered
             return "250 OK"
+        if self.fail_rcpt_seq:
+            return self.fail_rcpt_seq.pop(0)
         if address in self.fail_rcpt:
             return self.fail_rcpt[address]
         envelope.rcpt_tos.append(address)

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,13 +43,22 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], within: float = 20.
     raise AssertionError("the API never listened")
 
 
-def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics(port: int, when: Callable[[Samples], bool] = lambda _: True, within: float = 20.0) -> Samples:
+    """A scrape in which `when` holds: /metrics is a snapshot up to METRICS_TTL old, so a fact may show late."""
+    deadline = time.monotonic() + within
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        found = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        if when(found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -77,10 +86,7 @@ def test_metrics_status_and_outbox(project: Project, server: SmtpServer, tmp_pat
     try:
         wait_listening(port, proc)
         server.recorder.wait_for(3)
-        deadline = time.monotonic() + 20
-        while metrics(port).get(("cadenced_messages_sent_total", ())) != 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        found = metrics(port)
+        found = metrics(port, lambda f: f.get(("cadenced_messages_sent_total", ())) == 3)
         assert found[("cadenced_messages_sent_total", ())] == len(server.recorder.deliveries) == 3
         assert found[("cadenced_events_total", (("event", "message.sent"), ("reason", "")))] == 3
         assert found[("cadenced_mailbox_sent_today", (("mailbox", box),))] == 3
@@ -133,6 +139,7 @@ def test_a_unix_socket_listener(project: Project, server: SmtpServer, tmp_path: 
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=5) as client:
             answer = client.get("http://cadenced/v1/status", headers={"Authorization": f"Bearer {TOKEN}"})
         assert answer.status_code == 200 and answer.json()["mailboxes"][0]["state"] == "connected"
+        assert sock.stat().st_mode & 0o777 == 0o660  # the service's user and group only
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
@@ -317,7 +324,7 @@ def test_a_playbook_enrolls_from_its_owners_mailboxes_once_per_key(
     assert wrong.status_code == 401
     assert daemon.enrolled() == 54  # none of the refused requests enrolled anything, not even its good prospect
 
-    found = metrics(daemon.port)
+    found = metrics(daemon.port, lambda f: f.get(("cadenced_messages_sent_total", ())) == 54)
     assert found[("cadenced_messages_sent_total", ())] == len(server.recorder.deliveries) == 54
     assert found[("cadenced_events_total", (("event", "api.enrolled"), ("reason", "")))] == 3
     assert found[("cadenced_store_commit_seconds_count", ())] > 0

@@ -298,17 +298,17 @@ def test_the_api_needs_a_token_and_a_place_to_listen(project: Project) -> None:
     assert result.code == 2
     assert 'api.listen: must be "HOST:PORT" or "unix:/PATH", got \'8025\'' in result.err
     assert "api: needs token_file, token_env or token_credential" in result.err
-    (project.root / "t").write_text("a-token-of-some-length\n")
+    (project.root / "t").write_text("a-token-of-some-length-0123456789\n")
     project.data["api"] = {"listen": "unix:/run/cadenced/api.sock", "token_file": "t"}
     config = load_config(project.write())
     assert config.api is not None and config.api.socket == "/run/cadenced/api.sock"
-    assert "a-token-of-some-length" not in project.run("check", "--print").out
+    assert "a-token-of-some-length-0123456789" not in project.run("check", "--print").out
 
 
 def test_playbooks_name_their_cadence_owner_and_fields(project: Project) -> None:
     project.add_mailboxes(1)
     project.add_cadence()
-    (project.root / "t").write_text("a-token-of-some-length\n")
+    (project.root / "t").write_text("a-token-of-some-length-0123456789\n")
     project.data["api"] = {"token_file": "t"}
     project.data["playbooks"] = [
         {"name": "crm", "cadence": "c9", "owner": "carol"},
@@ -338,3 +338,14 @@ def test_playbooks_name_their_cadence_owner_and_fields(project: Project) -> None
     assert 'name = "crm"' in printed and 'first_name = "FirstName"' in printed
     del project.data["api"]
     assert "playbooks: defined, but without [api] nothing can reach them" in project.run("check").err
+
+
+def test_a_reserved_domain_is_named_as_such(project: Project) -> None:
+    """`.test`, `.example`-like special-use names: check says why, not only "not an email address"."""
+    project.data["users"] = [{"name": "alice"}]
+    project.data["mailboxes"] = [{"address": "alice@acme.test", "owner": "alice", "smtp": {"host": "127.0.0.1"}}]
+    project.add_cadence()
+    result = project.run("check")
+    assert result.code == 2
+    assert "mailboxes[0].address: not an email address: 'alice@acme.test' (" in result.err
+    assert "special-use or reserved name" in result.err

@@ -211,6 +211,22 @@ def test_rotation_rules_are_pinned(project: Project) -> None:
     )
 
 
+def test_a_cadence_pinned_under_the_old_default_still_cannot_turn_auto_rotate_off(project: Project) -> None:
+    """Enrolled under rotate_among = "cadence"; the file then drops rotate_among (the legacy default keeps it) and
+    sets auto_rotate = false: refused by check, enroll and a reload alike, as any other change of the rule."""
+    project.add_mailboxes(2)
+    cadence = project.add_cadence(rotate_among="cadence")
+    project.enroll(project.people(3))
+    del cadence["rotate_among"]
+    assert project.run("check").code == 0  # the old default is kept: nothing changed
+    cadence["auto_rotate"] = False
+    result = project.run("check")
+    assert result.code == 2
+    assert 'cadences."c1": auto_rotate was true, the config says false: fixed by 3 enrollments' in result.err
+    r = project.enroll(project.people(2, start=10))
+    assert r.code == 1 and "fixed by 3 enrollments" in r.err
+
+
 def test_templates_need_their_columns(project: Project) -> None:
     project.add_mailboxes(1)
     cadence = project.add_cadence(fields=["title"])

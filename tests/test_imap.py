@@ -37,15 +37,19 @@ def mail(sender: str, to: str, subject: str, *, in_reply_to: str = "", **headers
     return ("\r\n".join(lines) + "\r\n\r\nThanks, sounds good.\r\n").encode()
 
 
-def dsn(to: str, original_id: str, recipient: str, action: str = "failed", status: str = "5.1.1") -> bytes:
-    """A Postfix-style RFC 3464 report about one recipient of one of our messages."""
+def dsn(
+    to: str, original_id: str, recipient: str, action: str = "failed", status: str = "5.1.1", original: str = ""
+) -> bytes:
+    """A Postfix-style RFC 3464 report about one recipient of one of our messages (`original`: the address it was
+    sent to, before an alias or a forward made it `recipient`)."""
+    original_line = f"Original-Recipient: rfc822;{original}\r\n" if original else ""
     return (
         f"From: Mail Delivery System <MAILER-DAEMON@mx.example>\r\nTo: {to}\r\n"
         f"Subject: Undelivered Mail Returned to Sender\r\nDate: {formatdate()}\r\n"
         'MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
         "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
         "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example\r\n\r\n"
-        f"Final-Recipient: rfc822; {recipient}\r\nAction: {action}\r\nStatus: {status}\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\n{original_line}Action: {action}\r\nStatus: {status}\r\n"
         f"Diagnostic-Code: smtp; {status[0]}50 {status} refused\r\n"
         "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
         f"From: {to}\r\nTo: {recipient}\r\nMessage-ID: {original_id}\r\n--B--\r\n"
@@ -73,6 +77,21 @@ def test_classification_rules() -> None:
     )
     [other] = classify_bounce(dsn("mb1@alice.example", "<other@x.example>", "p@x.example"))
     assert other.kind == "ignore"
+
+
+def test_a_from_that_fails_dmarc_stops_no_one() -> None:
+    """Anyone can put a prospect's address in From: where the provider says DMARC failed (its own, topmost
+    Authentication-Results), the mail is not believed; a pass, or a fail the sender wrote lower down, is."""
+    ours = "<cadenced.7.1.abcdef12@alice.example>"
+    forged = "mx.alice.example; spf=fail smtp.mailfrom=x.example; dmarc=fail (p=NONE) header.from=x.example"
+    passed = "mx.alice.example; spf=pass smtp.mailfrom=x.example; dmarc=pass (p=REJECT) header.from=x.example"
+    reply = mail("p@x.example", "mb1@alice.example", "Re: hi", in_reply_to=ours, Authentication_Results=forged)
+    verdict = classify_headers(reply, OWN)
+    assert (verdict.kind, verdict.why) == ("ignore", "the From fails DMARC (Authentication-Results): maybe forged")
+    reply = mail("p@x.example", "mb1@alice.example", "Re: hi", in_reply_to=ours, Authentication_Results=passed)
+    assert classify_headers(reply, OWN).kind == "reply"
+    lower = reply.replace(b"\r\n\r\n", b"\r\nAuthentication-Results: evil; dmarc=fail\r\n\r\n", 1)
+    assert classify_headers(lower, OWN).kind == "reply"
 
 
 @pytest.fixture
@@ -248,33 +267,43 @@ async def test_uncertain_stays_uncertain_where_the_provider_files_nothing(
 @needs_dovecot
 @pytest.mark.anyio
 async def test_dsns_are_read_as_rfc_3464_says(project: Project, stack: tuple[SmtpServer, Dovecot]) -> None:
-    """A delay notice changes nothing; 5.1.1 suppresses; 5.7.1 stops the enrollment and keeps the address."""
+    """A delay notice changes nothing; 5.1.1 suppresses; 5.7.1 stops the enrollment and keeps the address; a bounce
+    of a forwarded address is known by its Original-Recipient; a failed 4.x.x (the relay's queue expired) stops the
+    enrollment and keeps the address; a DSN that changes nothing says why at debug."""
     smtp, dovecot = stack
     project.data["cadences"][0]["steps"][1]["wait"] = "1h"
-    project.enroll(project.people(4))
+    project.data["daemon"]["log_level"] = "debug"
+    project.enroll(project.people(6))
     db = project.database
     box = "mb1@alice.example"
     with structlog.testing.capture_logs() as logs:
-        async with running(project.config_path):
+        async with running(project.write()):
             await until(lambda: events(logs, "imap.watching"))
-            firsts = await anyio.to_thread.run_sync(smtp.recorder.wait_for, 4)
+            firsts = await anyio.to_thread.run_sync(smtp.recorder.wait_for, 6)
             mid = {d.recipient: d["Message-ID"] for d in firsts}
-            p = [f"p{i}@prospects.example" for i in range(4)]
+            p = [f"p{i}@prospects.example" for i in range(6)]
             dovecot.deliver("alice", dsn(box, mid[p[0]], p[0], action="delayed", status="4.4.7"))
             dovecot.deliver("alice", dsn(box, mid[p[1]], p[1], status="5.1.1"))
             dovecot.deliver("alice", dsn(box, mid[p[2]], p[2], status="5.7.1"))
             # A report naming our message but another recipient than the one we sent it to: not p3's bounce.
             dovecot.deliver("alice", dsn(box, mid[p[3]], "someone-else@prospects.example", status="5.1.1"))
-            await until(lambda: len(events(logs, "bounce.detected")) == 2)
+            # p4's address forwards to a mailbox that is gone: Final-Recipient is the target, Original is p4.
+            dovecot.deliver("alice", dsn(box, mid[p[4]], "departed@elsewhere.example", original=p[4]))
+            dovecot.deliver("alice", dsn(box, mid[p[5]], p[5], status="4.4.7"))
+            await until(lambda: len(events(logs, "bounce.detected")) == 4)
             await until(lambda: query(db, "SELECT uidvalidity FROM imap_state") and len(events(logs, "imap.watching")))
     states = enrollment_states(project)
-    assert states == {p[0]: "active", p[1]: "bounced", p[2]: "stopped", p[3]: "active"}
-    assert query(db, "SELECT email FROM suppressions") == [(p[1],)]
+    assert states == dict(zip(p, ["active", "bounced", "stopped", "active", "bounced", "stopped"], strict=True))
+    assert sorted(query(db, "SELECT email FROM suppressions")) == [(p[1],), (p[4],)]
     assert dict(
         query(
             db,
             "SELECT e.email, m.reason FROM messages m JOIN enrollments e ON e.id = m.enrollment_id "
             "WHERE m.state = 'failed'",
         )
-    ) == {p[1]: "bounced", p[2]: "blocked"}
-    assert {e["kind"] for e in events(logs, "bounce.detected")} == {"bounced", "blocked"}
+    ) == {p[1]: "bounced", p[2]: "blocked", p[4]: "bounced", p[5]: "expired"}
+    assert sorted(e["kind"] for e in events(logs, "bounce.detected")) == ["blocked", "bounced", "bounced", "expired"]
+    ignored = [e["why"] for e in events(logs, "imap.ignored")]
+    assert "Action: delayed" in ignored
+    assert any("someone-else@prospects.example" in why and p[3] in why for why in ignored), ignored
+    assert query(db, "SELECT sum(blocks) FROM daily_counts") == [(1,)]  # the expired one is no block

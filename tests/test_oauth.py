@@ -4,6 +4,7 @@ SMTP server that accepts only live tokens, a revoked grant, an endpoint that is 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -118,8 +119,34 @@ def test_oauth_settings_are_checked_where_they_are(project: Project) -> None:
     result = project.run("check")
     assert result.code == 2
     assert "mailboxes[0].oauth2.token_url: must be https:// (plain http only to this machine)" in result.err
-    assert "mailboxes[0].oauth2.auth_url: is required (no provider preset gives it)" in result.err
+    assert "auth_url" not in result.err  # only `mailbox authorize` needs it
     assert "mailboxes[0].oauth2: needs refresh_token_file, refresh_token_env or refresh_token_credential" in result.err
+
+
+def test_a_refresh_token_from_elsewhere_needs_no_auth_url(project: Project) -> None:
+    """A generic provider whose refresh token was made by another tool: the daemon needs only the token endpoint;
+    `mailbox authorize` says what it lacks, with the place."""
+    (project.root / "refresh").write_text("a-refresh-token\n")
+    project.data["mailboxes"] = [
+        {
+            "address": "alice@acme.example",
+            "owner": "alice",
+            "provider": "generic",
+            "oauth2": {
+                "client_id": "id",
+                "token_url": "https://login.acme.example/token",
+                "refresh_token_file": "refresh",
+            },
+            "smtp": {"host": "smtp.acme.example", "auth": "oauth2"},
+        }
+    ]
+    project.add_cadence()
+    assert project.run("check").code == 0
+    assert project.enroll(project.people(2)).code == 0
+    result = project.run("mailbox", "authorize", "alice@acme.example")
+    assert result.code == 2
+    assert "mailboxes[0].oauth2.auth_url: is required by `mailbox authorize`" in result.err
+    assert "mailboxes[0].oauth2.scopes: is required by `mailbox authorize`" in result.err
 
 
 async def test_one_token_serves_every_send_and_a_server_refusal_gets_one_refresh(
@@ -211,6 +238,26 @@ async def test_the_token_endpoint_down_is_retried_and_then_sends(
     assert len(server.recorder.deliveries) == 1
 
 
+async def test_the_token_is_had_before_a_message_is_claimed(
+    project: Project, provider: Provider, server: SmtpServer
+) -> None:
+    """A hostile token endpoint (60,000 nested arrays) stops the mailbox with no message in hand: both wait in the
+    error section as `disconnected`, never claimed (no attempt counted), never `sending` or `uncertain`."""
+    oauth_mailbox(project, provider, server, provider.grant("mb1@alice.example"))
+    provider.answer = b"[" * 60_000
+    project.enroll(project.people(2))
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.write()):
+            await until(lambda: states(db(project)) == {"error": 2})
+            provider.answer = None
+            await until(lambda: states(db(project)) == {"sent": 2}, within=30)
+    first = next(e for e in logs if e["event"] == "mailbox.disconnected")
+    assert "the token endpoint answered HTTP 200 without a JSON object" in first["detail"]
+    assert not [e for e in logs if e["event"] == "mailbox.loop_error"]
+    assert query(db(project), "SELECT attempts FROM messages") == [(1,), (1,)]  # the one send each, no lost claim
+    assert len(server.recorder.deliveries) == 2
+
+
 async def test_a_token_refused_twice_stops_the_mailbox_and_its_echo_is_masked(
     project: Project, provider: Provider, server: SmtpServer
 ) -> None:
@@ -236,6 +283,7 @@ async def test_a_token_refused_twice_stops_the_mailbox_and_its_echo_is_masked(
         (json.dumps({"access_token": "a b c", "expires_in": 60}).encode(), "no usable access_token"),
         (json.dumps({"access_token": "tok-12345", "token_type": "mac"}).encode(), "not a Bearer token"),
         (json.dumps({"error": "temporarily_unavailable"}).encode(), "(temporarily_unavailable)"),
+        (b"[" * 60_000, "without a JSON object"),  # past the JSON parser's recursion limit
     ],
 )
 async def test_a_hostile_token_endpoint_is_a_transient_failure(
@@ -503,3 +551,85 @@ def test_a_microsoft_mailbox_is_sent_back_to_localhost(
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert (project.root / "refresh").read_text().strip() in provider.grants
+
+
+def test_authorize_gives_up_after_its_timeout(project: Project, provider: Provider, server: SmtpServer) -> None:
+    box = oauth_mailbox(project, provider, server, "")
+    (project.root / "refresh").unlink()
+    project.write()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "--config",
+            str(project.config_path),
+            "mailbox",
+            "authorize",
+            box,
+            "--timeout=1s",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1 and "no redirect came within 1 s (--timeout)" in proc.stderr
+    assert not (project.root / "refresh").exists()
+
+
+def test_authorize_serves_a_bounded_number_of_connections(
+    project: Project, provider: Provider, server: SmtpServer
+) -> None:
+    """Idle connections (400 crashed it with EMFILE) are closed past the cap at once; the redirect then works."""
+    box = oauth_mailbox(project, provider, server, "")
+    (project.root / "refresh").unlink()
+    project.write()
+    proc, url = start_authorize(project, box)
+    redirect = provider.consent(url)
+    port = urllib.parse.urlsplit(redirect).port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+    try:
+        closed = 0
+        for conn in idle:
+            conn.settimeout(2.0)
+            try:
+                closed += conn.recv(1) == b""
+            except TimeoutError:
+                pass  # one of the served ones: it waits for its request
+        assert closed >= 40 - 16
+    finally:
+        for conn in idle:
+            conn.close()
+    with urllib.request.urlopen(redirect, timeout=10) as page:
+        assert b"authorization received" in page.read()
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+
+
+def test_authorize_never_leaves_the_ipv6_loopback_to_another_program(project: Project) -> None:
+    """Microsoft's redirect is http://localhost:PORT: a program already on [::1]:PORT would get the code."""
+    squatter = socket.socket(socket.AF_INET6)
+    try:
+        squatter.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this host has no IPv6 loopback: nothing can listen there")
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    (project.root / "secret").write_text("client-secret-value\n")
+    project.data["mailboxes"] = [
+        {
+            "address": "alice@acme.example",
+            "owner": "alice",
+            "provider": "microsoft",
+            "oauth2": {"client_id": "id", "client_secret_file": "secret", "refresh_token_file": "refresh"},
+        }
+    ]
+    project.add_cadence()
+    project.write()
+    try:
+        result = project.run("mailbox", "authorize", "alice@acme.example", "--port", str(port), "--timeout", "2s")
+    finally:
+        squatter.close()
+    assert result.code == 1 and f"[::1]:{port} is in use by another program" in result.err
+    assert "Open this address" not in result.out

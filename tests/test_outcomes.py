@@ -80,6 +80,7 @@ REAL = [
     (END, 550, "5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.", MailboxRefused),
     (RCPT, 550, "5.7.606 Access denied, banned sending IP [203.0.113.9].", Blocked),
     (RCPT, 452, "4.5.3 Too many recipients", MessageDeferred),
+    (RCPT, 451, "4.7.500 Server busy. Please try again later from [203.0.113.9]. (S77714)", Throttled),
     (
         END,
         451,
@@ -110,6 +111,9 @@ REAL = [
     ),
     (RCPT, 554, "5.7.1 <bob@other.example>: Relay access denied", MailboxRefused),
     (RCPT, 450, "4.1.2 <bob@nowhere.example>: Recipient address rejected: Domain not found", MessageDeferred),
+    # smtpd_client_recipient_rate_limit: the client's pace, not the recipient (no retry may be spent on it)
+    (RCPT, 450, "4.7.1 Error: too many recipients from 127.0.0.1", Throttled),
+    (RCPT, 450, "4.7.1 <bob@acme.example>: Client host rejected: cannot find your hostname, [203.0.113.9]", Throttled),
     (RCPT, 550, "5.1.2 <bob@nowhere.example>: Recipient address rejected: Domain not found", AddressRejected),
     (RCPT, 554, "5.7.1 Service unavailable; Client host [203.0.113.9] blocked using zen.spamhaus.org", MailboxRefused),
     (END, 552, "5.3.4 Message size exceeds fixed limit", Blocked),
@@ -122,6 +126,7 @@ REAL = [
     (RCPT, 550, "Unrouteable address", Blocked),
     (RCPT, 550, "No such user here", AddressRejected),
     (RCPT, 451, "Temporary local problem - please try later", MessageDeferred),
+    (RCPT, 450, "Ratelimit exceeded for 203.0.113.9; try again later", Throttled),
     (END, 550, "Administrative prohibition", Blocked),
     (EHLO, 550, "Administrative prohibition", MailboxDown),
     (MAIL, 550, "Submission mode requires authentication", MailboxRefused),
@@ -178,7 +183,38 @@ def test_refusals_are_the_same_whatever_the_recipient() -> None:
     a = outcomes.classify(RCPT, 550, "5.7.1 <p1@x.example>: Recipient address rejected: Access denied (id 123)")
     b = outcomes.classify(RCPT, 550, "5.7.1 <p2@y.example>: Recipient address rejected: Access denied (id 456)")
     c = outcomes.classify(RCPT, 550, "5.1.1 <p3@y.example>: User unknown")
-    assert outcomes.refusal_key(a) == outcomes.refusal_key(b) != outcomes.refusal_key(c)
+    assert outcomes.refusal_key(a) == outcomes.refusal_key(b) is not None
+    assert outcomes.refusal_key(c) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (550, "5.1.1 <dead1@oldco.example>: Recipient address rejected: User unknown in virtual mailbox table"),
+        (550, "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"),
+        (552, "5.2.2 <bob@acme.example> Mailbox full"),
+        (550, "5.2.1 The email account that you tried to reach is disabled."),
+        (550, "No such user here"),
+        (550, "Mailbox full, over quota"),
+        (552, "5.3.4 Message size exceeds fixed limit"),
+    ],
+)
+def test_address_class_answers_never_form_a_streak(code: int, text: str) -> None:
+    """SPEC §5: three dead addresses in a row are three bounces, never the sender's refusal in disguise."""
+    assert outcomes.refusal_key(outcomes.classify(RCPT, code, text)) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (550, "5.7.1 <p1@x.example>: Recipient address rejected: Access denied"),
+        (554, "5.7.1 Message rejected as spam by content filter"),
+        (550, "Administrative prohibition"),
+        (550, "5.0.0 Rejected by policy"),
+    ],
+)
+def test_policy_and_unclassed_refusals_may_form_a_streak(code: int, text: str) -> None:
+    assert outcomes.refusal_key(outcomes.classify(RCPT, code, text)) is not None
 
 
 def test_the_readme_table_is_the_outcome_table() -> None:

@@ -64,30 +64,87 @@ async def test_sender_refused_at_rcpt_stops_the_mailbox_and_blames_no_prospect(p
         good.stop()
 
 
-@pytest.mark.parametrize(
-    "reply",
-    [
-        "550 5.7.1 <{rcpt}>: Recipient address rejected: Access denied",
-        "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown in virtual mailbox table",
-    ],
-    ids=["blocked", "unknown"],
-)
-async def test_the_same_refusal_for_three_recipients_is_the_mailboxes(project: Project, reply: str) -> None:
-    """A relay that refuses everyone looks like three bad addresses; it is the sender's problem, undone on them."""
+async def test_the_same_policy_refusal_at_three_domains_is_the_mailboxes(project: Project) -> None:
+    """A relay that refuses everyone looks like three blocked prospects; it is the sender's problem, undone on them."""
     server = SmtpServer().start()
     try:
         setup(project, server)
         project.add_cadence("other")
-        for i in range(4):
-            server.recorder.fail_rcpt[f"p{i}@prospects.example"] = reply.format(rcpt=f"p{i}@prospects.example")
-        project.enroll(project.people(4))
-        project.enroll(project.people(4), cadence="other")
+        people = [f"p{i}@d{i}.example" for i in range(4)]
+        for rcpt in people:
+            server.recorder.fail_rcpt[rcpt] = f"550 5.7.1 <{rcpt}>: Recipient address rejected: Access denied"
+        project.enroll(project.csv([f"{p},P,Co" for p in people]))
+        project.enroll(project.csv([f"{p},P,Co" for p in people], "again.csv"), cadence="other")
         async with running(project.config_path):
             await until(lambda: states(db(project)) == {"error": 8}, within=30)
         assert query(db(project), "SELECT DISTINCT reason FROM messages") == [("refused",)]
         assert query(db(project), "SELECT count(*) FROM suppressions") == [(0,)]
         assert query(db(project), "SELECT DISTINCT state FROM enrollments") == [("active",)]
         assert query(db(project), "SELECT state FROM mailbox_health") == [("refused",)]
+    finally:
+        server.stop()
+
+
+async def test_one_domain_refusing_several_prospects_is_not_the_senders(project: Project) -> None:
+    """One company's filter blocks every prospect there: those are blocks, and the mailbox goes on."""
+    server = SmtpServer().start()
+    try:
+        setup(project, server)
+        people = [f"p{i}@strict.example" for i in range(4)] + ["ok@fine.example"]
+        for rcpt in people[:4]:
+            server.recorder.fail_rcpt[rcpt] = f"550 5.7.1 <{rcpt}>: Recipient address rejected: Access denied"
+        project.enroll(project.csv([f"{p},P,Co" for p in people]))
+        async with running(project.config_path):
+            await until(lambda: states(db(project)) == {"failed": 4, "sent": 1}, within=30)
+        assert query(db(project), "SELECT state FROM mailbox_health") == [("connected",)]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown in virtual mailbox table",
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
+        "552 5.2.2 <{rcpt}>: Recipient address rejected: Mailbox full",
+    ],
+    ids=["postfix-unknown", "m365-not-found", "full"],
+)
+async def test_dead_addresses_in_a_row_are_bounces_and_the_good_ones_go(project: Project, reply: str) -> None:
+    """A cold list sorted by company: four dead addresses in a row, then good ones. Each dead one is that address's
+    (bounced and suppressed, or blocked when full); the mailbox keeps sending to the rest."""
+    server = SmtpServer().start()
+    try:
+        setup(project, server)
+        dead = [f"dead{i}@oldco{i}.example" for i in range(4)]
+        good = [f"good{i}@newco.example" for i in range(3)]
+        for rcpt in dead:
+            server.recorder.fail_rcpt[rcpt] = reply.format(rcpt=rcpt)
+        project.enroll(project.csv([f"{p},P,Co" for p in dead + good]))
+        async with running(project.config_path):
+            await until(lambda: states(db(project)) == {"failed": 4, "sent": 3}, within=30)
+        assert query(db(project), "SELECT state FROM mailbox_health") == [("connected",)]
+        assert sorted(d.recipient for d in server.recorder.deliveries) == good
+        suppressed = {r[0] for r in query(db(project), "SELECT email FROM suppressions")}
+        if "5.2.2" in reply:
+            assert suppressed == set()  # a full mailbox is blocked for good, the address kept
+        else:
+            assert suppressed == set(dead)
+    finally:
+        server.stop()
+
+
+async def test_a_rate_limit_at_rcpt_is_a_throttle_and_costs_no_retry(project: Project) -> None:
+    """Postfix's smtpd_client_recipient_rate_limit answers at RCPT: the mailbox waits, no message loses a retry."""
+    server = SmtpServer().start()
+    try:
+        setup(project, server)
+        server.recorder.fail_rcpt_seq += ["450 4.7.1 Error: too many recipients from 127.0.0.1"] * 4
+        project.enroll(project.people(3))
+        async with running(project.config_path):
+            await until(lambda: states(db(project)) == {"sent": 3}, within=30)
+        assert query(db(project), "SELECT max(transient_failures) FROM messages") == [(0,)]
+        assert not server.recorder.fail_rcpt_seq
     finally:
         server.stop()
 

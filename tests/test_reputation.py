@@ -74,6 +74,8 @@ async def test_smtp_bounces_pause_the_mailbox_until_it_is_resumed(project: Proje
         resumed = project.run("mailbox", "resume", box)
         assert resumed.code == 0 and "resumed (was auto-paused: bounce rate 33.3%" in resumed.out
         assert project.run("mailbox", "resume", box).code == 1
+        # Resumed, nothing still says it waits for `mailbox resume`.
+        assert query(db(project), "SELECT count(*) FROM messages WHERE detail LIKE 'deferred: paused%'") == [(0,)]
         async with running(project.write()):
             await until(lambda: states(db(project)) == {"sent": 10, "failed": 2})
         assert project.run("status", "--json").json()["mailboxes"][0]["state"] == "connected"

@@ -113,6 +113,8 @@ async def test_rotation_stickiness_and_threads_at_the_server(project: Project) -
             first, second, third = thread
             domain = first.sender.split("@")[1]
             assert first["Message-ID"].endswith(f"@{domain}>")
+            # 128 random bits: a Message-ID cannot be guessed to forge a reply or a bounce that stops a prospect
+            assert len(first["Message-ID"].split("@")[0].rsplit(".", 1)[1]) == 32
             assert first["From"] == f"{first.sender.split('@')[0].title()} <{first.sender}>"
             assert second["Subject"] == f"Re: {first['Subject']}" == third["Subject"]
             assert second["In-Reply-To"] == first["Message-ID"]

@@ -22,6 +22,7 @@ from tests.servers import Pki, SmtpServer
 from tests.test_imap import mail
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
+LAYOUTS = sorted((Path(__file__).resolve().parent / "replies").glob("*.txt"))  # tests/test_replies.py's corpus
 
 
 def db(project: Project) -> Path | str:
@@ -162,3 +163,34 @@ def test_the_operator_suppresses_and_lifts(project: Project) -> None:
     assert [s["email"] for s in project.run("suppressions", "--json").json()["suppressions"]] == [
         "p1@prospects.example"
     ]
+
+
+@needs_dovecot
+async def test_unsubscribe_replies_of_every_client_layout_suppress(
+    project: Project, stack: tuple[SmtpServer, Dovecot]
+) -> None:
+    """Each layout of tests/replies/ sent back through Dovecot by its own prospect: the ones that only say
+    "unsubscribe" (under a phone signature, Outlook's block, a wrapped attribution…) suppress; the others reply."""
+    smtp, dovecot = stack
+    box = "mb1@alice.example"
+    layouts = LAYOUTS
+    project.data["cadences"][0]["steps"][1]["wait"] = "1d"
+    project.enroll(project.people(len(layouts)))
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.write()):
+            await until(lambda: [e for e in logs if e["event"] == "imap.watching"], what="the watcher")
+            firsts = await anyio.to_thread.run_sync(smtp.recorder.wait_for, len(layouts))
+            ids = {d.recipient: d.headers["Message-ID"] for d in firsts}
+            for i, layout in enumerate(layouts):
+                prospect = f"p{i}@prospects.example"
+                head = mail(prospect, box, "Re: hi", in_reply_to=ids[prospect]).split(b"\r\n\r\n")[0]
+                head += b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8"
+                dovecot.deliver("alice", head + b"\r\n\r\n" + layout.read_bytes())
+            done = {"unsubscribe.detected", "reply.detected"}
+            await until(lambda: len([e for e in logs if e["event"] in done]) == len(layouts), within=30)
+    states = dict(query(db(project), "SELECT email, state FROM enrollments"))
+    suppressed = {s["email"] for s in project.run("suppressions", "--json").json()["suppressions"]}
+    for i, layout in enumerate(layouts):
+        prospect = f"p{i}@prospects.example"
+        wanted = ("replied", False) if layout.stem.startswith("not-") else ("stopped", True)
+        assert (states[prospect], prospect in suppressed) == wanted, layout.stem

@@ -193,3 +193,67 @@ async def test_a_folder_that_cannot_file_away_is_reported_once_and_not_reread(pr
     errors = [e for e in logs if e["event"] == "automation.error"]
     assert len(errors) == 1 and "is not a folder" in errors[0]["detail"]
     assert query(project.root / "cadenced.db", "SELECT count(*) FROM enrollments") == [(1,)]
+
+
+_SWAP: list[tuple[Path, Path]] = []  # (watched folder, where an attacker points failed/): armed for one swap
+
+
+def _swap_failed_for_a_link(event: str, args: tuple[object, ...]) -> None:
+    """An attacker's move at the worst moment: failed/ was checked, the note is about to be created in it, and
+    failed/ is swapped for a link to another folder (an audit hook runs just before the open it reports)."""
+    if event != "open" or not _SWAP or not str(args[0]).endswith(".error.txt"):
+        return
+    folder, elsewhere = _SWAP.pop()
+    (folder / "failed").rename(folder / "failed-real")
+    (folder / "failed").symlink_to(elsewhere)
+
+
+sys.addaudithook(_swap_failed_for_a_link)
+
+
+def test_failed_swapped_for_a_link_after_its_check_moves_nothing_through_it(project: Project, folder: Path) -> None:
+    """Folders are used by descriptor (dir_fd), not by name after the check: a link put in place of failed/ between
+    the check and the move leads nowhere; the file and its note land in the folder that was checked."""
+    from daemon import enroll
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    elsewhere = project.root / "root-only"
+    elsewhere.mkdir(mode=0o700)
+    (folder / "failed").mkdir()
+    dropped = folder / "bad.csv"
+    dropped.write_text("name\nno address column here\n")
+    store = Store.open(project.root / "cadenced.db")
+    try:
+        _SWAP.append((folder, elsewhere))
+        result = enroll.import_dropped(
+            store, load_config(project.config_path), "c1", "bob", dropped, time.time(), 1 << 20
+        )
+    finally:
+        _SWAP.clear()
+        store.close()
+    assert result.error and "email" in result.error
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name.split("-", 1)[1] for p in (folder / "failed-real").iterdir()) == [
+        "bad.csv",
+        "bad.csv.error.txt",
+    ]
+
+
+def test_a_wide_header_is_refused_on_its_line_at_once(project: Project) -> None:
+    """100,000 columns (789 KB) held the daemon at 100% CPU for minutes: columns are capped (SPEC §2a: 200) and
+    looked up in a set."""
+    project.add_mailboxes(1)
+    project.add_cadence()
+    wide = ",".join(["email", *(f"c{i}" for i in range(100_000))])
+    path = project.csv(["p0@prospects.example" + "," * 100_000], header=wide)
+    result = project.enroll(path)
+    assert result.code == 2
+    assert f"{path}:1: 100001 columns in the header row; at most 200" in result.err
+    assert enrolled(project) == 0
+    at_the_cap = project.csv(
+        ["p1@prospects.example" + ",x" * 199],
+        name="cap.csv",
+        header=",".join(["email", *(f"c{i}" for i in range(199))]),
+    )
+    assert project.enroll(at_the_cap).json()["enrolled"] == 1
