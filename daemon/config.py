@@ -202,13 +202,6 @@ class Cadence:
     rotation: str = "round_robin"  # round_robin | weighted (by daily capacity)
     rotate_among_set: bool = True  # False: the file leaves it to the default (a database may pin the old one)
 
-    def after(self, step: int, sticky: str, now: float) -> tuple[int, str, float] | None:
-        """What follows step `step` sent at `now`: (step, sender, due), or None when the cadence ends."""
-        if step >= len(self.steps):
-            return None
-        nxt = self.steps[step]
-        return (nxt.number, nxt.sender or sticky, now + nxt.wait)
-
     def required_fields(self) -> frozenset[str]:
         names: set[str] = set()
         for step in self.steps:

@@ -25,7 +25,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon import compose, logs, oauth, outcomes, smtp, timing, unsubscribe
+from daemon import compose, lifecycle, logs, oauth, outcomes, smtp, timing, unsubscribe
 from daemon.config import UNSUBSCRIBE_LINK, Cadence, Config, Mailbox, Step
 from daemon.errors import (
     AddressRejected,
@@ -377,6 +377,7 @@ class Dispatcher:
                             self.clock,
                             self.imap_opening,
                             self.tokens,
+                            self.wake,
                         )
                         self.watchers[address] = watcher
                         tg.start_soon(self._run_watcher, watcher, scope)
@@ -488,6 +489,13 @@ class Dispatcher:
         if lost or gained:
             self.log.info("daemon.leases", node=d.node, held=len(self.held), taken=taken, released=sorted(lost))
             self._config_changed.set()  # the IMAP watchers follow
+
+    def wake(self, address: str) -> None:
+        """A commit changed `address`'s queue: its loop looks again (on PostgreSQL a mailbox another daemon holds
+        hears of it by the store's notification)."""
+        runner = self.runners.get(address)
+        if runner is not None:
+            runner.wake()
 
     def wake_all(self) -> None:
         """Every sender loop looks again (the API enrolled): new messages may be due now."""
@@ -687,18 +695,22 @@ class MailboxRunner:
         self.d.store_ok()
         if pending is not None:
             self._sent(pending)
+            following = pending.record[7]
+            if following is not None and following.sender != self.address:
+                self.d.wake(following.sender)  # its queue changed: a follow-up of a thread begun here
         self.next_wake = None
         snap, day = turn.snap, turn.day
+        state = lifecycle.mailbox_state(self.mailbox.paused, snap.state, snap.paused_reason)
         if self.mailbox.paused:
-            return False
-        if snap.paused_reason is not None:
+            return False  # the config says so: nothing to tell the messages, `status` says it
+        if state == "paused":
             # Kept in the database (pause_on, `mailbox pause`): what is due says why it waits, once.
             if snap.earliest_due is not None and snap.earliest_due <= now:
                 detail = f"deferred: paused ({snap.paused_reason}) until `cadenced mailbox resume {self.address}`"
                 for message in await self.d.db(Store.mark_deferred, self.address, float("inf"), detail):
                     self.log.info("message.deferred", message=message, reason="paused")
             return False
-        if snap.state in ("disconnected", "refused"):
+        if state != "connected":
             await self._hand_over(snap, now)
             hand_over_at = self.next_wake
             back = await self._retry_queue(snap, now)
@@ -738,7 +750,8 @@ class MailboxRunner:
             if pending is not None:
                 store.record_sent(*pending.record)
             snap = store.snapshot(self.address, day)
-            if self.mailbox.paused or snap.paused_reason or snap.state != "connected" or snap.earliest_due is None:
+            state = lifecycle.mailbox_state(self.mailbox.paused, snap.state, snap.paused_reason)
+            if state != "connected" or snap.earliest_due is None:
                 return Turn(snap, day, None, None, [])
             full = timing.day_count(snap.sent_today, schedule.daily_limit, snap.quota_day, day)
             decision = self.clock.next_allowed(
@@ -926,12 +939,8 @@ class MailboxRunner:
         # Committed by the next turn, before anything else is claimed or sent.
         self._pending = Sent(record, log, accepted.code, subject)
 
-    def _next_step(self, c: Claimed, now: float) -> tuple[int, str, float] | None:
-        try:
-            cadence = self.d.config.cadence(c.cadence)
-        except KeyError:
-            return None
-        return cadence.after(c.step, c.sticky, now)
+    def _next_step(self, c: Claimed, now: float) -> lifecycle.Next | None:
+        return lifecycle.next_step(self.d.config, c.cadence, c.step, c.sticky, now)
 
     async def _compose(self, c: Claimed, thread: list[tuple[int, str, str]], log: Any) -> tuple[bytes, str] | None:
         cadence, step = self._step_of(c)

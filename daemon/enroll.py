@@ -18,7 +18,7 @@ from itertools import count
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from daemon import compose, rotation, timing
+from daemon import compose, lifecycle, rotation, timing
 from daemon.config import Cadence, Config, Mailbox, address_problem, plainly_valid
 from daemon.errors import Refused, UsageError
 from daemon.store import Pin, Store
@@ -612,7 +612,8 @@ def build_rotator(store: Store, config: Config, cadence: Cadence) -> rotation.Ro
     pool = []
     for address in cadence.pool:
         m = config.mailbox(address)
-        ok = rotation.eligible(m.paused, states.get(address, "connected"), m.schedule.daily_limit)
+        state = lifecycle.mailbox_state(m.paused, *states.get(address, ("connected", None)))
+        ok = lifecycle.takes_new_prospects(state, m.schedule.daily_limit)
         pool.append(rotation.PoolMember(address, m.owner, ok, float(_capacity(store, m))))
     among = rotate_among(cadence, store.pins())
     rules = rotation.Rules(cadence.auto_rotate, among, cadence.sender, cadence.steps[0].sender, cadence.rotation)

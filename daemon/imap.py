@@ -23,7 +23,7 @@ from typing import Any
 import aioimaplib
 import anyio
 
-from daemon import logs, oauth, outcomes, redact, replies, timing, unsubscribe
+from daemon import lifecycle, logs, oauth, outcomes, redact, replies, timing, unsubscribe
 from daemon.compose import OUR_MESSAGE_ID
 from daemon.config import Config, Mailbox, OAuth2, Server
 from daemon.errors import AddressRejected
@@ -335,11 +335,14 @@ class Watcher:
         clock: Callable[[], float] = time.time,
         opening: anyio.CapacityLimiter | None = None,
         tokens: oauth.Tokens | None = None,
+        wake_other: Callable[[str], None] = lambda address: None,
     ) -> None:
         self.tokens = tokens if tokens is not None else oauth.Tokens(clock)  # shared with the SMTP sessions
         self.clock = clock  # the daemon's one clock: instants recorded by replies, bounces and settlements
         self.opening = opening  # sessions being opened at once, shared by the daemon's watchers
         self.wake = wake  # the mailbox's sender loop: a settled message may be due now
+        self.wake_other = wake_other  # another mailbox's loop, whose queue a settlement changed
+        self.woken: set[str] = set()  # mailboxes given a follow-up by the settlements of this round
         self.mailbox = mailbox
         self.address = mailbox.address
         self.db = db  # dispatch.AsyncStore: calls fn(store, *args) without blocking the loop on a lock
@@ -615,6 +618,9 @@ class Watcher:
             self.log.info("message.settled", message=message, message_id=message_id, sent=delivered, folder=sent)
         if changed:
             self.wake()
+            for address in self.woken - {self.address}:
+                self.wake_other(address)  # a follow-up scheduled on another mailbox (a step's own sender)
+            self.woken.clear()
         return True
 
     async def file_copies(self, client: aioimaplib.IMAP4) -> bool:
@@ -657,14 +663,12 @@ class Watcher:
             if row is None or not delivered:
                 return
             enrollment, step, cadence_name, sticky = row
-            try:
-                following = self.config().cadence(cadence_name).after(step, sticky, now)
-            except KeyError:
-                return
+            following = lifecycle.next_step(self.config(), cadence_name, step, sticky, now)
             if following is None:
-                store.finish_enrollment(enrollment, now)
+                store.finish_enrollment(enrollment, now)  # the last step, or a cadence no longer configured
             else:
                 store.schedule_step(enrollment, *following)
+                self.woken.add(following.sender)
 
 
 def _set_position(store: Store, mailbox: str, validity: int, last_uid: int) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from daemon import oauth, timing
+from daemon import lifecycle, oauth, timing
 from daemon.config import Config, Mailbox, Schedule, config_digest
 from daemon.store import ENROLLMENT_STATES, Store, domain_of
 
@@ -20,11 +20,9 @@ def iso(ts: float | None) -> str | None:
 
 
 def mailbox_state(paused: bool, health: dict[str, Any] | None) -> str:
-    if paused or (health and health.get("paused_reason")):
-        return "paused"  # by the config, or kept in the database (pause_on, `mailbox pause`)
-    if health and health["state"] in ("disconnected", "refused"):
-        return str(health["state"])
-    return "connected"
+    """lifecycle.mailbox_state of a mailbox and its health row as `Store.health` gives it."""
+    h = health or {}
+    return lifecycle.mailbox_state(paused, h.get("state"), h.get("paused_reason") or None)
 
 
 def next_send(
@@ -260,8 +258,8 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     due_rows: dict[str, Iterator[tuple[float, int, int]]] = {}
     counts: dict[str, dict[str, int]] = {}
     free_at: dict[str, float] = {}
-    # (due, seq, mailbox, step, enrollment, cadence: None when not looked up yet, from the store)
-    heap: list[tuple[float, int, str, int, int, str | None, bool]] = []
+    # (due, seq, mailbox, step, enrollment, (cadence, sticky sender): None when not looked up yet, from the store)
+    heap: list[tuple[float, int, str, int, int, tuple[str, str] | None, bool]] = []
     for address, m in live.items():
         due_rows[address] = store.scheduled_in_order(address, horizon)
         first = next(due_rows[address], None)
@@ -289,7 +287,7 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     moved: dict[tuple[str, str], tuple[float, float]] = {}
     forecast: dict[tuple[str, str], int] = {}
     while heap:
-        due, _, address, step, enrollment, cadence_name, stored = heapq.heappop(heap)
+        due, _, address, step, enrollment, route, stored = heapq.heappop(heap)
         if address not in live or address in full:
             continue
         if stored and (after := next(due_rows[address], None)) is not None:
@@ -313,7 +311,7 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
                     until = timing.next_sending_day(at, live[address].schedule, stretches[address].first_day)
                     moved[(address, domain)] = (when, until)
             if until:  # due again as Store.defer_domain makes it: in their order, just before `until`
-                heapq.heappush(heap, (until + (due - when) / 1e6, seq, address, step, enrollment, cadence_name, False))
+                heapq.heappush(heap, (until + (due - when) / 1e6, seq, address, step, enrollment, route, False))
                 seq += 1
                 continue
             domain_counts[(address, day, domain)] = domain_counts.get((address, day, domain), 0) + 1
@@ -322,14 +320,10 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         free_at[address] = at + sum(live[address].schedule.gap) / 2
         if step >= longest or at + soonest >= horizon:
             continue  # no follow-up of it can land in the horizon
-        cadence_name = cadence_name or store.cadence_of(enrollment)
-        try:
-            steps = config.cadence(cadence_name or "").steps
-        except KeyError:
-            continue
-        if step < len(steps):
-            nxt = steps[step]
-            heapq.heappush(heap, (at + nxt.wait, seq, nxt.sender or address, step + 1, enrollment, cadence_name, False))
+        route = route or store.route_of(enrollment)
+        following = lifecycle.next_step(config, route[0], step, route[1], at) if route else None
+        if following is not None:
+            heapq.heappush(heap, (following.due, seq, following.sender, following.step, enrollment, route, False))
             seq += 1
     rows = [{"date": day, "mailbox": address, "sends": n} for (day, address), n in sorted(forecast.items())]
     return {"days": rows, "generated_at": iso(now), "horizon_days": days}

@@ -39,11 +39,6 @@ class Rules:
     rotation: str = ROUND_ROBIN
 
 
-def eligible(paused: bool, state: str, daily_limit: int) -> bool:
-    """May this mailbox take new enrollments? One definition for enroll, status and plan."""
-    return not paused and state not in ("disconnected", "refused", "paused") and daily_limit > 0
-
-
 @dataclass(slots=True)
 class Rotator:
     """Places a stream of enrollments of one cadence; `cursors` and `credits` are what to store after."""

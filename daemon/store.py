@@ -716,12 +716,10 @@ class Store:
 
     # --- mailbox health ---------------------------------------------------------
 
-    def mailbox_states(self) -> dict[str, str]:
-        """disconnected | refused | connected, or paused (kept here by pause_on or `mailbox pause`)."""
-        rows = self.conn.execute(
-            "SELECT mailbox, CASE WHEN paused_reason IS NOT NULL THEN 'paused' ELSE state END FROM mailbox_health"
-        )
-        return dict(rows.fetchall())
+    def mailbox_states(self) -> dict[str, tuple[str, str | None]]:
+        """(stored state, paused_reason) by mailbox: lifecycle.mailbox_state says what that makes it."""
+        rows = self.conn.execute("SELECT mailbox, state, paused_reason FROM mailbox_health")
+        return {r[0]: (r[1], r[2]) for r in rows.fetchall()}
 
     def set_mailbox_state(self, mailbox: str, state: str, reason: str | None, now: float) -> None:
         self.conn.execute(
@@ -1580,9 +1578,10 @@ class Store:
         while rows := cursor.fetchmany(256):
             yield from rows
 
-    def cadence_of(self, enrollment: int) -> str | None:
-        row = self.conn.execute("SELECT cadence FROM enrollments WHERE id = ?", (enrollment,)).fetchone()
-        return None if row is None else str(row[0])
+    def route_of(self, enrollment: int) -> tuple[str, str] | None:
+        """(cadence, sticky sender) of an enrollment."""
+        row = self.conn.execute("SELECT cadence, mailbox FROM enrollments WHERE id = ?", (enrollment,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
 
 @dataclass(frozen=True, slots=True)

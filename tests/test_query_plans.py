@@ -76,7 +76,7 @@ HOT: dict[str, Callable[[Store], Any]] = {
         s.enrollments_of_message_ids(["<a@b>"]),
         s.enrollments_of_sender("p1@x.example", "m@x.example"),
     ),
-    "plan": lambda s: (list(s.scheduled_in_order("m@x.example", 1e12)), s.cadence_of(3)),
+    "plan": lambda s: (list(s.scheduled_in_order("m@x.example", 1e12)), s.route_of(3)),
     "bounces": lambda s: (
         s.dsn_failed(["<a@b>"], "p1@x.example", "blocked", "5.7.1", "m@x.example"),
         s.bounce_address("p2@x.example", 1.0, "5.1.1"),

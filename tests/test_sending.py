@@ -373,3 +373,27 @@ def test_plan_keeps_each_domain_to_its_daily_share(project: Project) -> None:
     project.enroll(project.csv([f"{e},P,Co" for e in emails]))
     plan = project.run("plan", "--days", "4", "--json").json()["days"]
     assert [row["sends"] for row in plan] == [3, 2, 1]  # a a b | a a | a
+
+
+async def test_a_step_without_a_sender_leaves_from_the_enrollments_own_at_its_due_time(project: Project) -> None:
+    """auto_rotate = false, step 1 from mb1, step 2 from mb2, step 3 with no sender: step 3 is the enrollment's
+    (mb1), as `plan` says beforehand, and it leaves at its due time though mb2 sent the step before it (nothing
+    else wakes mb1: the send of step 2 must)."""
+    server = SmtpServer().start()
+    try:
+        project.data["defaults"]["gap"] = "0s"
+        mb1, mb2 = project.add_mailboxes(2, smtp=server.smtp_config())
+        cadence = project.add_cadence(steps=3, auto_rotate=False)
+        cadence["steps"][0]["sender"] = mb1
+        cadence["steps"][1] |= {"sender": mb2, "wait": "1s"}
+        cadence["steps"][2]["wait"] = "2s"
+        project.enroll(project.people(1))
+        planned = project.run("plan", "--days", "1", "--json").json()["days"]
+        assert {row["mailbox"]: row["sends"] for row in planned} == {mb1: 2, mb2: 1}
+        async with running(project.write()):
+            deliveries = await anyio.to_thread.run_sync(server.recorder.wait_for, 3)
+        assert [d.sender for d in deliveries] == [mb1, mb2, mb1]
+        sent = dict(query(project.database, "SELECT step, sent_at FROM messages"))
+        assert sent[3] - sent[2] < 2 + 1.5  # its wait, and at most a moment more
+    finally:
+        server.stop()

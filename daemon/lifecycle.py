@@ -1,0 +1,57 @@
+"""Pure: rules of the engine written once: what follows a step and who sends it; what state a mailbox is in and
+whether it takes new prospects.
+
+The sender loop, the IMAP watcher (an uncertain send found in Sent), enroll, `status` and `plan` all ask here;
+none keeps a copy. A copy is how `plan` came to forecast a follow-up on the mailbox of the previous step while
+the daemon sent it from the enrollment's own.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from daemon.config import Config
+
+
+class Next(NamedTuple):
+    """The step that follows a send: its number, the mailbox that sends it, when it is due."""
+
+    step: int
+    sender: str
+    due: float
+
+
+def next_step(config: Config, cadence: str, step: int, sticky: str, sent_at: float) -> Next | None:
+    """What follows step `step` of an enrollment in `cadence`, sent at `sent_at`; None when the enrollment is
+    done (that was the last step, or the cadence is no longer in the config: nothing can be written for it).
+
+    Sticky (SPEC §3): a step with its own `sender` ("Assign to Sender", auto_rotate off) goes from it; every
+    other step from the enrollment's sender (`sticky`), never from whichever mailbox sent the step before.
+    A step's `wait` runs from the previous step's actual send.
+    """
+    try:
+        steps = config.cadence(cadence).steps
+    except KeyError:
+        return None
+    if step >= len(steps):
+        return None
+    following = steps[step]
+    return Next(following.number, following.sender or sticky, sent_at + following.wait)
+
+
+MAILBOX_STATES = ("connected", "paused", "disconnected", "refused")
+
+
+def mailbox_state(config_paused: bool, stored: str | None, paused_reason: str | None) -> str:
+    """What a mailbox is: `paused` by the config (`paused = true`) or in the database (pause_on, `mailbox pause`),
+    else what its health row says (`disconnected`, `refused`), else `connected` (no row: it never failed)."""
+    if config_paused or paused_reason is not None:
+        return "paused"
+    if stored in ("disconnected", "refused"):
+        return stored
+    return "connected"
+
+
+def takes_new_prospects(state: str, daily_limit: int) -> bool:
+    """May rotation give this mailbox new enrollments (SPEC §3 "eligible")? Connected, with a limit above 0."""
+    return state == "connected" and daily_limit > 0
