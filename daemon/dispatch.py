@@ -40,7 +40,7 @@ from daemon.errors import (
     Uncertain,
 )
 from daemon.readside import iso
-from daemon.store import Claimed, Snapshot, Store, describe_store_error, is_busy
+from daemon.store import Claimed, SentRecord, Snapshot, Store, describe_store_error, is_busy
 
 T = TypeVar("T")
 CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
@@ -227,7 +227,7 @@ def defer_full_domains(
 class Sent:
     """A delivery accepted by the server, to be committed by the next turn."""
 
-    record: tuple[Any, ...]
+    record: SentRecord
     log: Any
     code: int
     subject: str
@@ -695,9 +695,9 @@ class MailboxRunner:
         self.d.store_ok()
         if pending is not None:
             self._sent(pending)
-            following = pending.record[7]
-            if following is not None and following.sender != self.address:
-                self.d.wake(following.sender)  # its queue changed: a follow-up of a thread begun here
+            following = pending.record.next_step
+            if following is not None and following[1] != self.address:
+                self.d.wake(following[1])  # its queue changed: a follow-up of a thread begun here
         self.next_wake = None
         snap, day = turn.snap, turn.day
         state = lifecycle.mailbox_state(self.mailbox.paused, snap.state, snap.paused_reason)
@@ -748,7 +748,7 @@ class MailboxRunner:
         day = self._local_day(now)
         with store.transaction():
             if pending is not None:
-                store.record_sent(*pending.record)
+                store.record_sent(pending.record)
             snap = store.snapshot(self.address, day)
             state = lifecycle.mailbox_state(self.mailbox.paused, snap.state, snap.paused_reason)
             if state != "connected" or snap.earliest_due is None:
@@ -818,7 +818,7 @@ class MailboxRunner:
     @staticmethod
     def _record_only(store: Store, pending: Sent) -> None:
         with store.transaction():
-            store.record_sent(*pending.record)
+            store.record_sent(pending.record)
 
     def _message_id(self, outbox_id: int, attempt: int) -> str:
         return compose.make_message_id(outbox_id, f"{attempt}.{secrets.token_hex(16)}", self.address)
@@ -924,7 +924,7 @@ class MailboxRunner:
         now = self.d.clock()
         schedule = self.mailbox.schedule
         gap_until = now + timing.draw_gap(schedule, self.d.rng)
-        record = (
+        record = SentRecord(
             c,
             now,
             accepted.code,
@@ -1003,26 +1003,28 @@ class MailboxRunner:
     # --- outcomes (SPEC §5): dispatch on the failure's type -----------------------------------
 
     async def _failed(self, c: Claimed, f: SmtpFailure, log: Any) -> None:
+        """What a classified failure does (SPEC §5): one match over outcomes.py's classes."""
         now = self.d.clock()
         log = log.bind(smtp_code=f.code, stage=f.stage, **({"enhanced": f.enhanced} if f.enhanced else {}))
-        if isinstance(f, AddressRejected | Blocked):
-            await self._refused_recipient(c, f, now, log)
-            return
-        self._streak.clear()
-        if isinstance(f, MailboxDown | MailboxRefused):
-            await self._mailbox_stops(f, now, log, c.id)
-        elif isinstance(f, Throttled):
-            await self._throttled(c, f, now, log)
-        elif isinstance(f, Uncertain):
-            await self._commit(Store.record_error, c.id, "uncertain", f.code, f.text, now)
-            self.d.stats.errors += 1
-            log.warning("message.error", reason="uncertain", detail=f.text)
-        elif isinstance(f, MessageDeferred):
-            await self._deferred(c, f, now, log)
-        elif isinstance(f, ProviderQuota):
-            await self._provider_quota(c, f, now, log)
-        else:  # every class is handled above; a new one must not pass silently
-            raise TypeError(f"unhandled SMTP outcome {type(f).__name__}")
+        if not isinstance(f, AddressRejected | Blocked):
+            self._streak.clear()  # only a refusal of the recipient may continue a streak
+        match f:
+            case AddressRejected() | Blocked():
+                await self._refused_recipient(c, f, now, log)
+            case MailboxDown() | MailboxRefused():
+                await self._mailbox_stops(f, now, log, c.id)
+            case Throttled():
+                await self._throttled(c, f, now, log)
+            case Uncertain():
+                await self._commit(Store.record_error, c.id, "uncertain", f.code, f.text, now)
+                self.d.stats.errors += 1
+                log.warning("message.error", reason="uncertain", detail=f.text)
+            case MessageDeferred():
+                await self._deferred(c, f, now, log)
+            case ProviderQuota():
+                await self._provider_quota(c, f, now, log)
+            case _:  # every class is handled above; a new one must not pass silently
+                raise TypeError(f"unhandled SMTP outcome {type(f).__name__}")
 
     async def _mailbox_stops(self, f: SmtpFailure, now: float, log: Any, message: int | None = None) -> None:
         """The mailbox's problem: no prospect is blamed; its messages wait in the error section."""

@@ -564,7 +564,7 @@ class Watcher:
                 continue
             detail = f"DSN in {self.address}: {v.why}"[:300]
             if v.kind == "bounce":
-                cancelled = store.bounce_address(prospect, now, detail)
+                cancelled = store.bounce_address(prospect, eid, now, detail)
                 reason = "bounced"
             elif v.kind == "blocked":
                 cancelled = store.end_enrollments([eid], "stopped", now, f"stopped after a block: {v.status}")

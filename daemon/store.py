@@ -488,7 +488,7 @@ class Store:
     def unsubscribe_address(self, email: str, now: float, detail: str) -> list[int]:
         """Suppressed as unsubscribed; its active enrollments stopped and their pending messages cancelled."""
         self.suppress(email, "unsubscribed", now)
-        return self._cancel_pending("e.email = ?", (email,), now, detail)
+        return self._end("e.email = ?", (email,), "stopped", now, detail)
 
     def suppress_addresses(self, emails: Sequence[str], reason: str, now: float) -> dict[str, list[int]]:
         """The operator's `cadenced suppress`: each address suppressed, its pending messages cancelled."""
@@ -496,7 +496,7 @@ class Store:
             out = {}
             for email in emails:
                 self.suppress(email, reason, now)
-                out[email] = self._cancel_pending("e.email = ?", (email,), now, f"address suppressed: {reason}")
+                out[email] = self._end("e.email = ?", (email,), "stopped", now, f"address suppressed: {reason}")
             return out
 
     def unsuppress(self, emails: Sequence[str]) -> list[str]:
@@ -1034,20 +1034,10 @@ class Store:
         )
         return [(r[0], r[1], r[2]) for r in rows]
 
-    def record_sent(
-        self,
-        c: Claimed,
-        now: float,
-        code: int,
-        text: str,
-        subject: str,
-        day: str,
-        gap_until: float,
-        next_step: tuple[int, str, float] | None,
-        copy: bytes | None = None,
-        count_domain: bool = False,
-    ) -> None:
+    def record_sent(self, r: SentRecord) -> None:
         """Sent: the message, the day's count, the gap, the next step and the copy for Sent, in one commit."""
+        c, now, code, text, subject, day = r.claimed, r.at, r.code, r.text, r.subject, r.day
+        gap_until, next_step, copy, count_domain = r.gap_until, r.next_step, r.copy, r.count_domain
         with self.transaction():
             if count_domain:
                 self.conn.execute(
@@ -1142,15 +1132,12 @@ class Store:
             )
             if not suppress:
                 self._count_block(c.mailbox, now)
-                return self._cancel_pending("e.id = ?", (c.enrollment_id,), now, f"{BLOCKED_BY} {c.id}")
-            self.conn.execute(
-                "UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE id = ?", (now, c.enrollment_id)
-            )
+                return self._end("e.id = ?", (c.enrollment_id,), "stopped", now, f"{BLOCKED_BY} {c.id}")
             self.conn.execute(
                 "INSERT INTO suppressions VALUES (?, ?, ?, ?) ON CONFLICT (email) DO NOTHING",
                 (c.email, f"bounced {code or ''} {detail}".strip()[:200], now, c.id),
             )
-            return self._cancel_pending("e.email = ?", (c.email,), now, f"{SUPPRESSED_BY} {c.id}")
+            return self._bounced(c.email, c.enrollment_id, now, f"{SUPPRESSED_BY} {c.id}")
 
     def cut_uncertain(self, message: int, now: float, detail: str) -> bool:
         """A transaction cut by a stop: `uncertain` if it was still in flight (True), unchanged otherwise."""
@@ -1221,7 +1208,9 @@ class Store:
                 (mailbox, until, until),
             )
 
-    def _cancel_pending(self, where: str, args: tuple[Any, ...], now: float, detail: str) -> list[int]:
+    def _end(self, where: str, args: tuple[Any, ...], state: str, now: float, detail: str) -> list[int]:
+        """The one way enrollments end early (replied, stopped, the others of a bounced address): the active ones
+        of `where` take `state`, and every message of theirs not yet sent is cancelled with `detail`."""
         rows = self.conn.execute(
             f"""UPDATE messages SET state = 'cancelled', detail = ?
                 WHERE state IN ('scheduled', 'error') AND enrollment_id IN
@@ -1229,9 +1218,9 @@ class Store:
             (detail, *args),
         ).fetchall()
         self.conn.execute(
-            f"""UPDATE enrollments SET state = 'stopped', ended_at = ?
+            f"""UPDATE enrollments SET state = ?, ended_at = ?
                 WHERE state = 'active' AND id IN (SELECT e.id FROM enrollments e WHERE {where})""",
-            (now, *args),
+            (state, now, *args),
         )
         return [r[0] for r in rows]
 
@@ -1466,29 +1455,21 @@ class Store:
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def end_enrollments(self, ids: Sequence[int], state: str, now: float, detail: str) -> list[int]:
-        """Enrollments end (replied, bounced); their messages not yet sent are cancelled."""
-        ids_json = self._list(list(ids))
-        self.conn.execute(
-            """UPDATE enrollments SET state = ?, ended_at = ?
-               WHERE state = 'active' AND id IN (SELECT value FROM json_each(?))""",
-            (state, now, ids_json),
-        )
-        rows = self.conn.execute(
-            """UPDATE messages SET state = 'cancelled', detail = ?
-               WHERE state IN ('scheduled', 'error') AND enrollment_id IN (SELECT value FROM json_each(?))
-               RETURNING id""",
-            (detail, ids_json),
-        ).fetchall()
-        return [r[0] for r in rows]
+        """Enrollments end (replied, stopped); their messages not yet sent are cancelled."""
+        return self._end("e.id IN (SELECT value FROM json_each(?))", (self._list(list(ids)),), state, now, detail)
 
-    def bounce_address(self, email: str, now: float, detail: str) -> list[int]:
-        """A bounce: the address is suppressed and nothing more goes to it, in any cadence."""
+    def bounce_address(self, email: str, enrollment: int, now: float, detail: str) -> list[int]:
+        """A bounce read in a DSN: as at SMTP (record_failed), the enrollment of the bounced message `bounced`,
+        the address suppressed, its other enrollments stopped and nothing more sent to it, in any cadence."""
         self.suppress(email, detail[:200], now)
+        return self._bounced(email, enrollment, now, "address suppressed after a bounce")
+
+    def _bounced(self, email: str, enrollment: int, now: float, detail: str) -> list[int]:
         self.conn.execute(
-            "UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE email = ? AND state = 'active'",
-            (now, email),
+            "UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE id = ? AND state = 'active'",
+            (now, enrollment),
         )
-        return self._cancel_pending("e.email = ?", (email,), now, "address suppressed after a bounce")
+        return self._end("e.email = ?", (email,), "stopped", now, detail)
 
     def dsn_failed(self, message_ids: Sequence[str], email: str, reason: str, detail: str, mailbox: str) -> None:
         """A DSN says a sent message failed after all: the message says so, and a block counts for the mailbox."""
@@ -1582,6 +1563,22 @@ class Store:
         """(cadence, sticky sender) of an enrollment."""
         row = self.conn.execute("SELECT cadence, mailbox FROM enrollments WHERE id = ?", (enrollment,)).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class SentRecord:
+    """A delivery the server accepted, as `record_sent` commits it (by the sender loop's next turn)."""
+
+    claimed: Claimed
+    at: float
+    code: int
+    text: str  # the server's reply, secrets masked
+    subject: str
+    day: str  # the mailbox's local day of `at`: the day it counts in
+    gap_until: float  # no send of this mailbox before
+    next_step: tuple[int, str, float] | None  # (step, sender, due) of lifecycle.next_step, None: the last
+    copy: bytes | None = None  # the message, for sent_copies = "append"
+    count_domain: bool = False  # domain_daily_limit counts it
 
 
 @dataclass(frozen=True, slots=True)

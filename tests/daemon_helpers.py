@@ -45,16 +45,6 @@ async def until(condition: Callable[[], Any], within: float = 20.0, what: str = 
     raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
-def wait_until(condition: Callable[[], Any], within: float, what: str) -> None:
-    """From a test's thread (real processes): poll `condition` until truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
-
-
 def query(db: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
     """SQL (SQLite's) on the test's database: a file, or a PostgreSQL URL (translated as the store does)."""
     if isinstance(db, str):
@@ -158,7 +148,7 @@ class DaemonProcess:
 
 
 def eventually(condition: Callable[[], Any], within: float = 20.0, what: str = "condition") -> Any:
-    """`until` for tests outside an event loop: poll `condition`, bounded."""
+    """`until` for tests outside an event loop (real processes from a test's thread): poll `condition`, bounded."""
     deadline = time.monotonic() + within
     while True:
         value = condition()

@@ -12,7 +12,7 @@ from pathlib import Path
 import tomli_w
 
 from tests.conftest import Project
-from tests.daemon_helpers import DaemonProcess, query, states, wait_until
+from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import SmtpServer
 
 LEASE = 6.0
@@ -53,11 +53,11 @@ def test_three_daemons_share_the_mailboxes_and_a_kill_9_loses_and_doubles_nothin
             return sum(len(s.recorder.deliveries) for s in servers)
 
         # The three share the twelve mailboxes evenly once they have all seen each other.
-        wait_until(lambda: sorted(Counter(holders(postgres_url).values()).values()) == [4, 4, 4], 30, "4 each")
+        eventually(lambda: sorted(Counter(holders(postgres_url).values()).values()) == [4, 4, 4], 30, "4 each")
 
         takeovers: list[float] = []
         for kill, victim in enumerate(("a", "b", "c", "a", "b")):
-            wait_until(lambda k=kill: delivered() >= 80 * (k + 1), 60, f"progress before kill {kill + 1}")
+            eventually(lambda k=kill: delivered() >= 80 * (k + 1), 60, f"progress before kill {kill + 1}")
             lost = sorted(m for m, holder in holders(postgres_url).items() if holder == victim)
             before = Counter(d.sender for s in servers for d in s.recorder.deliveries)
             daemons[victim].proc.send_signal(signal.SIGKILL)
@@ -76,13 +76,13 @@ def test_three_daemons_share_the_mailboxes_and_a_kill_9_loses_and_doubles_nothin
                 sent_now = Counter(d.sender for s in servers for d in s.recorder.deliveries)
                 return all(sent_now[m] > before[m] or not waiting.get(m) for m in lost)
 
-            wait_until(resumed, 3 * LEASE, f"the others to take {victim}'s mailboxes over")
+            eventually(resumed, 3 * LEASE, f"the others to take {victim}'s mailboxes over")
             takeovers.append(time.monotonic() - killed_at)
             daemons[victim] = DaemonProcess(configs[victim])  # it comes back, and gets its share again
 
-        wait_until(lambda: states(postgres_url).keys() <= {"sent", "error"}, 120, "every message to be settled")
+        eventually(lambda: states(postgres_url).keys() <= {"sent", "error"}, 120, "every message to be settled")
         # The last one back gets its share again: the others let go of what they took over.
-        wait_until(lambda: sorted(Counter(holders(postgres_url).values()).values()) == [4, 4, 4], 30, "4 each again")
+        eventually(lambda: sorted(Counter(holders(postgres_url).values()).values()) == [4, 4, 4], 30, "4 each again")
         status = project.run("status", "--json").json()
         assert {d["node"] for d in status["daemons"] if d["live"]} == {"a", "b", "c"}
         assert status["daemon"]["running"] is True

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Project
-from tests.daemon_helpers import query, states, wait_until
+from tests.daemon_helpers import eventually, query, states
 from tests.servers import SmtpServer
 
 pytestmark = pytest.mark.both_stores
@@ -63,7 +63,7 @@ def test_sigkill_at_random_moments_never_sends_a_step_twice(project: Project) ->
         # A last clean run sends what is left, then stops on SIGTERM.
         proc = start(project, log)
         try:
-            wait_until(lambda: states(db).get("scheduled", 0) == 0, 60, "the outbox to drain")
+            eventually(lambda: states(db).get("scheduled", 0) == 0, 60, "the outbox to drain")
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0

@@ -15,7 +15,7 @@ from daemon import readside, timing
 from daemon.config import build_config
 from daemon.dispatch import defer_full_domains
 from daemon.enroll import Importer
-from daemon.store import Store, domain_of
+from daemon.store import SentRecord, Store, domain_of
 
 ZONES = ["Europe/Berlin", "America/New_York", "UTC", "Australia/Lord_Howe"]
 STARTS = [1774749600.0, 1792144800.0, 1772964000.0, 1795000000.0, 1781000000.0]  # DST change days, and others
@@ -109,7 +109,7 @@ def run(store: Store, config, start: float, end: float) -> tuple[Counter[str], C
             )
         if claimed is None:
             continue
-        store.record_sent(claimed, t, 250, "ok", "Hi", day, t + GAP, None, None, True)
+        store.record_sent(SentRecord(claimed, t, 250, "ok", "Hi", day, t + GAP, None, None, True))
         days[day] += 1
         shares[(day, domain_of(claimed.email))] += 1
     return days, shares

@@ -187,11 +187,11 @@ def test_reload_applies_valid_config_and_keeps_the_old_one_otherwise(project: Pr
 
 def test_sigterm_lets_a_slow_transaction_finish(project: Project) -> None:
     server = SmtpServer()
-    in_data = threading.Event()
+    in_data, release = threading.Event(), threading.Event()
 
     def slow(rcpt: str) -> None:
         in_data.set()
-        time.sleep(2)  # the server takes its time accepting: the transaction is in flight
+        release.wait(20)  # the server holds its answer until the daemon is stopping: in flight across SIGTERM
 
     server.recorder.on_data = slow
     server.start()
@@ -204,6 +204,8 @@ def test_sigterm_lets_a_slow_transaction_finish(project: Project) -> None:
         try:
             assert in_data.wait(20)
             daemon.signal(signal.SIGTERM)
+            daemon.wait_event("daemon.stopping")
+            release.set()
             assert daemon.wait() == 0
         finally:
             daemon.kill()
