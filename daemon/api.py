@@ -886,7 +886,8 @@ class HostCheck:
 
     def __init__(self, app: Any, settings: ApiSettings) -> None:
         self.app = app
-        self.allowed = LOOPBACK_HOSTS | {"[::1]"} | set(settings.hosts)
+        listening = f"[{settings.host}]" if ":" in settings.host else settings.host  # 127.0.0.7 names it too
+        self.allowed = LOOPBACK_HOSTS | {"[::1]", listening.lower()} | set(settings.hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and host_of(_header(scope, b"host")) not in self.allowed:

@@ -99,7 +99,7 @@ async def test_a_scrape_storm_costs_one_snapshot_over_one_connection(project: Pr
 async def test_metrics_token_and_the_host_header(project: Project) -> None:
     """`metrics_token` locks /metrics; on loopback, a Host that names another site (DNS rebinding) gets 421."""
     (project.root / "metrics-token").write_text("m" * 40)
-    api_project(project, metrics_token_file="metrics-token", hosts=["dash.acme.example"])
+    api_project(project, metrics_token_file="metrics-token", hosts=["dash.acme.example"], listen="127.0.0.7:8025")
     project.enroll(project.people(1))
     app, guarded = app_of(project)
     transport = httpx.ASGITransport(app=guarded)  # type: ignore[arg-type]
@@ -107,7 +107,7 @@ async def test_metrics_token_and_the_host_header(project: Project) -> None:
         assert (await client.get("/metrics")).status_code == 401
         assert (await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).status_code == 401
         assert (await client.get("/metrics", headers={"Authorization": "Bearer " + "m" * 40})).status_code == 200
-        for host in ("127.0.0.1:8025", "localhost:8025", "[::1]:8025", "dash.acme.example"):
+        for host in ("127.0.0.1:8025", "127.0.0.7:8025", "localhost:8025", "[::1]:8025", "dash.acme.example"):
             answer = await client.get("/v1/status", headers={"Host": host, "Authorization": f"Bearer {TOKEN}"})
             assert answer.status_code == 200, host
         for host in ("rebind.attacker.example:8025", "127.0.0.1.attacker.example", ""):
