@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import re
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -35,8 +34,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemon import enroll, logs, operate, readside, store
-from daemon.config import LOOPBACK_HOSTS, ApiSettings, Config, Playbook, is_loopback
-from daemon.errors import Refused, StoreError, UsageError
+from daemon.config import LOOPBACK_HOSTS, is_loopback
+from daemon.errors import Refused, StoreError, StoreUnavailable, UsageError
+from daemon.model import ApiSettings, Config, Playbook
 from daemon.store import MESSAGE_STATES, Store
 
 MAX_LIMIT = 10_000  # messages one GET /v1/outbox returns
@@ -78,7 +78,7 @@ class DaemonMetrics(Collector):
     def __init__(self, config: Callable[[], Config], dispatcher: Callable[[], Any]) -> None:
         self.config = config
         self.dispatcher = dispatcher
-        self.last_commit = 0.0  # when this process last committed (store.commit_observer)
+        self.last_commit = 0.0  # when this process last committed (store.commits hook)
         self.db: Store | None = None
         self.db_path: Path | str = ""
 
@@ -322,7 +322,7 @@ def build_app(
         commits.observe(seconds)
         collector.last_commit = time.time()
 
-    store.commit_observer = committed
+    stop_observing = store.commits.add(committed)
     expected = _secret_bytes(settings.token)
     metrics_expected = _secret_bytes(settings.metrics_token)
     snapshot = MetricsSnapshot(registry, collector)
@@ -347,7 +347,7 @@ def build_app(
         """Run a database call in a worker thread; a database that cannot answer now is a 503, not a 500."""
         try:
             return await anyio.to_thread.run_sync(fn, limiter=limiter)
-        except (sqlite3.Error, StoreError) as exc:
+        except (StoreError, StoreUnavailable) as exc:
             log.error("api.error", detail=str(exc)[:300])
             return JSONResponse(
                 {"error": "unavailable", "detail": "the database cannot answer now; try again"},
@@ -372,7 +372,7 @@ def build_app(
             return refused()
         try:
             body = await snapshot.latest()
-        except (sqlite3.Error, StoreError) as exc:
+        except (StoreError, StoreUnavailable) as exc:
             log.error("api.error", detail=str(exc)[:300])
             return Response("the database cannot answer now\n", status_code=503, headers={"Retry-After": "5"})
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -571,6 +571,7 @@ def build_app(
     ]
     app = Starlette(routes=routes)
     app.state.metrics = snapshot
+    app.state.stop_observing = stop_observing
     return app
 
 
@@ -870,7 +871,7 @@ async def run(
     try:
         await serve(guarded_app, server, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
-        store.commit_observer = None
+        app.state.stop_observing()
         app.state.metrics.close()
         done.set()
 

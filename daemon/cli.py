@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import socket
-import sqlite3
 import sys
 import tempfile
 import time
@@ -22,10 +21,11 @@ import anyio.streams.stapled
 import tomli_w
 
 from daemon import __version__, enroll, operate, readside
-from daemon.config import Config, Mailbox, OAuth2, address_problem, config_path_from, effective_dict, load_config
-from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, UsageError
+from daemon.config import address_problem, config_path_from, effective_dict, load_config, shown_database
+from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, StoreUnavailable, UsageError
+from daemon.model import Config, Mailbox, OAuth2
 from daemon.readside import iso
-from daemon.store import MESSAGE_STATES, Store
+from daemon.store import MESSAGE_STATES, Store, copy_to_postgres
 
 Handler = Callable[[argparse.Namespace], int]
 UNIT_TIMEOUT_STOP = 45.0  # systemd/cadenced.service TimeoutStopSec
@@ -51,7 +51,7 @@ def _open_store(config: Config, *, create: bool = True) -> Store:
     store = Store.open(config.daemon.database, create=create)
     try:
         warning = readside.stale_config(store, config, time.time())
-    except sqlite3.Error:
+    except StoreUnavailable:
         warning = None
     if warning:
         sys.stderr.write(f"warning: {warning}\n")
@@ -86,11 +86,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     database = config.daemon.database
     found = False
     if isinstance(database, str):
-        from daemon import pg
+        from daemon.store import postgres
 
-        server, schema = pg.inspect(database)
+        server, schema = postgres.inspect(database)
         state = "no cadenced schema yet (made at the first enroll or start)" if schema is None else f"schema {schema}"
-        _out(f"database: PostgreSQL {server} at {pg.shown(database)}, {state}")
+        _out(f"database: PostgreSQL {server} at {shown_database(database)}, {state}")
         found = schema is not None
     else:
         folder = _existing_parent(database)
@@ -329,7 +329,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Offline: the daemon's lock on the SQLite file is taken for the copy, so none runs meanwhile."""
-    from daemon import pg
     from daemon.config import POSTGRES_SCHEMES
     from daemon.service import hold_lock
 
@@ -339,20 +338,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not isinstance(source, Path):
         raise UsageError("daemon.database is already PostgreSQL: migrate copies an SQLite database into it")
     if not url.startswith(POSTGRES_SCHEMES):
-        raise UsageError(f"--to: a postgresql:// URL (or $VARIABLE holding one), got {pg.shown(args.to)!r}")
+        raise UsageError(f"--to: a postgresql:// URL (or $VARIABLE holding one), got {shown_database(args.to)!r}")
     release = hold_lock(source)
     try:
         store = Store.open(source, create=False)
         try:
-            copied = pg.migrate(store, url)
+            copied = copy_to_postgres(store, url)
         finally:
             store.close()
     finally:
         release()
     if args.json:
-        _json({"to": pg.shown(url), "tables": copied, "rows": sum(copied.values())})
+        _json({"to": shown_database(url), "tables": copied, "rows": sum(copied.values())})
         return 0
-    _out(f"copied {sum(copied.values())} rows of {len(copied)} tables to {pg.shown(url)}; every count verified")
+    _out(f"copied {sum(copied.values())} rows of {len(copied)} tables to {shown_database(url)}; every count verified")
     for table, n in copied.items():
         _out(f"  {table}: {n}")
     _out("now set [daemon] database (or database_url_env) to it, and start the daemons there")

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from daemon import compose, lifecycle, rotation, timing
-from daemon.config import Cadence, Config, Mailbox, address_problem, plainly_valid
+from daemon.config import address_problem, plainly_valid
 from daemon.errors import Refused, UsageError
+from daemon.model import Cadence, Config, Mailbox
 from daemon.store import Pin, Store
 
 BATCH = 5000

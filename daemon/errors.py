@@ -40,9 +40,17 @@ class Refused(CadencedError):
 
 
 class StoreUnavailable(CadencedError):
-    """The database refused a write for now (locked past the timeout, disk full, I/O error, corrupt page)."""
+    """A statement failed for now (disk full, I/O error, the server gone); what it wrote is rolled back."""
 
     exit_code = 2
+
+
+class StoreBusy(StoreUnavailable):
+    """Another process holds the write lock (past the timeout, or at once on a connection that does not wait)."""
+
+
+class StoreDamaged(StoreUnavailable):
+    """The database file is damaged (a corrupt page, not a database): restore it from a backup."""
 
 
 # --- SMTP outcomes (SPEC §5): whose problem a failed transaction is, by type -------------------

@@ -25,8 +25,8 @@ import anyio
 
 from daemon import lifecycle, logs, oauth, outcomes, redact, replies, timing, unsubscribe
 from daemon.compose import OUR_MESSAGE_ID
-from daemon.config import Config, Mailbox, OAuth2, Server
 from daemon.errors import AddressRejected
+from daemon.model import Config, Mailbox, OAuth2, Server
 from daemon.smtp import command_token, tls_context
 from daemon.store import Store
 

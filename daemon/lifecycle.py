@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from daemon.config import Config
+from daemon import timing
+from daemon.model import Cadence, Config, Schedule, Step
 
 
 class Next(NamedTuple):
@@ -55,3 +56,37 @@ def mailbox_state(config_paused: bool, stored: str | None, paused_reason: str | 
 def takes_new_prospects(state: str, daily_limit: int) -> bool:
     """May rotation give this mailbox new enrollments (SPEC §3 "eligible")? Connected, with a limit above 0."""
     return state == "connected" and daily_limit > 0
+
+
+def may_send(
+    schedule: Schedule,
+    now: float,
+    day: str,
+    *,
+    at: float | None,
+    sent_today: int,
+    quota_day: str | None,
+    gap_until: float | None,
+    throttled_until: float | None,
+    first_day: str | None,
+    clock: timing.SenderClock | None = None,
+) -> timing.Decision:
+    """When a connected mailbox may next send, at or after `at` (its earliest due message; None: now): its
+    window, gap, a throttle, its daily limit (or the provider's quota, which fills the day), warm-up and skip
+    dates. `sent_today` counts `now`'s local `day`; `first_day` is the day of its first send ever (warm-up).
+    `clock`: the sender loop's SenderClock (the same rule, with what it has worked out kept)."""
+    full = timing.day_count(sent_today, schedule.daily_limit, quota_day, day)
+    start = now if at is None else max(now, at)
+    if clock is not None:
+        return clock.next_allowed(start, gap_until, {day: full}, throttled_until, first_day)
+    return timing.next_allowed(start, schedule, gap_until, {day: full}, throttled_until, first_day)
+
+
+def step_of(config: Config, cadence: str, step: int) -> tuple[Cadence | None, Step | None]:
+    """The cadence and step a claimed message is of; None for what the config no longer has (it is not sent:
+    `config_changed`), which `plan` does not count either."""
+    try:
+        c = config.cadence(cadence)
+    except KeyError:
+        return None, None
+    return c, (c.steps[step - 1] if 0 < step <= len(c.steps) else None)

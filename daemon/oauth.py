@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from daemon import redact
-from daemon.config import OAuth2
+from daemon.model import OAuth2
 
 if TYPE_CHECKING:
     import httpx

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 
 from daemon import timing
-from daemon.config import Config, Mailbox
 from daemon.errors import Refused, UsageError
+from daemon.model import Config, Mailbox
 from daemon.readside import iso, mailbox_state, next_send
 from daemon.store import Store
 

@@ -9,7 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from daemon import lifecycle, oauth, timing
-from daemon.config import Config, Mailbox, Schedule, config_digest
+from daemon.config import config_digest
+from daemon.model import Config, Mailbox, Schedule
 from daemon.store import ENROLLMENT_STATES, Store, domain_of
 
 
@@ -38,11 +39,16 @@ def next_send(
     `sent_today` is the count of `now`'s local day; `first_day` the day of its first send ever (warm-up).
     """
     h = health or {}
-    today = timing.local_day(now, mailbox.schedule.timezone)
-    full = timing.day_count(sent_today, mailbox.schedule.daily_limit, h.get("quota_day"), today)
-    start = now if at is None else max(now, at)
-    return timing.next_allowed(
-        start, mailbox.schedule, h.get("not_before"), {today: full}, h.get("throttled_until"), first_day
+    return lifecycle.may_send(
+        mailbox.schedule,
+        now,
+        timing.local_day(now, mailbox.schedule.timezone),
+        at=at,
+        sent_today=sent_today,
+        quota_day=h.get("quota_day"),
+        gap_until=h.get("not_before"),
+        throttled_until=h.get("throttled_until"),
+        first_day=first_day,
     )
 
 
@@ -149,10 +155,10 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
             }
         )
     if store.shared:  # PostgreSQL: who sends for each mailbox, and which daemons are live
-        leases = store.leases()  # type: ignore[attr-defined]
+        leases = store.leases()
         for row in mailboxes:
-            holder, expires = leases.get(row["address"], (None, None))
-            row["holder"], row["lease_expires_at"] = holder, iso(expires)
+            lease = leases.get(str(row["address"]))
+            row["holder"], row["lease_expires_at"] = (lease[0], iso(lease[1])) if lease else (None, None)
     enrollments = store.enrollment_counts()
     cadences = []
     for c in config.cadences:
@@ -167,7 +173,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
     if store.shared:
         daemons = [
             {**d, "started_at": iso(d["started_at"]), "seen_at": iso(d["seen_at"])}
-            for d in store.daemons(config.daemon.lease)  # type: ignore[attr-defined]
+            for d in store.daemons(config.daemon.lease)
         ]
         out["daemons"] = daemons
         # A pid says nothing across machines: the daemons are running when one of them is live.
@@ -254,6 +260,10 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     health = store.health()
     live = {m.address: m for m in config.mailboxes if mailbox_state(m.paused, health.get(m.address)) == "connected"}
     longest = max((len(c.steps) for c in config.cadences), default=0)
+    shortest = min((len(c.steps) for c in config.cadences), default=0)
+    # Messages of a cadence no longer in the config (or of a step it lost) are not sent (config_changed): their
+    # routes are looked up only when such a cadence has enrollments, or a step may be past a cadence's end.
+    gone = set(store.enrollment_counts()) - {c.name for c in config.cadences}
     soonest = min((s.wait for c in config.cadences for s in c.steps[1:]), default=float("inf"))
     due_rows: dict[str, Iterator[tuple[float, int, int]]] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -299,6 +309,10 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
             full.add(address)
             continue
         at, day = slot
+        if gone or step > shortest:
+            route = route or store.route_of(enrollment)
+            if route is None or lifecycle.step_of(config, route[0], step)[1] is None:
+                continue  # not sent: the sender loop records it as config_changed and goes on at once
         cap = live[address].schedule.domain_daily_limit
         if cap:  # domain_daily_limit: a full domain's due messages wait for the next sending day; the others go on
             domain = domains.setdefault(enrollment, domain_of(store.email_of(enrollment)))

@@ -6,7 +6,6 @@ import fcntl
 import functools
 import os
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -16,9 +15,10 @@ from typing import Any
 import anyio
 
 from daemon import enroll, logs, readside
-from daemon.config import Automation, Cadence, Config, config_digest, load_config, shown_database
+from daemon.config import config_digest, load_config, shown_database
 from daemon.dispatch import Dispatcher
 from daemon.errors import CadencedError, ConfigError, Refused, StoreError, StoreUnavailable
+from daemon.model import Automation, Cadence, Config
 from daemon.store import IntegrityCheck, Store, startup_failure
 from daemon.systemd import Notifier, watchdog_interval
 
@@ -42,9 +42,9 @@ def hold_lock(database: Path | str, node: str = "") -> Callable[[], None]:
     """For the process's life: on SQLite an exclusive lock on `<database>.lock` (one daemon per database), on
     PostgreSQL a session advisory lock on the node name (one process per node). Returns what releases it."""
     if isinstance(database, str):
-        from daemon import pg
+        from daemon.store import postgres
 
-        return pg.hold_daemon_lock(database, node)
+        return postgres.hold_daemon_lock(database, node)
     path = database.with_name(database.name + ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,10 +137,10 @@ class Daemon:
             raise
         try:
             self._prepare(store)
-        except (sqlite3.Error, ConfigError) as exc:
+        except (StoreUnavailable, ConfigError) as exc:
             store.close()
             self._release()
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, StoreUnavailable):
                 raise startup_failure(config.daemon.database, exc) from None
             raise
         self.store = store
@@ -293,7 +293,7 @@ class Daemon:
         if self.store is not None:
             try:
                 self.store.set_daemon_state({"stopped_at": str(time.time())})
-            except sqlite3.Error:
+            except StoreUnavailable:
                 pass  # the store is failing: `status` tells from the stale heartbeat and the dead pid
             self.store.close()
         if d is not None:
@@ -333,7 +333,7 @@ class Daemon:
             self.log.error("config.reload_failed", config=str(self.config_path), errors=exc.problems)
             self.notifier.ready(self.status_line())
             return False
-        except (sqlite3.Error, OSError, ValueError, RecursionError, MemoryError) as exc:
+        except (StoreUnavailable, OSError, ValueError, RecursionError, MemoryError) as exc:
             # Whatever the new file does, the old config keeps running.
             detail = f"{type(exc).__name__}: {str(exc)[:300]}"
             self.log.error("config.reload_failed", config=str(self.config_path), errors=[detail])
@@ -455,7 +455,7 @@ class Daemon:
 
         try:
             result = await anyio.to_thread.run_sync(work)
-        except (OSError, sqlite3.Error, CadencedError) as exc:
+        except (OSError, CadencedError) as exc:
             # Imported (or not) but not filed away: do not read it again until it changes.
             try:
                 st = os.lstat(path)

@@ -17,8 +17,8 @@ import anyio
 from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, PERIOD_REGEX, normalize_message_line_endings
 
 from daemon import oauth, outcomes, redact
-from daemon.config import Mailbox, OAuth2, Server
 from daemon.errors import MailboxDown, SmtpFailure
+from daemon.model import Mailbox, OAuth2, Server
 from daemon.outcomes import AUTH, CONNECT, DATA, EHLO, END, MAIL, RCPT
 
 # asyncio's TLS transport reads into a buffer of 256 KiB per connection, allocated and zeroed whole

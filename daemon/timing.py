@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from daemon.config import Schedule
+from daemon.model import Schedule
 
 HORIZON_DAYS = 9  # any weekly window opens within a week; two more days cover DST edges
 

@@ -20,7 +20,7 @@ import anyio
 
 from daemon.config import load_config
 from daemon.service import Daemon
-from daemon.store import install_counting
+from daemon.store.sqlite import install_counting
 
 
 @asynccontextmanager
@@ -46,16 +46,16 @@ async def until(condition: Callable[[], Any], within: float = 20.0, what: str = 
 
 
 def query(db: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    """SQL (SQLite's) on the test's database: a file, or a PostgreSQL URL (translated as the store does)."""
+    """SQL on the test's database, a file or a PostgreSQL URL: the test's look at the tables, written in what
+    the two engines share, with `?` placeholders."""
     if isinstance(db, str):
         import psycopg
 
-        from daemon import pg
+        from daemon.store.postgres import _IntLoader
 
-        text, named = pg.translate(sql)
         with psycopg.connect(db, autocommit=True) as conn:
-            conn.adapters.register_loader("numeric", pg._IntLoader)
-            cursor = conn.execute(text, pg._params(args, named))  # type: ignore[arg-type]
+            conn.adapters.register_loader("numeric", _IntLoader)
+            cursor = conn.execute(sql.replace("%", "%%").replace("?", "%s"), args)  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description else []
     with sqlite3.connect(db, timeout=30) as conn:
         install_counting(conn)  # as every cadenced connection does: a state changed here is counted

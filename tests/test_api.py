@@ -24,6 +24,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Project
+from tests.daemon_helpers import query
 from tests.servers import SmtpServer, free_port
 
 pytestmark = pytest.mark.both_stores
@@ -437,7 +438,13 @@ def test_the_scrapes_mailbox_gauges_are_what_status_says(project: Project) -> No
             today = timing.local_day(now, config.mailbox(box).schedule.timezone)
             for back, sent in ((0, 3 + i), (1, 7), (3, 2)):
                 day = (date.fromisoformat(today) - timedelta(days=back)).isoformat()
-                store.conn.execute("INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, ?)", (box, day, sent))
+                query(
+                    config.daemon.database,
+                    "INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, ?)",
+                    box,
+                    day,
+                    sent,
+                )
         store.pause(boxes[0], "operator: checking the list", now)
         status = readside.status(config, store, now)["mailboxes"]
         expected = [(m["address"], m["state"], m["sent_today"], m["allowance_today"]) for m in status]

@@ -266,7 +266,7 @@ def test_staging_holds_no_lock_on_the_database(importer: Importer, project: Proj
 
 
 def test_the_address_shortcut_takes_everyday_addresses_and_keeps_its_memory_bounded() -> None:
-    from daemon import config
+    from daemon.config import load as config
 
     assert plainly_valid("Person.Name+tag@Sales.Prospect-Co.example")
     assert not plainly_valid("a@b")  # no TLD: email-validator's to judge (it refuses)

@@ -9,7 +9,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from daemon import pg
 from daemon.errors import StoreError
 from daemon.store import SCHEMA_VERSION, Store
 from tests.conftest import Project
@@ -78,28 +77,6 @@ def test_text_postgresql_cannot_hold_matches_nothing_and_breaks_nothing(project:
         assert store.outbox(mailbox="m\x00@x") == []
     finally:
         store.close()
-
-
-def test_the_statements_translate(project: Project) -> None:
-    assert pg.translate("SELECT a FROM t WHERE x = ? AND y LIKE 'd:%'") == (
-        "SELECT a FROM t WHERE x = %s AND y LIKE 'd:%%'",
-        False,
-    )
-    text, named = pg.translate("UPDATE h SET b = max(b - (SELECT count(*) FROM m WHERE id = ?1), 0) WHERE k = ?2")
-    assert (
-        named
-        and text == "UPDATE h SET b = greatest(b - (SELECT count(*) FROM m WHERE id = %(p1)s), 0) WHERE k = %(p2)s"
-    )
-    assert pg.translate("SELECT min(due_at), max(x) FROM messages")[0] == "SELECT min(due_at), max(x) FROM messages"
-    assert pg.translate("DELETE FROM temp.import_rows WHERE m.attempts.x")[0] == (
-        "DELETE FROM pg_temp.import_rows WHERE m.attempts.x"
-    )
-    assert pg.translate("SELECT e.id FROM json_each(?) j CROSS JOIN messages m ON m.message_id = j.value")[0] == (
-        "SELECT e.id FROM unnest(CAST(%s AS text[])) AS j(value) JOIN messages m ON m.message_id = j.value"
-    )
-    assert pg.translate("SELECT id FROM m WHERE id IN (SELECT value FROM json_each(?))")[0] == (
-        "SELECT id FROM m WHERE id IN (SELECT value FROM unnest(CAST(%s AS bigint[])) AS value)"
-    )
 
 
 def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgres_url: str) -> None:

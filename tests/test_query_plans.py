@@ -13,6 +13,7 @@ import pytest
 
 from daemon import lifecycle
 from daemon.config import PauseRule, load_config
+from daemon.errors import StoreUnavailable
 from daemon.store import Claimed, SentRecord, Store
 from tests.conftest import Project
 
@@ -23,11 +24,11 @@ BIG = re.compile(r"\bSCAN (messages|enrollments|m|e)\b")  # with or without an i
 def plans(store: Store, call: Callable[[Store], Any]) -> list[tuple[str, list[str]]]:
     """Run `call`, capture every statement it executes, and EXPLAIN QUERY PLAN each one."""
     statements: list[str] = []
-    store.conn.set_trace_callback(statements.append)
+    store.conn.trace(statements.append)  # type: ignore[attr-defined]
     try:
         call(store)
     finally:
-        store.conn.set_trace_callback(None)
+        store.conn.trace(None)  # type: ignore[attr-defined]
     out = []
     for sql in statements:
         head = sql.lstrip().split(None, 1)[0].upper()
@@ -35,7 +36,7 @@ def plans(store: Store, call: Callable[[Store], Any]) -> list[tuple[str, list[st
             continue
         try:
             rows = store.conn.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()
-        except sqlite3.Error:
+        except StoreUnavailable:
             continue  # a statement bound to a temporary object that is gone
         out.append((" ".join(sql.split()), [str(r[3]) for r in rows]))
     return out
@@ -156,11 +157,12 @@ def test_hot_statements_use_an_index(planned: Store, name: str) -> None:
 
 def test_a_first_release_database_migrates_and_keeps_its_counts(tmp_path: Path) -> None:
     """A database made by the first release (schema 1) opens with this one: counts backfilled, rules kept."""
-    from daemon.store import _MIGRATIONS, SCHEMA_VERSION, _statements
+    from daemon.store import SCHEMA_VERSION
+    from daemon.store.sqlite import MIGRATIONS, statements
 
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as conn:
-        for statement in _statements(_MIGRATIONS[1]):
+        for statement in statements(MIGRATIONS[1]):
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
         conn.executemany(

@@ -1,32 +1,19 @@
-"""Per-mailbox sender loops: claim → compose → send → record; the retry queue.
-
-APScheduler holds one date job per mailbox (when that mailbox may next send)
-and one housekeeping job that notices commits by other processes. Jobs only
-set an event; the SMTP work runs in the dispatcher's task group, where
-shutdown can drain it. The outbox in the database is the truth: there is no
-timer per message, and a wake costs one indexed look-up of what is due.
-"""
+"""The sender loop of one mailbox: its turns, its SMTP connection, what each failure makes happen, its retry
+queue and its hand-over."""
 
 from __future__ import annotations
 
-import functools
-import random
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskGroup, TaskStatus
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon import compose, lifecycle, logs, oauth, outcomes, smtp, timing, unsubscribe
-from daemon.config import UNSUBSCRIBE_LINK, Cadence, Config, Mailbox, Step
+from daemon import compose, lifecycle, outcomes, smtp, timing, unsubscribe
+from daemon.dispatch.store_front import T
+from daemon.dispatch.turn import Sent, Turn, sent_record, take_turn
 from daemon.errors import (
     AddressRejected,
     Blocked,
@@ -39,524 +26,12 @@ from daemon.errors import (
     Throttled,
     Uncertain,
 )
+from daemon.model import UNSUBSCRIBE_LINK, Mailbox
 from daemon.readside import iso
-from daemon.store import Claimed, SentRecord, Snapshot, Store, describe_store_error, is_busy
+from daemon.store import Claimed, Snapshot, Store
 
-T = TypeVar("T")
-CHANGE_POLL = 1.0  # seconds between checks for commits by other commands
-IMAP_OPENING = 16  # IMAP sessions being opened (TLS, LOGIN, SELECT) at once
-GATHER_PASSES = 8  # event loop passes a group commit waits at most for more calls (bench/throughput.py)
-LOOP_ERRORS_UNHEALTHY = 3  # a sender loop failing this many times in a row starves the watchdog
-
-
-class AsyncStore:
-    """The daemon's database calls, made so that the event loop never waits on a lock.
-
-    A call runs first on the event loop on a connection with no busy timeout:
-    SQLite in WAL mode answers in well under a millisecond, and handing every
-    call to a worker thread made each one wait for the GIL several times over.
-    Only when another process holds the write lock (an import, a retry) does
-    the call fail at once with SQLITE_BUSY; it then runs again, in a worker
-    thread, on a second connection that waits for the lock. The sender loops'
-    turns go through `grouped`: a third connection commits them in batches.
-    """
-
-    def __init__(self, path: Path | str, busy_timeout: float = 30.0) -> None:
-        self.fast = Store.open(path, wait=False)
-        self.slow = Store.open(path, busy_timeout=busy_timeout)
-        self.group = Store.open(path, wait=False, counts_by_hand=True)
-        # A PostgreSQL server is a round trip away: every call waits in a worker thread, never on the loop.
-        self.remote = isinstance(path, str)
-        if self.remote:
-            self.group.conn.own = {s.conn.pid for s in (self.fast, self.slow, self.group)}  # type: ignore[attr-defined]
-        self.limiter = anyio.CapacityLimiter(1)
-        self.group_limiter = anyio.CapacityLimiter(1)
-        self.waited = 0
-        self._queue: list[_Call] = []
-        self._pending = anyio.Event()
-
-    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(store, *args)`: every write in it is one transaction, so a busy retry repeats nothing.
-
-        Raises StoreUnavailable (never a raw sqlite3 error) when the database cannot do it now.
-        """
-        if not self.remote:
-            try:
-                return fn(self.fast, *args)
-            except sqlite3.Error as exc:
-                if not is_busy(exc):
-                    raise StoreUnavailable(describe_store_error(exc)) from None
-            self.waited += 1
-        try:
-            return await anyio.to_thread.run_sync(functools.partial(fn, self.slow, *args), limiter=self.limiter)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(describe_store_error(exc)) from None
-
-    async def grouped(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(store, *args)` inside a transaction shared with the other mailboxes' calls.
-
-        Group commit: while one batch commits, the next calls queue up, and each
-        batch costs one BEGIN/COMMIT. Each call is its own savepoint, so one that
-        fails is rolled back alone. A caller resumes only after the commit.
-        """
-        call = _Call(lambda store: fn(store, *args))
-        self._queue.append(call)
-        self._pending.set()
-        await call.done.wait()
-        if isinstance(call.error, sqlite3.Error):
-            raise StoreUnavailable(describe_store_error(call.error))
-        if call.error is not None:
-            raise call.error
-        return call.result  # type: ignore[no-any-return]
-
-    async def committer(self) -> None:
-        """Commits the queued calls in batches; a database failure fails the batch, never the daemon.
-
-        A batch commits on the event loop, on a connection of its own (so that
-        `others_version` can tell the daemon's commits from other processes).
-        Measured again with the batches gathered: the COMMIT (and its fsync) in
-        a worker thread cost 6% more CPU per message for no more throughput
-        (thread hops and the GIL), so only a batch that finds the write lock
-        taken waits for it in a thread.
-        """
-        while True:
-            await self._pending.wait()
-            # The sender loops woken in the same pass (their replies read together) queue their turns before
-            # the batch closes: more calls per fsync. While the queue grows, it waits a pass more.
-            queued = 0
-            for _ in range(GATHER_PASSES):
-                if len(self._queue) == queued:
-                    break
-                queued = len(self._queue)
-                await anyio.lowlevel.checkpoint()
-            self._pending = anyio.Event()
-            batch, self._queue = self._queue, []
-            try:
-                try:
-                    if self.remote:
-                        await anyio.to_thread.run_sync(self._run_batch, self.group, batch, limiter=self.group_limiter)
-                    else:
-                        self._run_batch(self.group, batch)
-                except sqlite3.Error as exc:
-                    if not is_busy(exc):
-                        raise
-                    self.waited += 1
-                    await anyio.to_thread.run_sync(self._run_batch, self.slow, batch, limiter=self.limiter)
-            except sqlite3.Error as exc:
-                failure = StoreUnavailable(describe_store_error(exc))
-                for call in batch:
-                    call.result, call.error = None, failure
-            for call in batch:
-                call.done.set()
-
-    @staticmethod
-    def _run_batch(store: Store, batch: list[_Call]) -> None:
-        with store.transaction():
-            for i, call in enumerate(batch):
-                call.result, call.error = None, None
-                store.conn.execute(f"SAVEPOINT call{i}")
-                try:
-                    call.result = call.fn(store)
-                except Exception as exc:
-                    store.conn.execute(f"ROLLBACK TO call{i}")
-                    call.error = exc
-                store.conn.execute(f"RELEASE call{i}")
-
-    async def others_version(self) -> int:
-        """PRAGMA data_version seen by the group-commit connection: it moves when another connection commits.
-
-        Read there, the daemon's own sends (the bulk of its commits) do not count as news.
-        """
-        try:
-            if self.remote:
-                return await anyio.to_thread.run_sync(self.group.data_version, limiter=self.group_limiter)
-            return self.group.data_version()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(describe_store_error(exc)) from None
-
-    def close(self) -> None:
-        self.fast.close()
-        self.slow.close()
-        self.group.close()
-
-
-class _Call:
-    __slots__ = ("done", "error", "fn", "result")
-
-    def __init__(self, fn: Callable[[Store], Any]) -> None:
-        self.fn = fn
-        self.done = anyio.Event()
-        self.result: Any = None
-        self.error: Exception | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    snap: Snapshot
-    day: str
-    decision: timing.Decision | None
-    claimed: Claimed | None
-    thread: list[tuple[int, str, str]]
-    deferred: list[tuple[int, str, str]] = field(default_factory=list)  # (message, domain, until): domain_limit
-    token_first: bool = False  # a message may go now, but the mailbox's access token must be had before the claim
-
-
-DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_daily_limit)
-
-
-def defer_full_domains(
-    store: Store, mailbox: Mailbox, now: float, day: str, first_day: str | None
-) -> list[tuple[int, str, str]] | None:
-    """domain_daily_limit: the next due message's domain has had its sends today? Its due messages wait for the
-    mailbox's next sending day, in their order, and the next domain is looked at. Returns (message, domain,
-    until) of those deferred, or None when DOMAIN_LOOKS domains in a row were full (the next turn looks again)."""
-    schedule = mailbox.schedule
-    deferred: list[tuple[int, str, str]] = []
-    for _ in range(DOMAIN_LOOKS):
-        domain = store.next_due_domain(mailbox.address, now)
-        if domain is None or store.domain_sent(mailbox.address, day, domain) < schedule.domain_daily_limit:
-            return deferred
-        until = timing.next_sending_day(now, schedule, first_day)
-        detail = f"deferred: domain_limit until {iso(until)} ({schedule.domain_daily_limit} to {domain} today)"
-        moved = store.defer_domain(mailbox.address, domain, now, until, detail)
-        deferred += [(m, domain, iso(until) or "") for m in moved]
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """A delivery accepted by the server, to be committed by the next turn."""
-
-    record: SentRecord
-    log: Any
-    code: int
-    subject: str
-
-
-class Stats:
-    def __init__(self) -> None:
-        self.sent = 0
-        self.errors = 0
-        self.in_flight = 0
-        self.cut = 0
-
-
-class Dispatcher:
-    def __init__(self, config: Config, database: Path | str, *, clock: Callable[[], float] = time.time) -> None:
-        self.config = config
-        self.db = AsyncStore(database, config.daemon.busy_timeout)
-        self.clock = clock
-        self.rng = random.Random()
-        self.log = logs.get()
-        self.stats = Stats()
-        self.watchers: dict[str, Any] = {}  # address → its IMAP watcher (imap.Watcher)
-        self.stopping = False
-        self.runners: dict[str, MailboxRunner] = {}
-        # PostgreSQL: the mailboxes this daemon leases (None: all, one daemon per SQLite database), and those
-        # whose loops it stopped to hand them to another daemon (released once the loop has finished).
-        self.held: set[str] | None = None
-        self._stop_requested = anyio.Event()
-        self.draining: dict[str, MailboxRunner | _Idle] = {}
-        self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
-        self.imap_opening = anyio.CapacityLimiter(IMAP_OPENING)
-        self.tokens = oauth.Tokens(clock)  # OAuth2 access tokens, one per mailbox for its SMTP and IMAP sessions
-        self.unsubscribe_key = b""  # of the tokens in List-Unsubscribe: read from the database by serve()
-        self.scheduler = AsyncIOScheduler(
-            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1}
-        )
-        self._tg: TaskGroup | None = None
-        self._config_changed = anyio.Event()
-        self._housekeeping = anyio.Event()
-        self._data_version = -1
-        self.alive_at = time.monotonic()
-        self.deadline = float("inf")  # monotonic: when a stop stops waiting for the store
-        self.cut_at: float | None = None  # anyio clock: when a stop cuts the transactions in flight
-        self.shields: set[anyio.CancelScope] = set()
-        self.store_trouble: tuple[float, str] | None = None  # (since, what) while commits fail
-        self._store_logged = 0.0
-        self.last_store_error: str | None = None
-
-    def store_failed(self, exc: StoreUnavailable) -> None:
-        """Sends pause while the database refuses writes; said once, then every minute."""
-        now = time.monotonic()
-        if self.store_trouble is None:
-            self.store_trouble = (now, str(exc))
-            self._store_logged = now
-            self.log.error("store.error", detail=str(exc), action="sending paused; the commit is retried")
-        elif now - self._store_logged >= 60:
-            self._store_logged = now
-            since = round(now - self.store_trouble[0])
-            self.log.error("store.error", detail=str(exc), failing_for_seconds=since)
-
-    def store_ok(self) -> None:
-        if self.store_trouble is not None:
-            since, what = self.store_trouble
-            self.store_trouble = None
-            outage = round(time.monotonic() - since, 1)
-            self.last_store_error = f"{iso(self.clock())}: {what} (sending paused {outage} s)"
-            self.log.info("store.recovered", outage_seconds=outage, was=what)
-
-    def stuck_loops(self) -> list[str]:
-        """Sender loops that fail again and again, or hang in one step past every bound they have."""
-        now = time.monotonic()
-        stuck = []
-        for address, runner in self.runners.items():
-            limit = runner.mailbox.smtp.timeout * 7 + 60  # open (3 timeouts) + one transaction (4) + slack
-            hung = runner.busy_since is not None and now - runner.busy_since > limit
-            if runner.errors_in_row >= LOOP_ERRORS_UNHEALTHY or hung:
-                stuck.append(address)
-        return stuck
-
-    def past_deadline(self) -> bool:
-        return self.stopping and time.monotonic() >= self.deadline
-
-    # --- lifecycle ---------------------------------------------------------------------
-
-    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run every mailbox's loop until stop(); returns when all in-flight sends are recorded."""
-        self._data_version = await self.db.others_version()
-        self.unsubscribe_key = await self.db(Store.unsubscribe_key)
-        self.scheduler.start()
-        try:
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(self.db.committer, name="group commit")
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    if self.db.slow.shared:
-                        await self._lease_round(first=True)
-                        outer.start_soon(self._leases, name="leases")
-                        # Holding no mailbox (yet) is no reason to stop: the group lives until stop().
-                        tg.start_soon(self._stop_requested.wait, name="until stopped")
-                    for mailbox in self.config.mailboxes:
-                        if self.held is None or mailbox.address in self.held:
-                            self._start(mailbox)
-                    outer.start_soon(self._watch_replies, name="imap watchers")
-                    outer.start_soon(self._notice_changes, name="housekeeping")
-                    self.scheduler.add_job(
-                        self._housekeeping_job, "interval", seconds=CHANGE_POLL, id="housekeeping:changes"
-                    )
-                    task_status.started()
-                if self.held is not None:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                        try:
-                            await self.db(_release_all, self.config.daemon.node)
-                        except StoreUnavailable:
-                            pass  # its leases expire by themselves
-                outer.cancel_scope.cancel()  # every loop has returned: nothing more to commit
-        finally:
-            self.scheduler.shutdown(wait=False)
-            with anyio.CancelScope(shield=True):
-                await self.tokens.aclose()
-
-    async def _watch_replies(self) -> None:
-        """One IMAP watcher per mailbox with [imap]; restarted when its settings change by reload."""
-        from daemon.imap import Watcher
-
-        running: dict[str, tuple[Any, anyio.CancelScope]] = {}
-        async with anyio.create_task_group() as tg:
-            while True:
-                wanted = {
-                    m.address: m
-                    for m in self.config.mailboxes
-                    if m.imap is not None and (self.held is None or m.address in self.held)
-                }
-                for address, (imap, scope) in list(running.items()):
-                    if address not in wanted or wanted[address].imap != imap:
-                        scope.cancel()
-                        del running[address]
-                        self.watchers.pop(address, None)
-                for address, mailbox in wanted.items():
-                    if address not in running:
-                        scope = anyio.CancelScope()
-                        running[address] = (mailbox.imap, scope)
-                        watcher = Watcher(
-                            mailbox,
-                            self.db,
-                            lambda: self.config,
-                            self._waker(address),
-                            self.clock,
-                            self.imap_opening,
-                            self.tokens,
-                            self.wake,
-                        )
-                        self.watchers[address] = watcher
-                        tg.start_soon(self._run_watcher, watcher, scope)
-                await self._config_changed.wait()
-                self._config_changed = anyio.Event()
-
-    def _waker(self, address: str) -> Callable[[], None]:
-        def wake() -> None:
-            runner = self.runners.get(address)
-            if runner is not None:
-                runner.wake()
-
-        return wake
-
-    @staticmethod
-    async def _run_watcher(watcher: Any, scope: anyio.CancelScope) -> None:
-        with scope:
-            await watcher.run()
-
-    def _start(self, mailbox: Mailbox) -> None:
-        runner = MailboxRunner(self, mailbox)
-        self.runners[mailbox.address] = runner
-        assert self._tg is not None
-        self._tg.start_soon(runner.run, name=f"mailbox {mailbox.address}")
-
-    def stop(self, grace: float = float("inf")) -> None:
-        """Take no new message; transactions in flight get `grace`, then they are cut."""
-        self.stopping = True
-        self._stop_requested.set()
-        self.deadline = time.monotonic() + grace
-        self.cut_at = anyio.current_time() + grace
-        for shield in self.shields:
-            shield.deadline = self.cut_at
-        for runner in self.runners.values():
-            runner.wake()
-
-    def apply(self, config: Config) -> list[str]:
-        """Switch to a new (already validated) config; returns the removed mailbox addresses."""
-        old = {m.address for m in self.config.mailboxes}
-        self.config = config
-        self._config_changed.set()
-        new = {m.address: m for m in config.mailboxes}
-        self.tokens.forget({(m.address, m.oauth2) for m in config.mailboxes if m.oauth2 is not None})
-        removed = sorted(old - set(new))
-        for address in removed:
-            runner = self.runners.pop(address)
-            runner.removed = True
-            runner.wake()
-            self._unschedule(address)
-        for address, mailbox in new.items():
-            runner_or_none = self.runners.get(address)
-            if runner_or_none is None:
-                if self.held is None or address in self.held:
-                    self._start(mailbox)
-            else:
-                runner_or_none.reconfigure(mailbox)
-        return removed
-
-    # --- leases (PostgreSQL) -----------------------------------------------------------------
-
-    async def _leases(self) -> None:
-        """Renew this daemon's leases and take its share, several times per lease: a missed round or two
-        costs nothing; a daemon that cannot renew is fenced off by its claims' own lease check."""
-        while True:
-            await anyio.sleep(self.config.daemon.lease / 6)
-            if self.stopping:
-                return
-            try:
-                await self._lease_round(first=False)
-            except StoreUnavailable as exc:
-                self.store_failed(exc)
-
-    async def _lease_round(self, *, first: bool) -> None:
-        d = self.config.daemon
-        for store in (self.db.slow, self.db.group, self.db.fast):
-            store.node, store.lease_ttl = d.node, d.lease  # type: ignore[attr-defined]
-        finished = [a for a, r in self.draining.items() if r.done]
-        held, taken, uncertain, extra = await self.db(
-            _lease_round, d.node, [m.address for m in self.config.mailboxes], d.lease, finished, first
-        )
-        for address in finished:
-            del self.draining[address]
-        for message in uncertain:
-            self.log.warning(
-                "message.error", message=message, reason="uncertain", detail="found in sending at takeover"
-            )
-        before = self.held if self.held is not None else set()
-        self.held = set(held) - set(extra) - set(self.draining)
-        lost = (before - set(held)) | set(extra)
-        for address in sorted(lost):
-            runner = self.runners.pop(address, None)
-            if runner is not None:
-                runner.removed = True
-                runner.wake()
-                self._unschedule(address)
-                if address in extra:
-                    self.draining[address] = runner
-            elif address in extra and address not in self.draining:
-                self.draining[address] = _Idle()
-        # A mailbox still draining is not started again before its lease is let go of (two loops at once).
-        gained = sorted(self.held - before - set(self.runners) - set(self.draining))
-        if first:
-            return  # serve() starts the held mailboxes' loops
-        for address in gained:
-            try:
-                self._start(self.config.mailbox(address))
-            except KeyError:
-                continue
-        if lost or gained:
-            self.log.info("daemon.leases", node=d.node, held=len(self.held), taken=taken, released=sorted(lost))
-            self._config_changed.set()  # the IMAP watchers follow
-
-    def wake(self, address: str) -> None:
-        """A commit changed `address`'s queue: its loop looks again (on PostgreSQL a mailbox another daemon holds
-        hears of it by the store's notification)."""
-        runner = self.runners.get(address)
-        if runner is not None:
-            runner.wake()
-
-    def wake_all(self) -> None:
-        """Every sender loop looks again (the API enrolled): new messages may be due now."""
-        for runner in self.runners.values():
-            runner.wake()
-
-    async def _housekeeping_job(self) -> None:
-        """APScheduler's housekeeping job: only signals (the work runs in the dispatcher's task group)."""
-        self._housekeeping.set()
-
-    async def _notice_changes(self) -> None:
-        """Another process committed (an enrollment, a retry): wake every loop."""
-        while True:
-            await self._housekeeping.wait()
-            self._housekeeping = anyio.Event()
-            self.alive_at = time.monotonic()
-            try:
-                version = await self.db.others_version()
-            except StoreUnavailable as exc:
-                self.store_failed(exc)
-                continue
-            if version != self._data_version:
-                self._data_version = version
-                for runner in self.runners.values():
-                    runner.wake()
-
-    # --- scheduling ------------------------------------------------------------------------
-
-    def schedule(self, address: str, at: float | None) -> None:
-        job_id = f"mailbox:{address}"
-        if at is None:
-            self._unschedule(address)
-            return
-        runner = self.runners.get(address)
-        if runner is None:
-            return
-        self.scheduler.add_job(runner.wake_job, "date", run_date=_aware(at), id=job_id, replace_existing=True)
-
-    def _unschedule(self, address: str) -> None:
-        job = self.scheduler.get_job(f"mailbox:{address}")
-        if job is not None:
-            job.remove()
-
-
-class _Idle:
-    """A mailbox given up before its loop started: nothing to wait for."""
-
-    done = True
-
-
-def _lease_round(store: Store, *args: Any) -> Any:
-    return store.lease_round(*args)  # type: ignore[attr-defined]
-
-
-def _release_all(store: Store, node: str) -> None:
-    store.release_all(node)  # type: ignore[attr-defined]
-
-
-def _aware(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
+if TYPE_CHECKING:
+    from daemon.dispatch.dispatcher import Dispatcher
 
 STREAK_KEPT = 50  # refusals of one streak remembered (a domain that refuses many prospects in a row)
 
@@ -738,37 +213,10 @@ class MailboxRunner:
         return False
 
     def _turn(self, store: Store, now: float, pending: Sent | None, may_claim: bool = True) -> Turn:
-        """In one transaction (a worker thread): record the last send, look, and claim the next.
-
-        The send just made is committed before the next one is claimed, so every
-        state change is durable before the next action, at one commit per message.
-        `may_claim` False: everything but the claim (the OAuth2 token is fetched first, with no message in hand).
-        """
-        schedule = self.mailbox.schedule
+        """take_turn for this mailbox (in the group commit's transaction)."""
         day = self._local_day(now)
-        with store.transaction():
-            if pending is not None:
-                store.record_sent(pending.record)
-            snap = store.snapshot(self.address, day)
-            state = lifecycle.mailbox_state(self.mailbox.paused, snap.state, snap.paused_reason)
-            if state != "connected" or snap.earliest_due is None:
-                return Turn(snap, day, None, None, [])
-            full = timing.day_count(snap.sent_today, schedule.daily_limit, snap.quota_day, day)
-            decision = self.clock.next_allowed(
-                max(now, snap.earliest_due), snap.gap_until, {day: full}, snap.throttled_until, snap.first_day
-            )
-            if decision.at is None or decision.at > now:
-                return Turn(snap, day, decision, None, [])
-            deferred = (
-                defer_full_domains(store, self.mailbox, now, day, snap.first_day) if schedule.domain_daily_limit else []
-            )
-            if deferred is None or not store.holds(self.address):
-                return Turn(snap, day, decision if deferred is None else None, None, [])
-            if not may_claim:
-                return Turn(snap, day, decision, None, [], deferred, token_first=True)
-            claimed = store.claim(self.address, now, self._message_id)
-            thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
-            return Turn(snap, day, decision, claimed, thread, deferred)
+        record = pending.record if pending is not None else None
+        return take_turn(store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim)
 
     def _has_token(self) -> bool:
         """Nothing to fetch before a claim: not OAuth2, a connection already logged in, or a cached token."""
@@ -922,28 +370,24 @@ class MailboxRunner:
         self._streak.clear()
         self._throttles = 0
         now = self.d.clock()
-        schedule = self.mailbox.schedule
-        gap_until = now + timing.draw_gap(schedule, self.d.rng)
-        record = SentRecord(
+        copy = message if self.mailbox.sent_copies == "append" else None
+        record = sent_record(
+            self.d.config,
+            self.mailbox,
             c,
             now,
+            self._local_day(now),
             accepted.code,
             accepted.text,
             subject,
-            self._local_day(now),
-            gap_until,
-            self._next_step(c, now),
-            message if self.mailbox.sent_copies == "append" else None,
-            schedule.domain_daily_limit > 0,
+            self.d.rng,
+            copy,
         )
         # Committed by the next turn, before anything else is claimed or sent.
         self._pending = Sent(record, log, accepted.code, subject)
 
-    def _next_step(self, c: Claimed, now: float) -> lifecycle.Next | None:
-        return lifecycle.next_step(self.d.config, c.cadence, c.step, c.sticky, now)
-
     async def _compose(self, c: Claimed, thread: list[tuple[int, str, str]], log: Any) -> tuple[bytes, str] | None:
-        cadence, step = self._step_of(c)
+        cadence, step = lifecycle.step_of(self.d.config, c.cadence, c.step)
         if cadence is None or step is None:
             detail = "its cadence is no longer in the config" if cadence is None else "its step was removed"
             await self._commit(Store.record_error, c.id, "config_changed", None, detail)
@@ -990,15 +434,6 @@ class MailboxRunner:
             unsubscribe=links,
         )
         return compose.build_message(out), subject
-
-    def _step_of(self, c: Claimed) -> tuple[Cadence | None, Step | None]:
-        try:
-            cadence = self.d.config.cadence(c.cadence)
-        except KeyError:
-            return None, None
-        if c.step > len(cadence.steps):
-            return cadence, None
-        return cadence, cadence.steps[c.step - 1]
 
     # --- outcomes (SPEC §5): dispatch on the failure's type -----------------------------------
 

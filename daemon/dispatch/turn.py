@@ -1,0 +1,135 @@
+"""A sender loop's turn, in one transaction: the last send recorded, the mailbox looked at, the next message
+claimed; and what a send the server accepted records. Synchronous, so that a test can take turns on a
+virtual clock (plan = run)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon import lifecycle, timing
+from daemon.model import Config, Mailbox
+from daemon.readside import iso
+from daemon.store import Claimed, SentRecord, Snapshot, Store
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    snap: Snapshot
+    day: str
+    decision: timing.Decision | None
+    claimed: Claimed | None
+    thread: list[tuple[int, str, str]]
+    deferred: list[tuple[int, str, str]] = field(default_factory=list)  # (message, domain, until): domain_limit
+    token_first: bool = False  # a message may go now, but the mailbox's access token must be had before the claim
+
+
+DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_daily_limit)
+
+
+def defer_full_domains(
+    store: Store, mailbox: Mailbox, now: float, day: str, first_day: str | None
+) -> list[tuple[int, str, str]] | None:
+    """domain_daily_limit: the next due message's domain has had its sends today? Its due messages wait for the
+    mailbox's next sending day, in their order, and the next domain is looked at. Returns (message, domain,
+    until) of those deferred, or None when DOMAIN_LOOKS domains in a row were full (the next turn looks again)."""
+    schedule = mailbox.schedule
+    deferred: list[tuple[int, str, str]] = []
+    for _ in range(DOMAIN_LOOKS):
+        domain = store.next_due_domain(mailbox.address, now)
+        if domain is None or store.domain_sent(mailbox.address, day, domain) < schedule.domain_daily_limit:
+            return deferred
+        until = timing.next_sending_day(now, schedule, first_day)
+        detail = f"deferred: domain_limit until {iso(until)} ({schedule.domain_daily_limit} to {domain} today)"
+        moved = store.defer_domain(mailbox.address, domain, now, until, detail)
+        deferred += [(m, domain, iso(until) or "") for m in moved]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A delivery accepted by the server, to be committed by the next turn."""
+
+    record: SentRecord
+    log: Any
+    code: int
+    subject: str
+
+
+def take_turn(
+    store: Store,
+    mailbox: Mailbox,
+    clock: timing.SenderClock,
+    day: str,
+    now: float,
+    pending: SentRecord | None,
+    message_id: Callable[[int, int], str],
+    may_claim: bool = True,
+) -> Turn:
+    """In one transaction: record the last send, look, and claim the next.
+
+    The send just made is committed before the next one is claimed, so every state change is durable before
+    the next action, at one commit per message. When the mailbox may send is lifecycle.may_send's rule.
+    `may_claim` False: everything but the claim (the OAuth2 token is fetched first, with no message in hand).
+    """
+    with store.transaction():
+        if pending is not None:
+            store.record_sent(pending)
+        snap = store.snapshot(mailbox.address, day)
+        state = lifecycle.mailbox_state(mailbox.paused, snap.state, snap.paused_reason)
+        if state != "connected" or snap.earliest_due is None:
+            return Turn(snap, day, None, None, [])
+        decision = lifecycle.may_send(
+            mailbox.schedule,
+            now,
+            day,
+            at=snap.earliest_due,
+            sent_today=snap.sent_today,
+            quota_day=snap.quota_day,
+            gap_until=snap.gap_until,
+            throttled_until=snap.throttled_until,
+            first_day=snap.first_day,
+            clock=clock,
+        )
+        if decision.at is None or decision.at > now:
+            return Turn(snap, day, decision, None, [])
+        deferred = (
+            defer_full_domains(store, mailbox, now, day, snap.first_day) if mailbox.schedule.domain_daily_limit else []
+        )
+        if deferred is None or not store.holds(mailbox.address):
+            return Turn(snap, day, decision if deferred is None else None, None, [])
+        if not may_claim:
+            return Turn(snap, day, decision, None, [], deferred, token_first=True)
+        claimed = store.claim(mailbox.address, now, message_id)
+        thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
+        return Turn(snap, day, decision, claimed, thread, deferred)
+
+
+def sent_record(
+    config: Config,
+    mailbox: Mailbox,
+    c: Claimed,
+    now: float,
+    day: str,
+    code: int,
+    text: str,
+    subject: str,
+    rng: random.Random,
+    copy: bytes | None = None,
+) -> SentRecord:
+    """What a delivery the server accepted at `now` commits: the mailbox's gap drawn, the step that follows
+    (lifecycle.next_step), the copy for Sent, whether domain_daily_limit counts it."""
+    return SentRecord(
+        c,
+        now,
+        code,
+        text,
+        subject,
+        day,
+        now + timing.draw_gap(mailbox.schedule, rng),
+        lifecycle.next_step(config, c.cadence, c.step, c.sticky, now),
+        copy,
+        mailbox.schedule.domain_daily_limit > 0,
+    )

@@ -1,0 +1,176 @@
+"""What every part of the store shares: its connection (an Engine), its transactions, and the moves several
+records make together (an enrollment ends, a step is scheduled, a count follows a change)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from daemon.store.engine import Engine, Queries
+from daemon.store.records import COUNTED_STATES
+
+EndedBy = Literal["email", "id", "ids"]  # which enrollments _end ends: an address's, one, several
+
+
+class Core:
+    conn: Engine
+    q: Queries
+    path: Path | str
+
+    def __init__(self, engine: Engine) -> None:
+        self.conn = engine
+        self.q = engine.q
+        self.path = engine.where
+
+    @property
+    def shared(self) -> bool:
+        """PostgreSQL: several daemons share the database, each sending for the mailboxes it leases."""
+        return self.conn.shared
+
+    @property
+    def counts_by_hand(self) -> bool:
+        return self.conn.counts_by_hand
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    def transaction(self) -> Any:
+        """One writer at a time across processes; nests into an open one."""
+        return self.conn.transaction()
+
+    def enrolling(self) -> Any:
+        """An import's enrolling transaction (SQLite: its foreign keys not checked, see the engine)."""
+        return self.conn.enrolling()
+
+    def staging(self) -> Any:
+        """Where an import stages its file (SQLite: one transaction of the temp database)."""
+        return self.conn.staging()
+
+    @contextmanager
+    def savepoint(self, name: str) -> Iterator[None]:
+        """A part of the open transaction that fails alone: rolled back to where it began, then released."""
+        self.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute(f"RELEASE {name}")
+            raise
+        self.conn.execute(f"RELEASE {name}")
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def check_integrity(self) -> None:
+        self.conn.check_integrity()
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits: how the daemon notices other commands."""
+        return self.conn.data_version()
+
+    def holds(self, mailbox: str) -> bool:
+        """May this daemon claim the mailbox's messages (PostgreSQL: its lease lasts long enough for a send)?"""
+        return self.conn.holds(mailbox)
+
+    def _list(self, values: Sequence[Any]) -> Any:
+        return self.conn.list_param(values)
+
+    # --- the moves several records make together --------------------------------------------------
+
+    def _end(self, by: EndedBy, value: Any, state: str, now: float, detail: str) -> list[int]:
+        """The one way enrollments end early (replied, stopped, the others of a bounced address): the active ones
+        of an address, of an id or of a list of ids take `state`, and every message of theirs not yet sent is
+        cancelled with `detail`."""
+        q = self.q
+        cancel, end = {
+            "email": (q.cancel_messages_of_email, q.end_enrollments_of_email),
+            "id": (q.cancel_messages_of_id, q.end_enrollments_of_id),
+            "ids": (q.cancel_messages_of_ids, q.end_enrollments_of_ids),
+        }[by]
+        if by == "ids":
+            value = self._list(list(value))
+        rows = self.conn.execute(cancel, (detail, value)).fetchall()
+        self.conn.execute(end, (state, now, value))
+        return [r[0] for r in rows]
+
+    def _bounced(self, email: str, enrollment: int, now: float, detail: str) -> list[int]:
+        """The enrollment of a bounced message `bounced`; the address's other enrollments stopped."""
+        self.conn.execute(self.q.mark_bounced, (now, enrollment))
+        return self._end("email", email, "stopped", now, detail)
+
+    def suppress(self, email: str, reason: str, now: float) -> None:
+        self.conn.execute(self.q.suppress, (email, reason, now))
+
+    def schedule_step(self, enrollment: int, step: int, mailbox: str, due: float) -> None:
+        """The next step of an active enrollment (nothing when it has ended, or the step is there already)."""
+        inserted = self.conn.execute(self.q.schedule_step, (step, mailbox, due, enrollment)).rowcount
+        if inserted > 0:
+            self._count_scheduled([(mailbox, inserted)])
+
+    def finish_enrollment(self, enrollment: int, now: float) -> None:
+        row = self.conn.execute(self.q.finish_enrollment, (now, enrollment)).fetchone()
+        if row is not None and self.counts_by_hand:
+            self.conn.execute(self.q.uncount_active, (row[0],))
+            self.conn.execute(self.q.count_finished, (row[0],))
+
+    def set_mailbox_state(self, mailbox: str, state: str, reason: str | None, now: float) -> None:
+        self.conn.execute(self.q.set_mailbox_state, (mailbox, state, reason, now))
+
+    def _unsent_to_error(self, mailbox: str, reason: str, detail: str) -> list[int]:
+        """The mailbox's scheduled and sending messages into the retry queue: one statement a state, each on
+        its own index (scheduled ones are in the due index only)."""
+        ids = [
+            r[0]
+            for statement in (self.q.scheduled_to_error, self.q.sending_to_error)
+            for r in self.conn.execute(statement, (reason, detail, mailbox)).fetchall()
+        ]
+        return sorted(ids)
+
+    def pause(self, mailbox: str, reason: str, now: float) -> bool:
+        """Paused with `reason` until `mailbox resume`; False when it already was."""
+        with self.transaction():
+            self.conn.execute(self.q.health_row, (mailbox, now))
+            rows = self.conn.execute(self.q.pause, (reason, mailbox)).fetchall()
+        return bool(rows)
+
+    # --- counts kept as things change ---------------------------------------------------------------
+    # On SQLite the counts of messages and enrollments by state follow each change by TEMP triggers every
+    # connection installs, except the daemon's group commit's, whose claim and send count by hand (a trigger
+    # cost SQLite 15 µs a row before its body ran: a sixth of the daemon's CPU per send, measured); PostgreSQL
+    # keeps them by its PL/pgSQL triggers. Inserts are counted here, in bulk, on both.
+
+    def count_enrollments(self, cadence: str, added: dict[str, int]) -> None:
+        """Keep the per-mailbox tally rotation balances on (SPEC §3: fewest so far)."""
+        self.conn.executemany(self.q.count_enrollments, [(cadence, mailbox, n) for mailbox, n in added.items()])
+
+    def _count_enrolled(self, cadence: str, n: int) -> None:
+        """New enrollments, all active (the one place that inserts counts them; changes count by trigger)."""
+        self.conn.execute(self.q.count_enrolled, (cadence, n))
+
+    def _recount(self, mailbox: str, old: str, new: str) -> None:
+        """What the counting trigger does for one message, on the connection without it (counts_by_hand)."""
+        self.conn.execute(self.q.uncount_message, (mailbox, old))
+        if new in COUNTED_STATES:
+            self.conn.execute(self.q.count_message, (mailbox, new))
+
+    def _count_scheduled(self, added: Iterable[tuple[str, int]]) -> None:
+        """New scheduled messages (the one place that inserts counts them; updates count by trigger)."""
+        self.conn.executemany(self.q.count_scheduled, list(added))
+
+    def count_failure(self, mailbox: str, day: str, kind: str, at_smtp: bool, n: int = 1) -> None:
+        """A bounce or a block of one of the mailbox's messages (`n` < 0 takes some back)."""
+        statement = {"bounced": self.q.count_day_bounces, "blocked": self.q.count_day_blocks}[kind]
+        self.conn.execute(statement, (mailbox, day, n if at_smtp else 0, n))
+
+    def _count_block(self, mailbox: str, now: float) -> None:
+        """Blocks count against the mailbox's health (its reputation, not the address)."""
+        self.conn.execute(self.q.count_block, (mailbox, now))
+
+    def reputation(self, mailbox: str, since_day: str) -> tuple[int, int, int]:
+        """(attempts, bounces, blocks) of the mailbox's local days from `since_day` on."""
+        row = self.conn.execute(self.q.reputation, (mailbox, since_day)).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])

@@ -1,0 +1,65 @@
+"""What the store counts as it goes: messages and enrollments by state, sends by day and by domain."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from daemon.store.core import Core
+
+
+class Counts(Core):
+    def message_counts(self) -> dict[tuple[str, str], int]:
+        """(mailbox, state) → messages scheduled, sending or in error, as kept by every change (not counted here)."""
+        rows = self.conn.execute(self.q.message_counts)
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    def sent_on(self, mailbox: str, day: str) -> int:
+        row = self.conn.execute(self.q.sent_on, (mailbox, day)).fetchone()
+        return int(row[0]) if row else 0
+
+    def enrollment_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for cadence, state, n in self.conn.execute(self.q.enrollment_counts):
+            out.setdefault(cadence, {})[state] = n
+        return out
+
+    def earliest_due(self, mailbox: str) -> float | None:
+        row = self.conn.execute(self.q.earliest_due, (mailbox,)).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def sent_on_days(self, wanted: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """Sends of each (mailbox, local day) in one statement per 5,000 (a scrape of 10,000 mailboxes)."""
+        out: dict[str, int] = {}
+        for i in range(0, len(wanted), 5000):
+            rows = self.conn.execute(
+                self.q.sent_on_days,
+                (json.dumps(wanted[i : i + 5000]),),
+            )
+            out.update((r[0], int(r[1])) for r in rows)
+        return out
+
+    def first_send_days(self, mailboxes: Sequence[str]) -> dict[str, str]:
+        """first_send_day of many mailboxes, each by the index."""
+        out: dict[str, str] = {}
+        for i in range(0, len(mailboxes), 5000):
+            rows = self.conn.execute(
+                self.q.first_send_days,
+                (json.dumps(list(mailboxes[i : i + 5000])),),
+            )
+            out.update((r[0], r[1]) for r in rows if r[1] is not None)
+        return out
+
+    def first_send_day(self, mailbox: str) -> str | None:
+        """The local day of the mailbox's first send ever (warm-up counts from it)."""
+        row = self.conn.execute(self.q.first_send_day, (mailbox,)).fetchone()
+        return str(row[0]) if row[0] is not None else None
+
+    def domain_counts_on(self, mailbox: str, day: str) -> list[tuple[str, str, int]]:
+        """(day, domain, sent) of the mailbox's local `day` (what plan starts from)."""
+        rows = self.conn.execute(self.q.domain_counts_on, (mailbox, day))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def domain_sent(self, mailbox: str, day: str, domain: str) -> int:
+        row = self.conn.execute(self.q.domain_sent, (mailbox, day, domain)).fetchone()
+        return int(row[0]) if row else 0

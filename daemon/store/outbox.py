@@ -1,0 +1,398 @@
+"""The outbox: messages claimed, sent, failed, retried, reassigned, and what the operator reads of them."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from daemon.store.core import Core
+from daemon.store.records import BLOCKED_BY, MESSAGE_STATES, SUPPRESSED_BY, Claimed, SentRecord, domain_of
+
+
+class Outbox(Core):
+    def outbox(
+        self,
+        *,
+        state: str | None = None,
+        mailbox: str | None = None,
+        cadence: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        q = self.q
+        where, args = [], []
+        if state:
+            if state not in MESSAGE_STATES:
+                return []
+            where.append(f"m.state = '{state}'")  # written out: a partial index is chosen by its value
+        if mailbox:
+            where.append(f"m.mailbox = {q.param}")
+            args.append(mailbox)
+        if cadence:
+            where.append(f"e.cadence = {q.param}")
+            args.append(cadence)
+        # By state, always through its index (SQLite, see queries/sqlite.sql).
+        sql: str = {None: q.outbox, "": q.outbox, "scheduled": q.outbox_scheduled}.get(state, q.outbox_by_state)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY m.id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        keys = (
+            "id",
+            "cadence",
+            "prospect",
+            "step",
+            "mailbox",
+            "state",
+            "reason",
+            "due_at",
+            "sent_at",
+            "message_id",
+            "attempts",
+            "smtp_code",
+            "detail",
+        )
+        return [dict(zip(keys, r, strict=True)) for r in self.conn.execute(sql, args)]
+
+    def recover_sending(self, now: float) -> list[int]:
+        """Messages left in `sending` by a crash: maybe delivered, so never resent by themselves."""
+        with self.transaction():
+            rows = self.conn.execute(
+                self.q.recover_sending,
+                (now,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def next_due_domain(self, mailbox: str, now: float) -> str | None:
+        """The recipient domain of the message `claim` would take now."""
+        row = self.conn.execute(
+            self.q.next_due_domain,
+            (mailbox, now),
+        ).fetchone()
+        return domain_of(row[0]) if row else None
+
+    def defer_domain(self, mailbox: str, domain: str, now: float, until: float, detail: str) -> list[int]:
+        """domain_daily_limit reached: the mailbox's due messages to `domain` wait until `until`, in their order
+        (the others go on). Costs the mailbox's due messages, once per domain and day."""
+        with self.transaction():
+            rows = self.conn.execute(
+                self.q.defer_domain,
+                (until, detail, mailbox, domain, now),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
+        """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
+        with self.transaction():
+            row = self.conn.execute(
+                self.q.next_due,
+                (mailbox, now),
+            ).fetchone()
+            if row is None:
+                return None
+            attempts = row[8] + 1
+            mid = message_id(row[0], attempts)
+            self.conn.execute(
+                self.q.claim,
+                (attempts, mid, row[0]),
+            )
+            if self.counts_by_hand:
+                self._recount(row[3], "scheduled", "sending")
+        return Claimed(
+            id=row[0],
+            enrollment_id=row[1],
+            step=row[2],
+            mailbox=row[3],
+            cadence=row[4],
+            email=row[5],
+            fields={"email": row[5], **json.loads(row[6])},  # the address is stored once, in its own column
+            due_at=row[7],
+            attempts=attempts,
+            transient_failures=row[9],
+            sticky=row[10],
+            message_id=mid,
+        )
+
+    def thread(self, enrollment_id: int, before_step: int) -> list[tuple[int, str, str]]:
+        """(step, message_id, subject) of the enrollment's sent messages, in order."""
+        rows = self.conn.execute(
+            self.q.thread,
+            (enrollment_id, before_step),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def record_sent(self, r: SentRecord) -> None:
+        """Sent: the message, the day's count, the gap, the next step and the copy for Sent, in one commit."""
+        c, now, code, text, subject, day = r.claimed, r.at, r.code, r.text, r.subject, r.day
+        gap_until, next_step, copy, count_domain = r.gap_until, r.next_step, r.copy, r.count_domain
+        with self.transaction():
+            if count_domain:
+                self.conn.execute(
+                    self.q.count_domain_send,
+                    (c.mailbox, day, domain_of(c.email)),
+                )
+            if copy is not None:
+                self.conn.execute(
+                    self.q.keep_sent_copy,
+                    (c.id, c.mailbox, c.message_id, copy),
+                )
+            was = None
+            if self.counts_by_hand:
+                was = self.conn.execute(self.q.state_of_message, (c.id,)).fetchone()
+            self.conn.execute(
+                self.q.mark_sent,
+                (now, code, text, subject, c.id),
+            )
+            if was is not None and was[1] != "sent":
+                self._recount(was[0], was[1], "sent")
+            self.conn.execute(
+                self.q.count_send,
+                (c.mailbox, day),
+            )
+            self.conn.execute(
+                self.q.note_send,
+                (c.mailbox, now, now, gap_until),
+            )
+            if next_step is not None:
+                step, mailbox, due = next_step
+                self.schedule_step(c.enrollment_id, step, mailbox, due)
+            else:
+                self.finish_enrollment(c.enrollment_id, now)
+
+    def sent_copies_due(self, mailbox: str, limit: int) -> list[tuple[int, str, bytes]]:
+        """(message, Message-ID, content) of sent messages not yet saved in the mailbox's Sent folder."""
+        rows = self.conn.execute(
+            self.q.sent_copies_due,
+            (mailbox, limit),
+        )
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def copy_filed(self, message: int) -> None:
+        with self.transaction():
+            self.conn.execute(self.q.copy_filed, (message,))
+
+    def copy_failed(self, message: int, detail: str) -> None:
+        with self.transaction():
+            self.conn.execute(self.q.copy_failed, (detail, message))
+
+    def reschedule(self, message: int, due_at: float, code: int | None, detail: str, transient: bool) -> None:
+        """Back to `scheduled` (a 4xx to retry later, or a deferral): nothing was delivered."""
+        with self.transaction():
+            self.conn.execute(
+                self.q.reschedule,
+                (due_at, code, detail, int(transient), message),
+            )
+
+    def record_error(self, message: int, reason: str, code: int | None, detail: str, now: float = 0.0) -> None:
+        with self.transaction():
+            self.conn.execute(
+                self.q.record_error,
+                (reason, code, detail, reason, now, message),
+            )
+
+    def record_failed(
+        self, c: Claimed, now: float, code: int | None, detail: str, suppress: bool, day: str = ""
+    ) -> list[int]:
+        """A permanent refusal of this message.
+
+        suppress (the address does not exist): the enrollment bounced, the address suppressed and every
+        pending message to it cancelled. Otherwise (blocked): this enrollment stops, the address is kept,
+        and the block counts against the mailbox's health. Either counts on the mailbox's local `day`.
+        """
+        with self.transaction():
+            if day:
+                self.count_failure(c.mailbox, day, "bounced" if suppress else "blocked", at_smtp=True)
+            self.conn.execute(
+                self.q.mark_failed,
+                ("bounced" if suppress else "blocked", code, detail, c.id),
+            )
+            if not suppress:
+                self._count_block(c.mailbox, now)
+                return self._end("id", c.enrollment_id, "stopped", now, f"{BLOCKED_BY} {c.id}")
+            self.conn.execute(
+                self.q.suppress_bounced,
+                (c.email, f"bounced {code or ''} {detail}".strip()[:200], now, c.id),
+            )
+            return self._bounced(c.email, c.enrollment_id, now, f"{SUPPRESSED_BY} {c.id}")
+
+    def cut_uncertain(self, message: int, now: float, detail: str) -> bool:
+        """A transaction cut by a stop: `uncertain` if it was still in flight (True), unchanged otherwise."""
+        with self.transaction():
+            rows = self.conn.execute(
+                self.q.cut_uncertain,
+                (now, detail, message),
+            ).fetchall()
+        return bool(rows)
+
+    def unblame(self, mailbox: str, messages: Sequence[int], now: float, detail: str, day: str = "") -> list[int]:
+        """Refusals that turned out to be the mailbox's (the same one for several recipients in a row):
+        undo what they did to the prospects (and to the day's bounce counts), and put the messages in the error
+        section as `refused`."""
+        ids = self._list(list(messages))
+        with self.transaction():
+            if day:
+                for kind, n in self.conn.execute(
+                    self.q.failed_kinds,
+                    (ids,),
+                ).fetchall():
+                    self.count_failure(mailbox, day, kind, at_smtp=True, n=-n)
+            restored = self.conn.execute(
+                self.q.restore_cancelled,
+                (ids, SUPPRESSED_BY, BLOCKED_BY),
+            ).fetchall()
+            self.conn.execute(self.q.unsuppress_messages, (ids,))
+            enrollments = {r[0] for r in restored}
+            enrollments |= {r[0] for r in self.conn.execute(self.q.enrollments_of_messages, (ids,))}
+            self.conn.execute(
+                self.q.reactivate_enrollments,
+                (self._list(sorted(enrollments)),),
+            )
+            self.conn.execute(
+                self.q.unblock,
+                (ids, mailbox),
+            )
+            rows = self.conn.execute(
+                self.q.mark_refused,
+                (detail, ids),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def throttle(self, message: int, mailbox: str, until: float, code: int | None, detail: str) -> None:
+        """The server asked the whole client to wait: the message keeps its place and its retries."""
+        with self.transaction():
+            self.conn.execute(
+                self.q.throttle_message,
+                (code, detail, message),
+            )
+            self.conn.execute(
+                self.q.throttle_mailbox,
+                (mailbox, until, until),
+            )
+
+    def catch_due_while_down(self, mailbox: str, now: float) -> list[int]:
+        """Messages reaching their due time while the mailbox is down join its error section."""
+        with self.transaction():
+            rows = self.conn.execute(
+                self.q.catch_due_while_down,
+                (mailbox, now),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def mark_deferred(self, mailbox: str, until: float, detail: str) -> list[int]:
+        """Say on each due message why it waits; returns the ones newly told (logged once each)."""
+        with self.transaction():
+            rows = self.conn.execute(
+                self.q.mark_deferred,
+                (detail, mailbox, until),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def messages_by_id(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        rows = self.conn.execute(
+            self.q.messages_by_id,
+            (self._list(list(ids)),),
+        )
+        keys = ("id", "state", "reason", "mailbox", "enrollment_id", "step", "cadence", "email")
+        return {r[0]: dict(zip(keys, r, strict=True)) for r in rows}
+
+    def error_ids(self, mailbox: str | None, *, exclude_uncertain: bool = False) -> list[int]:
+        sql: str = self.q.error_ids
+        if exclude_uncertain:
+            sql += " AND coalesce(reason, '') != 'uncertain'"
+        args: tuple[Any, ...] = ()
+        if mailbox is not None:
+            sql += f" AND mailbox = {self.q.param}"
+            args = (mailbox,)
+        return [r[0] for r in self.conn.execute(sql + " ORDER BY id", args)]
+
+    def pending_ids(self, mailbox: str, *, exclude_uncertain: bool = False) -> list[int]:
+        """Messages of `mailbox` not yet sent: scheduled, sending or in the error section."""
+        statement = self.q.pending_ids_certain if exclude_uncertain else self.q.pending_ids
+        rows = self.conn.execute(statement, (mailbox,))
+        return [r[0] for r in rows]
+
+    def retry(self, ids: Sequence[int]) -> int:
+        """error → scheduled, on the operator's word (uncertain ones included)."""
+        rows = self.conn.execute(
+            self.q.retry,
+            (self._list(list(ids)),),
+        ).fetchall()
+        return len(rows)
+
+    def reassign(self, enrollment_ids: Sequence[int], to: str) -> list[int]:
+        """Move enrollments to `to`: their sticky sender and every message not yet sent."""
+        ids = self._list(list(enrollment_ids))
+        for cadence, mailbox, n in self.conn.execute(
+            self.q.enrollments_to_move,
+            (ids, to),
+        ).fetchall():
+            self.count_enrollments(cadence, {mailbox: -n, to: n})
+        self.conn.execute(
+            self.q.move_enrollments,
+            (to, ids),
+        )
+        rows = self.conn.execute(
+            self.q.move_messages,
+            (to, ids),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def never_contacted(self, mailbox: str) -> list[tuple[int, str, str, str]]:
+        """(enrollment, cadence, owner, adder) of the mailbox's active enrollments whose first step has not
+        gone (waiting in the retry queue or scheduled): nobody has heard from it yet. Uncertain ones are not
+        among them (they may have been delivered)."""
+        rows = self.conn.execute(
+            self.q.never_contacted,
+            (mailbox,),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def dsn_failed(self, message_ids: Sequence[str], email: str, reason: str, detail: str, mailbox: str) -> None:
+        """A DSN says a sent message failed after all: the message says so, and a block counts for the mailbox."""
+        rows = self.conn.execute(
+            self.q.dsn_failed,
+            (reason, detail, self._list(list(message_ids)), email),
+        ).fetchall()
+        if reason == "blocked" and rows:
+            self._count_block(mailbox, time.time())
+
+    def uncertain_message_ids(self, mailbox: str) -> list[tuple[int, str, float]]:
+        """(id, Message-ID, since) of the mailbox's uncertain messages."""
+        rows = self.conn.execute(
+            self.q.uncertain_message_ids,
+            (mailbox,),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def settle_uncertain(
+        self, message: int, delivered: bool, now: float, detail: str
+    ) -> tuple[int, int, str, str] | None:
+        """Settle an `uncertain` message; returns (enrollment, step, cadence, sticky) when it changed."""
+        row = self.conn.execute(
+            self.q.uncertain_route,
+            (message,),
+        ).fetchone()
+        if row is None:
+            return None
+        if delivered:
+            self.conn.execute(
+                self.q.settle_delivered,
+                (now, detail, message),
+            )
+        else:
+            self.conn.execute(
+                self.q.settle_not_delivered,
+                (detail, message),
+            )
+        return (row[0], row[1], row[2], row[3])
+
+    def scheduled_in_order(self, mailbox: str, until: float) -> Iterator[tuple[float, int, int]]:
+        """(due_at, step, enrollment_id) of the scheduled messages due before `until`, read as they are taken."""
+        cursor = self.conn.execute(
+            self.q.scheduled_in_order,
+            (mailbox, until),
+        )
+        while rows := cursor.fetchmany(256):
+            yield from rows

@@ -1,0 +1,400 @@
+-- The store's statements both engines run as written (SQLite's `?` placeholders; PostgreSQL's loader
+-- writes them as psycopg's once, at load). Each is found by the name on the line before it.
+
+-- name: daemon_state
+SELECT key, value FROM daemon_state;
+
+-- name: set_daemon_state
+INSERT INTO daemon_state VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- name: pins
+SELECT p.cadence, p.auto_rotate, p.rotate_among,
+    (SELECT coalesce(sum(n), 0) FROM enrollment_counts c WHERE c.cadence = p.cadence)
+    FROM cadence_pins p;
+
+-- name: pin
+INSERT INTO cadence_pins VALUES (?, ?, ?, ?) ON CONFLICT (cadence) DO NOTHING;
+
+-- name: make_unsubscribe_key
+INSERT INTO daemon_state VALUES ('unsubscribe_key', ?) ON CONFLICT (key) DO NOTHING;
+
+-- name: unsubscribe_key
+SELECT value FROM daemon_state WHERE key = 'unsubscribe_key';
+
+-- name: api_answer
+SELECT playbook, digest, answer FROM api_requests WHERE key = ?;
+
+-- name: forget_api_answers
+DELETE FROM api_requests WHERE created_at < ?;
+
+-- name: keep_api_answer
+INSERT INTO api_requests VALUES (?, ?, ?, ?, ?);
+
+-- name: email_of
+SELECT email FROM enrollments WHERE id = ?;
+
+-- name: unsuppress
+DELETE FROM suppressions WHERE email = ? RETURNING email;
+
+-- name: suppress
+INSERT INTO suppressions (email, reason, created_at) VALUES (?, ?, ?) ON CONFLICT (email) DO NOTHING;
+
+
+-- name: rotation_counts
+SELECT mailbox, enrollments FROM rotation_counts WHERE cadence = ?;
+
+-- name: rotation_cursors
+SELECT grp, last FROM rotation_cursors WHERE cadence = ?;
+
+-- name: rotation_credits
+SELECT grp, mailbox, credit FROM rotation_credits WHERE cadence = ?;
+
+-- name: save_rotation_cursor
+INSERT INTO rotation_cursors VALUES (?, ?, ?)
+    ON CONFLICT (cadence, grp) DO UPDATE SET last = excluded.last;
+
+-- name: save_rotation_credit
+INSERT INTO rotation_credits VALUES (?, ?, ?, ?)
+    ON CONFLICT (cadence, grp, mailbox) DO UPDATE SET credit = excluded.credit;
+
+-- name: count_enrollments
+INSERT INTO rotation_counts VALUES (?, ?, ?) ON CONFLICT (cadence, mailbox)
+    DO UPDATE SET enrollments = rotation_counts.enrollments + excluded.enrollments;
+
+-- name: next_enrollment_id
+SELECT coalesce(max(id), 0) FROM enrollments;
+
+-- name: insert_enrollments
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: create_import_cycles
+CREATE TEMP TABLE import_cycles (grp TEXT PRIMARY KEY, turns INTEGER);
+
+-- name: create_import_turns
+CREATE TEMP TABLE import_turns (grp TEXT, turn INTEGER, mailbox TEXT, PRIMARY KEY (grp, turn));
+
+-- name: create_import_cycle
+CREATE TEMP TABLE import_cycle (turn INTEGER PRIMARY KEY, mailbox TEXT);
+
+-- name: count_enrolled
+INSERT INTO enrollment_counts VALUES (?, 'active', ?)
+    ON CONFLICT (cadence, state) DO UPDATE SET n = enrollment_counts.n + excluded.n;
+
+-- name: schedule_first_steps
+INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
+    SELECT id, 1, coalesce(?, mailbox), 'scheduled', ? FROM enrollments WHERE id >= ? ORDER BY id;
+
+-- name: mailbox_states
+SELECT mailbox, state, paused_reason FROM mailbox_health;
+
+-- name: set_mailbox_state
+INSERT INTO mailbox_health (mailbox, state, reason, since) VALUES (?, ?, ?, ?)
+    ON CONFLICT (mailbox) DO UPDATE SET state = excluded.state, reason = excluded.reason,
+    since = excluded.since;
+
+-- name: health
+SELECT * FROM mailbox_health;
+
+-- name: message_counts
+SELECT mailbox, state, n FROM message_counts WHERE n > 0;
+
+-- name: uncount_message
+UPDATE message_counts SET n = n - 1 WHERE mailbox = ? AND state = ?;
+
+-- name: count_message
+INSERT INTO message_counts VALUES (?, ?, 1) ON CONFLICT (mailbox, state) DO UPDATE SET n = n + 1;
+
+-- name: count_scheduled
+INSERT INTO message_counts VALUES (?, 'scheduled', ?)
+    ON CONFLICT (mailbox, state) DO UPDATE SET n = message_counts.n + excluded.n;
+
+-- name: sent_on
+SELECT sent FROM daily_counts WHERE mailbox = ? AND day = ?;
+
+-- name: enrollment_counts
+SELECT cadence, state, n FROM enrollment_counts WHERE n > 0;
+
+-- name: earliest_due
+SELECT min(due_at) FROM messages WHERE mailbox = ? AND state = 'scheduled';
+
+-- name: recover_sending
+UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?,
+    detail = 'found in sending at start-up: the daemon stopped mid-transaction'
+    WHERE state = 'sending' RETURNING id;
+
+-- name: snapshot
+SELECT (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled'),
+    (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
+    h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
+    h.next_probe_at, h.failures, h.throttled_until,
+    (SELECT min(day) FROM daily_counts WHERE mailbox = ?1 AND sent > 0), h.paused_reason, h.since
+    FROM (SELECT 1) AS one LEFT JOIN mailbox_health h ON h.mailbox = ?1;
+
+-- name: first_send_day
+SELECT min(day) FROM daily_counts WHERE mailbox = ? AND sent > 0;
+
+-- name: reputation
+SELECT coalesce(sum(sent + refused), 0), coalesce(sum(bounces), 0), coalesce(sum(blocks), 0)
+    FROM daily_counts WHERE mailbox = ? AND day >= ?;
+
+-- name: health_row
+INSERT INTO mailbox_health (mailbox, state, since) VALUES (?, 'connected', ?) ON CONFLICT DO NOTHING;
+
+-- name: pause
+UPDATE mailbox_health SET paused_reason = ? WHERE mailbox = ? AND paused_reason IS NULL RETURNING 1;
+
+-- name: paused_reason
+SELECT paused_reason FROM mailbox_health WHERE mailbox = ? AND paused_reason IS NOT NULL;
+
+-- name: resume
+UPDATE mailbox_health SET paused_reason = NULL WHERE mailbox = ?;
+
+-- name: forget_failures
+UPDATE daily_counts SET bounces = 0, blocks = 0 WHERE mailbox = ?;
+
+-- name: forget_pause_details
+UPDATE messages SET detail = NULL WHERE mailbox = ? AND state = 'scheduled'
+    AND detail LIKE 'deferred: paused (%';
+
+-- name: next_due_domain
+SELECT e.email FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ? ORDER BY m.due_at, m.id LIMIT 1;
+
+-- name: domain_counts_on
+SELECT day, domain, sent FROM domain_counts WHERE mailbox = ? AND day = ?;
+
+-- name: domain_sent
+SELECT sent FROM domain_counts WHERE mailbox = ? AND day = ? AND domain = ?;
+
+-- name: defer_domain
+UPDATE messages SET due_at = ?1 + (due_at - ?5) / 1e6, detail = ?2 WHERE id IN (
+    SELECT m.id FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ?3 AND m.state = 'scheduled' AND m.due_at <= ?5
+    AND substr(e.email, instr(e.email, '@') + 1) = ?4)
+    RETURNING id;
+
+-- name: next_due
+SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+    m.attempts, m.transient_failures, e.mailbox
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
+    ORDER BY m.due_at, m.id LIMIT 1;
+
+-- name: claim
+UPDATE messages SET state = 'sending', attempts = ?, message_id = ?, reason = NULL, detail = NULL
+    WHERE id = ?;
+
+-- name: thread
+SELECT step, message_id, subject FROM messages
+    WHERE enrollment_id = ? AND state = 'sent' AND step < ? ORDER BY step;
+
+-- name: count_domain_send
+INSERT INTO domain_counts VALUES (?, ?, ?, 1)
+    ON CONFLICT (mailbox, day, domain) DO UPDATE SET sent = domain_counts.sent + 1;
+
+-- name: keep_sent_copy
+INSERT INTO sent_copies (message, mailbox, message_id, content) VALUES (?, ?, ?, ?)
+    ON CONFLICT DO NOTHING;
+
+-- name: state_of_message
+SELECT mailbox, state FROM messages WHERE id = ?;
+
+-- name: mark_sent
+UPDATE messages SET state = 'sent', sent_at = ?, smtp_code = ?, detail = ?, subject = ?
+    WHERE id = ?;
+
+-- name: count_send
+INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, 1)
+    ON CONFLICT (mailbox, day) DO UPDATE SET sent = daily_counts.sent + 1;
+
+-- name: note_send
+INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before)
+    VALUES (?, 'connected', ?, ?, ?)
+    ON CONFLICT (mailbox) DO UPDATE SET last_send_at = excluded.last_send_at,
+    not_before = excluded.not_before, throttled_until = NULL;
+
+-- name: sent_copies_due
+SELECT message, message_id, content FROM sent_copies WHERE mailbox = ? ORDER BY message LIMIT ?;
+
+-- name: copy_filed
+DELETE FROM sent_copies WHERE message = ?;
+
+-- name: copy_failed
+UPDATE sent_copies SET attempts = attempts + 1, detail = ? WHERE message = ?;
+
+-- name: reschedule
+UPDATE messages SET state = 'scheduled', due_at = ?, smtp_code = ?, detail = ?,
+    transient_failures = transient_failures + ? WHERE id = ?;
+
+-- name: record_error
+UPDATE messages SET state = 'error', reason = ?, smtp_code = ?, detail = ?,
+    uncertain_at = CASE WHEN ? = 'uncertain' THEN ? END WHERE id = ?;
+
+-- name: mark_failed
+UPDATE messages SET state = 'failed', reason = ?, smtp_code = ?, detail = ? WHERE id = ?;
+
+-- name: suppress_bounced
+INSERT INTO suppressions VALUES (?, ?, ?, ?) ON CONFLICT (email) DO NOTHING;
+
+-- name: cut_uncertain
+UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?, detail = ?
+    WHERE id = ? AND state = 'sending' RETURNING id;
+
+-- name: throttle_message
+UPDATE messages SET state = 'scheduled', smtp_code = ?, detail = ? WHERE id = ?;
+
+-- name: throttle_mailbox
+INSERT INTO mailbox_health (mailbox, state, since, throttled_until)
+    VALUES (?, 'connected', ?, ?)
+    ON CONFLICT (mailbox) DO UPDATE SET throttled_until = excluded.throttled_until;
+
+-- name: disconnect
+INSERT INTO mailbox_health (mailbox, state, reason, since, failures, next_probe_at)
+    VALUES (?1, ?5, ?2, ?3, 1, ?4)
+    ON CONFLICT (mailbox) DO UPDATE SET
+    since = CASE WHEN mailbox_health.state = ?5 THEN mailbox_health.since ELSE excluded.since END,
+    failures = CASE WHEN mailbox_health.state = ?5 THEN mailbox_health.failures + 1 ELSE 1 END,
+    state = ?5, reason = excluded.reason, next_probe_at = excluded.next_probe_at;
+
+-- name: reset_probe
+UPDATE mailbox_health SET failures = 0, next_probe_at = NULL WHERE mailbox = ?;
+
+-- name: back_from_retry_queue
+UPDATE messages SET state = 'scheduled', reason = NULL, detail = 'back from the retry queue'
+    WHERE mailbox = ? AND state = 'error' AND reason IN ('disconnected', 'refused') RETURNING id;
+
+-- name: catch_due_while_down
+UPDATE messages SET state = 'error', reason = coalesce(
+    (SELECT state FROM mailbox_health WHERE mailbox = ?1), 'disconnected'),
+    detail = 'came due while the mailbox was ' || coalesce(
+    (SELECT state FROM mailbox_health WHERE mailbox = ?1), 'disconnected')
+    WHERE mailbox = ?1 AND state = 'scheduled' AND due_at <= ?2 RETURNING id;
+
+-- name: set_probe
+UPDATE mailbox_health SET next_probe_at = ?, failures = failures + 1, reason = ?
+    WHERE mailbox = ?;
+
+-- name: mark_deferred
+UPDATE messages SET detail = ?1 WHERE mailbox = ?2 AND state = 'scheduled' AND due_at < ?3
+    AND (detail IS NULL OR substr(detail, 1, length(?1)) != ?1) RETURNING id;
+
+-- name: note_quota_day
+UPDATE mailbox_health SET quota_day = ? WHERE mailbox = ?;
+
+-- name: note_limit_logged
+UPDATE mailbox_health SET limit_logged_day = ?1 WHERE mailbox = ?2
+    AND (limit_logged_day IS NULL OR limit_logged_day != ?1) RETURNING mailbox;
+
+-- name: rotated_mailboxes
+SELECT DISTINCT mailbox FROM rotation_counts;
+
+-- name: mailboxes_with_health
+SELECT mailbox FROM mailbox_health;
+
+-- name: never_contacted
+SELECT e.id, e.cadence, e.owner, e.adder FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.state = 'error' AND m.mailbox = ?1 AND m.reason IN ('disconnected', 'refused') AND m.step = 1
+    AND e.mailbox = ?1 AND e.state = 'active'
+    UNION ALL
+    SELECT e.id, e.cadence, e.owner, e.adder FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.state = 'scheduled' AND m.mailbox = ?1 AND m.step = 1 AND e.mailbox = ?1 AND e.state = 'active'
+    ORDER BY 1;
+
+-- name: probe_now
+UPDATE mailbox_health SET next_probe_at = ? WHERE mailbox = ? AND state IN ('disconnected', 'refused');
+
+-- name: imap_position
+SELECT uidvalidity, last_uid FROM imap_state WHERE mailbox = ?;
+
+-- name: set_imap_position
+INSERT INTO imap_state VALUES (?, ?, ?) ON CONFLICT (mailbox)
+    DO UPDATE SET uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid;
+
+-- name: enrollments_of_sender
+SELECT id, cadence, email, state FROM enrollments WHERE email = ? AND mailbox = ? AND state = 'active';
+
+-- name: mark_bounced
+UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE id = ? AND state = 'active';
+
+-- name: count_block
+INSERT INTO mailbox_health (mailbox, state, since, blocks) VALUES (?, 'connected', ?, 1)
+    ON CONFLICT (mailbox) DO UPDATE SET blocks = mailbox_health.blocks + 1;
+
+-- name: uncertain_message_ids
+SELECT id, message_id, coalesce(uncertain_at, 0) FROM messages
+    WHERE state = 'error' AND mailbox = ? AND reason = 'uncertain' AND message_id IS NOT NULL;
+
+-- name: uncertain_route
+SELECT m.enrollment_id, m.step, e.cadence, e.mailbox FROM messages m
+    JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.id = ? AND m.state = 'error' AND m.reason = 'uncertain';
+
+-- name: settle_delivered
+UPDATE messages SET state = 'sent', reason = NULL, sent_at = ?, detail = ? WHERE id = ?;
+
+-- name: settle_not_delivered
+UPDATE messages SET state = 'scheduled', reason = NULL, detail = ? WHERE id = ?;
+
+-- name: schedule_step
+INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
+    SELECT id, ?, ?, 'scheduled', ? FROM enrollments WHERE id = ? AND state = 'active'
+    ON CONFLICT (enrollment_id, step) DO NOTHING;
+
+-- name: finish_enrollment
+UPDATE enrollments SET state = 'finished', ended_at = ? WHERE id = ? AND state = 'active'
+    RETURNING cadence;
+
+-- name: uncount_active
+UPDATE enrollment_counts SET n = n - 1 WHERE cadence = ? AND state = 'active';
+
+-- name: count_finished
+INSERT INTO enrollment_counts VALUES (?, 'finished', 1)
+    ON CONFLICT (cadence, state) DO UPDATE SET n = n + 1;
+
+-- name: scheduled_in_order
+SELECT due_at, step, enrollment_id FROM messages
+    WHERE mailbox = ? AND state = 'scheduled' AND due_at < ? ORDER BY due_at, id;
+
+-- name: route_of
+SELECT cadence, mailbox FROM enrollments WHERE id = ?;
+
+-- name: cancel_messages_of_email
+UPDATE messages SET state = 'cancelled', detail = ?
+    WHERE state IN ('scheduled', 'error') AND enrollment_id IN
+    (SELECT e.id FROM enrollments e WHERE e.email = ?) RETURNING id;
+
+-- name: end_enrollments_of_email
+UPDATE enrollments SET state = ?, ended_at = ?
+    WHERE state = 'active' AND id IN (SELECT e.id FROM enrollments e WHERE e.email = ?);
+
+-- name: cancel_messages_of_id
+UPDATE messages SET state = 'cancelled', detail = ?
+    WHERE state IN ('scheduled', 'error') AND enrollment_id = ? RETURNING id;
+
+-- name: end_enrollments_of_id
+UPDATE enrollments SET state = ?, ended_at = ? WHERE state = 'active' AND id = ?;
+
+-- name: scheduled_to_error
+UPDATE messages SET state = 'error', reason = ?, detail = ?
+    WHERE mailbox = ? AND state = 'scheduled' RETURNING id;
+
+-- name: sending_to_error
+UPDATE messages SET state = 'error', reason = ?, detail = ?
+    WHERE mailbox = ? AND state = 'sending' RETURNING id;
+
+
+-- name: pending_ids
+SELECT id FROM messages WHERE mailbox = ?1 AND state = 'scheduled'
+UNION ALL SELECT id FROM messages WHERE mailbox = ?1 AND state = 'sending'
+UNION ALL SELECT id FROM messages WHERE mailbox = ?1 AND state = 'error'
+ORDER BY id;
+
+-- name: pending_ids_certain
+SELECT id FROM messages WHERE mailbox = ?1 AND state = 'scheduled' AND coalesce(reason, '') != 'uncertain'
+UNION ALL SELECT id FROM messages WHERE mailbox = ?1 AND state = 'sending' AND coalesce(reason, '') != 'uncertain'
+UNION ALL SELECT id FROM messages WHERE mailbox = ?1 AND state = 'error' AND coalesce(reason, '') != 'uncertain'
+ORDER BY id;
+
+-- name: suppressions
+SELECT email, reason, created_at FROM suppressions ORDER BY created_at, email;

@@ -1,0 +1,253 @@
+-- The statements PostgreSQL says its own way: pg_temp, lists as arrays (unnest), greatest(), and its
+-- leases (several daemons on one database), in the server's time.
+
+-- name: drop_import_rows
+DROP TABLE IF EXISTS pg_temp.import_rows;
+
+-- name: stage_import
+INSERT INTO pg_temp.import_rows (line, email, owner, fields) VALUES (?, ?, ?, ?);
+
+-- name: index_staged_by_email
+CREATE INDEX import_by_email ON pg_temp.import_rows (email, line);
+
+-- name: staged_duplicates
+SELECT r.n, r.line, r.email, d.first
+    FROM (SELECT email, min(line) AS first FROM pg_temp.import_rows GROUP BY email HAVING count(*) > 1) AS d
+    JOIN pg_temp.import_rows r ON r.email = d.email AND r.line > d.first;
+
+-- name: drop_staged_row
+DELETE FROM pg_temp.import_rows WHERE n = ?;
+
+-- name: staged_suppressed
+SELECT i.n, i.line, i.email, s.reason FROM pg_temp.import_rows i JOIN suppressions s ON s.email = i.email;
+
+-- name: drop_staged_enrolled
+DELETE FROM pg_temp.import_rows AS i
+    WHERE EXISTS (SELECT 1 FROM enrollments e WHERE e.email = i.email AND e.cadence = ?);
+
+-- name: staged_by_owner
+SELECT owner, count(*) FROM pg_temp.import_rows GROUP BY owner;
+
+-- name: staged_count
+SELECT count(*) FROM pg_temp.import_rows;
+
+-- name: staged
+SELECT line, email, owner, fields FROM pg_temp.import_rows ORDER BY n;
+
+-- name: drop_import_turns
+DROP TABLE IF EXISTS pg_temp.import_turns;
+
+-- name: drop_import_cycles
+DROP TABLE IF EXISTS pg_temp.import_cycles;
+
+-- name: insert_import_cycles
+INSERT INTO pg_temp.import_cycles VALUES (?, ?);
+
+-- name: insert_import_turns
+INSERT INTO pg_temp.import_turns VALUES (?, ?, ?);
+
+-- name: staged_span
+SELECT count(*), coalesce(max(n), 0) FROM pg_temp.import_rows;
+
+-- name: drop_import_cycle
+DROP TABLE IF EXISTS pg_temp.import_cycle;
+
+-- name: insert_import_cycle
+INSERT INTO pg_temp.import_cycle VALUES (?, ?);
+
+-- name: enroll_staged_in_order
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+    SELECT ?1 + r.n - 1, ?2, r.email,
+    (SELECT c.mailbox FROM pg_temp.import_cycle c WHERE c.turn = (r.n - 1) % ?5),
+    r.owner, ?3, r.fields, ?4
+    FROM pg_temp.import_rows r ORDER BY r.n;
+
+-- name: sent_on_days
+SELECT d.mailbox, d.sent FROM json_array_elements(CAST(? AS json)) j
+    JOIN daily_counts d ON d.mailbox = j.value->>0 AND d.day = j.value->>1;
+
+-- name: first_send_days
+SELECT j.value, (SELECT min(day) FROM daily_counts WHERE mailbox = j.value AND sent > 0)
+    FROM json_array_elements_text(CAST(? AS json)) AS j(value);
+
+-- name: failed_kinds
+SELECT reason, count(*) FROM messages WHERE state = 'failed' AND reason IN ('bounced', 'blocked')
+    AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value) GROUP BY reason;
+
+-- name: restore_cancelled
+UPDATE messages SET state = 'scheduled', detail = 'restored: the refusal was the sender''s'
+    WHERE state = 'cancelled' AND detail IN
+    (SELECT ?2 || ' ' || value FROM unnest(CAST(?1 AS bigint[])) AS value UNION SELECT ?3 || ' ' || value FROM unnest(CAST(?1 AS bigint[])) AS value)
+    RETURNING enrollment_id;
+
+-- name: unsuppress_messages
+DELETE FROM suppressions WHERE message IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
+
+-- name: enrollments_of_messages
+SELECT enrollment_id FROM messages WHERE id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
+
+-- name: reactivate_enrollments
+UPDATE enrollments SET state = 'active', ended_at = NULL
+    WHERE state IN ('bounced', 'stopped') AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
+
+-- name: unblock
+UPDATE mailbox_health SET blocks = greatest(blocks - (SELECT count(*) FROM messages
+    WHERE reason = 'blocked' AND id IN (SELECT value FROM unnest(CAST(?1 AS bigint[])) AS value)), 0) WHERE mailbox = ?2;
+
+-- name: mark_refused
+UPDATE messages SET state = 'error', reason = 'refused', detail = ?
+    WHERE state = 'failed' AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value) RETURNING id;
+
+-- name: messages_by_id
+SELECT m.id, m.state, m.reason, m.mailbox, m.enrollment_id, m.step, e.cadence, e.email
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
+
+-- name: retry
+UPDATE messages SET state = 'scheduled', reason = NULL, transient_failures = 0,
+    detail = 'retried by the operator (was ' || coalesce(reason, 'error') || ')'
+    WHERE state = 'error' AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value) RETURNING id;
+
+-- name: enrollments_to_move
+SELECT cadence, mailbox, count(*) FROM enrollments
+    WHERE id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value) AND mailbox != ? GROUP BY cadence, mailbox;
+
+-- name: move_enrollments
+UPDATE enrollments SET mailbox = ? WHERE id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
+
+-- name: move_messages
+UPDATE messages SET mailbox = ?1, state = 'scheduled', reason = NULL, transient_failures = 0,
+    detail = 'reassigned to ' || ?1 || ' (was ' || mailbox || ')'
+    WHERE state IN ('scheduled', 'error') AND enrollment_id IN (SELECT value FROM unnest(CAST(?2 AS bigint[])) AS value)
+    RETURNING id;
+
+-- name: enrollments_of_message_ids
+SELECT DISTINCT e.id, e.cadence, e.email, e.state
+    FROM unnest(CAST(? AS text[])) AS j(value) JOIN messages m ON m.message_id = j.value
+    JOIN enrollments e ON e.id = m.enrollment_id;
+
+-- name: dsn_failed
+UPDATE messages SET state = 'failed', reason = ?, detail = ?
+    WHERE id IN (SELECT m.id FROM unnest(CAST(? AS text[])) AS j(value) JOIN messages m ON m.message_id = j.value)
+    AND state = 'sent' AND enrollment_id IN (SELECT id FROM enrollments WHERE email = ?) RETURNING id;
+
+-- name: cancel_messages_of_ids
+UPDATE messages SET state = 'cancelled', detail = ?
+    WHERE state IN ('scheduled', 'error') AND enrollment_id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value) RETURNING id;
+
+-- name: end_enrollments_of_ids
+UPDATE enrollments SET state = ?, ended_at = ?
+    WHERE state = 'active' AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
+
+-- name: count_day_bounces
+INSERT INTO daily_counts (mailbox, day, sent, refused, bounces) VALUES (?1, ?2, 0, ?3, greatest(?4, 0))
+    ON CONFLICT (mailbox, day) DO UPDATE SET refused = greatest(daily_counts.refused + ?3, 0),
+    bounces = greatest(daily_counts.bounces + ?4, 0);
+
+-- name: count_day_blocks
+INSERT INTO daily_counts (mailbox, day, sent, refused, blocks) VALUES (?1, ?2, 0, ?3, greatest(?4, 0))
+    ON CONFLICT (mailbox, day) DO UPDATE SET refused = greatest(daily_counts.refused + ?3, 0),
+    blocks = greatest(daily_counts.blocks + ?4, 0);
+
+-- name: staged_rows
+SELECT line, email FROM pg_temp.import_rows ORDER BY n;
+
+-- name: drop_staged_rows
+DELETE FROM pg_temp.import_rows;
+
+-- name: staged_rows_of_owner
+SELECT line, email FROM pg_temp.import_rows WHERE owner = ? ORDER BY n;
+
+-- name: drop_staged_rows_of_owner
+DELETE FROM pg_temp.import_rows WHERE owner = ?;
+
+-- name: enroll_staged_renumbered
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+    SELECT ? + w.i, ?, r.email, t.mailbox, r.owner, ?, r.fields, ?
+    FROM (SELECT n, grp, i, i AS k
+          FROM (SELECT n, owner, '' AS grp, row_number() OVER (ORDER BY n) - 1 AS i
+                FROM pg_temp.import_rows) AS numbered) AS w
+    JOIN pg_temp.import_rows r ON r.n = w.n
+    JOIN pg_temp.import_cycles c ON c.grp = w.grp
+    JOIN pg_temp.import_turns t ON t.grp = w.grp AND t.turn = w.k % c.turns;
+
+-- name: enroll_staged_by_owner
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+    SELECT ? + w.i, ?, r.email, t.mailbox, r.owner, ?, r.fields, ?
+    FROM (SELECT n, grp, i, row_number() OVER (PARTITION BY owner ORDER BY n) - 1 AS k
+          FROM (SELECT n, owner, owner AS grp, row_number() OVER (ORDER BY n) - 1 AS i
+                FROM pg_temp.import_rows) AS numbered) AS w
+    JOIN pg_temp.import_rows r ON r.n = w.n
+    JOIN pg_temp.import_cycles c ON c.grp = w.grp
+    JOIN pg_temp.import_turns t ON t.grp = w.grp AND t.turn = w.k % c.turns;
+
+-- name: create_import_rows
+CREATE TEMP TABLE import_rows (n BIGSERIAL PRIMARY KEY, line BIGINT, email TEXT, owner TEXT, fields TEXT);
+
+-- name: outbox
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
+
+-- name: outbox_scheduled
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
+
+-- name: outbox_by_state
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
+
+-- name: error_ids
+SELECT id FROM messages WHERE state = 'error';
+
+-- Leases: which daemon sends for which mailbox (several daemons on one database). In the server's time.
+-- name: server_now
+SELECT extract(epoch FROM clock_timestamp());
+
+-- name: daemon_seen
+INSERT INTO daemons VALUES (?, ?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET
+    pid = excluded.pid, host = excluded.host, seen_at = excluded.seen_at,
+    started_at = CASE WHEN ? = 1 THEN excluded.started_at ELSE daemons.started_at END;
+
+-- name: forget_daemons
+DELETE FROM daemons WHERE seen_at < ?;
+
+-- name: live_daemons
+SELECT count(*) FROM daemons WHERE seen_at >= ?;
+
+-- name: let_go
+DELETE FROM leases WHERE holder = ? AND (mailbox = ANY(CAST(? AS text[])) OR NOT mailbox = ANY(CAST(? AS text[])));
+
+-- name: renew_leases
+UPDATE leases SET expires_at = ? WHERE holder = ? RETURNING mailbox;
+
+-- name: free_mailboxes
+SELECT w.m FROM unnest(CAST(? AS text[])) AS w(m) LEFT JOIN leases l ON l.mailbox = w.m
+    WHERE l.mailbox IS NULL OR l.expires_at < ? ORDER BY w.m LIMIT ?;
+
+-- name: take_lease
+INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (mailbox)
+    DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at;
+
+-- name: orphaned_to_uncertain
+UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?,
+    detail = 'found in sending when ' || ? || ' took the mailbox over: its daemon stopped mid-send'
+    WHERE state = 'sending' AND mailbox = ANY(CAST(? AS text[])) RETURNING id;
+
+-- name: holds_lease
+SELECT 1 FROM leases WHERE mailbox = ? AND holder = ?
+    AND expires_at > extract(epoch FROM clock_timestamp()) + ?;
+
+-- name: release_leases
+DELETE FROM leases WHERE holder = ?;
+
+-- name: release_daemon
+DELETE FROM daemons WHERE node = ?;
+
+-- name: leases
+SELECT mailbox, holder, expires_at FROM leases;
+
+-- name: daemons
+SELECT node, pid, host, started_at, seen_at FROM daemons ORDER BY node;

@@ -1,0 +1,166 @@
+"""The store's contract, on both engines, through its operations only (no SQL on its tables): what each
+operation changes, and the counts it keeps, are the same on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import StoreBusy
+from daemon.store import Claimed, SentRecord, Store
+
+A, B = "a@send.example", "b@send.example"
+DAY = "2026-12-07"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    where: Path | str = tmp_path / "contract.db"
+    if request.param == "postgresql":
+        where = request.getfixturevalue("postgres_url")
+    s = Store.open(where)
+    yield s
+    s.close()
+
+
+def enroll(store: Store, cadence: str, emails: list[str], mailbox: str = A, due: float = 100.0) -> list[int]:
+    first = store.next_enrollment_id()
+    rows = [(first + i, cadence, e, mailbox, "alice", "alice", "{}", 0.0) for i, e in enumerate(emails)]
+    with store.transaction():
+        store.insert_enrollments(cadence, rows)
+        store.count_enrollments(cadence, {mailbox: len(rows)})
+        store.schedule_first_steps(first, None, due, {mailbox: len(rows)})
+    return [r[0] for r in rows]
+
+
+def counts_agree(store: Store) -> None:
+    """The kept counts are what the outbox and the enrollments hold."""
+    listed = Counter((m["mailbox"], m["state"]) for m in store.outbox())
+    pending = {k: n for k, n in listed.items() if k[1] in ("scheduled", "sending", "error")}
+    assert store.message_counts() == pending
+
+
+def claim(store: Store, mailbox: str = A, now: float = 1000.0) -> Claimed:
+    c = store.claim(mailbox, now, lambda i, a: f"<{i}.{a}@send.example>")
+    assert c is not None
+    return c
+
+
+def sent(c: Claimed, next_step: tuple[int, str, float] | None) -> SentRecord:
+    return SentRecord(c, 1000.0, 250, "ok", f"step {c.step}", DAY, 1060.0, next_step)
+
+
+def test_a_claim_takes_the_oldest_due_and_a_send_schedules_the_next_step(store: Store) -> None:
+    enroll(store, "c1", ["p1@x.example"], due=100.0)
+    enroll(store, "c1", ["p2@y.example"], due=50.0)
+    assert store.claim(A, 10.0, lambda i, a: "<never>") is None  # nothing due yet
+    c = claim(store)
+    assert (c.email, c.step, c.attempts, c.fields) == ("p2@y.example", 1, 1, {"email": "p2@y.example"})
+    counts_agree(store)
+    with store.transaction():
+        store.record_sent(sent(c, (2, B, 5000.0)))
+    assert store.sent_on(A, DAY) == 1
+    assert store.thread(c.enrollment_id, 2) == [(1, c.message_id, "step 1")]
+    follow_up = [m for m in store.outbox(state="scheduled") if m["prospect"] == "p2@y.example"]
+    assert [(m["step"], m["mailbox"], m["due_at"]) for m in follow_up] == [(2, B, 5000.0)]
+    counts_agree(store)
+    last = claim(store, B, 6000.0)
+    with store.transaction():
+        store.record_sent(sent(last, None))
+    assert store.enrollment_counts()["c1"] == {"active": 1, "finished": 1}
+    snap = store.snapshot(A, DAY)
+    assert (snap.sent_today, snap.gap_until, snap.state) == (1, 1060.0, "connected")
+
+
+def test_a_bounce_suppresses_and_stops_the_address_everywhere_and_unblame_undoes_it(store: Store) -> None:
+    enroll(store, "c1", ["dead@x.example", "p@y.example"])
+    enroll(store, "c2", ["dead@x.example"], mailbox=B)
+    c = claim(store)
+    assert c.email == "dead@x.example"
+    cancelled = store.record_failed(c, 1000.0, 550, "5.1.1 no such user", suppress=True, day=DAY)
+    assert len(cancelled) == 1  # c2's step 1, from B
+    assert [s["email"] for s in store.suppressions()] == ["dead@x.example"]
+    assert store.enrollment_counts() == {"c1": {"active": 1, "bounced": 1}, "c2": {"stopped": 1}}
+    assert store.reputation(A, DAY) == (1, 1, 0)
+    counts_agree(store)
+    refused = store.unblame(A, [c.id], 1001.0, "the sender's refusal", day=DAY)
+    assert refused == [c.id]
+    assert store.suppressions() == []
+    assert store.enrollment_counts() == {"c1": {"active": 2}, "c2": {"active": 1}}
+    assert store.messages_by_id([c.id])[c.id]["reason"] == "refused"
+    assert store.reputation(A, DAY) == (0, 0, 0)
+    counts_agree(store)
+
+
+def test_a_disconnected_mailbox_keeps_its_messages_in_the_retry_queue(store: Store) -> None:
+    enroll(store, "c1", ["p1@x.example", "p2@x.example"])
+    c = claim(store)
+    assert sorted(store.disconnect(A, 1000.0, "535 auth failed", 1060.0)) == sorted([c.id, c.id + 1])
+    assert {m["reason"] for m in store.outbox(state="error")} == {"disconnected"}
+    assert store.mailbox_states()[A][0] == "disconnected"
+    counts_agree(store)
+    # The one in flight may have gone: it is not retried by a reconnect, only by the operator.
+    back = store.reconnect(A, 1100.0)
+    assert len(back) == 2 and store.mailbox_states()[A][0] == "connected"
+    assert store.error_ids(A) == [] and len(store.pending_ids(A)) == 2
+    counts_agree(store)
+
+
+def test_pause_resume_reassign_and_ending_enrollments(store: Store) -> None:
+    ids = enroll(store, "c1", ["p1@x.example", "p2@x.example", "p3@x.example"])
+    assert store.pause(A, "operator: checking", 10.0) and not store.pause(A, "again", 11.0)
+    assert store.mailbox_states()[A] == ("connected", "operator: checking")
+    assert store.resume(A) == "operator: checking" and store.resume(A) is None
+    with store.transaction():
+        moved = store.reassign([ids[0]], B)
+    assert len(moved) == 1 and store.rotation_counts("c1") == {A: 2, B: 1}
+    assert store.route_of(ids[0]) == ("c1", B)
+    with store.transaction():
+        ended = store.end_enrollments(ids[1:], "replied", 20.0, "replied")
+    assert len(ended) == 2
+    assert store.enrollment_counts()["c1"] == {"active": 1, "replied": 2}
+    assert store.unsubscribe_address("p1@x.example", 30.0, "unsubscribed") == [moved[0]]
+    assert store.enrollment_counts()["c1"] == {"stopped": 1, "replied": 2}
+    counts_agree(store)
+
+
+def test_an_import_is_checked_as_a_set_and_enrolled_in_turns(store: Store) -> None:
+    store.suppress("gone@x.example", "operator", 0.0)
+    enroll(store, "c1", ["old@x.example"])
+    store.start_import()
+    with store.staging():
+        store.stage_import(
+            [
+                (2, "p1@x.example", "alice", "{}"),
+                (3, "p2@x.example", "bob", "{}"),
+                (4, "p1@x.example", "alice", "{}"),
+                (5, "gone@x.example", "alice", "{}"),
+                (6, "old@x.example", "bob", "{}"),
+                (7, "p3@x.example", "bob", "{}"),
+            ]
+        )
+    assert store.drop_staged_duplicates() == [(4, "p1@x.example", 2)]
+    assert store.drop_staged_suppressed() == [(5, "gone@x.example", "operator")]
+    assert store.drop_staged_enrolled("c1") == 1
+    assert sorted(store.staged_groups(True)) == [("alice", 1), ("bob", 2)]
+    first = store.next_enrollment_id()
+    with store.enrolling():
+        store.enroll_staged("c1", "alice", 5.0, first, {"": (A, B)}, by_owner=False)
+    routes = [store.route_of(first + i) for i in range(3)]
+    assert routes == [("c1", A), ("c1", B), ("c1", A)]  # file order, the cycle in turn
+    assert store.enrollment_counts()["c1"] == {"active": 4}
+
+
+def test_a_writer_that_does_not_wait_is_told_the_database_is_busy(store: Store) -> None:
+    other = Store.open(store.conn.url if store.shared else store.path, wait=False)  # type: ignore[attr-defined]
+    try:
+        with store.transaction():
+            store.pin("c1", True, "cadence", 0.0)
+            with pytest.raises(StoreBusy):
+                other.pause(A, "operator", 1.0)
+        assert other.pause(A, "operator", 1.0)  # once the lock is let go
+    finally:
+        other.close()
