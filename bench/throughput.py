@@ -10,10 +10,14 @@
 3. The daemon with 1,000,000 enrollments in its database (one message due now,
    the rest tomorrow): its time from start to first send and its peak RSS.
 
+With `--against DIR` (another checkout of cadenced, say `git worktree add /tmp/old <commit>`), each round
+also runs that build's daemon on a database of its own, in turns with this one: the ratio of the two builds'
+CPU per message, median of the rounds, says whether a change cost sending anything.
+
 Targets: daemon >= 0.9 of the raw loop (median of alternated rounds); <= 150 MB peak RSS; <= 1 s to
 first send.
 
-    python bench/throughput.py [--messages N] [--mailboxes M] [--enrollments E] [--rounds R]
+    python bench/throughput.py [--messages N] [--mailboxes M] [--enrollments E] [--rounds R] [--against DIR]
 """
 
 from __future__ import annotations
@@ -132,10 +136,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def run_daemon(config: Path, db: Path, n: int, timeout: float = 600) -> tuple[float, float, float]:
-    """(seconds from the first send to the last, seconds from start to the first send, CPU seconds while sending)."""
+def run_daemon(
+    config: Path, db: Path, n: int, timeout: float = 600, build: Path | None = None
+) -> tuple[float, float, float]:
+    """(seconds from the first send to the last, seconds from start to the first send, CPU seconds while sending).
+    `build`: the checkout whose daemon runs (default: this one)."""
     started = time.time()
-    proc = subprocess.Popen(cadenced("--config", str(config), "run"), stdout=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": str(build)} if build else None
+    proc = subprocess.Popen(cadenced("--config", str(config), "run"), stdout=subprocess.DEVNULL, cwd=build, env=env)
     try:
         deadline = time.monotonic() + timeout
         cpu_at_first: float | None = None
@@ -249,16 +257,28 @@ def main() -> int:
     parser.add_argument("--mailboxes", type=int, default=10)
     parser.add_argument("--enrollments", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=7, help="plain script and daemon alternated, this many times")
+    parser.add_argument("--against", metavar="DIR", help="also run the daemon of the checkout in DIR, round by round")
     args = parser.parse_args()
     rounds: list[tuple[float, float, float, float, float]] = []
+    other: list[tuple[float, float]] = []  # (msg/s, CPU s) of the --against build's daemon
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         port = free_port()
         sink, sink_name = start_sink(port)
         try:
+
+            def against(r: int) -> tuple[float, float]:
+                db = root / f"against-{r}.db"
+                config = write_config(root, port, args.mailboxes, db, name=f"against-{r}.toml")
+                enroll(config, root, args.messages)
+                span, _, cpu_used = run_daemon(config, db, args.messages, build=Path(args.against).resolve())
+                return args.messages / span, cpu_used
+
             for r in range(args.rounds):
                 # The two runs of a round back to back (enrolled before either starts), in turns which goes first:
                 # this machine's speed drifts by a third from one minute to the next.
+                if args.against and r % 2:  # the two builds in turns which goes first
+                    other.append(against(r))
                 db = root / f"throughput-{r}.db"
                 config = write_config(root, port, args.mailboxes, db)
                 enroll(config, root, args.messages)
@@ -268,6 +288,8 @@ def main() -> int:
                 if not r % 2:
                     daemon_span, first_send, daemon_cpu = run_daemon(config, db, args.messages)
                 rounds.append((args.messages / raw, raw_cpu, args.messages / daemon_span, daemon_cpu, first_send))
+                if args.against and not r % 2:
+                    other.append(against(r))
             startup, rss = startup_and_memory(root, port, args.enrollments)
         finally:
             sink.terminate()
@@ -287,6 +309,16 @@ def main() -> int:
         "committed, synchronous = FULL)"
     )
     print(f"median daemon CPU:          {statistics.median(cpu):,.0f} µs/message")
+    if other:
+        theirs = [1e6 * c / args.messages for _, c in other]
+        mine = [1e6 * c / args.messages for _, _, _, c, _ in rounds]
+        cpu_ratios = sorted(a / b for a, b in zip(mine, theirs, strict=True))
+        rate_ratios = sorted(d / o for (_, _, d, _, _), (o, _) in zip(rounds, other, strict=True))
+        print(
+            f"against {args.against}: median CPU/msg {statistics.median(theirs):,.0f} µs there, "
+            f"{statistics.median(mine):,.0f} µs here; median ratio here / there: "
+            f"CPU {statistics.median(cpu_ratios):.3f}, msg/s {statistics.median(rate_ratios):.3f}"
+        )
     print(f"first send after start:     {rounds[-1][4]:.2f} s ({args.messages} enrolled)")
     print(
         f"with {args.enrollments:,} enrollments: first send {startup:.2f} s (target <= 1), "

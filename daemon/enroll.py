@@ -412,23 +412,16 @@ class Importer:
         """Refuse the file before any row when it cannot fill a template at all."""
         variables = compose.sample_variables(tuple(header))
         columns = set(header)
-        for step in self.cadence.steps:
-            for part, template in (("subject", step.subject), ("body", step.body)):
-                if template is None:
-                    continue
-                try:
-                    template.render(
-                        {
-                            k: v
-                            for k, v in variables.items()
-                            if k in columns or k.startswith("sender_") or k == "unsubscribe_url"
-                        }
-                    )
-                except compose.TemplateProblem as exc:
-                    raise UsageError(
-                        f"{where}: cadence {self.cadence.name!r} step {step.number} {part} cannot be filled "
-                        f"from {self.columns_name}: {exc}"
-                    ) from None
+        shown = {
+            k: v for k, v in variables.items() if k in columns or k.startswith("sender_") or k == "unsubscribe_url"
+        }
+        problems = lifecycle.unfilled(self.cadence.steps, shown)
+        if problems:
+            step, part, exc = problems[0]
+            raise UsageError(
+                f"{where}: cadence {self.cadence.name!r} step {step.number} {part} cannot be filled "
+                f"from {self.columns_name}: {exc}"
+            ) from None
 
     def _stage(self, header: list[str], rows: Rows, report: Report) -> None:
         """Every row validated and the good ones staged, BATCH at a time.
@@ -523,16 +516,12 @@ class Importer:
     def _render_problem(self, fields: dict[str, str]) -> tuple[str, str]:
         """What keeps a template from being filled by these fields, and the first empty required field."""
         variables = compose.prospect_variables(fields, "sender", "sender@example.com")
-        for step in self.cadence.steps:
-            for part, template in (("subject", step.subject), ("body", step.body)):
-                if template is None:
-                    continue
-                try:
-                    template.render(variables)
-                except compose.TemplateProblem as exc:
-                    empty = sorted(n for n in self.required if not fields.get(n))
-                    return f"step {step.number} {part}: {exc}", (empty[0] if empty else "")
-        return "", ""
+        problems = lifecycle.unfilled(self.cadence.steps, variables)
+        if not problems:
+            return "", ""
+        step, part, exc = problems[0]
+        empty = sorted(n for n in self.required if not fields.get(n))
+        return f"step {step.number} {part}: {exc}", (empty[0] if empty else "")
 
     def _enroll_staged(self, now: float, report: Report) -> None:
         """In the enrolling transaction: suppressed and already enrolled addresses out, the rest placed."""

@@ -613,7 +613,7 @@ class Watcher:
             delivered = isinstance(first, bytes | bytearray) and bool(bytes(first).split())
             if not delivered and self.clock() - since < settle_after:
                 continue  # the provider may not have filed it yet
-            await self.db(self._settle, message, delivered, sent)
+            await self.db(self._settle, message, delivered, sent, since)
             changed = True
             self.log.info("message.settled", message=message, message_id=message_id, sent=delivered, folder=sent)
         if changed:
@@ -654,16 +654,19 @@ class Watcher:
             self.log.info("message.copied", message=message, message_id=message_id, folder=sent)
         return True
 
-    def _settle(self, store: Store, message: int, delivered: bool, folder: str) -> None:
-        """Found in Sent: it was delivered (and the next step is scheduled); not found: send it."""
+    def _settle(self, store: Store, message: int, delivered: bool, folder: str, since: float) -> None:
+        """Found in Sent: it was delivered when it was attempted (`since`): sent then, counted in that day, and
+        the next step scheduled from then, as a send the server answered; not found: send it."""
         now = self.clock()
+        sent_at = since or now
+        day = timing.local_day(sent_at, self.mailbox.schedule.timezone)
         detail = f"settled from {folder}: {'found' if delivered else 'not found'} there"
         with store.transaction():
-            row = store.settle_uncertain(message, delivered, now, detail)
+            row = store.settle_uncertain(message, delivered, sent_at, detail, day)
             if row is None or not delivered:
                 return
             enrollment, step, cadence_name, sticky = row
-            following = lifecycle.next_step(self.config(), cadence_name, step, sticky, now)
+            following = lifecycle.next_step(self.config(), cadence_name, step, sticky, sent_at)
             if following is None:
                 store.finish_enrollment(enrollment, now)  # the last step, or a cadence no longer configured
             else:

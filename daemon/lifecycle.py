@@ -8,9 +8,10 @@ the daemon sent it from the enrollment's own.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
-from daemon import timing
+from daemon import compose, timing
 from daemon.model import Cadence, Config, Schedule, Step
 
 
@@ -90,3 +91,19 @@ def step_of(config: Config, cadence: str, step: int) -> tuple[Cadence | None, St
     except KeyError:
         return None, None
     return c, (c.steps[step - 1] if 0 < step <= len(c.steps) else None)
+
+
+def unfilled(steps: Iterable[Step], variables: Mapping[str, Any]) -> list[tuple[Step, str, compose.TemplateProblem]]:
+    """Whether a prospect's fields fill the steps: each (step, "subject" or "body") `variables` cannot fill, and
+    why; empty when every one is filled. Enroll asks it of a file's columns and of each row it doubts, `check`
+    of the sample fields."""
+    problems = []
+    for step in steps:
+        for part, template in (("subject", step.subject), ("body", step.body)):
+            if template is None:
+                continue
+            try:
+                template.render(variables)
+            except compose.TemplateProblem as exc:
+                problems.append((step, part, exc))
+    return problems

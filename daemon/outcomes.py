@@ -2,7 +2,7 @@
 
 One table, first matching row wins. The same table classifies a DSN's
 per-recipient `Status` (stage `dsn`). Every row is tested with real texts of
-Gmail, Microsoft 365, Postfix, Exim and Dovecot LMTP (tests/test_outcomes.py).
+Gmail, Microsoft 365, Postfix, Exim and Dovecot LMTP (tests/unit/test_outcomes.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import query
 from tests.servers import SmtpServer, free_port
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 TOKEN = "api-token-for-the-tests-0123456789"
 

@@ -14,7 +14,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import running, until
 from tests.servers import SmtpServer
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 
 def test_only_complete_csv_files_are_read(tmp_path: Path) -> None:

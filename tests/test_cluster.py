@@ -9,11 +9,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import tomli_w
 
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import SmtpServer
+
+pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
 
 LEASE = 6.0
 DAILY_LIMIT = 50

@@ -17,7 +17,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import eventually, query, states
 from tests.servers import SmtpServer
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 KILLS = 20
 MESSAGES = 200  # 100 prospects x 2 steps, all due at once

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
+
 
 def test_demo_runs_end_to_end() -> None:
     result = subprocess.run(

@@ -20,6 +20,8 @@ from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually
 from tests.servers import Pki, free_port
 
+pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
+
 TOKEN = "a-token-long-enough-for-the-tests-0123"
 
 

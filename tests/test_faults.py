@@ -15,7 +15,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import query, running, states, until
 from tests.servers import Authenticator, Pki, SmtpServer
 
-pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores, pytest.mark.slow]
 
 
 def setup(project: Project, server: SmtpServer, n: int = 1, steps: int = 1, **smtp: object) -> list[str]:

@@ -13,7 +13,7 @@ from tests.daemon_helpers import DaemonProcess, query
 from tests.hostile_imap import SCENARIOS, HostileImap
 from tests.servers import SmtpServer
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -20,7 +20,7 @@ from tests.servers import Pki, SmtpServer
 OWN = frozenset({"mb1@alice.example"})
 
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 
 def mail(sender: str, to: str, subject: str, *, in_reply_to: str = "", **headers: str) -> bytes:

@@ -27,7 +27,7 @@ from tests.oauth_server import OAuthRecorder, Provider
 from tests.servers import Authenticator, Pki, SmtpServer
 from tests.test_imap import mail
 
-pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import Authenticator, SmtpServer
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 
 def test_reload_with_a_fixed_password_reconnects(project: Project, tmp_path: Path) -> None:

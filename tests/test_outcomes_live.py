@@ -11,7 +11,7 @@ from tests.daemon_helpers import query, running, states, until
 from tests.servers import SmtpServer
 from tests.test_faults import db, setup
 
-pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores, pytest.mark.slow]
 
 
 def two_mailboxes(project: Project, bad: SmtpServer, good: SmtpServer) -> tuple[str, str]:

@@ -16,6 +16,8 @@ from tests.daemon_helpers import DaemonProcess, query
 from tests.postgres_server import Postgres
 from tests.servers import SmtpServer
 
+pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
+
 SECRET = "pg-password-of-the-tests-7731"
 
 

@@ -16,7 +16,7 @@ from tests.imap_server import Dovecot, needs_dovecot
 from tests.servers import Pki, SmtpServer
 from tests.test_imap import dsn
 
-pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores, pytest.mark.slow]
 
 
 def db(project: Project) -> Path | str:

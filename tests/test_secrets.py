@@ -7,6 +7,7 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,8 @@ from daemon import redact
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess
 from tests.servers import EchoingAuthenticator, SmtpServer
+
+pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
 
 SECRET = "Wr0ng-Secret-42!"
 

@@ -18,7 +18,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import next_weekday_at, query, running, shifted_clock, states, until
 from tests.servers import Authenticator, Pki, SmtpServer
 
-pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores, pytest.mark.slow]
 
 
 @pytest.fixture

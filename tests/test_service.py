@@ -20,7 +20,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, query
 from tests.servers import Authenticator, Pki, SmtpServer
 
-pytestmark = pytest.mark.both_stores
+pytestmark = [pytest.mark.both_stores, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "cadenced.service"

@@ -20,6 +20,8 @@ from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import SmtpServer
 
+pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
+
 
 def setup(project: Project, server: SmtpServer, n: int) -> Path:
     project.data["defaults"]["gap"] = "0s"

@@ -21,8 +21,8 @@ from tests.imap_server import Dovecot, needs_dovecot
 from tests.servers import Pki, SmtpServer
 from tests.test_imap import mail
 
-pytestmark = [pytest.mark.anyio, pytest.mark.both_stores]
-LAYOUTS = sorted((Path(__file__).resolve().parent / "replies").glob("*.txt"))  # tests/test_replies.py's corpus
+pytestmark = [pytest.mark.anyio, pytest.mark.both_stores, pytest.mark.slow]
+LAYOUTS = sorted((Path(__file__).resolve().parent / "unit" / "replies").glob("*.txt"))  # test_replies.py's corpus
 
 
 def db(project: Project) -> Path | str:
@@ -169,7 +169,7 @@ def test_the_operator_suppresses_and_lifts(project: Project) -> None:
 async def test_unsubscribe_replies_of_every_client_layout_suppress(
     project: Project, stack: tuple[SmtpServer, Dovecot]
 ) -> None:
-    """Each layout of tests/replies/ sent back through Dovecot by its own prospect: the ones that only say
+    """Each layout of tests/unit/replies/ sent back through Dovecot by its own prospect: the ones that only say
     "unsubscribe" (under a phone signature, Outlook's block, a wrapped attribution…) suppress; the others reply."""
     smtp, dovecot = stack
     box = "mb1@alice.example"

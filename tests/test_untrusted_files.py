@@ -17,6 +17,8 @@ import structlog
 from tests.conftest import Project
 from tests.daemon_helpers import query, running, until
 
+pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
+
 
 def enrolled(project: Project) -> int:
     db = project.root / "cadenced.db"

@@ -14,7 +14,7 @@ from typing import Any
 
 import email_validator
 
-from daemon import compose, redact
+from daemon import compose, lifecycle, redact
 from daemon.config.database import _database, _lease, _node
 from daemon.config.presets import PROVIDERS, SENT_COPIES, Preset
 from daemon.config.secrets import _named_secret, _secret
@@ -821,20 +821,15 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
 
 
 def _check_render(t: _Table, step: Step, fields: tuple[str, ...]) -> None:
-    sample = compose.sample_variables(fields)
-    for key, template in (("subject", step.subject), ("body_file" if step.body_file else "body", step.body)):
-        if template is None:
-            continue
-        try:
-            template.render(sample)
-        except compose.TemplateProblem as exc:
-            hint = ""
-            if "undefined" in str(exc):
-                hint = (
-                    " (prospect fields are email, first_name, last_name, company and the names in"
-                    " fields = [...]; use default(...) for a fallback)"
-                )
-            t.problems.add(t.at(key), f"{exc}{hint}")
+    for _, part, exc in lifecycle.unfilled([step], compose.sample_variables(fields)):
+        key = "body_file" if part == "body" and step.body_file else part
+        hint = ""
+        if "undefined" in str(exc):
+            hint = (
+                " (prospect fields are email, first_name, last_name, company and the names in"
+                " fields = [...]; use default(...) for a fallback)"
+            )
+        t.problems.add(t.at(key), f"{exc}{hint}")
 
 
 def config_digest(path: Path) -> str:

@@ -3,8 +3,8 @@ records make together (an enrollment ends, a step is scheduled, a count follows 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,10 +19,13 @@ class Core:
     q: Queries
     path: Path | str
 
+    transaction: Callable[[], AbstractContextManager[None]]  # one writer at a time; nests into an open one
+
     def __init__(self, engine: Engine) -> None:
         self.conn = engine
         self.q = engine.q
         self.path = engine.where
+        self.transaction = engine.transaction  # the engine's own: no call between a store method and it
 
     @property
     def shared(self) -> bool:
@@ -35,10 +38,6 @@ class Core:
 
     # --- transactions ---------------------------------------------------------------------------
 
-    def transaction(self) -> Any:
-        """One writer at a time across processes; nests into an open one."""
-        return self.conn.transaction()
-
     def enrolling(self) -> Any:
         """An import's enrolling transaction (SQLite: its foreign keys not checked, see the engine)."""
         return self.conn.enrolling()
@@ -50,14 +49,14 @@ class Core:
     @contextmanager
     def savepoint(self, name: str) -> Iterator[None]:
         """A part of the open transaction that fails alone: rolled back to where it began, then released."""
-        self.conn.execute(f"SAVEPOINT {name}")
+        self.conn.run(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
-            self.conn.execute(f"ROLLBACK TO {name}")
-            self.conn.execute(f"RELEASE {name}")
+            self.conn.run(f"ROLLBACK TO {name}")
+            self.conn.run(f"RELEASE {name}")
             raise
-        self.conn.execute(f"RELEASE {name}")
+        self.conn.run(f"RELEASE {name}")
 
     def rollback(self) -> None:
         self.conn.rollback()
@@ -93,32 +92,32 @@ class Core:
         }[by]
         if by == "ids":
             value = self._list(list(value))
-        rows = self.conn.execute(cancel, (detail, value)).fetchall()
-        self.conn.execute(end, (state, now, value))
+        rows = self.conn.all(cancel, (detail, value))
+        self.conn.run(end, (state, now, value))
         return [r[0] for r in rows]
 
     def _bounced(self, email: str, enrollment: int, now: float, detail: str) -> list[int]:
         """The enrollment of a bounced message `bounced`; the address's other enrollments stopped."""
-        self.conn.execute(self.q.mark_bounced, (now, enrollment))
+        self.conn.run(self.q.mark_bounced, (now, enrollment))
         return self._end("email", email, "stopped", now, detail)
 
     def suppress(self, email: str, reason: str, now: float) -> None:
-        self.conn.execute(self.q.suppress, (email, reason, now))
+        self.conn.run(self.q.suppress, (email, reason, now))
 
     def schedule_step(self, enrollment: int, step: int, mailbox: str, due: float) -> None:
         """The next step of an active enrollment (nothing when it has ended, or the step is there already)."""
-        inserted = self.conn.execute(self.q.schedule_step, (step, mailbox, due, enrollment)).rowcount
+        inserted = self.conn.run(self.q.schedule_step, (step, mailbox, due, enrollment))
         if inserted > 0:
             self._count_scheduled([(mailbox, inserted)])
 
     def finish_enrollment(self, enrollment: int, now: float) -> None:
-        row = self.conn.execute(self.q.finish_enrollment, (now, enrollment)).fetchone()
+        row = self.conn.one(self.q.finish_enrollment, (now, enrollment))
         if row is not None and self.counts_by_hand:
-            self.conn.execute(self.q.uncount_active, (row[0],))
-            self.conn.execute(self.q.count_finished, (row[0],))
+            self.conn.run(self.q.uncount_active, (row[0],))
+            self.conn.run(self.q.count_finished, (row[0],))
 
     def set_mailbox_state(self, mailbox: str, state: str, reason: str | None, now: float) -> None:
-        self.conn.execute(self.q.set_mailbox_state, (mailbox, state, reason, now))
+        self.conn.run(self.q.set_mailbox_state, (mailbox, state, reason, now))
 
     def _unsent_to_error(self, mailbox: str, reason: str, detail: str) -> list[int]:
         """The mailbox's scheduled and sending messages into the retry queue: one statement a state, each on
@@ -126,15 +125,15 @@ class Core:
         ids = [
             r[0]
             for statement in (self.q.scheduled_to_error, self.q.sending_to_error)
-            for r in self.conn.execute(statement, (reason, detail, mailbox)).fetchall()
+            for r in self.conn.all(statement, (reason, detail, mailbox))
         ]
         return sorted(ids)
 
     def pause(self, mailbox: str, reason: str, now: float) -> bool:
         """Paused with `reason` until `mailbox resume`; False when it already was."""
         with self.transaction():
-            self.conn.execute(self.q.health_row, (mailbox, now))
-            rows = self.conn.execute(self.q.pause, (reason, mailbox)).fetchall()
+            self.conn.run(self.q.health_row, (mailbox, now))
+            rows = self.conn.all(self.q.pause, (reason, mailbox))
         return bool(rows)
 
     # --- counts kept as things change ---------------------------------------------------------------
@@ -149,13 +148,13 @@ class Core:
 
     def _count_enrolled(self, cadence: str, n: int) -> None:
         """New enrollments, all active (the one place that inserts counts them; changes count by trigger)."""
-        self.conn.execute(self.q.count_enrolled, (cadence, n))
+        self.conn.run(self.q.count_enrolled, (cadence, n))
 
     def _recount(self, mailbox: str, old: str, new: str) -> None:
         """What the counting trigger does for one message, on the connection without it (counts_by_hand)."""
-        self.conn.execute(self.q.uncount_message, (mailbox, old))
+        self.conn.run(self.q.uncount_message, (mailbox, old))
         if new in COUNTED_STATES:
-            self.conn.execute(self.q.count_message, (mailbox, new))
+            self.conn.run(self.q.count_message, (mailbox, new))
 
     def _count_scheduled(self, added: Iterable[tuple[str, int]]) -> None:
         """New scheduled messages (the one place that inserts counts them; updates count by trigger)."""
@@ -164,13 +163,13 @@ class Core:
     def count_failure(self, mailbox: str, day: str, kind: str, at_smtp: bool, n: int = 1) -> None:
         """A bounce or a block of one of the mailbox's messages (`n` < 0 takes some back)."""
         statement = {"bounced": self.q.count_day_bounces, "blocked": self.q.count_day_blocks}[kind]
-        self.conn.execute(statement, (mailbox, day, n if at_smtp else 0, n))
+        self.conn.run(statement, (mailbox, day, n if at_smtp else 0, n))
 
     def _count_block(self, mailbox: str, now: float) -> None:
         """Blocks count against the mailbox's health (its reputation, not the address)."""
-        self.conn.execute(self.q.count_block, (mailbox, now))
+        self.conn.run(self.q.count_block, (mailbox, now))
 
     def reputation(self, mailbox: str, since_day: str) -> tuple[int, int, int]:
         """(attempts, bounces, blocks) of the mailbox's local days from `since_day` on."""
-        row = self.conn.execute(self.q.reputation, (mailbox, since_day)).fetchone()
+        row = self.conn.one(self.q.reputation, (mailbox, since_day))
         return int(row[0]), int(row[1]), int(row[2])

@@ -15,7 +15,7 @@ class Counts(Core):
         return {(r[0], r[1]): r[2] for r in rows}
 
     def sent_on(self, mailbox: str, day: str) -> int:
-        row = self.conn.execute(self.q.sent_on, (mailbox, day)).fetchone()
+        row = self.conn.one(self.q.sent_on, (mailbox, day))
         return int(row[0]) if row else 0
 
     def enrollment_counts(self) -> dict[str, dict[str, int]]:
@@ -25,7 +25,7 @@ class Counts(Core):
         return out
 
     def earliest_due(self, mailbox: str) -> float | None:
-        row = self.conn.execute(self.q.earliest_due, (mailbox,)).fetchone()
+        row = self.conn.one(self.q.earliest_due, (mailbox,))
         return None if row[0] is None else float(row[0])
 
     def sent_on_days(self, wanted: Sequence[tuple[str, str]]) -> dict[str, int]:
@@ -52,7 +52,7 @@ class Counts(Core):
 
     def first_send_day(self, mailbox: str) -> str | None:
         """The local day of the mailbox's first send ever (warm-up counts from it)."""
-        row = self.conn.execute(self.q.first_send_day, (mailbox,)).fetchone()
+        row = self.conn.one(self.q.first_send_day, (mailbox,))
         return str(row[0]) if row[0] is not None else None
 
     def domain_counts_on(self, mailbox: str, day: str) -> list[tuple[str, str, int]]:
@@ -61,5 +61,5 @@ class Counts(Core):
         return [(r[0], r[1], r[2]) for r in rows]
 
     def domain_sent(self, mailbox: str, day: str, domain: str) -> int:
-        row = self.conn.execute(self.q.domain_sent, (mailbox, day, domain)).fetchone()
+        row = self.conn.one(self.q.domain_sent, (mailbox, day, domain))
         return int(row[0]) if row else 0

@@ -23,11 +23,11 @@ class Enrollments(Core):
             )
 
     def pins(self) -> dict[str, Pin]:
-        rows = self.conn.execute(self.q.pins).fetchall()
+        rows = self.conn.all(self.q.pins)
         return {r[0]: Pin(r[0], bool(r[1]), r[2], r[3]) for r in rows}
 
     def pin(self, cadence: str, auto_rotate: bool, rotate_among: str, now: float) -> None:
-        self.conn.execute(
+        self.conn.run(
             self.q.pin,
             (cadence, int(auto_rotate), rotate_among, now),
         )
@@ -35,27 +35,27 @@ class Enrollments(Core):
     def unsubscribe_key(self) -> bytes:
         """The key of every unsubscribe token (made once; the same across restarts and reloads)."""
         with self.transaction():
-            self.conn.execute(
+            self.conn.run(
                 self.q.make_unsubscribe_key,
                 (secrets.token_hex(32),),
             )
-            row = self.conn.execute(self.q.unsubscribe_key).fetchone()
+            row = self.conn.one(self.q.unsubscribe_key)
         return bytes.fromhex(row[0])
 
     def api_answer(self, key: str) -> tuple[str, str, str] | None:
         """(playbook, digest of the request, answer as JSON) given to an Idempotency-Key, if still kept."""
-        row = self.conn.execute(self.q.api_answer, (key,)).fetchone()
+        row = self.conn.one(self.q.api_answer, (key,))
         return (row[0], row[1], row[2]) if row else None
 
     def keep_api_answer(self, key: str, playbook: str, digest: str, answer: str, now: float) -> None:
         """In the transaction of what the request did; keys older than IDEMPOTENCY_KEPT are forgotten."""
         with self.transaction():
-            self.conn.execute(self.q.forget_api_answers, (now - IDEMPOTENCY_KEPT,))
-            self.conn.execute(self.q.keep_api_answer, (key, playbook, digest, answer, now))
+            self.conn.run(self.q.forget_api_answers, (now - IDEMPOTENCY_KEPT,))
+            self.conn.run(self.q.keep_api_answer, (key, playbook, digest, answer, now))
 
     def unsubscribe(self, enrollment: int, now: float, detail: str) -> tuple[str, list[int]] | None:
         """The prospect of `enrollment` asked to hear no more: suppressed, every cadence of theirs stopped."""
-        row = self.conn.execute(self.q.email_of, (enrollment,)).fetchone()
+        row = self.conn.one(self.q.email_of, (enrollment,))
         if row is None:
             return None
         return row[0], self.unsubscribe_address(row[0], now, detail)
@@ -105,7 +105,7 @@ class Enrollments(Core):
         )
 
     def next_enrollment_id(self) -> int:
-        return int(self.conn.execute(self.q.next_enrollment_id).fetchone()[0]) + 1
+        return int(self.conn.one(self.q.next_enrollment_id)[0]) + 1
 
     def insert_enrollments(self, cadence: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """rows: (id, cadence, email, mailbox, owner, adder, fields_json, created_at), all of `cadence`."""
@@ -119,14 +119,14 @@ class Enrollments(Core):
         self, first_id: int, sender: str | None, due_at: float, per_mailbox: dict[str, int]
     ) -> None:
         """Step 1 of every enrollment from `first_id` on (`per_mailbox` of them), from `sender` or its own mailbox."""
-        self.conn.execute(
+        self.conn.run(
             self.q.schedule_first_steps,
             (sender, due_at, first_id),
         )
         self._count_scheduled([(sender, sum(per_mailbox.values()))] if sender else per_mailbox.items())
 
     def email_of(self, enrollment: int) -> str:
-        row = self.conn.execute(self.q.email_of, (enrollment,)).fetchone()
+        row = self.conn.one(self.q.email_of, (enrollment,))
         return str(row[0]) if row else ""
 
     def enrollments_of_message_ids(self, message_ids: Sequence[str]) -> list[tuple[int, str, str, str]]:
@@ -157,5 +157,5 @@ class Enrollments(Core):
 
     def route_of(self, enrollment: int) -> tuple[str, str] | None:
         """(cadence, sticky sender) of an enrollment."""
-        row = self.conn.execute(self.q.route_of, (enrollment,)).fetchone()
+        row = self.conn.one(self.q.route_of, (enrollment,))
         return None if row is None else (str(row[0]), str(row[1]))

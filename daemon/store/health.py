@@ -21,10 +21,10 @@ class Health(Core):
         return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
 
     def snapshot(self, mailbox: str, day: str) -> Snapshot:
-        row = self.conn.execute(
+        row = self.conn.one(
             self.q.snapshot,
             (mailbox, day),
-        ).fetchone()
+        )
         r = row
         return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])
 
@@ -42,13 +42,13 @@ class Health(Core):
         """Unpaused; its bounce and block counts start afresh (else the next bounce pauses it again). Returns
         the reason it was paused for, None when it was not."""
         with self.transaction():
-            row = self.conn.execute(self.q.paused_reason, (mailbox,)).fetchone()
+            row = self.conn.one(self.q.paused_reason, (mailbox,))
             if row is None:
                 return None
-            self.conn.execute(self.q.resume, (mailbox,))
-            self.conn.execute(self.q.forget_failures, (mailbox,))
+            self.conn.run(self.q.resume, (mailbox,))
+            self.conn.run(self.q.forget_failures, (mailbox,))
             # What waited only for the pause no longer says so (the loop says anew what it waits for, if anything).
-            self.conn.execute(
+            self.conn.run(
                 self.q.forget_pause_details,
                 (mailbox,),
             )
@@ -63,7 +63,7 @@ class Health(Core):
         operator: a reload that changes its settings, a restart, or `outbox retry`.
         """
         with self.transaction():
-            self.conn.execute(
+            self.conn.run(
                 self.q.disconnect,
                 (mailbox, detail, now, next_probe_at, state),
             )
@@ -74,16 +74,16 @@ class Health(Core):
         """A probe succeeded: connected again, its `disconnected` errors back to `scheduled`."""
         with self.transaction():
             self.set_mailbox_state(mailbox, "connected", None, now)
-            self.conn.execute(self.q.reset_probe, (mailbox,))
-            rows = self.conn.execute(
+            self.conn.run(self.q.reset_probe, (mailbox,))
+            rows = self.conn.all(
                 self.q.back_from_retry_queue,
                 (mailbox,),
-            ).fetchall()
+            )
         return [r[0] for r in rows]
 
     def set_probe(self, mailbox: str, next_probe_at: float, detail: str) -> None:
         with self.transaction():
-            self.conn.execute(
+            self.conn.run(
                 self.q.set_probe,
                 (next_probe_at, detail, mailbox),
             )
@@ -91,16 +91,16 @@ class Health(Core):
     def note_limit(self, mailbox: str, day: str, quota: bool, now: float) -> bool:
         """Record that `day` is full for `mailbox`; True the first time (to log it once)."""
         with self.transaction():
-            self.conn.execute(
+            self.conn.run(
                 self.q.health_row,
                 (mailbox, now),
             )
             if quota:
-                self.conn.execute(self.q.note_quota_day, (day, mailbox))
-            changed = self.conn.execute(
+                self.conn.run(self.q.note_quota_day, (day, mailbox))
+            changed = self.conn.all(
                 self.q.note_limit_logged,
                 (day, mailbox),
-            ).fetchall()
+            )
         return bool(changed)
 
     def orphan_removed_mailboxes(self, configured: set[str], now: float) -> list[tuple[str, int]]:
@@ -118,17 +118,17 @@ class Health(Core):
 
     def probe_now(self, mailbox: str, now: float) -> None:
         """A changed password (reload, restart): try the disconnected mailbox at once."""
-        self.conn.execute(
+        self.conn.run(
             self.q.probe_now,
             (now, mailbox),
         )
 
     def imap_position(self, mailbox: str) -> tuple[int, int] | None:
-        row = self.conn.execute(self.q.imap_position, (mailbox,)).fetchone()
+        row = self.conn.one(self.q.imap_position, (mailbox,))
         return None if row is None else (int(row[0]), int(row[1]))
 
     def set_imap_position(self, mailbox: str, uidvalidity: int, last_uid: int) -> None:
-        self.conn.execute(
+        self.conn.run(
             self.q.set_imap_position,
             (mailbox, uidvalidity, last_uid),
         )

@@ -59,42 +59,42 @@ class Outbox(Core):
     def recover_sending(self, now: float) -> list[int]:
         """Messages left in `sending` by a crash: maybe delivered, so never resent by themselves."""
         with self.transaction():
-            rows = self.conn.execute(
+            rows = self.conn.all(
                 self.q.recover_sending,
                 (now,),
-            ).fetchall()
+            )
         return [r[0] for r in rows]
 
     def next_due_domain(self, mailbox: str, now: float) -> str | None:
         """The recipient domain of the message `claim` would take now."""
-        row = self.conn.execute(
+        row = self.conn.one(
             self.q.next_due_domain,
             (mailbox, now),
-        ).fetchone()
+        )
         return domain_of(row[0]) if row else None
 
     def defer_domain(self, mailbox: str, domain: str, now: float, until: float, detail: str) -> list[int]:
         """domain_daily_limit reached: the mailbox's due messages to `domain` wait until `until`, in their order
         (the others go on). Costs the mailbox's due messages, once per domain and day."""
         with self.transaction():
-            rows = self.conn.execute(
+            rows = self.conn.all(
                 self.q.defer_domain,
                 (until, detail, mailbox, domain, now),
-            ).fetchall()
+            )
         return [r[0] for r in rows]
 
     def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
         """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
         with self.transaction():
-            row = self.conn.execute(
+            row = self.conn.one(
                 self.q.next_due,
                 (mailbox, now),
-            ).fetchone()
+            )
             if row is None:
                 return None
             attempts = row[8] + 1
             mid = message_id(row[0], attempts)
-            self.conn.execute(
+            self.conn.run(
                 self.q.claim,
                 (attempts, mid, row[0]),
             )
@@ -129,29 +129,29 @@ class Outbox(Core):
         gap_until, next_step, copy, count_domain = r.gap_until, r.next_step, r.copy, r.count_domain
         with self.transaction():
             if count_domain:
-                self.conn.execute(
+                self.conn.run(
                     self.q.count_domain_send,
                     (c.mailbox, day, domain_of(c.email)),
                 )
             if copy is not None:
-                self.conn.execute(
+                self.conn.run(
                     self.q.keep_sent_copy,
                     (c.id, c.mailbox, c.message_id, copy),
                 )
             was = None
             if self.counts_by_hand:
-                was = self.conn.execute(self.q.state_of_message, (c.id,)).fetchone()
-            self.conn.execute(
+                was = self.conn.one(self.q.state_of_message, (c.id,))
+            self.conn.run(
                 self.q.mark_sent,
                 (now, code, text, subject, c.id),
             )
             if was is not None and was[1] != "sent":
                 self._recount(was[0], was[1], "sent")
-            self.conn.execute(
+            self.conn.run(
                 self.q.count_send,
                 (c.mailbox, day),
             )
-            self.conn.execute(
+            self.conn.run(
                 self.q.note_send,
                 (c.mailbox, now, now, gap_until),
             )
@@ -171,23 +171,23 @@ class Outbox(Core):
 
     def copy_filed(self, message: int) -> None:
         with self.transaction():
-            self.conn.execute(self.q.copy_filed, (message,))
+            self.conn.run(self.q.copy_filed, (message,))
 
     def copy_failed(self, message: int, detail: str) -> None:
         with self.transaction():
-            self.conn.execute(self.q.copy_failed, (detail, message))
+            self.conn.run(self.q.copy_failed, (detail, message))
 
     def reschedule(self, message: int, due_at: float, code: int | None, detail: str, transient: bool) -> None:
         """Back to `scheduled` (a 4xx to retry later, or a deferral): nothing was delivered."""
         with self.transaction():
-            self.conn.execute(
+            self.conn.run(
                 self.q.reschedule,
                 (due_at, code, detail, int(transient), message),
             )
 
     def record_error(self, message: int, reason: str, code: int | None, detail: str, now: float = 0.0) -> None:
         with self.transaction():
-            self.conn.execute(
+            self.conn.run(
                 self.q.record_error,
                 (reason, code, detail, reason, now, message),
             )
@@ -204,14 +204,14 @@ class Outbox(Core):
         with self.transaction():
             if day:
                 self.count_failure(c.mailbox, day, "bounced" if suppress else "blocked", at_smtp=True)
-            self.conn.execute(
+            self.conn.run(
                 self.q.mark_failed,
                 ("bounced" if suppress else "blocked", code, detail, c.id),
             )
             if not suppress:
                 self._count_block(c.mailbox, now)
                 return self._end("id", c.enrollment_id, "stopped", now, f"{BLOCKED_BY} {c.id}")
-            self.conn.execute(
+            self.conn.run(
                 self.q.suppress_bounced,
                 (c.email, f"bounced {code or ''} {detail}".strip()[:200], now, c.id),
             )
@@ -220,10 +220,10 @@ class Outbox(Core):
     def cut_uncertain(self, message: int, now: float, detail: str) -> bool:
         """A transaction cut by a stop: `uncertain` if it was still in flight (True), unchanged otherwise."""
         with self.transaction():
-            rows = self.conn.execute(
+            rows = self.conn.all(
                 self.q.cut_uncertain,
                 (now, detail, message),
-            ).fetchall()
+            )
         return bool(rows)
 
     def unblame(self, mailbox: str, messages: Sequence[int], now: float, detail: str, day: str = "") -> list[int]:
@@ -233,40 +233,40 @@ class Outbox(Core):
         ids = self._list(list(messages))
         with self.transaction():
             if day:
-                for kind, n in self.conn.execute(
+                for kind, n in self.conn.all(
                     self.q.failed_kinds,
                     (ids,),
-                ).fetchall():
+                ):
                     self.count_failure(mailbox, day, kind, at_smtp=True, n=-n)
-            restored = self.conn.execute(
+            restored = self.conn.all(
                 self.q.restore_cancelled,
                 (ids, SUPPRESSED_BY, BLOCKED_BY),
-            ).fetchall()
-            self.conn.execute(self.q.unsuppress_messages, (ids,))
+            )
+            self.conn.run(self.q.unsuppress_messages, (ids,))
             enrollments = {r[0] for r in restored}
             enrollments |= {r[0] for r in self.conn.execute(self.q.enrollments_of_messages, (ids,))}
-            self.conn.execute(
+            self.conn.run(
                 self.q.reactivate_enrollments,
                 (self._list(sorted(enrollments)),),
             )
-            self.conn.execute(
+            self.conn.run(
                 self.q.unblock,
                 (ids, mailbox),
             )
-            rows = self.conn.execute(
+            rows = self.conn.all(
                 self.q.mark_refused,
                 (detail, ids),
-            ).fetchall()
+            )
         return [r[0] for r in rows]
 
     def throttle(self, message: int, mailbox: str, until: float, code: int | None, detail: str) -> None:
         """The server asked the whole client to wait: the message keeps its place and its retries."""
         with self.transaction():
-            self.conn.execute(
+            self.conn.run(
                 self.q.throttle_message,
                 (code, detail, message),
             )
-            self.conn.execute(
+            self.conn.run(
                 self.q.throttle_mailbox,
                 (mailbox, until, until),
             )
@@ -274,19 +274,19 @@ class Outbox(Core):
     def catch_due_while_down(self, mailbox: str, now: float) -> list[int]:
         """Messages reaching their due time while the mailbox is down join its error section."""
         with self.transaction():
-            rows = self.conn.execute(
+            rows = self.conn.all(
                 self.q.catch_due_while_down,
                 (mailbox, now),
-            ).fetchall()
+            )
         return [r[0] for r in rows]
 
     def mark_deferred(self, mailbox: str, until: float, detail: str) -> list[int]:
         """Say on each due message why it waits; returns the ones newly told (logged once each)."""
         with self.transaction():
-            rows = self.conn.execute(
+            rows = self.conn.all(
                 self.q.mark_deferred,
                 (detail, mailbox, until),
-            ).fetchall()
+            )
         return [r[0] for r in rows]
 
     def messages_by_id(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -315,28 +315,28 @@ class Outbox(Core):
 
     def retry(self, ids: Sequence[int]) -> int:
         """error → scheduled, on the operator's word (uncertain ones included)."""
-        rows = self.conn.execute(
+        rows = self.conn.all(
             self.q.retry,
             (self._list(list(ids)),),
-        ).fetchall()
+        )
         return len(rows)
 
     def reassign(self, enrollment_ids: Sequence[int], to: str) -> list[int]:
         """Move enrollments to `to`: their sticky sender and every message not yet sent."""
         ids = self._list(list(enrollment_ids))
-        for cadence, mailbox, n in self.conn.execute(
+        for cadence, mailbox, n in self.conn.all(
             self.q.enrollments_to_move,
             (ids, to),
-        ).fetchall():
+        ):
             self.count_enrollments(cadence, {mailbox: -n, to: n})
-        self.conn.execute(
+        self.conn.run(
             self.q.move_enrollments,
             (to, ids),
         )
-        rows = self.conn.execute(
+        rows = self.conn.all(
             self.q.move_messages,
             (to, ids),
-        ).fetchall()
+        )
         return [r[0] for r in rows]
 
     def never_contacted(self, mailbox: str) -> list[tuple[int, str, str, str]]:
@@ -351,10 +351,10 @@ class Outbox(Core):
 
     def dsn_failed(self, message_ids: Sequence[str], email: str, reason: str, detail: str, mailbox: str) -> None:
         """A DSN says a sent message failed after all: the message says so, and a block counts for the mailbox."""
-        rows = self.conn.execute(
+        rows = self.conn.all(
             self.q.dsn_failed,
             (reason, detail, self._list(list(message_ids)), email),
-        ).fetchall()
+        )
         if reason == "blocked" and rows:
             self._count_block(mailbox, time.time())
 
@@ -367,25 +367,21 @@ class Outbox(Core):
         return [(r[0], r[1], r[2]) for r in rows]
 
     def settle_uncertain(
-        self, message: int, delivered: bool, now: float, detail: str
+        self, message: int, delivered: bool, sent_at: float, detail: str, day: str = ""
     ) -> tuple[int, int, str, str] | None:
-        """Settle an `uncertain` message; returns (enrollment, step, cadence, sticky) when it changed."""
-        row = self.conn.execute(
-            self.q.uncertain_route,
-            (message,),
-        ).fetchone()
+        """Settle an `uncertain` message; returns (enrollment, step, cadence, sticky) when it changed.
+
+        Delivered: `sent` at `sent_at` (when it was attempted), and counted in its mailbox's local `day` as
+        record_sent counts a send: the daily limit holds what went. Not delivered: scheduled again."""
+        row = self.conn.one(self.q.uncertain_route, (message,))
         if row is None:
             return None
         if delivered:
-            self.conn.execute(
-                self.q.settle_delivered,
-                (now, detail, message),
-            )
+            self.conn.run(self.q.settle_delivered, (sent_at, detail, message))
+            if day:
+                self.conn.run(self.q.count_send, (row[4], day))
         else:
-            self.conn.execute(
-                self.q.settle_not_delivered,
-                (detail, message),
-            )
+            self.conn.run(self.q.settle_not_delivered, (detail, message))
         return (row[0], row[1], row[2], row[3])
 
     def scheduled_in_order(self, mailbox: str, until: float) -> Iterator[tuple[float, int, int]]:

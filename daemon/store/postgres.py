@@ -280,6 +280,18 @@ class PgEngine:
         with _errors(self.url):
             return _Rows(self.pg.execute(sql, _params(sql, params)))
 
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with _errors(self.url):
+            return self.pg.execute(sql, _params(sql, params)).rowcount
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with _errors(self.url):
+            return self.pg.execute(sql, _params(sql, params)).fetchone()
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with _errors(self.url):
+            return self.pg.execute(sql, _params(sql, params)).fetchall()
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         with _errors(self.url), self.pg.cursor() as cursor:
             cursor.executemany(sql, [_params(sql, r) for r in rows])

@@ -428,6 +428,27 @@ class SqliteEngine:
         except sqlite3.Error as exc:
             raise failure(exc, self.path) from None
 
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """A write: the rows it changed (no cursor kept: the send's path runs a dozen of these)."""
+        try:
+            return self.conn.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise failure(exc, self.path) from None
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of a statement, or None."""
+        try:
+            return self.conn.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise failure(exc, self.path) from None
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of a statement."""
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise failure(exc, self.path) from None
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         try:
             return self.conn.executemany(sql, rows).rowcount

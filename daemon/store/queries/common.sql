@@ -326,7 +326,7 @@ SELECT id, message_id, coalesce(uncertain_at, 0) FROM messages
     WHERE state = 'error' AND mailbox = ? AND reason = 'uncertain' AND message_id IS NOT NULL;
 
 -- name: uncertain_route
-SELECT m.enrollment_id, m.step, e.cadence, e.mailbox FROM messages m
+SELECT m.enrollment_id, m.step, e.cadence, e.mailbox, m.mailbox FROM messages m
     JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.id = ? AND m.state = 'error' AND m.reason = 'uncertain';
 

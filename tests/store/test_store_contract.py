@@ -164,3 +164,20 @@ def test_a_writer_that_does_not_wait_is_told_the_database_is_busy(store: Store) 
         assert other.pause(A, "operator", 1.0)  # once the lock is let go
     finally:
         other.close()
+
+
+def test_an_uncertain_send_found_delivered_counts_in_the_day_it_went(store: Store) -> None:
+    """Settled from Sent, a send counts in its day's limit as one the server answered does."""
+    enroll(store, "c1", ["p1@x.example", "p2@x.example"])
+    c = claim(store)
+    assert store.cut_uncertain(c.id, 1000.0, "cut at shutdown")
+    assert store.sent_on(A, DAY) == 0
+    with store.transaction():
+        route = store.settle_uncertain(c.id, True, 1000.0, "found in Sent", DAY)
+    assert route == (c.enrollment_id, 1, "c1", A)
+    assert store.sent_on(A, DAY) == 1
+    assert store.messages_by_id([c.id])[c.id]["state"] == "sent"
+    with store.transaction():
+        assert store.settle_uncertain(c.id, True, 1000.0, "again", DAY) is None  # settled once
+    assert store.sent_on(A, DAY) == 1
+    counts_agree(store)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon import timing
-from daemon.config import Schedule, Warmup
+from daemon.model import Schedule, Warmup
 
 BERLIN = "Europe/Berlin"
 NEW_YORK = "America/New_York"

@@ -1,4 +1,4 @@
-"""The new text of a reply: a corpus of real client layouts (tests/replies/), in several languages.
+"""The new text of a reply: a corpus of real client layouts (tests/unit/replies/), in several languages.
 
 Each file is the text/plain part of a reply as the client writes it: Gmail (web, wrapped attribution, Android),
 Apple Mail, iPhone, Outlook (desktop with and without its line, web, iOS), Thunderbird, in English, German,

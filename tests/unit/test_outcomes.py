@@ -219,7 +219,7 @@ def test_policy_and_unclassed_refusals_may_form_a_streak(code: int, text: str) -
 
 def test_the_readme_table_is_the_outcome_table() -> None:
     """README's "When things go wrong" names every row of the table, in the table's order."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## When things go wrong") : readme.index("### When the database fails")]
     places = [section.find(f"| {rule.why} |") for rule in outcomes.TABLE]
     assert -1 not in places, [r.why for r, p in zip(outcomes.TABLE, places, strict=True) if p == -1]
