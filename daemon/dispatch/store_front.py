@@ -116,15 +116,18 @@ class AsyncStore:
     @staticmethod
     def _run_batch(store: Store, batch: list[_Call]) -> None:
         with store.transaction():
+            run = store.conn.run
             for i, call in enumerate(batch):
                 call.result, call.error = None, None
+                run(f"SAVEPOINT call{i}")  # each call a savepoint: one that fails is rolled back alone
                 try:
-                    with store.savepoint(f"call{i}"):
-                        call.result = call.fn(store)
+                    call.result = call.fn(store)
                 except Exception as exc:
                     if not store.conn.in_transaction:
                         raise  # the transaction itself is gone (a full disk): the whole batch fails
+                    run(f"ROLLBACK TO call{i}")
                     call.error = exc
+                run(f"RELEASE call{i}")
 
     async def others_version(self) -> int:
         """PRAGMA data_version seen by the group-commit connection: it moves when another connection commits.

@@ -3,8 +3,8 @@ records make together (an enrollment ends, a step is scheduled, a count follows 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,21 +20,19 @@ class Core:
     path: Path | str
 
     transaction: Callable[[], AbstractContextManager[None]]  # one writer at a time; nests into an open one
+    holds: Callable[[str], bool]  # may this daemon claim the mailbox's messages (PostgreSQL: its lease lasts)?
+    shared: bool
+    counts_by_hand: bool
 
     def __init__(self, engine: Engine) -> None:
         self.conn = engine
         self.q = engine.q
         self.path = engine.where
         self.transaction = engine.transaction  # the engine's own: no call between a store method and it
-
-    @property
-    def shared(self) -> bool:
-        """PostgreSQL: several daemons share the database, each sending for the mailboxes it leases."""
-        return self.conn.shared
-
-    @property
-    def counts_by_hand(self) -> bool:
-        return self.conn.counts_by_hand
+        self.holds = engine.holds
+        # PostgreSQL: several daemons share the database, each sending for the mailboxes it leases.
+        self.shared = engine.shared
+        self.counts_by_hand = engine.counts_by_hand  # no counting triggers on this connection (group commit)
 
     # --- transactions ---------------------------------------------------------------------------
 
@@ -45,18 +43,6 @@ class Core:
     def staging(self) -> Any:
         """Where an import stages its file (SQLite: one transaction of the temp database)."""
         return self.conn.staging()
-
-    @contextmanager
-    def savepoint(self, name: str) -> Iterator[None]:
-        """A part of the open transaction that fails alone: rolled back to where it began, then released."""
-        self.conn.run(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            self.conn.run(f"ROLLBACK TO {name}")
-            self.conn.run(f"RELEASE {name}")
-            raise
-        self.conn.run(f"RELEASE {name}")
 
     def rollback(self) -> None:
         self.conn.rollback()
@@ -70,10 +56,6 @@ class Core:
     def data_version(self) -> int:
         """Changes whenever another connection commits: how the daemon notices other commands."""
         return self.conn.data_version()
-
-    def holds(self, mailbox: str) -> bool:
-        """May this daemon claim the mailbox's messages (PostgreSQL: its lease lasts long enough for a send)?"""
-        return self.conn.holds(mailbox)
 
     def _list(self, values: Sequence[Any]) -> Any:
         return self.conn.list_param(values)

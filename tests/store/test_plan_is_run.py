@@ -1,5 +1,6 @@
 """`cadenced plan` forecasts what a run sends: day by day and mailbox by mailbox, over random cadences with
-per-step senders (auto_rotate off), removed cadences, paused and refused mailboxes.
+per-step senders (auto_rotate off), removed cadences, paused and refused mailboxes, daily and per-domain limits,
+windows in several time zones.
 
 The run is the sender loop's own turn (dispatch.take_turn: record, look, claim, in one transaction) and its own
 record of an accepted send (dispatch.sent_record), on the real store, taken on a virtual clock: each mailbox
@@ -15,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from daemon import lifecycle, readside
@@ -45,6 +46,7 @@ def scenarios(draw: Any) -> dict[str, Any]:
                 "days": draw(st.sampled_from([["mon", "tue", "wed", "thu", "fri"], ["mon", "wed", "fri", "sat"]])),
                 "daily_limit": draw(st.integers(0, 6)),
                 "gap": draw(st.sampled_from(["1m", "20m", "2h"])),
+                "domain_daily_limit": draw(st.sampled_from([0, 0, 1, 2])),
                 "paused": draw(st.booleans()) if i == 2 else False,
             }
         )
@@ -133,7 +135,7 @@ def run(config: Config, store: Store, start: float, horizon: float) -> Counter[t
     raise AssertionError("the run did not settle")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_plan_forecasts_what_the_sender_loops_send(scenario: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as folder:
@@ -144,6 +146,7 @@ def test_plan_forecasts_what_the_sender_loops_send(scenario: dict[str, Any]) -> 
             forecast = readside.plan(config, store, START, DAYS)
             planned = {(r["date"], r["mailbox"]): r["sends"] for r in forecast["days"]}
             sent = run(config, store, START, START + DAYS * 86400)
+            event(f"sends: {min(sum(sent.values()), 10)}{'+' if sum(sent.values()) >= 10 else ''}")
             assert planned == dict(sent)
         finally:
             store.close()
