@@ -182,8 +182,11 @@ class MailboxRunner:
             # Kept in the database (pause_on, `mailbox pause`): what is due says why it waits, once.
             if snap.earliest_due is not None and snap.earliest_due <= now:
                 detail = f"deferred: paused ({snap.paused_reason}) until `cadenced mailbox resume {self.address}`"
-                for message in await self.d.db(Store.mark_deferred, self.address, float("inf"), detail):
-                    self.log.info("message.deferred", message=message, reason="paused")
+                told = await self.d.db(Store.mark_deferred, self.address, float("inf"), detail)
+                for message in told:
+                    self.log.debug("message.deferred", message=message, reason="paused")
+                if told:
+                    self.log.info("mailbox.waiting", reason="paused", deferred=len(told), detail=snap.paused_reason)
             return False
         if state != "connected":
             await self._hand_over(snap, now)
@@ -193,7 +196,16 @@ class MailboxRunner:
                 self.next_wake = hand_over_at  # wake for the hand-over even when the next probe is later
             return back
         for message, domain, until in turn.deferred:
-            self.log.info("message.deferred", message=message, reason="domain_limit", domain=domain, until=until)
+            self.log.debug("message.deferred", message=message, reason="domain_limit", domain=domain, until=until)
+        if turn.deferred:
+            domains = sorted({domain for _, domain, _ in turn.deferred})
+            self.log.info(
+                "mailbox.waiting",
+                reason="domain_limit",
+                deferred=len(turn.deferred),
+                domains=domains[:10],
+                next_send_at=turn.deferred[0][2],
+            )
         if turn.token_first:
             return await self._fetch_token(now)
         if turn.claimed is not None:
@@ -272,11 +284,20 @@ class MailboxRunner:
         return compose.make_message_id(outbox_id, f"{attempt}.{secrets.token_hex(16)}", self.address)
 
     async def _explain_wait(self, decision: timing.Decision, snap: Snapshot, day: str, now: float) -> None:
-        """Every waiting message says why (SPEC: `deferred: daily_limit until <time>`)."""
+        """Every waiting message says why, in the outbox (SPEC: `deferred: daily_limit until <time>`); the log
+        says it once per mailbox and event, with how many wait: a backlog of 100,000 is one line, not 100,000
+        (per message at debug)."""
         reason = decision.waiting_for or "window"
         until = iso(decision.at) if decision.at is not None else "further notice (daily_limit = 0)"
-        if reason in ("daily_limit", "warmup") and snap.limit_logged_day != day:
-            if await self.d.db(Store.note_limit, self.address, day, False, now):
+        if reason == "gap":
+            return  # a pause of minutes is not worth a line
+        # Everything due before the mailbox may send again waits for the same reason.
+        horizon = decision.at if decision.at is not None else float("inf")
+        ids = await self.d.db(Store.mark_deferred, self.address, horizon, f"deferred: {reason} until {until}")
+        for message in ids:
+            self.log.debug("message.deferred", message=message, reason=reason, until=until)
+        if reason in ("daily_limit", "warmup"):
+            if snap.limit_logged_day != day and await self.d.db(Store.note_limit, self.address, day, False, now):
                 self.log.info(
                     "mailbox.limit_reached",
                     sent_today=snap.sent_today,
@@ -284,14 +305,11 @@ class MailboxRunner:
                     allowance=timing.allowance(self.mailbox.schedule, day, snap.first_day)[0],
                     rule=reason,
                     next_send_at=until,
+                    deferred=len(ids),
                 )
-        if reason == "gap":
-            return  # a pause of minutes is not worth a line per message
-        # Everything due before the mailbox may send again waits for the same reason.
-        horizon = decision.at if decision.at is not None else float("inf")
-        ids = await self.d.db(Store.mark_deferred, self.address, horizon, f"deferred: {reason} until {until}")
-        for message in ids:
-            self.log.info("message.deferred", message=message, reason=reason, until=until)
+            return
+        if ids:
+            self.log.info("mailbox.waiting", reason=reason, deferred=len(ids), next_send_at=until)
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -589,7 +607,9 @@ class MailboxRunner:
     async def _retry_queue(self, snap: Snapshot, now: float) -> bool:
         caught = await self._commit(Store.catch_due_while_down, self.address, now)
         for message in caught:
-            self.log.info("message.error", message=message, reason=snap.state)
+            self.log.debug("message.error", message=message, reason=snap.state)
+        if caught:
+            self.log.info("mailbox.waiting", reason=snap.state, moved_to_error=len(caught))
         if snap.next_probe_at is None or snap.next_probe_at > now:
             # `refused` has no probe of its own: it waits for the operator (reload, retry, restart).
             self.next_wake = snap.next_probe_at
@@ -608,5 +628,5 @@ class MailboxRunner:
         back = await self._commit(Store.reconnect, self.address, now)
         self.log.info("mailbox.reconnected", returned_to_scheduled=len(back))
         for message in back:
-            self.log.info("message.retried", message=message, reason="reconnected")
+            self.log.debug("message.retried", message=message, reason="reconnected")
         return True
