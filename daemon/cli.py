@@ -374,8 +374,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for row in document["days"]:
         if row["date"] != current:
             current = row["date"]
-            _out(current)
-        _out(f"  {row['mailbox']:<40} {row['sends']:>6}")
+            _out(f"{current}{'':<33} {'sends':>6} {'new':>6} {'follow-ups':>10}")
+        _out(f"  {row['mailbox']:<40} {row['sends']:>6} {row['new']:>6} {row['follow_ups']:>10}")
     return 0
 
 

@@ -11,6 +11,7 @@ from daemon import compose
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MASK = "********"
+PRIORITIES = ("follow_ups", "new", "due")  # which of a mailbox's due messages goes first (SPEC §4)
 UNSUBSCRIBE_LINK = re.compile(r"https://[!-;=?-~]+")  # printable ASCII without spaces or angle brackets
 
 
@@ -134,6 +135,7 @@ class Schedule:
     skip_dates: frozenset[str] = frozenset()  # ISO local dates with no sends
     domain_daily_limit: int = 0  # sends per recipient domain per local day (0: no such limit)
     holidays: tuple[str, ...] = ()  # public holiday calendars with no sends: "US", "DE-BY" (country-subdivision)
+    prioritize: str = "follow_ups"  # among due messages: follow_ups (step >= 2) first, new (step 1) first, or due
 
 
 @dataclass(frozen=True, slots=True)

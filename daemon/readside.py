@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -246,15 +247,49 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
-    """Forecast sends per mailbox per local day, with the daemon's own timing functions.
+Rank = tuple[int, int]  # a stored message (0, its id), or one the plan makes (1, in the order it makes them)
 
-    Scheduled messages and the follow-ups their sends will create are played
-    forward in due order; each mailbox's gap is taken at the middle of its range.
-    Each mailbox's scheduled messages are read as the plan reaches them, the
-    heap holds only what is next, a mailbox with no room left in the horizon
-    drops out, and a message's cadence is looked up only when its send could
-    make a follow-up inside the horizon: the plan costs what can be sent.
+
+class _Kind:
+    """One kind of a mailbox's messages (follow-ups, or first emails) as `plan` takes them: the scheduled ones read
+    from the store in due order as they are needed, merged with those the plan makes (follow-ups) or moves (a
+    full domain's). A head is (due, rank, step, enrollment, route): the claim's order is (due_at, id), and a
+    message the plan makes would get an id above every stored one."""
+
+    def __init__(self, rows: Iterator[tuple[float, int, int, int]]) -> None:
+        self.rows = rows
+        self.row = next(rows, None)
+        self.made: list[tuple[float, Rank, int, int, tuple[str, str] | None]] = []
+
+    def _stored_first(self) -> bool:
+        row, made = self.row, self.made[0] if self.made else None
+        return row is not None and (made is None or (row[0], (0, row[3])) <= made[:2])
+
+    def head(self) -> tuple[float, Rank, int, int, tuple[str, str] | None] | None:
+        if self._stored_first():
+            assert self.row is not None
+            return (self.row[0], (0, self.row[3]), self.row[1], self.row[2], None)
+        return self.made[0] if self.made else None
+
+    def pop(self) -> None:
+        if self._stored_first():
+            self.row = next(self.rows, None)
+        else:
+            heapq.heappop(self.made)
+
+    def push(self, due: float, rank: Rank, step: int, enrollment: int, route: tuple[str, str] | None) -> None:
+        heapq.heappush(self.made, (due, rank, step, enrollment, route))
+
+
+def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
+    """Forecast sends per mailbox per local day, with the daemon's own rules (lifecycle, timing).
+
+    Each mailbox sends, at each slot its window, gap and limits allow, the message its `prioritize` picks
+    among those due then (follow-ups first by default), as the sender loop's claim does; the follow-ups its
+    sends make join their sender's queue. Each mailbox's gap is taken at the middle of its range. Scheduled
+    messages are read from the store one kind at a time in due order as the plan reaches them, a mailbox
+    with no room left in the horizon drops out, and a message's cadence is looked up only when its send
+    could make a follow-up inside the horizon: the plan costs what can be sent.
     """
     horizon = now + days * 86400
     health = store.health()
@@ -265,26 +300,21 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     # routes are looked up only when such a cadence has enrollments, or a step may be past a cadence's end.
     gone = set(store.enrollment_counts()) - {c.name for c in config.cadences}
     soonest = min((s.wait for c in config.cadences for s in c.steps[1:]), default=float("inf"))
-    due_rows: dict[str, Iterator[tuple[float, int, int]]] = {}
+    queues: dict[str, tuple[_Kind, _Kind]] = {}  # (follow-ups, first emails)
     counts: dict[str, dict[str, int]] = {}
     free_at: dict[str, float] = {}
-    # (due, seq, mailbox, step, enrollment, (cadence, sticky sender): None when not looked up yet, from the store)
-    heap: list[tuple[float, int, str, int, int, tuple[str, str] | None, bool]] = []
     for address, m in live.items():
-        due_rows[address] = store.scheduled_in_order(address, horizon)
-        first = next(due_rows[address], None)
-        if first is not None:
-            heap.append((first[0], len(heap), address, first[1], first[2], None, True))
+        queues[address] = (
+            _Kind(store.scheduled_in_order(address, horizon, "follow_ups")),
+            _Kind(store.scheduled_in_order(address, horizon, "new")),
+        )
         today = timing.local_day(now, m.schedule.timezone)
         counts[address] = {today: store.sent_on(address, today)}
         free_at[address] = max(now, (health.get(address) or {}).get("not_before") or now)
-    heapq.heapify(heap)
-    seq = len(heap)
     stretches = {
         address: timing.Stretches(m.schedule, store.first_send_day(address) if m.schedule.warmup else None)
         for address, m in live.items()
     }
-    full: set[str] = set()  # mailboxes with no room left in the horizon
     domains: dict[int, str] = {}  # enrollment → recipient domain, looked up only for a domain_daily_limit
     domain_counts: dict[tuple[str, str, str], int] = {
         (address, day, domain): n
@@ -295,25 +325,37 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     # (mailbox, domain) → (when, until): the run moves every due message of a full domain at once, to the
     # mailbox's next sending day; those the plan has not reached yet follow when it does.
     moved: dict[tuple[str, str], tuple[float, float]] = {}
-    forecast: dict[tuple[str, str], int] = {}
-    while heap:
-        due, _, address, step, enrollment, route, stored = heapq.heappop(heap)
-        if address not in live or address in full:
+    forecast: dict[tuple[str, str], list[int]] = {}  # (day, mailbox) → [first emails, follow-ups]
+    seq = itertools.count()
+    version: dict[str, int] = dict.fromkeys(live, 0)
+    slots: list[tuple[float, int, str, int, str]] = []  # (when a mailbox may next send, seq, it, version, day)
+
+    def look(address: str) -> None:
+        """When `address` sends next (its queues or free time changed): a new entry; older ones go stale."""
+        version[address] += 1
+        heads = [h for h in (queues[address][0].head(), queues[address][1].head()) if h is not None]
+        if not heads:
+            return
+        earliest = min(h[0] for h in heads)
+        slot = stretches[address].next_allowed(max(earliest, free_at[address]), counts[address])
+        # Sends of one mailbox come in order and free_at only grows: a slot past the horizon stays past it.
+        if slot is not None and slot[0] < horizon:
+            heapq.heappush(slots, (slot[0], next(seq), address, version[address], slot[1]))
+
+    for address in live:
+        look(address)
+    while slots:
+        at, _, address, seen, day = heapq.heappop(slots)
+        if seen != version[address]:
             continue
-        if stored and (after := next(due_rows[address], None)) is not None:
-            heapq.heappush(heap, (after[0], seq, address, after[1], after[2], None, True))
-            seq += 1
-        # Sends of one mailbox come in due order and free_at only grows: once one does not fit, none will.
-        slot = stretches[address].next_allowed(max(due, free_at[address]), counts[address])
-        if slot is None or slot[0] >= horizon:
-            full.add(address)
-            continue
-        at, day = slot
-        if gone or step > shortest:
-            route = route or store.route_of(enrollment)
-            if route is None or lifecycle.step_of(config, route[0], step)[1] is None:
-                continue  # not sent: the sender loop records it as config_changed and goes on at once
-        cap = live[address].schedule.domain_daily_limit
+        m = live[address]
+        follow_ups, new = queues[address]
+        kind = _pick(m.schedule.prioritize, follow_ups, new, at)
+        head = kind.head()
+        assert head is not None  # the slot was found from a head due by then
+        due, rank, step, enrollment, route = head
+        kind.pop()
+        cap = m.schedule.domain_daily_limit
         if cap:  # domain_daily_limit: a full domain's due messages wait for the next sending day; the others go on
             domain = domains.setdefault(enrollment, domain_of(store.email_of(enrollment)))
             when, until = moved.get((address, domain), (0.0, 0.0))
@@ -322,25 +364,49 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
                     when = until = 0.0  # it goes now
                 else:  # as defer_full_domains does it
                     when = at
-                    until = timing.next_sending_day(at, live[address].schedule, stretches[address].first_day)
+                    until = timing.next_sending_day(at, m.schedule, stretches[address].first_day)
                     moved[(address, domain)] = (when, until)
             if until:  # due again as Store.defer_domain makes it: in their order, just before `until`
-                heapq.heappush(heap, (until + (due - when) / 1e6, seq, address, step, enrollment, route, False))
-                seq += 1
+                kind.push(until + (due - when) / 1e6, rank, step, enrollment, route)  # it keeps its id
+                look(address)
                 continue
+        if gone or step > shortest:
+            route = route or store.route_of(enrollment)
+            if route is None or lifecycle.step_of(config, route[0], step)[1] is None:
+                look(address)
+                continue  # not sent: the sender loop records it as config_changed and goes on at once
+        if cap:
             domain_counts[(address, day, domain)] = domain_counts.get((address, day, domain), 0) + 1
         counts[address][day] = counts[address].get(day, 0) + 1
-        forecast[(day, address)] = forecast.get((day, address), 0) + 1
-        free_at[address] = at + sum(live[address].schedule.gap) / 2
+        forecast.setdefault((day, address), [0, 0])[step > 1] += 1
+        free_at[address] = at + sum(m.schedule.gap) / 2
+        look(address)
         if step >= longest or at + soonest >= horizon:
             continue  # no follow-up of it can land in the horizon
         route = route or store.route_of(enrollment)
         following = lifecycle.next_step(config, route[0], step, route[1], at) if route else None
-        if following is not None:
-            heapq.heappush(heap, (following.due, seq, following.sender, following.step, enrollment, route, False))
-            seq += 1
-    rows = [{"date": day, "mailbox": address, "sends": n} for (day, address), n in sorted(forecast.items())]
+        if following is not None and following.sender in live and following.due < horizon:
+            queues[following.sender][0].push(following.due, (1, next(seq)), following.step, enrollment, route)
+            look(following.sender)
+    rows = [
+        {"date": day, "mailbox": address, "sends": n + f, "new": n, "follow_ups": f}
+        for (day, address), (n, f) in sorted(forecast.items())
+    ]
     return {"days": rows, "generated_at": iso(now), "horizon_days": days}
+
+
+def _pick(prioritize: str, follow_ups: _Kind, new: _Kind, at: float) -> _Kind:
+    """The kind of message a mailbox sends at `at` (lifecycle's order of a claim: SPEC §4)."""
+    f, n = follow_ups.head(), new.head()
+    if f is None or f[0] > at:
+        return new
+    if n is None or n[0] > at:
+        return follow_ups
+    if prioritize == "follow_ups":
+        return follow_ups
+    if prioritize == "new":
+        return new
+    return follow_ups if f[:2] < n[:2] else new
 
 
 def outbox_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -63,7 +63,10 @@ def test_sigkill_at_random_moments_never_sends_a_step_twice(project: Project) ->
         # A last clean run sends what is left, then stops on SIGTERM.
         proc = start(project, log)
         try:
-            eventually(lambda: states(db).get("scheduled", 0) == 0, 60, "the outbox to drain")
+            # Drained: nothing scheduled and nothing in flight (a send in flight schedules its follow-up).
+            eventually(
+                lambda: states(db).get("scheduled", 0) == states(db).get("sending", 0) == 0, 60, "the outbox to drain"
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0

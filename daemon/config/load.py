@@ -25,6 +25,7 @@ from daemon.model import (
     DAYS,
     DEFAULT_PAUSE,
     PLAYBOOK_NAME,
+    PRIORITIES,
     UNSUBSCRIBE_LINK,
     ApiSettings,
     Auth,
@@ -199,7 +200,8 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
             if problem:
                 t.problems.add(f"{t.at('holidays')}[{i}]", problem)
         calendars = tuple(dict.fromkeys(given))
-    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates, domain_limit, calendars)
+    prioritize = t.choice("prioritize", base.prioritize, PRIORITIES)
+    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates, domain_limit, calendars, prioritize)
 
 
 def holiday_calendar_problem(code: str) -> str:

@@ -22,6 +22,7 @@ def _schedule_dict(s: Schedule) -> dict[str, Any]:
         "skip_dates": sorted(s.skip_dates),
         "holidays": list(s.holidays),
         "domain_daily_limit": s.domain_daily_limit,
+        "prioritize": s.prioritize,
     }
     if s.warmup is not None:
         w = s.warmup

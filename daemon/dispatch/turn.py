@@ -38,7 +38,7 @@ def defer_full_domains(
     schedule = mailbox.schedule
     deferred: list[tuple[int, str, str]] = []
     for _ in range(DOMAIN_LOOKS):
-        domain = store.next_due_domain(mailbox.address, now)
+        domain = store.next_due_domain(mailbox.address, now, schedule.prioritize)
         if domain is None or store.domain_sent(mailbox.address, day, domain) < schedule.domain_daily_limit:
             return deferred
         until = timing.next_sending_day(now, schedule, first_day)
@@ -102,7 +102,7 @@ def take_turn(
             return Turn(snap, day, decision if deferred is None else None, None, [])
         if not may_claim:
             return Turn(snap, day, decision, None, [], deferred, token_first=True)
-        claimed = store.claim(mailbox.address, now, message_id)
+        claimed = store.claim(mailbox.address, now, message_id, mailbox.schedule.prioritize)
         thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
         return Turn(snap, day, decision, claimed, thread, deferred)
 

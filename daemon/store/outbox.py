@@ -65,13 +65,16 @@ class Outbox(Core):
             )
         return [r[0] for r in rows]
 
-    def next_due_domain(self, mailbox: str, now: float) -> str | None:
+    def next_due_domain(self, mailbox: str, now: float, prioritize: str = "due") -> str | None:
         """The recipient domain of the message `claim` would take now."""
-        row = self.conn.one(
-            self.q.next_due_domain,
-            (mailbox, now),
-        )
-        return domain_of(row[0]) if row else None
+        row = self._next_due(mailbox, now, prioritize)
+        return domain_of(row[5]) if row else None
+
+    def _next_due(self, mailbox: str, now: float, prioritize: str) -> Any:
+        """The row of the message a claim takes now, in the mailbox's order (model.PRIORITIES)."""
+        q = self.q
+        statement = {"follow_ups": q.next_due_follow_ups_first, "new": q.next_due_new_first}.get(prioritize, q.next_due)
+        return self.conn.one(statement, (mailbox, now))
 
     def defer_domain(self, mailbox: str, domain: str, now: float, until: float, detail: str) -> list[int]:
         """domain_daily_limit reached: the mailbox's due messages to `domain` wait until `until`, in their order
@@ -83,13 +86,13 @@ class Outbox(Core):
             )
         return [r[0] for r in rows]
 
-    def claim(self, mailbox: str, now: float, message_id: Callable[[int, int], str]) -> Claimed | None:
-        """The oldest due message of `mailbox`, moved to `sending` and committed before any send."""
+    def claim(
+        self, mailbox: str, now: float, message_id: Callable[[int, int], str], prioritize: str = "due"
+    ) -> Claimed | None:
+        """The next due message of `mailbox` (the oldest, or follow-ups or first emails first: `prioritize`),
+        moved to `sending` and committed before any send."""
         with self.transaction():
-            row = self.conn.one(
-                self.q.next_due,
-                (mailbox, now),
-            )
+            row = self._next_due(mailbox, now, prioritize)
             if row is None:
                 return None
             attempts = row[8] + 1
@@ -384,11 +387,16 @@ class Outbox(Core):
             self.conn.run(self.q.settle_not_delivered, (detail, message))
         return (row[0], row[1], row[2], row[3])
 
-    def scheduled_in_order(self, mailbox: str, until: float) -> Iterator[tuple[float, int, int]]:
-        """(due_at, step, enrollment_id) of the scheduled messages due before `until`, read as they are taken."""
-        cursor = self.conn.execute(
-            self.q.scheduled_in_order,
-            (mailbox, until),
-        )
+    def scheduled_in_order(
+        self, mailbox: str, until: float, kind: str = "all"
+    ) -> Iterator[tuple[float, int, int, int]]:
+        """(due_at, step, enrollment_id, id) of the scheduled messages due before `until`, read as they are taken:
+        all of them, or the follow-ups (step >= 2) or the first emails only (`kind` "follow_ups", "new")."""
+        statement = {
+            "all": self.q.scheduled_in_order,
+            "follow_ups": self.q.scheduled_follow_ups_in_order,
+            "new": self.q.scheduled_new_in_order,
+        }[kind]
+        cursor = self.conn.execute(statement, (mailbox, until))
         while rows := cursor.fetchmany(256):
             yield from rows

@@ -1,6 +1,6 @@
 """`cadenced plan` forecasts what a run sends: day by day and mailbox by mailbox, over random cadences with
-per-step senders (auto_rotate off), removed cadences, paused and refused mailboxes, daily and per-domain limits,
-windows in several time zones.
+per-step senders (auto_rotate off), removed cadences, paused and refused mailboxes, follow-ups first, first
+emails first or due order, daily and per-domain limits, windows in several time zones.
 
 The run is the sender loop's own turn (dispatch.take_turn: record, look, claim, in one transaction) and its own
 record of an accepted send (dispatch.sent_record), on the real store, taken on a virtual clock: each mailbox
@@ -47,6 +47,7 @@ def scenarios(draw: Any) -> dict[str, Any]:
                 "daily_limit": draw(st.integers(0, 6)),
                 "gap": draw(st.sampled_from(["1m", "20m", "2h"])),
                 "domain_daily_limit": draw(st.sampled_from([0, 0, 1, 2])),
+                "prioritize": draw(st.sampled_from(["follow_ups", "new", "due"])),
                 "paused": draw(st.booleans()) if i == 2 else False,
             }
         )
@@ -99,11 +100,11 @@ def _enroll(store: Store, scenario: dict[str, Any]) -> None:
             store.disconnect(scenario["refused"], START - 60, "554 5.7.1 sender refused", None, state="refused")
 
 
-def run(config: Config, store: Store, start: float, horizon: float) -> Counter[tuple[str, str]]:
-    """What the sender loops send from `start` to `horizon`, by (local day, mailbox)."""
+def run(config: Config, store: Store, start: float, horizon: float) -> Counter[tuple[str, str, str]]:
+    """What the sender loops send from `start` to `horizon`, by (local day, mailbox, new or follow_ups)."""
     clocks = {m.address: lifecycle.timing.SenderClock(m.schedule) for m in config.mailboxes}
     pending: dict[str, SentRecord] = {}
-    sent: Counter[tuple[str, str]] = Counter()
+    sent: Counter[tuple[str, str, str]] = Counter()
     rng = random.Random(7)
     ids = itertools.count()
     t = start
@@ -123,7 +124,7 @@ def run(config: Config, store: Store, start: float, horizon: float) -> Counter[t
                     with store.transaction():
                         store.record_error(c.id, "config_changed", None, "its cadence is no longer in the config")
                 else:
-                    sent[(day, m.address)] += 1
+                    sent[(day, m.address, "follow_ups" if c.step > 1 else "new")] += 1
                     pending[m.address] = sent_record(config, m, c, t, day, 250, "ok", "hello", rng)
                 wake.append(t)
             elif turn.decision is not None and turn.decision.at is not None:
@@ -144,7 +145,13 @@ def test_plan_forecasts_what_the_sender_loops_send(scenario: dict[str, Any]) -> 
         try:
             _enroll(store, scenario)
             forecast = readside.plan(config, store, START, DAYS)
-            planned = {(r["date"], r["mailbox"]): r["sends"] for r in forecast["days"]}
+            planned = {
+                (r["date"], r["mailbox"], kind): r[kind]
+                for r in forecast["days"]
+                for kind in ("new", "follow_ups")
+                if r[kind]
+            }
+            assert all(r["sends"] == r["new"] + r["follow_ups"] for r in forecast["days"])
             sent = run(config, store, START, START + DAYS * 86400)
             event(f"sends: {min(sum(sent.values()), 10)}{'+' if sum(sent.values()) >= 10 else ''}")
             assert planned == dict(sent)

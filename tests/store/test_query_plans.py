@@ -59,6 +59,8 @@ CLAIMED = Claimed(1, 1, 1, "m@x.example", "c", "p0@x.example", {}, 0.0, 1, 0, "m
 HOT: dict[str, Callable[[Store], Any]] = {
     "snapshot": lambda s: s.snapshot("m@x.example", "2026-11-28"),
     "claim": lambda s: s.claim("m@x.example", 1e12, lambda i, a: f"<{i}.{a}@x>"),
+    "claim, follow-ups first": lambda s: s.claim("m@x.example", 1e12, lambda i, a: f"<{i}.{a}@y>", "follow_ups"),
+    "claim, first emails first": lambda s: s.claim("m@x.example", 1e12, lambda i, a: f"<{i}.{a}@z>", "new"),
     "thread": lambda s: s.thread(1, 3),
     "record_sent": lambda s: s.record_sent(
         SentRecord(CLAIMED, 1.0, 250, "ok", "Hi", "2026-11-28", 2.0, (2, "m@x.example", 9.0))
@@ -82,7 +84,11 @@ HOT: dict[str, Callable[[Store], Any]] = {
         s.enrollments_of_message_ids(["<a@b>"]),
         s.enrollments_of_sender("p1@x.example", "m@x.example"),
     ),
-    "plan": lambda s: (list(s.scheduled_in_order("m@x.example", 1e12)), s.route_of(3)),
+    "plan": lambda s: (
+        list(s.scheduled_in_order("m@x.example", 1e12, "follow_ups")),
+        list(s.scheduled_in_order("m@x.example", 1e12, "new")),
+        s.route_of(3),
+    ),
     "bounces": lambda s: (
         s.dsn_failed(["<a@b>"], "p1@x.example", "blocked", "5.7.1", "m@x.example"),
         s.bounce_address("p2@x.example", 3, 1.0, "5.1.1"),

@@ -181,3 +181,18 @@ def test_an_uncertain_send_found_delivered_counts_in_the_day_it_went(store: Stor
         assert store.settle_uncertain(c.id, True, 1000.0, "again", DAY) is None  # settled once
     assert store.sent_on(A, DAY) == 1
     counts_agree(store)
+
+
+def test_a_claim_takes_follow_ups_first_first_emails_first_or_the_oldest(store: Store) -> None:
+    enroll(store, "c1", ["p1@x.example", "p2@y.example"], due=100.0)
+    c = store.claim(A, 50.0, lambda i, a: "<never>")
+    assert c is None
+    first = claim(store, A, 100.0)
+    with store.transaction():
+        store.record_sent(sent(first, (2, A, 500.0)))  # p1's follow-up, due after p2's first email
+    assert store.next_due_domain(A, 1000.0, "follow_ups") == "x.example"
+    assert store.next_due_domain(A, 1000.0, "new") == "y.example"
+    assert store.next_due_domain(A, 1000.0, "due") == "y.example"
+    assert store.next_due_domain(A, 400.0, "follow_ups") == "y.example"  # no follow-up due yet
+    follow_up = store.claim(A, 1000.0, lambda i, a: f"<{i}.{a}@send.example>", "follow_ups")
+    assert follow_up is not None and (follow_up.email, follow_up.step) == ("p1@x.example", 2)

@@ -157,10 +157,6 @@ UPDATE daily_counts SET bounces = 0, blocks = 0 WHERE mailbox = ?;
 UPDATE messages SET detail = NULL WHERE mailbox = ? AND state = 'scheduled'
     AND detail LIKE 'deferred: paused (%';
 
--- name: next_due_domain
-SELECT e.email FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
-    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ? ORDER BY m.due_at, m.id LIMIT 1;
-
 -- name: domain_counts_on
 SELECT day, domain, sent FROM domain_counts WHERE mailbox = ? AND day = ?;
 
@@ -174,12 +170,52 @@ UPDATE messages SET due_at = ?1 + (due_at - ?5) / 1e6, detail = ?2 WHERE id IN (
     AND substr(e.email, instr(e.email, '@') + 1) = ?4)
     RETURNING id;
 
+-- The message a claim takes: the oldest due (prioritize = "due"), or the oldest due follow-up (step >= 2,
+-- through its own index) before the oldest due first email, or the other way round (SPEC §4).
 -- name: next_due
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
     m.attempts, m.transient_failures, e.mailbox
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1;
+
+-- One statement, the second part run only when the first finds nothing (each through its index).
+-- name: next_due_follow_ups_first
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS f
+UNION ALL
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS n
+LIMIT 1;
+
+-- name: next_due_new_first
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS n
+UNION ALL
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS f
+LIMIT 1;
+
+-- plan: what is scheduled, in due order, one kind at a time (follow-ups through their own index)
+-- name: scheduled_follow_ups_in_order
+SELECT due_at, step, enrollment_id, id FROM messages
+    WHERE mailbox = ? AND state = 'scheduled' AND step > 1 AND due_at < ? ORDER BY due_at, id;
+
+-- name: scheduled_new_in_order
+SELECT due_at, step, enrollment_id, id FROM messages
+    WHERE mailbox = ? AND state = 'scheduled' AND step = 1 AND due_at < ? ORDER BY due_at, id;
 
 -- name: claim
 UPDATE messages SET state = 'sending', attempts = ?, message_id = ?, reason = NULL, detail = NULL
@@ -353,7 +389,7 @@ INSERT INTO enrollment_counts VALUES (?, 'finished', 1)
     ON CONFLICT (cadence, state) DO UPDATE SET n = n + 1;
 
 -- name: scheduled_in_order
-SELECT due_at, step, enrollment_id FROM messages
+SELECT due_at, step, enrollment_id, id FROM messages
     WHERE mailbox = ? AND state = 'scheduled' AND due_at < ? ORDER BY due_at, id;
 
 -- name: route_of

@@ -1,4 +1,4 @@
--- The schema of a PostgreSQL database (version 12; PostgreSQL support began at 10). A test holds that it has
+-- The schema of a PostgreSQL database (version 13; PostgreSQL support began at 10). A test holds that it has
 -- the tables, columns and indexes of SQLite's (schema/sqlite.sql), but for PostgreSQL's own: cadenced_schema
 -- (SQLite keeps its version in PRAGMA user_version), daemons and leases (several daemons share one database).
 
@@ -55,6 +55,7 @@ CREATE TABLE messages (
 CREATE INDEX messages_by_message_id ON messages (message_id) WHERE message_id IS NOT NULL;
 CREATE INDEX messages_state ON messages (state, mailbox, reason);
 CREATE INDEX messages_due ON messages (mailbox, due_at, id, step, enrollment_id) WHERE state = 'scheduled';
+CREATE INDEX messages_due_follow_ups ON messages (mailbox, due_at, id) WHERE state = 'scheduled' AND step > 1;
 CREATE TABLE daily_counts (
     mailbox TEXT NOT NULL,
     day TEXT NOT NULL,

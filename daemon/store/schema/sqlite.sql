@@ -1,4 +1,4 @@
--- The schema of a new SQLite database (version 12). Databases made before are brought to it by the
+-- The schema of a new SQLite database (version 13). Databases made before are brought to it by the
 -- migrations of daemon/store/sqlite.py; a test holds that both give the same tables, columns and indexes.
 
 CREATE TABLE suppressions (
@@ -141,3 +141,4 @@ CREATE TABLE api_requests (
 );
 CREATE INDEX api_requests_created ON api_requests (created_at);
 CREATE INDEX messages_state ON messages (state, mailbox, reason) WHERE state = 'sending' OR state = 'error' OR state = 'sent' OR state = 'failed' OR state = 'cancelled';
+CREATE INDEX messages_due_follow_ups ON messages (mailbox, due_at, id) WHERE state = 'scheduled' AND step > 1;
