@@ -140,15 +140,19 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     try:
         importer = enroll.Importer(store, config, args.cadence, args.adder)
         report = importer.run(Path(args.file), time.time())
+        # When the last new prospect of each mailbox gets its first email (the backlog, told).
+        by = readside.first_emails_by(config, store, time.time(), report.assignments) if report.enrolled else {}
     finally:
         store.close()
     code = 1 if report.failed else 0  # rows were given and none could be enrolled
     if args.json:
-        _json(report.as_dict())
+        _json({**report.as_dict(), "first_emails_by": by})
         return code
     _out(f"enrolled {report.enrolled}, skipped {report.skipped} (already enrolled), rejected {report.rejected_total}")
     for mailbox, n in sorted(report.assignments.items()):
-        _out(f"  {mailbox}: {n}")
+        when = by.get(mailbox, "")
+        told = f"first emails by {when}" if when else f"first emails: not within {readside.BACKLOG_DAYS} days"
+        _out(f"  {mailbox}: {n} ({told})" if mailbox in by else f"  {mailbox}: {n}")
     for r in report.rejected:
         _out(f"  line {r.line}: {r.email or '-'}: {r.reason}")
     if report.rejected_total > len(report.rejected):

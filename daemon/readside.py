@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -393,6 +393,27 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         for (day, address), (n, f) in sorted(forecast.items())
     ]
     return {"days": rows, "generated_at": iso(now), "horizon_days": days}
+
+
+BACKLOG_DAYS = 366  # how far `enroll` looks for the last first email of a backlog
+
+
+def first_emails_by(config: Config, store: Store, now: float, mailboxes: Iterable[str]) -> dict[str, str | None]:
+    """The local day each mailbox sends the last first email now scheduled on it, as `plan` forecasts it under
+    today's limits, windows, warm-up, skip dates and follow-ups first; None past BACKLOG_DAYS days (or never:
+    a mailbox that is paused or down sends nothing until it is back)."""
+    horizon = now + BACKLOG_DAYS * 86400
+    wanted = set(mailboxes)
+    last: dict[str, str] = {}
+    sent: dict[str, int] = dict.fromkeys(wanted, 0)
+    for row in plan(config, store, now, BACKLOG_DAYS)["days"]:
+        if row["mailbox"] in wanted and row["new"]:
+            last[row["mailbox"]] = row["date"]
+            sent[row["mailbox"]] += row["new"]
+    return {
+        mailbox: last.get(mailbox) if sent[mailbox] >= store.first_emails_waiting(mailbox, horizon) else None
+        for mailbox in sorted(wanted)
+    }
 
 
 def _pick(prioritize: str, follow_ups: _Kind, new: _Kind, at: float) -> _Kind:

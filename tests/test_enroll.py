@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -416,3 +417,37 @@ def test_the_address_is_stored_once_and_reaches_the_templates(project: Project) 
         {"email": "old@prospects.example", "first_name": "Old", "company": "Co"},
         {"email": "ann@prospects.example", "first_name": "Ann", "company": "Acme"},
     ]
+
+
+def test_enroll_tells_when_the_last_first_email_goes(project: Project) -> None:
+    """10,000 prospects on two mailboxes at 50 a day: their last first emails go on the 100th sending day, and
+    `plan` says the same; a paused mailbox's backlog is not told a date."""
+    from datetime import UTC, datetime, timedelta
+
+    project.data["defaults"]["gap"] = "1s"
+    project.data["defaults"]["daily_limit"] = 50
+    project.add_mailboxes(2)
+    project.add_cadence()
+    result = project.enroll(project.people(10_000))
+    assert result.code == 0
+    by = result.json()["first_emails_by"]
+    hundredth = (datetime.now(UTC).date() + timedelta(days=99)).isoformat()
+    assert by == {"mb1@alice.example": hundredth, "mb2@alice.example": hundredth}
+    planned = project.run("plan", "--days", "120", "--json").json()["days"]
+    last = {row["mailbox"]: row["date"] for row in planned if row["new"]}
+    assert last == by
+    project.data["mailboxes"][1]["paused"] = True
+    text = project.run("enroll", "--cadence", "c1", "--as", "alice", str(project.people(1, 10_000, "one.csv"))).out
+    assert "mb1@alice.example: 1 (first emails by " in text  # the one new prospect went to the running mailbox
+    from daemon import readside
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    config = load_config(project.write())
+    store = Store.open(config.daemon.database)
+    try:  # the paused mailbox's 5,000 wait for it to resume: no date is told
+        assert readside.first_emails_by(config, store, time.time(), ["mb2@alice.example"]) == {
+            "mb2@alice.example": None
+        }
+    finally:
+        store.close()

@@ -63,3 +63,7 @@ class Counts(Core):
     def domain_sent(self, mailbox: str, day: str, domain: str) -> int:
         row = self.conn.one(self.q.domain_sent, (mailbox, day, domain))
         return int(row[0]) if row else 0
+
+    def first_emails_waiting(self, mailbox: str, until: float) -> int:
+        """First emails (step 1) of `mailbox` scheduled before `until`: the backlog `enroll` tells the end of."""
+        return int(self.conn.one(self.q.first_emails_waiting, (mailbox, until))[0])

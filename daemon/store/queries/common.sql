@@ -434,3 +434,6 @@ ORDER BY id;
 
 -- name: suppressions
 SELECT email, reason, created_at FROM suppressions ORDER BY created_at, email;
+
+-- name: first_emails_waiting
+SELECT count(*) FROM messages WHERE mailbox = ? AND state = 'scheduled' AND step = 1 AND due_at < ?;
