@@ -136,6 +136,7 @@ class Schedule:
     domain_daily_limit: int = 0  # sends per recipient domain per local day (0: no such limit)
     holidays: tuple[str, ...] = ()  # public holiday calendars with no sends: "US", "DE-BY" (country-subdivision)
     prioritize: str = "follow_ups"  # among due messages: follow_ups (step >= 2) first, new (step 1) first, or due
+    new_per_day: int = 0  # first emails (step 1) per local day at most, across cadences (0: no such cap)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         errors = counts.get((m.address, "error"), 0)
         today = timing.local_day(now, m.schedule.timezone)
         sent_today = store.sent_on(m.address, today)
+        new_today = store.new_per_day_state(m.address, today)[0]
         next_send_at: float | None = None
         waiting_for: str | None = None
         earliest = store.earliest_due(m.address) if scheduled else None
@@ -141,6 +142,8 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 "state": state,
                 "sent_today": sent_today,
                 "daily_limit": m.schedule.daily_limit,
+                "new_today": new_today,  # first emails (step 1) sent today
+                "new_per_day": m.schedule.new_per_day,  # 0: first emails are capped by daily_limit only
                 "allowance_today": allowance,  # warm-up and skip dates applied
                 "next_send_at": iso(next_send_at),
                 "waiting_for": waiting_for,
@@ -302,6 +305,7 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     soonest = min((s.wait for c in config.cadences for s in c.steps[1:]), default=float("inf"))
     queues: dict[str, tuple[_Kind, _Kind]] = {}  # (follow-ups, first emails)
     counts: dict[str, dict[str, int]] = {}
+    new_counts: dict[str, dict[str, int]] = {}  # first emails by day, where new_per_day caps them
     free_at: dict[str, float] = {}
     for address, m in live.items():
         queues[address] = (
@@ -310,6 +314,7 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         )
         today = timing.local_day(now, m.schedule.timezone)
         counts[address] = {today: store.sent_on(address, today)}
+        new_counts[address] = {today: store.new_per_day_state(address, today)[0]} if m.schedule.new_per_day else {}
         free_at[address] = max(now, (health.get(address) or {}).get("not_before") or now)
     stretches = {
         address: timing.Stretches(m.schedule, store.first_send_day(address) if m.schedule.warmup else None)
@@ -333,11 +338,18 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     def look(address: str) -> None:
         """When `address` sends next (its queues or free time changed): a new entry; older ones go stale."""
         version[address] += 1
-        heads = [h for h in (queues[address][0].head(), queues[address][1].head()) if h is not None]
-        if not heads:
-            return
-        earliest = min(h[0] for h in heads)
-        slot = stretches[address].next_allowed(max(earliest, free_at[address]), counts[address])
+        f, n = queues[address][0].head(), queues[address][1].head()
+        clock, done = stretches[address], counts[address]
+        found = [] if f is None else [clock.next_allowed(max(f[0], free_at[address]), done)]
+        if n is not None:
+            slot = clock.next_allowed(max(n[0], free_at[address]), done)
+            cap = live[address].schedule.new_per_day
+            # new_per_day: a day whose first emails are all sent lets them go again on the next sending day
+            while cap and slot is not None and slot[0] < horizon and new_counts[address].get(slot[1], 0) >= cap:
+                tomorrow = timing.next_sending_day(slot[0], live[address].schedule, clock.first_day)
+                slot = clock.next_allowed(max(n[0], free_at[address], tomorrow), done)
+            found.append(slot)
+        slot = min((s for s in found if s is not None), default=None)
         # Sends of one mailbox come in order and free_at only grows: a slot past the horizon stays past it.
         if slot is not None and slot[0] < horizon:
             heapq.heappush(slots, (slot[0], next(seq), address, version[address], slot[1]))
@@ -350,7 +362,8 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
             continue
         m = live[address]
         follow_ups, new = queues[address]
-        kind = _pick(m.schedule.prioritize, follow_ups, new, at)
+        cap = m.schedule.new_per_day
+        kind = _pick(m.schedule.prioritize, follow_ups, new, at, not cap or new_counts[address].get(day, 0) < cap)
         head = kind.head()
         assert head is not None  # the slot was found from a head due by then
         due, rank, step, enrollment, route = head
@@ -378,6 +391,8 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         if cap:
             domain_counts[(address, day, domain)] = domain_counts.get((address, day, domain), 0) + 1
         counts[address][day] = counts[address].get(day, 0) + 1
+        if step == 1 and m.schedule.new_per_day:
+            new_counts[address][day] = new_counts[address].get(day, 0) + 1
         forecast.setdefault((day, address), [0, 0])[step > 1] += 1
         free_at[address] = at + sum(m.schedule.gap) / 2
         look(address)
@@ -416,9 +431,12 @@ def first_emails_by(config: Config, store: Store, now: float, mailboxes: Iterabl
     }
 
 
-def _pick(prioritize: str, follow_ups: _Kind, new: _Kind, at: float) -> _Kind:
-    """The kind of message a mailbox sends at `at` (lifecycle's order of a claim: SPEC §4)."""
+def _pick(prioritize: str, follow_ups: _Kind, new: _Kind, at: float, new_ok: bool = True) -> _Kind:
+    """The kind of message a mailbox sends at `at` (the claim's order: SPEC §4); `new_ok` False: the day's
+    first emails are sent (new_per_day)."""
     f, n = follow_ups.head(), new.head()
+    if not new_ok:
+        return follow_ups
     if f is None or f[0] > at:
         return new
     if n is None or n[0] > at:

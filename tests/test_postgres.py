@@ -89,7 +89,7 @@ def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgr
     query(postgres_url, "UPDATE cadenced_schema SET version = 10")
     store = Store.open(postgres_url)
     try:
-        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 13
+        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 14
     finally:
         store.close()
     triggers = query(postgres_url, "SELECT DISTINCT trigger_name FROM information_schema.triggers ORDER BY 1")

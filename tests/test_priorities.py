@@ -4,11 +4,12 @@ leaves at its due time, before the first emails still waiting; `prioritize = "du
 from __future__ import annotations
 
 import signal
+from datetime import UTC, datetime
 
 import pytest
 
 from tests.conftest import Project
-from tests.daemon_helpers import DaemonProcess, query
+from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import SmtpServer
 
 pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
@@ -52,3 +53,37 @@ def test_follow_ups_leave_at_their_due_time_before_the_waiting_first_emails(proj
 def test_prioritize_due_sends_the_oldest_due_first(project: Project) -> None:
     order = _send(project, "due", 9)
     assert order == [(p, 1) for p in PROSPECTS] + [("A", 2)]
+
+
+def test_new_per_day_caps_first_emails_and_lets_follow_ups_go(project: Project) -> None:
+    """new_per_day = 3 with 20 new prospects: 3 first emails today, each of their follow-ups as it comes
+    due, and the other 17 wait, saying why; status counts them and plan sends the next 3 tomorrow."""
+    server = SmtpServer().start()
+    try:
+        project.add_mailboxes(1, smtp=server.smtp_config(), gap="0s", new_per_day=3)
+        project.add_cadence(steps=2)
+        project.data["cadences"][0]["steps"][1]["wait"] = "1s"
+        project.write()
+        assert project.enroll(project.people(20)).code == 0
+        daemon = DaemonProcess(project.config_path)
+        try:
+            server.recorder.wait_for(6, timeout=60)
+            waiting = daemon.wait_event("mailbox.waiting", within=30, reason="new_per_day")
+            assert waiting["deferred"] == 17
+            eventually(lambda: states(project.database).get("sent") == 6, 30, "the follow-ups to be recorded")
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0
+        finally:
+            daemon.kill()
+    finally:
+        server.stop()
+    steps = sorted(2 if d["In-Reply-To"] else 1 for d in server.recorder.deliveries)
+    assert steps == [1, 1, 1, 2, 2, 2]
+    details = query(project.database, "SELECT detail FROM messages WHERE state = 'scheduled'")
+    assert len(details) == 17 and all(d[0].startswith("deferred: new_per_day until ") for d in details)
+    mailbox = project.run("status", "--json").json()["mailboxes"][0]
+    assert (mailbox["new_today"], mailbox["new_per_day"]) == (3, 3)
+    days = project.run("plan", "--days", "2", "--json").json()["days"]
+    today = datetime.now(UTC).date().isoformat()
+    assert days and today not in [row["date"] for row in days]  # no room left today
+    assert {(row["new"], row["follow_ups"]) for row in days} == {(3, 3)}  # 3 a day, each with its follow-up

@@ -201,7 +201,8 @@ def _schedule(t: _Table, base: Schedule) -> Schedule:
                 t.problems.add(f"{t.at('holidays')}[{i}]", problem)
         calendars = tuple(dict.fromkeys(given))
     prioritize = t.choice("prioritize", base.prioritize, PRIORITIES)
-    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates, domain_limit, calendars, prioritize)
+    new_per_day = t.integer("new_per_day", base.new_per_day, 0, 100_000)
+    return Schedule(tz, days, hours, limit, gap, warmup, skip_dates, domain_limit, calendars, prioritize, new_per_day)
 
 
 def holiday_calendar_problem(code: str) -> str:

@@ -23,6 +23,7 @@ def _schedule_dict(s: Schedule) -> dict[str, Any]:
         "holidays": list(s.holidays),
         "domain_daily_limit": s.domain_daily_limit,
         "prioritize": s.prioritize,
+        "new_per_day": s.new_per_day,
     }
     if s.warmup is not None:
         w = s.warmup

@@ -30,7 +30,7 @@ DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_dail
 
 
 def defer_full_domains(
-    store: Store, mailbox: Mailbox, now: float, day: str, first_day: str | None
+    store: Store, mailbox: Mailbox, now: float, day: str, first_day: str | None, prioritize: str = ""
 ) -> list[tuple[int, str, str]] | None:
     """domain_daily_limit: the next due message's domain has had its sends today? Its due messages wait for the
     mailbox's next sending day, in their order, and the next domain is looked at. Returns (message, domain,
@@ -38,7 +38,7 @@ def defer_full_domains(
     schedule = mailbox.schedule
     deferred: list[tuple[int, str, str]] = []
     for _ in range(DOMAIN_LOOKS):
-        domain = store.next_due_domain(mailbox.address, now, schedule.prioritize)
+        domain = store.next_due_domain(mailbox.address, now, prioritize or schedule.prioritize)
         if domain is None or store.domain_sent(mailbox.address, day, domain) < schedule.domain_daily_limit:
             return deferred
         until = timing.next_sending_day(now, schedule, first_day)
@@ -95,14 +95,26 @@ def take_turn(
         )
         if decision.at is None or decision.at > now:
             return Turn(snap, day, decision, None, [])
+        prioritize = mailbox.schedule.prioritize
+        cap = mailbox.schedule.new_per_day
+        if cap:  # new_per_day: the day's first emails are sent; follow-ups go on, the first emails wait
+            new_today, follow_up = store.new_per_day_state(mailbox.address, day)
+            if new_today >= cap:
+                prioritize = "follow_ups_only"
+                if follow_up is None or follow_up > now:
+                    tomorrow = timing.next_sending_day(now, mailbox.schedule, snap.first_day)
+                    at = tomorrow if follow_up is None else min(follow_up, tomorrow)
+                    return Turn(snap, day, timing.Decision(at, "new_per_day"), None, [])
         deferred = (
-            defer_full_domains(store, mailbox, now, day, snap.first_day) if mailbox.schedule.domain_daily_limit else []
+            defer_full_domains(store, mailbox, now, day, snap.first_day, prioritize)
+            if mailbox.schedule.domain_daily_limit
+            else []
         )
         if deferred is None or not store.holds(mailbox.address):
             return Turn(snap, day, decision if deferred is None else None, None, [])
         if not may_claim:
             return Turn(snap, day, decision, None, [], deferred, token_first=True)
-        claimed = store.claim(mailbox.address, now, message_id, mailbox.schedule.prioritize)
+        claimed = store.claim(mailbox.address, now, message_id, prioritize)
         thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
         return Turn(snap, day, decision, claimed, thread, deferred)
 

@@ -67,3 +67,8 @@ class Counts(Core):
     def first_emails_waiting(self, mailbox: str, until: float) -> int:
         """First emails (step 1) of `mailbox` scheduled before `until`: the backlog `enroll` tells the end of."""
         return int(self.conn.one(self.q.first_emails_waiting, (mailbox, until))[0])
+
+    def new_per_day_state(self, mailbox: str, day: str) -> tuple[int, float | None]:
+        """(first emails sent on the mailbox's local `day`, due time of its oldest scheduled follow-up)."""
+        row = self.conn.one(self.q.new_per_day_state, (mailbox, day))
+        return int(row[0] or 0), (None if row[1] is None else float(row[1]))

@@ -73,7 +73,11 @@ class Outbox(Core):
     def _next_due(self, mailbox: str, now: float, prioritize: str) -> Any:
         """The row of the message a claim takes now, in the mailbox's order (model.PRIORITIES)."""
         q = self.q
-        statement = {"follow_ups": q.next_due_follow_ups_first, "new": q.next_due_new_first}.get(prioritize, q.next_due)
+        statement = {
+            "follow_ups": q.next_due_follow_ups_first,
+            "new": q.next_due_new_first,
+            "follow_ups_only": q.next_due_follow_up,  # new_per_day reached: no first email today
+        }.get(prioritize, q.next_due)
         return self.conn.one(statement, (mailbox, now))
 
     def defer_domain(self, mailbox: str, domain: str, now: float, until: float, detail: str) -> list[int]:
@@ -151,7 +155,7 @@ class Outbox(Core):
             if was is not None and was[1] != "sent":
                 self._recount(was[0], was[1], "sent")
             self.conn.run(
-                self.q.count_send,
+                self.q.count_first_send if c.step == 1 else self.q.count_send,
                 (c.mailbox, day),
             )
             self.conn.run(
@@ -382,7 +386,7 @@ class Outbox(Core):
         if delivered:
             self.conn.run(self.q.settle_delivered, (sent_at, detail, message))
             if day:
-                self.conn.run(self.q.count_send, (row[4], day))
+                self.conn.run(self.q.count_first_send if row[1] == 1 else self.q.count_send, (row[4], day))
         else:
             self.conn.run(self.q.settle_not_delivered, (detail, message))
         return (row[0], row[1], row[2], row[3])

@@ -263,11 +263,13 @@ class PgEngine:
         if version < SCHEMA_VERSION:
             with self.transaction():
                 # 10 → 11 and 11 → 12 changed SQLite's counting triggers and its index by state only:
-                # PostgreSQL keeps its own triggers and indexes. 13: the index of due follow-ups.
+                # PostgreSQL keeps its own triggers and indexes. 13: the index of due follow-ups;
+                # 14: first emails counted apart.
                 self.run(
                     """CREATE INDEX IF NOT EXISTS messages_due_follow_ups ON messages (mailbox, due_at, id)
                        WHERE state = 'scheduled' AND step > 1"""
                 )
+                self.run("ALTER TABLE daily_counts ADD COLUMN IF NOT EXISTS first_emails BIGINT NOT NULL DEFAULT 0")
                 self.execute("UPDATE cadenced_schema SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
 
     def server(self) -> tuple[str, int]:

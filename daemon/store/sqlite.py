@@ -238,6 +238,10 @@ MIGRATIONS = {
     13: """
     CREATE INDEX messages_due_follow_ups ON messages (mailbox, due_at, id) WHERE state = 'scheduled' AND step > 1;
     """,
+    # new_per_day: a day's first emails (step 1) are counted apart from its sends.
+    14: """
+    ALTER TABLE daily_counts ADD COLUMN first_emails INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,

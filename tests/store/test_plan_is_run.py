@@ -1,6 +1,7 @@
 """`cadenced plan` forecasts what a run sends: day by day and mailbox by mailbox, over random cadences with
 per-step senders (auto_rotate off), removed cadences, paused and refused mailboxes, follow-ups first, first
-emails first or due order, daily and per-domain limits, windows in several time zones.
+emails first or due order, daily, per-domain and first-email (new_per_day) limits, windows in several
+time zones.
 
 The run is the sender loop's own turn (dispatch.take_turn: record, look, claim, in one transaction) and its own
 record of an accepted send (dispatch.sent_record), on the real store, taken on a virtual clock: each mailbox
@@ -48,6 +49,7 @@ def scenarios(draw: Any) -> dict[str, Any]:
                 "gap": draw(st.sampled_from(["1m", "20m", "2h"])),
                 "domain_daily_limit": draw(st.sampled_from([0, 0, 1, 2])),
                 "prioritize": draw(st.sampled_from(["follow_ups", "new", "due"])),
+                "new_per_day": draw(st.sampled_from([0, 0, 1, 2])),
                 "paused": draw(st.booleans()) if i == 2 else False,
             }
         )

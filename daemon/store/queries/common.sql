@@ -180,6 +180,13 @@ SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m
     ORDER BY m.due_at, m.id LIMIT 1;
 
 -- One statement, the second part run only when the first finds nothing (each through its index).
+-- name: next_due_follow_up
+SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+    m.attempts, m.transient_failures, e.mailbox
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?
+    ORDER BY m.due_at, m.id LIMIT 1;
+
 -- name: next_due_follow_ups_first
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky
@@ -243,6 +250,17 @@ UPDATE messages SET state = 'sent', sent_at = ?, smtp_code = ?, detail = ?, subj
 -- name: count_send
 INSERT INTO daily_counts (mailbox, day, sent) VALUES (?, ?, 1)
     ON CONFLICT (mailbox, day) DO UPDATE SET sent = daily_counts.sent + 1;
+
+-- A first email (step 1): new_per_day counts them apart.
+-- name: count_first_send
+INSERT INTO daily_counts (mailbox, day, sent, first_emails) VALUES (?, ?, 1, 1)
+    ON CONFLICT (mailbox, day) DO UPDATE SET sent = daily_counts.sent + 1,
+    first_emails = daily_counts.first_emails + 1;
+
+-- new_per_day: the first emails of the day, and the mailbox's oldest follow-up (through its index)
+-- name: new_per_day_state
+SELECT (SELECT first_emails FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
+    (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled' AND step > 1);
 
 -- name: note_send
 INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before)

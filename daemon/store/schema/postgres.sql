@@ -1,4 +1,4 @@
--- The schema of a PostgreSQL database (version 13; PostgreSQL support began at 10). A test holds that it has
+-- The schema of a PostgreSQL database (version 14; PostgreSQL support began at 10). A test holds that it has
 -- the tables, columns and indexes of SQLite's (schema/sqlite.sql), but for PostgreSQL's own: cadenced_schema
 -- (SQLite keeps its version in PRAGMA user_version), daemons and leases (several daemons share one database).
 
@@ -63,6 +63,7 @@ CREATE TABLE daily_counts (
     refused BIGINT NOT NULL DEFAULT 0,
     bounces BIGINT NOT NULL DEFAULT 0,
     blocks BIGINT NOT NULL DEFAULT 0,
+    first_emails BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (mailbox, day)
 );
 CREATE TABLE imap_state (

@@ -1,4 +1,4 @@
--- The schema of a new SQLite database (version 13). Databases made before are brought to it by the
+-- The schema of a new SQLite database (version 14). Databases made before are brought to it by the
 -- migrations of daemon/store/sqlite.py; a test holds that both give the same tables, columns and indexes.
 
 CREATE TABLE suppressions (
@@ -58,6 +58,7 @@ CREATE TABLE daily_counts (
     refused INTEGER NOT NULL DEFAULT 0,
     bounces INTEGER NOT NULL DEFAULT 0,
     blocks INTEGER NOT NULL DEFAULT 0,
+    first_emails INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (mailbox, day)
 );
 CREATE TABLE imap_state (
