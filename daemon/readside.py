@@ -119,7 +119,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         errors = counts.get((m.address, "error"), 0)
         today = timing.local_day(now, m.schedule.timezone)
         sent_today = store.sent_on(m.address, today)
-        new_today = store.new_per_day_state(m.address, today)[0]
+        new_today = store.first_emails_on(m.address, today)
         next_send_at: float | None = None
         waiting_for: str | None = None
         earliest = store.earliest_due(m.address) if scheduled else None
@@ -314,7 +314,7 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         )
         today = timing.local_day(now, m.schedule.timezone)
         counts[address] = {today: store.sent_on(address, today)}
-        new_counts[address] = {today: store.new_per_day_state(address, today)[0]} if m.schedule.new_per_day else {}
+        new_counts[address] = {today: store.first_emails_on(address, today)} if m.schedule.new_per_day else {}
         free_at[address] = max(now, (health.get(address) or {}).get("not_before") or now)
     stretches = {
         address: timing.Stretches(m.schedule, store.first_send_day(address) if m.schedule.warmup else None)

@@ -72,3 +72,8 @@ class Counts(Core):
         """(first emails sent on the mailbox's local `day`, due time of its oldest scheduled follow-up)."""
         row = self.conn.one(self.q.new_per_day_state, (mailbox, day))
         return int(row[0] or 0), (None if row[1] is None else float(row[1]))
+
+    def first_emails_on(self, mailbox: str, day: str) -> int:
+        """First emails (step 1) the mailbox sent on its local `day` (status, plan)."""
+        row = self.conn.one(self.q.first_emails_on, (mailbox, day))
+        return int(row[0]) if row else 0

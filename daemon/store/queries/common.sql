@@ -455,3 +455,6 @@ SELECT email, reason, created_at FROM suppressions ORDER BY created_at, email;
 
 -- name: first_emails_waiting
 SELECT count(*) FROM messages WHERE mailbox = ? AND state = 'scheduled' AND step = 1 AND due_at < ?;
+
+-- name: first_emails_on
+SELECT first_emails FROM daily_counts WHERE mailbox = ? AND day = ?;
