@@ -501,7 +501,20 @@ def build_app(
                     "this Idempotency-Key was used for another request; nothing was changed",
                     "Idempotency-Key",
                 )
-            return Response(kept[2], media_type="application/json", headers={"Idempotent-Replayed": "true"})
+            answer = told(json.loads(kept[2]))  # the facts as first given, the forecast as of now
+            return JSONResponse(answer, headers={"Idempotent-Replayed": "true"})
+
+        def told(answer: dict[str, Any]) -> dict[str, Any]:
+            """The answer with the day each mailbox given prospects sends its last first email (`enroll`'s
+            forecast), read after the commit: a year's plan is not made while holding the write lock."""
+            if not answer["enrolled"]:
+                return {**answer, "first_emails_by": {}}
+            db = open_store()
+            try:
+                by = readside.first_emails_by(config(), db, time.time(), answer["assignments"])
+            finally:
+                db.close()
+            return {**answer, "first_emails_by": by}
 
         def work() -> Response:
             now = time.time()
@@ -553,7 +566,7 @@ def build_app(
                 assignments=report.assignments,
                 idempotency_key=key,
             )
-            return JSONResponse(enrollment_answer(report, keys))
+            return JSONResponse(told(enrollment_answer(report, keys)))
 
         answer = await in_thread(work, enrolling)
         if answer.status_code == 200:
@@ -656,13 +669,20 @@ def openapi_document(config: Config) -> dict[str, Any]:
     refused = _error("refused by the outbox's rules (the CLI's refusal): nothing was changed")
     report = {
         "type": "object",
-        "required": ["enrolled", "skipped", "rejected", "rejected_total", "assignments"],
+        "required": ["enrolled", "skipped", "rejected", "rejected_total", "assignments", "first_emails_by"],
         "properties": {
             "enrolled": {"type": "integer"},
             "skipped": {"type": "integer", "description": "already enrolled in this cadence"},
             "rejected": {"type": "array", "items": {"type": "object"}},
             "rejected_total": {"type": "integer"},
             "assignments": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "first_emails_by": {
+                "type": "object",
+                "additionalProperties": {"type": ["string", "null"]},
+                "description": "per mailbox given prospects, the local day its last scheduled first email goes "
+                "under today's limits (null: past a year, or the mailbox is paused or down); made when "
+                "answered, a replay's included",
+            },
         },
     }
     return {

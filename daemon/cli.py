@@ -256,7 +256,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     _out("mailboxes:")
     for m in document["mailboxes"]:
         waiting = f"waiting for {m['waiting_for']}" if m["waiting_for"] else ""
-        nxt = f"next {m['next_send_at']}" if m["next_send_at"] else "nothing due"
+        kind = {"follow_up": " (a follow-up)", "new": " (a first email)"}.get(m["next_message"] or "", "")
+        nxt = f"next {m['next_send_at']}{kind}" if m["next_send_at"] else "nothing due"
+        if m["new_per_day"]:
+            nxt = f"new {m['new_today']}/{m['new_per_day']}  {nxt}"
         _out(
             f"  {m['address']:<32} {m['state']:<12} sent {m['sent_today']}/{m['daily_limit']}  "
             f"scheduled {m['scheduled']}  error {m['error']}  {nxt} {waiting}".rstrip()
@@ -380,6 +383,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             current = row["date"]
             _out(f"{current}{'':<33} {'sends':>6} {'new':>6} {'follow-ups':>10}")
         _out(f"  {row['mailbox']:<40} {row['sends']:>6} {row['new']:>6} {row['follow_ups']:>10}")
+    for row in document["past_horizon"]:  # a backlog that outlasts the forecast is named, not hidden
+        waiting = " and ".join(
+            f"{n} {what}" for n, what in ((row["new"], "first email(s)"), (row["follow_ups"], "follow-up(s)")) if n
+        )
+        _out(
+            f"cadence {row['cadence']!r} on {row['mailbox']}: {waiting} due within {args.days} days"
+            " go out after them (its backlog runs past this plan)"
+        )
     return 0
 
 

@@ -107,3 +107,19 @@ def unfilled(steps: Iterable[Step], variables: Mapping[str, Any]) -> list[tuple[
             except compose.TemplateProblem as exc:
                 problems.append((step, part, exc))
     return problems
+
+
+Due = tuple[float, tuple[int, int]]  # (due time, rank): the claim's order is (due_at, id)
+
+
+def goes_first(prioritize: str, follow_up: Due | None, new: Due | None, at: float, new_ok: bool = True) -> str | None:
+    """Which kind a mailbox sends at `at` of its oldest scheduled follow-up and first email ("follow_up", "new",
+    None: neither is due), the claim's rule (SPEC §4): follow-ups first by default, first emails first with
+    "new", the older with "due"; `new_ok` False: the day's first emails are sent (new_per_day)."""
+    f = follow_up if follow_up is not None and follow_up[0] <= at else None
+    n = new if new is not None and new[0] <= at and new_ok else None
+    if f is None or n is None:
+        return "follow_up" if f is not None else ("new" if n is not None else None)
+    if prioritize == "due":
+        return "follow_up" if f < n else "new"
+    return "new" if prioritize == "new" else "follow_up"

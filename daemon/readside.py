@@ -122,6 +122,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         new_today = store.first_emails_on(m.address, today)
         next_send_at: float | None = None
         waiting_for: str | None = None
+        next_message: str | None = None  # "follow_up" or "new": the kind it sends next
         earliest = store.earliest_due(m.address) if scheduled else None
         first_day = store.first_send_day(m.address) if m.schedule.warmup is not None else None
         allowance = 0 if timing.skipped(m.schedule, today) else timing.allowance(m.schedule, today, first_day)[0]
@@ -132,10 +133,23 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
             next_send_at = h["next_probe_at"] if h else None
         elif state == "paused":
             waiting_for = None if m.paused else "operator"  # `cadenced mailbox resume`
-        elif earliest is not None:
-            decision = next_send(m, h, sent_today, now, earliest, first_day)
+        elif earliest is not None:  # what goes next, by the claim's rule (prioritize, new_per_day)
+            follow_up, first = store.oldest_of_kinds(m.address)
+            new_ok = not m.schedule.new_per_day or new_today < m.schedule.new_per_day
+            if new_ok:
+                decision = next_send(m, h, sent_today, now, earliest, first_day)
+            else:  # the day's first emails are sent: follow-ups go on, first emails wait for the next sending day
+                tomorrow = timing.next_sending_day(now, m.schedule, first_day)
+                later = max(first[0], tomorrow) if first else None
+                at = min(t for t in (follow_up[0] if follow_up else None, later) if t is not None)
+                decision = next_send(m, h, sent_today, now, at, first_day)
+                if first and first[0] < tomorrow and at == later:
+                    decision = timing.Decision(decision.at, "new_per_day")  # what holds the mailbox back
+                new_ok = decision.at is not None and decision.at >= tomorrow
             next_send_at = decision.at
             waiting_for = decision.waiting_for
+            if next_send_at is not None:
+                next_message = lifecycle.goes_first(m.schedule.prioritize, follow_up, first, next_send_at, new_ok)
         mailboxes.append(
             {
                 "address": m.address,
@@ -146,6 +160,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
                 "new_per_day": m.schedule.new_per_day,  # 0: first emails are capped by daily_limit only
                 "allowance_today": allowance,  # warm-up and skip dates applied
                 "next_send_at": iso(next_send_at),
+                "next_message": next_message,
                 "waiting_for": waiting_for,
                 "scheduled": scheduled,
                 "error": errors,
@@ -407,7 +422,27 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         {"date": day, "mailbox": address, "sends": n + f, "new": n, "follow_ups": f}
         for (day, address), (n, f) in sorted(forecast.items())
     ]
-    return {"days": rows, "generated_at": iso(now), "horizon_days": days}
+    left = _left_over(store, queues, horizon)
+    return {"days": rows, "generated_at": iso(now), "horizon_days": days, "past_horizon": left}
+
+
+def _left_over(store: Store, queues: dict[str, tuple[_Kind, _Kind]], horizon: float) -> list[dict[str, Any]]:
+    """The backlog past the horizon: per cadence and mailbox, the messages due before the horizon that the plan
+    does not send before it (the stored ones from where the plan stopped reading, and the follow-ups it made)."""
+    left: dict[tuple[str, str], list[int]] = {}  # (cadence, mailbox) → [first emails, follow-ups]
+    for address, kinds in queues.items():
+        for index, kind in enumerate(kinds):
+            if kind.row is not None:
+                due, _, _, id_ = kind.row
+                for cadence, n in store.left_in_order(address, due, id_, horizon, "new" if index else "follow_ups"):
+                    left.setdefault((cadence, address), [0, 0])[1 - index] += n
+            for due, _, _, enrollment, route in kind.made:
+                if due < horizon and (route := route or store.route_of(enrollment)) is not None:
+                    left.setdefault((route[0], address), [0, 0])[1 - index] += 1
+    return [
+        {"cadence": cadence, "mailbox": address, "new": n, "follow_ups": f}
+        for (cadence, address), (n, f) in sorted(left.items())
+    ]
 
 
 BACKLOG_DAYS = 366  # how far `enroll` looks for the last first email of a backlog
@@ -425,27 +460,23 @@ def first_emails_by(config: Config, store: Store, now: float, mailboxes: Iterabl
         if row["mailbox"] in wanted and row["new"]:
             last[row["mailbox"]] = row["date"]
             sent[row["mailbox"]] += row["new"]
-    return {
-        mailbox: last.get(mailbox) if sent[mailbox] >= store.first_emails_waiting(mailbox, horizon) else None
-        for mailbox in sorted(wanted)
-    }
+    zones = {m.address: m.schedule.timezone for m in config.mailboxes}
+    told: dict[str, str | None] = {}
+    for mailbox in sorted(wanted):
+        waiting = store.first_emails_waiting(mailbox, horizon)
+        if not waiting and mailbox in zones:  # every first email has gone already: by today
+            told[mailbox] = timing.local_day(now, zones[mailbox])
+        else:
+            told[mailbox] = last.get(mailbox) if sent[mailbox] >= waiting else None
+    return told
 
 
 def _pick(prioritize: str, follow_ups: _Kind, new: _Kind, at: float, new_ok: bool = True) -> _Kind:
-    """The kind of message a mailbox sends at `at` (the claim's order: SPEC §4); `new_ok` False: the day's
-    first emails are sent (new_per_day)."""
+    """The kind of message a mailbox sends at `at` (lifecycle.goes_first); `new_ok` False: the day's first
+    emails are sent (new_per_day)."""
     f, n = follow_ups.head(), new.head()
-    if not new_ok:
-        return follow_ups
-    if f is None or f[0] > at:
-        return new
-    if n is None or n[0] > at:
-        return follow_ups
-    if prioritize == "follow_ups":
-        return follow_ups
-    if prioritize == "new":
-        return new
-    return follow_ups if f[:2] < n[:2] else new
+    kind = lifecycle.goes_first(prioritize, f[:2] if f else None, n[:2] if n else None, at, new_ok)
+    return new if kind == "new" else follow_ups
 
 
 def outbox_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -215,12 +215,14 @@ def test_a_playbook_enrolls_from_its_owners_mailboxes_once_per_key(
     first = daemon.post("/v1/playbooks/crm-stage/enrollments", {"prospects": people}, **{"Idempotency-Key": "hook-1"})
     assert first.status_code == 200, first.text
     report = first.json()
+    today = datetime.now(UTC).date().isoformat()  # the project's mailboxes send around the clock, in UTC
     assert report == {
         "enrolled": 4,
         "skipped": 0,
         "rejected": [],
         "rejected_total": 0,
         "assignments": {bobs[0]: 2, bobs[1]: 2},
+        "first_emails_by": {bobs[0]: today, bobs[1]: today},
     }
     deliveries = server.recorder.wait_for(4)
     assert sorted(d.sender for d in deliveries) == sorted(bobs * 2)  # the owner's mailboxes, evenly

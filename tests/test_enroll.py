@@ -433,9 +433,15 @@ def test_enroll_tells_when_the_last_first_email_goes(project: Project) -> None:
     by = result.json()["first_emails_by"]
     hundredth = (datetime.now(UTC).date() + timedelta(days=99)).isoformat()
     assert by == {"mb1@alice.example": hundredth, "mb2@alice.example": hundredth}
-    planned = project.run("plan", "--days", "120", "--json").json()["days"]
-    last = {row["mailbox"]: row["date"] for row in planned if row["new"]}
-    assert last == by
+    planned = project.run("plan", "--days", "120", "--json").json()
+    last = {row["mailbox"]: row["date"] for row in planned["days"] if row["new"]}
+    assert last == by and planned["past_horizon"] == []
+    short = project.run("plan", "--days", "10", "--json").json()  # the backlog outlasts it: its cadence is named
+    assert {r["mailbox"]: r["new"] for r in short["past_horizon"] if r["cadence"] == "c1"} == {
+        m: 5000 - sum(r["new"] for r in short["days"] if r["mailbox"] == m) for m in by
+    }
+    text = project.run("plan", "--days", "10").out
+    assert "cadence 'c1' on mb1@alice.example: " in text and "its backlog runs past this plan" in text
     project.data["mailboxes"][1]["paused"] = True
     text = project.run("enroll", "--cadence", "c1", "--as", "alice", str(project.people(1, 10_000, "one.csv"))).out
     assert "mb1@alice.example: 1 (first emails by " in text  # the one new prospect went to the running mailbox

@@ -4,6 +4,7 @@ leaves at its due time, before the first emails still waiting; `prioritize = "du
 from __future__ import annotations
 
 import signal
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -83,7 +84,38 @@ def test_new_per_day_caps_first_emails_and_lets_follow_ups_go(project: Project) 
     assert len(details) == 17 and all(d[0].startswith("deferred: new_per_day until ") for d in details)
     mailbox = project.run("status", "--json").json()["mailboxes"][0]
     assert (mailbox["new_today"], mailbox["new_per_day"]) == (3, 3)
-    days = project.run("plan", "--days", "2", "--json").json()["days"]
+    assert (mailbox["waiting_for"], mailbox["next_message"]) == ("new_per_day", "new")  # tomorrow's first email
+    assert mailbox["next_send_at"][:10] > datetime.now(UTC).date().isoformat()
+    plan = project.run("plan", "--days", "2", "--json").json()
+    days = plan["days"]
+    left = 17 - sum(row["new"] for row in days)  # due now, sent after the horizon: the plan names their cadence
+    assert plan["past_horizon"] == [{"cadence": "c1", "mailbox": mailbox["address"], "new": left, "follow_ups": 0}]
     today = datetime.now(UTC).date().isoformat()
     assert days and today not in [row["date"] for row in days]  # no room left today
     assert {(row["new"], row["follow_ups"]) for row in days} == {(3, 3)}  # 3 a day, each with its follow-up
+
+
+@pytest.mark.parametrize(("prioritize", "goes"), [("follow_ups", "follow_up"), ("new", "new"), ("due", "new")])
+def test_status_says_which_kind_goes_next_by_the_claims_rule(project: Project, prioritize: str, goes: str) -> None:
+    """One first email sent, its follow-up due now, three first emails due since before it: `status` names
+    the kind the claim takes next (the first emails are the older: "due" takes them)."""
+    from daemon import readside
+    from daemon.config import load_config
+    from daemon.store import SentRecord, Store
+
+    address = project.add_mailboxes(1, gap="0s", prioritize=prioritize)[0]
+    project.add_cadence(steps=2)
+    assert project.enroll(project.people(4)).code == 0
+    config = load_config(project.write())
+    store = Store.open(config.daemon.database)
+    try:
+        now = time.time()
+        claimed = store.claim(address, now, lambda i, a: f"<{i}@send.example>")
+        assert claimed is not None and claimed.step == 1
+        day = datetime.now(UTC).date().isoformat()
+        with store.transaction():
+            store.record_sent(SentRecord(claimed, now, 250, "ok", "s", day, now, (2, address, now + 1)))
+        row = readside.status(config, store, now + 2)["mailboxes"][0]
+        assert (row["next_message"], row["waiting_for"]) == (goes, None)
+    finally:
+        store.close()

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from daemon.store.core import Core
 
+Oldest = tuple[float, tuple[int, int]]  # (due time, (0, id)): lifecycle.goes_first's terms
+
 
 class Counts(Core):
     def message_counts(self) -> dict[tuple[str, str], int]:
@@ -72,6 +74,11 @@ class Counts(Core):
         """(first emails sent on the mailbox's local `day`, due time of its oldest scheduled follow-up)."""
         row = self.conn.one(self.q.new_per_day_state, (mailbox, day))
         return int(row[0] or 0), (None if row[1] is None else float(row[1]))
+
+    def oldest_of_kinds(self, mailbox: str) -> tuple[Oldest | None, Oldest | None]:
+        """((due, (0, id)) of the oldest scheduled follow-up, of the oldest first email), None where none waits."""
+        found = {int(k): (float(d), (0, int(i))) for k, d, i in self.conn.all(self.q.oldest_of_kinds, (mailbox,))}
+        return found.get(2), found.get(1)
 
     def first_emails_on(self, mailbox: str, day: str) -> int:
         """First emails (step 1) the mailbox sent on its local `day` (status, plan)."""

@@ -404,3 +404,9 @@ class Outbox(Core):
         cursor = self.conn.execute(statement, (mailbox, until))
         while rows := cursor.fetchmany(256):
             yield from rows
+
+    def left_in_order(self, mailbox: str, due: float, id_: int, until: float, kind: str) -> list[tuple[str, int]]:
+        """(cadence, count) of the scheduled messages of `kind` ("follow_ups" or "new") due before `until`
+        from (`due`, `id_`) on in the claim's order: what `plan` did not reach."""
+        statement = self.q.left_follow_ups_in_order if kind == "follow_ups" else self.q.left_new_in_order
+        return [(str(c), int(n)) for c, n in self.conn.all(statement, (mailbox, due, id_, until))]

@@ -196,3 +196,16 @@ def test_a_claim_takes_follow_ups_first_first_emails_first_or_the_oldest(store: 
     assert store.next_due_domain(A, 400.0, "follow_ups") == "y.example"  # no follow-up due yet
     follow_up = store.claim(A, 1000.0, lambda i, a: f"<{i}.{a}@send.example>", "follow_ups")
     assert follow_up is not None and (follow_up.email, follow_up.step) == ("p1@x.example", 2)
+
+
+def test_what_a_plan_leaves_is_counted_by_cadence_from_where_it_stopped(store: Store) -> None:
+    """`left_in_order`: the scheduled messages of one kind due before the horizon, from a (due, id) on."""
+    ids = enroll(store, "c1", ["p1@x.example", "p2@x.example"], due=100.0)
+    enroll(store, "c2", ["p3@x.example"], due=100.0)
+    enroll(store, "c2", ["p4@x.example"], due=900.0)  # past the horizon below
+    rows = list(store.scheduled_in_order(A, 500.0, "new"))
+    assert [r[2] for r in rows][:2] == ids
+    second = rows[1]  # the plan sent the first: the rest, from the second on, are left
+    assert sorted(store.left_in_order(A, second[0], second[3], 500.0, "new")) == [("c1", 1), ("c2", 1)]
+    assert store.left_in_order(A, second[0], second[3], 500.0, "follow_ups") == []
+    assert sorted(store.left_in_order(A, 0.0, 0, 1000.0, "new")) == [("c1", 2), ("c2", 2)]

@@ -224,6 +224,17 @@ SELECT due_at, step, enrollment_id, id FROM messages
 SELECT due_at, step, enrollment_id, id FROM messages
     WHERE mailbox = ? AND state = 'scheduled' AND step = 1 AND due_at < ? ORDER BY due_at, id;
 
+-- plan's backlog past its horizon: from where it stopped reading (?2 due, ?3 id) to the horizon (?4).
+-- name: left_follow_ups_in_order
+SELECT e.cadence, count(*) FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at < ?4
+    AND (m.due_at > ?2 OR (m.due_at = ?2 AND m.id >= ?3)) GROUP BY e.cadence;
+
+-- name: left_new_in_order
+SELECT e.cadence, count(*) FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at < ?4
+    AND (m.due_at > ?2 OR (m.due_at = ?2 AND m.id >= ?3)) GROUP BY e.cadence;
+
 -- name: claim
 UPDATE messages SET state = 'sending', attempts = ?, message_id = ?, reason = NULL, detail = NULL
     WHERE id = ?;
@@ -258,6 +269,14 @@ INSERT INTO daily_counts (mailbox, day, sent, first_emails) VALUES (?, ?, 1, 1)
     first_emails = daily_counts.first_emails + 1;
 
 -- new_per_day: the first emails of the day, and the mailbox's oldest follow-up (through its index)
+-- status: the oldest scheduled follow-up and first email of a mailbox (kind 2, kind 1), in the claim's order.
+-- name: oldest_of_kinds
+SELECT * FROM (SELECT 2 AS kind, due_at, id FROM messages WHERE mailbox = ?1 AND state = 'scheduled' AND step > 1
+    ORDER BY due_at, id LIMIT 1) AS f
+UNION ALL
+SELECT * FROM (SELECT 1 AS kind, due_at, id FROM messages WHERE mailbox = ?1 AND state = 'scheduled' AND step = 1
+    ORDER BY due_at, id LIMIT 1) AS n;
+
 -- name: new_per_day_state
 SELECT (SELECT first_emails FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
     (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled' AND step > 1);
