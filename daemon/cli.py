@@ -22,7 +22,15 @@ import tomli_w
 
 from daemon import __version__, enroll, operate, readside
 from daemon.config import address_problem, config_path_from, effective_dict, load_config, shown_database
-from daemon.errors import CadencedError, ConfigError, Refused, SmtpFailure, StoreUnavailable, UsageError
+from daemon.errors import (
+    CadencedError,
+    ConfigError,
+    Refused,
+    SmtpFailure,
+    StoreUnavailable,
+    StoreUnreachable,
+    UsageError,
+)
 from daemon.model import Config, Mailbox, OAuth2
 from daemon.readside import iso
 from daemon.store import MESSAGE_STATES, Store, copy_to_postgres
@@ -88,10 +96,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     if isinstance(database, str):
         from daemon.store import postgres
 
-        server, schema = postgres.inspect(database)
-        state = "no cadenced schema yet (made at the first enroll or start)" if schema is None else f"schema {schema}"
-        _out(f"database: PostgreSQL {server} at {shown_database(database)}, {state}")
-        found = schema is not None
+        try:
+            server, schema = postgres.inspect(database)
+        except StoreUnreachable as exc:  # the config is what is checked: the daemon waits for its database
+            sys.stderr.write(f"warning: {exc} (the daemon waits for it and starts when it answers)\n")
+        else:
+            state = (
+                "no cadenced schema yet (made at the first enroll or start)" if schema is None else f"schema {schema}"
+            )
+            _out(f"database: PostgreSQL {server} at {shown_database(database)}, {state}")
+            found = schema is not None
     else:
         folder = _existing_parent(database)
         why = _cannot_write(folder)

@@ -33,6 +33,11 @@ class StoreError(CadencedError):
     exit_code = 2
 
 
+class StoreUnreachable(StoreError):
+    """The database server cannot be reached now (it is down, restarting, or the network is cut): a command
+    says so and exits; the daemon waits and tries again."""
+
+
 class Refused(CadencedError):
     """The operation is understood but refused; nothing was changed."""
 

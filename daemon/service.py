@@ -10,18 +10,28 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
 from daemon import enroll, logs, readside
 from daemon.config import config_digest, load_config, shown_database
 from daemon.dispatch import Dispatcher
-from daemon.errors import CadencedError, ConfigError, Refused, StoreError, StoreUnavailable
+from daemon.errors import (
+    CadencedError,
+    ConfigError,
+    Refused,
+    StoreDamaged,
+    StoreError,
+    StoreUnavailable,
+    StoreUnreachable,
+)
 from daemon.model import Automation, Cadence, Config
 from daemon.store import IntegrityCheck, Store, startup_failure
 from daemon.systemd import Notifier, watchdog_interval
 
+T = TypeVar("T")
+STARTUP_BACKOFF_MAX = 30.0  # seconds between tries to reach a PostgreSQL server that does not answer
 INTEGRITY_WAIT = 0.25  # seconds the first send waits for the database check (it reads the whole file)
 # A larger file takes the check longer than the wait (about 350 MB/s measured), so sending starts beside it
 # at once: 1,000,000 enrollments are 330 MB, and waiting for nothing cost their first send a quarter second.
@@ -137,15 +147,32 @@ class Daemon:
             raise
         try:
             self._prepare(store)
-        except (StoreUnavailable, ConfigError) as exc:
+            dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
+        except (StoreUnavailable, ConfigError, StoreUnreachable) as exc:
             store.close()
             self._release()
+            if isinstance(exc, StoreUnavailable) and store.shared and not isinstance(exc, StoreDamaged):
+                raise StoreUnreachable(f"{shown_database(config.daemon.database)}: {exc}") from None  # waited for
             if isinstance(exc, StoreUnavailable):
                 raise startup_failure(config.daemon.database, exc) from None
             raise
         self.store = store
-        self.dispatcher = Dispatcher(config, config.daemon.database, clock=self.clock)
-        return self.dispatcher
+        self.dispatcher = dispatcher
+        return dispatcher
+
+    async def _reach(self, fn: Callable[[], T]) -> T:
+        """`fn` done once the database answers: a PostgreSQL server that is down, restarting or cut off is waited
+        for (with backoff, saying so in the log and to systemd), never a reason to exit."""
+        delay = 1.0
+        while True:
+            try:
+                return fn()
+            except StoreUnreachable as exc:
+                self.log.error("store.error", detail=str(exc), action=f"waiting for the database: again in {delay:g} s")
+                self.notifier.status(f"waiting for the database: {exc}")
+                self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((delay + 15) * 1_000_000)}")  # not a failed start
+                await anyio.sleep(delay)
+                delay = min(delay * 2, STARTUP_BACKOFF_MAX)
 
     def _prepare(self, store: Store) -> None:
         """Before the first send: pins checked, crashed sends made uncertain, probes due, liveness recorded."""
@@ -186,7 +213,8 @@ class Daemon:
         """
         if self._lock is None:
             # Before anything else: one daemon per database (per node name on PostgreSQL).
-            self._lock = hold_lock(self.config.daemon.database, self.config.daemon.node)
+            database, node = self.config.daemon.database, self.config.daemon.node
+            self._lock = await self._reach(lambda: hold_lock(database, node))
         integrity = IntegrityCheck(self.config.daemon.database)  # nothing to read on PostgreSQL
         checked = anyio.Event()
         failure: list[StoreError] = []
@@ -224,7 +252,7 @@ class Daemon:
             raise raised[0]
 
     async def _run(self) -> None:
-        dispatcher = self.startup()
+        dispatcher = await self._reach(self.startup)
         try:
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:

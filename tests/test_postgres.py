@@ -64,7 +64,8 @@ def test_an_unreachable_server_is_named_without_its_password(project: Project) -
     project.add_cadence()
     for args in (("check",), ("status",), ("enroll", "--cadence", "c1", "--as", "alice", str(project.people(1)))):
         result = project.run(*args)
-        assert result.code == 2 and "cannot connect" in result.err, args
+        # `check` checks the config: a server that does not answer is a warning (the daemon waits for it).
+        assert result.code == (0 if args == ("check",) else 2) and "cannot connect" in result.err, args
         assert SECRET not in result.err + result.out and "someone:********@127.0.0.1" in result.err
 
 

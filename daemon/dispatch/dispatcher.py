@@ -125,7 +125,7 @@ class Dispatcher:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run every mailbox's loop until stop(); returns when all in-flight sends are recorded."""
-        self._data_version = await self.db.others_version()
+        self._data_version, _ = await self.db.others_version()
         self.unsubscribe_key = await self.db(Store.unsubscribe_key)
         self.scheduler.start()
         try:
@@ -318,20 +318,22 @@ class Dispatcher:
         self._housekeeping.set()
 
     async def _notice_changes(self) -> None:
-        """Another process committed (an enrollment, a retry): wake every loop."""
+        """Another process committed (an enrollment, a retry): wake the loops of the mailboxes it names (every
+        loop when it does not say)."""
         while True:
             await self._housekeeping.wait()
             self._housekeeping = anyio.Event()
             self.alive_at = time.monotonic()
             try:
-                version = await self.db.others_version()
+                version, named = await self.db.others_version()
             except StoreUnavailable as exc:
                 self.store_failed(exc)
                 continue
             if version != self._data_version:
                 self._data_version = version
-                for runner in self.runners.values():
-                    runner.wake()
+                for address, runner in self.runners.items():
+                    if named is None or address in named:
+                        runner.wake()
 
     # --- scheduling ------------------------------------------------------------------------
 

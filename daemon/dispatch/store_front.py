@@ -42,7 +42,12 @@ class AsyncStore:
         # A PostgreSQL server is a round trip away: every call waits in a worker thread, never on the loop.
         self.remote = isinstance(path, str)
         if self.remote:
-            self.group.conn.own = {s.conn.pid for s in (self.fast, self.slow, self.group)}  # type: ignore[attr-defined]
+            own = {s.conn.pid for s in (self.fast, self.slow, self.group)}  # type: ignore[attr-defined]
+            for s in (self.fast, self.slow, self.group):
+                s.conn.own = own  # type: ignore[attr-defined]  # one set: a connection opened again joins it
+                # The daemon's own commits (sends, heartbeats, lease rounds) are news to nobody: only what makes
+                # a message due on a mailbox (a follow-up, a hand-over) is told, naming it.
+                s.conn.loud = False  # type: ignore[attr-defined]
         self.limiter = anyio.CapacityLimiter(1)
         self.group_limiter = anyio.CapacityLimiter(1)
         self.waited = 0
@@ -129,17 +134,19 @@ class AsyncStore:
                     call.error = exc
                 run(f"RELEASE call{i}")
 
-    async def others_version(self) -> int:
-        """PRAGMA data_version seen by the group-commit connection: it moves when another connection commits.
+    async def others_version(self) -> tuple[int, set[str] | None]:
+        """(PRAGMA data_version seen by the group-commit connection, the mailboxes named): it moves when another
+        connection commits; on PostgreSQL the commit names the mailboxes whose queues it changed (None: any).
 
         Read there, the daemon's own sends (the bulk of its commits) do not count as news.
         """
-        try:
-            if self.remote:
-                return await anyio.to_thread.run_sync(self.group.data_version, limiter=self.group_limiter)
-            return self.group.data_version()
-        except StoreUnavailable:
-            raise
+        if self.remote:
+
+            def read() -> tuple[int, set[str] | None]:
+                return self.group.data_version(), self.group.conn.heard_mailboxes()
+
+            return await anyio.to_thread.run_sync(read, limiter=self.group_limiter)
+        return self.group.data_version(), None
 
     def close(self) -> None:
         self.fast.close()

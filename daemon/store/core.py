@@ -91,6 +91,7 @@ class Core:
         inserted = self.conn.run(self.q.schedule_step, (step, mailbox, due, enrollment))
         if inserted > 0:
             self._count_scheduled([(mailbox, inserted)])
+            self.conn.tell((mailbox,))
 
     def finish_enrollment(self, enrollment: int, now: float) -> None:
         row = self.conn.one(self.q.finish_enrollment, (now, enrollment))

@@ -136,6 +136,12 @@ class Engine(Protocol):
 
     def data_version(self) -> int: ...
 
+    def tell(self, mailboxes: Iterable[str]) -> None:
+        """This transaction changes what is due for `mailboxes` (told to the other daemons at its commit)."""
+
+    def heard_mailboxes(self) -> set[str] | None:
+        """The mailboxes other processes' commits named since the last call (None: any)."""
+
     def check_integrity(self) -> None: ...
 
     def list_param(self, values: Sequence[Any]) -> Any: ...

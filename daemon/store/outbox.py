@@ -344,6 +344,7 @@ class Outbox(Core):
             self.q.move_messages,
             (to, ids),
         )
+        self.conn.tell((to,))
         return [r[0] for r in rows]
 
     def never_contacted(self, mailbox: str) -> list[tuple[int, str, str, str]]:

@@ -1,10 +1,17 @@
 """The store on PostgreSQL: `database = "postgresql://…"` (SPEC §10).
 
 The statements are the store's named queries (queries/common.sql and queries/postgres.sql), the schema is
-schema/postgres.sql with its counting triggers in PL/pgSQL. Writers take one transaction-scoped advisory
-lock, so a PostgreSQL database is written as an SQLite one is, one transaction at a time, whoever writes
-(daemons, commands): every rule that holds on SQLite (a claim, a day's count, a gap) holds here for the same
-reason. Several daemons share it, each sending for the mailboxes it leases.
+schema/postgres.sql with its counting triggers in PL/pgSQL. There is no global write lock: writers lock the
+rows they change. A claim takes its message with `FOR UPDATE SKIP LOCKED` and holds its mailbox's lease row
+`FOR SHARE` (a takeover waits for it), so one daemon claims for a mailbox at a time and a day's count, gap and
+new-prospect count, kept per mailbox, hold as on SQLite; imports take one advisory lock among themselves
+(their enrollment ids are numbered in one run). Several daemons share the database, each sending for the
+mailboxes it leases.
+
+Every wait is bounded: each session sets lock_timeout, statement_timeout and
+idle_in_transaction_session_timeout (the server ends the transaction of a daemon stopped mid-way), and TCP
+keepalives with tcp_user_timeout find a connection cut by the network. A connection found broken is opened
+again at its next use, outside a transaction: a server restart pauses sending, it never stops a daemon.
 
 psycopg 3 (the maintained PostgreSQL driver for Python, with a binary wheel: nothing to compile) runs each
 connection; the daemon calls it from worker threads, never from its event loop.
@@ -29,7 +36,7 @@ from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.string import StrDumper
 
-from daemon.errors import Refused, StoreBusy, StoreError, StoreUnavailable
+from daemon.errors import Refused, StoreBusy, StoreError, StoreUnavailable, StoreUnreachable
 from daemon.store.engine import Queries, Statement, commits, load
 from daemon.store.records import SCHEMA_VERSION
 from daemon.store.urls import PASSWORD_PARAMS, shown_database
@@ -37,19 +44,42 @@ from daemon.store.urls import PASSWORD_PARAMS, shown_database
 PG_FIRST_SCHEMA = 10  # the schema PostgreSQL support started at
 SCHEMA = (Path(__file__).parent / "schema" / "postgres.sql").read_text(encoding="utf-8")
 QUERIES: Queries = load("postgres")
-WRITE_LOCK = 0x63616465  # the advisory lock every writing transaction takes ("cade")
-CHANNEL = "cadenced"  # NOTIFY at every commit: the daemon hears other processes' commits
+IMPORT_LOCK = 0x63616465  # the advisory lock imports take among themselves ("cade"): nobody else waits on it
+SCHEMA_LOCK = IMPORT_LOCK + 1  # who makes or upgrades the schema (two daemons starting at once)
+CHANNEL = "cadenced"  # NOTIFY: the mailboxes whose queue a commit changed ('' for any), heard by the daemons
+NOTIFY_MAX = 7000  # bytes of mailbox names in one notification (PostgreSQL's limit is 8000): past it, ''
+STATEMENT_TIMEOUT = 300.0  # seconds one statement may run (an import's INSERT of 200,000 rows takes a few)
+IDLE_IN_TRANSACTION = 15.0  # seconds a session may sit in a transaction doing nothing: a stopped daemon's ends
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+TCP_USER_TIMEOUT_MS = 30_000  # unacknowledged data for this long: the connection is dead (a partition)
 NOT_COPIED = frozenset({"cadenced_schema", "daemons", "leases"})  # PostgreSQL's own
+
+
+_TRANSIENT = (
+    psycopg.errors.LockNotAvailable,  # lock_timeout: another transaction holds a row this one needs
+    psycopg.errors.DeadlockDetected,  # two transactions locked rows in opposite orders: one is rolled back
+    psycopg.errors.SerializationFailure,
+)
 
 
 @contextmanager
 def _errors(url: str = "") -> Iterator[None]:
     try:
         yield
-    except psycopg.errors.LockNotAvailable as exc:
-        raise StoreBusy(f"database is locked: {exc}") from None
+    except _TRANSIENT as exc:
+        raise StoreBusy(f"database is busy: {str(exc).strip().splitlines()[0]}") from None
     except psycopg.Error as exc:
         raise StoreUnavailable(redact_url(str(exc).strip() or type(exc).__name__, url)) from None
+
+
+def _open(url: str, timeout: float, **settings: Any) -> psycopg.Connection[Any]:
+    """A connection whose waits are all bounded: connecting, locks, statements, an idle transaction, and the
+    network itself (keepalives and tcp_user_timeout, unless the URL says otherwise)."""
+    given = conninfo_to_dict(url)
+    network: dict[str, Any] = {k: v for k, v in KEEPALIVE.items() if k not in given}
+    if "tcp_user_timeout" not in given and not str(given.get("host", "")).startswith("/"):
+        network["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
+    return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)), **network, **settings)
 
 
 def is_postgres(database: object) -> bool:
@@ -96,8 +126,10 @@ def inspect(url: str) -> tuple[str, int | None]:
             version = conn.execute("SHOW server_version").fetchone()
             present = conn.execute("SELECT to_regclass('cadenced_schema') IS NOT NULL").fetchone()
             schema = conn.execute("SELECT version FROM cadenced_schema").fetchone() if present and present[0] else None
+    except psycopg.OperationalError as exc:
+        raise StoreUnreachable(f"{shown(url)}: cannot connect: {redact_url(str(exc).strip(), url)}") from None
     except psycopg.Error as exc:
-        raise StoreError(f"{shown(url)}: cannot connect: {redact_url(str(exc).strip(), url)}") from None
+        raise StoreError(f"{shown(url)}: {redact_url(str(exc).strip(), url)}") from None
     return (str(version[0]) if version else "?"), (int(schema[0]) if schema else None)
 
 
@@ -107,9 +139,9 @@ def hold_daemon_lock(url: str, node: str) -> Callable[[], None]:
     other node names share the database, each with the mailboxes it leases."""
     name = f"cadenced run pid {os.getpid()} on {socket.gethostname()}"[:63]
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10, application_name=name)
+        conn = _open(url, 10, application_name=name)
     except psycopg.Error as exc:
-        raise StoreError(f"{shown(url)}: cannot connect: {redact_url(str(exc), url)}") from None
+        raise StoreUnreachable(f"{shown(url)}: cannot connect: {redact_url(str(exc).strip(), url)}") from None
     key = f"cadenced node {node}"
     row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
     if not row or not row[0]:
@@ -194,23 +226,56 @@ class PgEngine:
     LEASE_MARGIN = 0.5  # a claim needs its lease to last this share of a lease longer (a send fits in it)
 
     def __init__(self, url: str, *, wait: bool, timeout: float) -> None:
-        self.pg = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)))
-        self.pg.adapters.register_dumper(str, StrDumper)  # text, not unknown: lists of strings are text[]
-        self.pg.adapters.register_loader("numeric", _IntLoader)
         self.url = url
         self.where: Path | str = shown(url)
         self.q = QUERIES
         self.wait = wait
+        self.timeout = timeout
         self.heard = 0  # notifications from other connections (data_version)
+        self.heard_for: set[str] | None = set()  # the mailboxes they named since last read (None: any)
         self.listening = False
-        self.pid = self.pg.info.backend_pid
         # Whose commits are not news (data_version): the daemon's own connections. With 2,000 IMAP sessions
         # saving their positions, hearing them woke all 2,000 sender loops every second.
-        self.own = {self.pid}
+        self.own: set[int] = set()
+        self.loud = True  # every commit is news to the daemons ('' notified); the daemon's own: `tell` only
+        self.news: set[str] | None = set()  # mailboxes this transaction's changes make news for (None: any)
         self.node: str | None = None  # set on the daemon's connections: its claims are fenced by its leases
         self.lease_ttl = 60.0
-        self.pg.add_notify_handler(self._heard)
-        self.pg.execute(f"SET lock_timeout = {int(timeout * 1000)}")
+        self.pid = 0
+        self.pg = self._connect()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        """A session with its waits bounded (_open) and the store's settings; LISTEN again if it listened."""
+        lock = int(self.timeout * 1000) if self.wait else 1000  # a connection that does not wait: one second
+        pg = _open(
+            self.url,
+            self.timeout,
+            options=f"-c lock_timeout={lock} -c statement_timeout={int(STATEMENT_TIMEOUT * 1000)} "
+            f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TRANSACTION * 1000)}",
+        )
+        pg.adapters.register_dumper(str, StrDumper)  # text, not unknown: lists of strings are text[]
+        pg.adapters.register_loader("numeric", _IntLoader)
+        pg.add_notify_handler(self._heard)
+        self.pid = pg.info.backend_pid
+        self.own.add(self.pid)
+        if self.listening:
+            pg.execute(f"LISTEN {CHANNEL}")
+            self.heard_for = None  # what was said while it was away is unknown: everything may have changed
+            self.heard += 1
+        return pg
+
+    def _usable(self) -> None:
+        """Outside a transaction, a broken connection (a server restart, a cut network) is opened again."""
+        if not (self.pg.closed or self.pg.broken):
+            return
+        try:
+            self.pg.close()
+        except psycopg.Error:
+            pass
+        try:
+            self.pg = self._connect()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect: {redact_url(str(exc).strip(), self.url)}") from None
 
     @classmethod
     def connect(cls, url: str, *, busy_timeout: float = 30.0, wait: bool = True) -> PgEngine:
@@ -218,11 +283,17 @@ class PgEngine:
         try:
             engine = cls(url, wait=wait, timeout=busy_timeout)
         except psycopg.Error as exc:
-            raise StoreError(f"{where}: cannot connect: {redact_url(str(exc), url)}") from None
+            raise StoreUnreachable(f"{where}: cannot connect: {redact_url(str(exc).strip(), url)}") from None
         try:
             engine._migrate()
-        except (psycopg.Error, StoreUnavailable) as exc:
+        except psycopg.OperationalError as exc:  # the server went away meanwhile: it may come back
             engine.close()
+            raise StoreUnreachable(f"{where}: {redact_url(str(exc).strip(), url)}") from None
+        except (psycopg.Error, StoreUnavailable) as exc:
+            broken = engine.pg.broken
+            engine.close()
+            if broken:
+                raise StoreUnreachable(f"{where}: {redact_url(str(exc), url)}") from None
             raise StoreError(f"{where}: {redact_url(str(exc), url)}") from None
         except StoreError:
             engine.close()
@@ -230,13 +301,30 @@ class PgEngine:
         return engine
 
     def _heard(self, notify: psycopg.Notify) -> None:
-        if notify.pid not in self.own:
-            self.heard += 1
+        if notify.pid in self.own:
+            return
+        self.heard += 1
+        if self.heard_for is not None:
+            if notify.payload:
+                self.heard_for.update(notify.payload.split("\n"))
+            else:
+                self.heard_for = None
+
+    def tell(self, mailboxes: Iterable[str]) -> None:
+        """This transaction changes what is due for `mailboxes`: their holders hear of it at the commit."""
+        if self.news is not None:
+            self.news.update(mailboxes)
+
+    def heard_mailboxes(self) -> set[str] | None:
+        """The mailboxes other processes' commits named since the last call (None: any may have changed)."""
+        named, self.heard_for = self.heard_for, set()
+        return named
 
     def _migrate(self) -> None:
         found = self.execute("SELECT to_regclass('cadenced_schema') IS NOT NULL").fetchone()[0]
         if not found:
             with self.transaction():
+                self.run("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 # Read with this statement's snapshot, after the lock: another process may have made it meanwhile.
                 tables = {
                     r[0]
@@ -262,6 +350,7 @@ class PgEngine:
             raise StoreError(f"{self.where}: database schema {version}: this cadenced cannot upgrade it")
         if version < SCHEMA_VERSION:
             with self.transaction():
+                self.run("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 # 10 → 11 and 11 → 12 changed SQLite's counting triggers and its index by state only:
                 # PostgreSQL keeps its own triggers and indexes. 13: the index of due follow-ups;
                 # 14: first emails counted apart.
@@ -280,40 +369,38 @@ class PgEngine:
 
     @property
     def in_transaction(self) -> bool:
-        return self.pg.info.transaction_status != pq.TransactionStatus.IDLE
+        """In a transaction, begun or failed (a broken connection's UNKNOWN is not one: it is opened again)."""
+        status = self.pg.info.transaction_status
+        return status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR, pq.TransactionStatus.ACTIVE)
+
+    def _cursor(self, sql: str, params: Sequence[Any]) -> psycopg.Cursor[Any]:
+        if not self.in_transaction:
+            self._usable()
+        return self.pg.execute(sql, _params(sql, params))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> _Rows:
         with _errors(self.url):
-            return _Rows(self.pg.execute(sql, _params(sql, params)))
+            return _Rows(self._cursor(sql, params))
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> int:
         with _errors(self.url):
-            return self.pg.execute(sql, _params(sql, params)).rowcount
+            return self._cursor(sql, params).rowcount
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         with _errors(self.url):
-            return self.pg.execute(sql, _params(sql, params)).fetchone()
+            return self._cursor(sql, params).fetchone()
 
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with _errors(self.url):
-            return self.pg.execute(sql, _params(sql, params)).fetchall()
+            return self._cursor(sql, params).fetchall()
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
-        with _errors(self.url), self.pg.cursor() as cursor:
-            cursor.executemany(sql, [_params(sql, r) for r in rows])
-            return cursor.rowcount
-
-    def _begin(self) -> None:
         with _errors(self.url):
-            self.pg.execute("BEGIN")
-            if self.wait:
-                self.pg.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-                return
-            row = self.pg.execute("SELECT pg_try_advisory_xact_lock(%s)", (WRITE_LOCK,)).fetchone()
-            if row is not None and row[0]:
-                return
-            self.pg.execute("ROLLBACK")
-        raise StoreBusy("database is locked: another process is writing")
+            if not self.in_transaction:
+                self._usable()
+            with self.pg.cursor() as cursor:
+                cursor.executemany(sql, [_params(sql, r) for r in rows])
+                return cursor.rowcount
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -321,21 +408,31 @@ class PgEngine:
             yield
             return
         started = time.perf_counter()
-        self._begin()
+        self._usable()
+        self.news = None if self.loud else set()
+        with _errors(self.url):
+            self.pg.execute("BEGIN")
         try:
             yield
             with _errors(self.url):
-                self.pg.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                if self.news is None or self.news:
+                    names = "\n".join(sorted(self.news or ()))
+                    payload = "" if len(names) > NOTIFY_MAX else names
+                    self.pg.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 self.pg.execute("COMMIT")
         except BaseException:
             self.rollback()
             raise
+        finally:
+            self.news = set()
         commits.committed(time.perf_counter() - started)
 
     @contextmanager
     def enrolling(self) -> Iterator[None]:
-        """PostgreSQL checks foreign keys as it must: an import's transaction is a transaction."""
+        """An import's transaction; imports take one advisory lock among themselves (enrollment ids and each
+        cadence's rotation are read, then written): the daemons' sends never wait on it."""
         with self.transaction():
+            self.run("SELECT pg_advisory_xact_lock(%s)", (IMPORT_LOCK,))
             yield
 
     @contextmanager
@@ -348,11 +445,12 @@ class PgEngine:
             try:
                 self.pg.execute("ROLLBACK")
             except psycopg.Error:
-                pass
+                pass  # the connection is broken: its next use opens another
 
     def data_version(self) -> int:
         """Counts commits by other connections, heard by LISTEN (a round trip delivers what has come)."""
         with _errors(self.url):
+            self._usable()
             if not self.listening:
                 self.pg.execute(f"LISTEN {CHANNEL}")
                 self.listening = True
@@ -388,7 +486,10 @@ class PgEngine:
         return {"tables": tables, "indexes": indexes}
 
     def close(self) -> None:
-        self.pg.close()
+        try:
+            self.pg.close()
+        except psycopg.Error:
+            pass
 
     # --- leases: which daemon sends for which mailbox -------------------------------------------
 
@@ -418,8 +519,8 @@ class PgEngine:
             extra = mine[share:]
             taken: list[str] = []
             if len(mine) < share:
-                taken = [r[0] for r in self.execute(q.free_mailboxes, (wanted, now, share - len(mine))).fetchall()]
-                self.executemany(q.take_lease, [(m, node, now + ttl) for m in taken])
+                free = [r[0] for r in self.execute(q.free_mailboxes, (wanted, now, share - len(mine))).fetchall()]
+                taken = sorted(r[0] for r in self.all(q.take_lease, (free, node, now + ttl, now))) if free else []
             orphaned = taken + (mine if first else [])
             uncertain = [r[0] for r in self.execute(q.orphaned_to_uncertain, (now, node, orphaned)).fetchall()]
         return sorted(mine + taken), taken, uncertain, extra

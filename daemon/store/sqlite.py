@@ -528,6 +528,13 @@ class SqliteEngine:
         """A corrupt database is refused (`PRAGMA quick_check`: it reads the whole file)."""
         _refuse_damage(self.conn, self.path)
 
+    def tell(self, mailboxes: Iterable[str]) -> None:
+        """One daemon sends for every mailbox of an SQLite database: there is nobody else to tell."""
+
+    def heard_mailboxes(self) -> set[str] | None:
+        """PRAGMA data_version says that another connection committed, never what: any mailbox."""
+        return None
+
     def list_param(self, values: Sequence[Any]) -> Any:
         """A list as one parameter: JSON, for json_each."""
         return json.dumps(list(values))

@@ -227,18 +227,23 @@ UPDATE leases SET expires_at = ? WHERE holder = ? RETURNING mailbox;
 SELECT w.m FROM unnest(CAST(? AS text[])) AS w(m) LEFT JOIN leases l ON l.mailbox = w.m
     WHERE l.mailbox IS NULL OR l.expires_at < ? ORDER BY w.m LIMIT ?;
 
+-- Taken only if still free or expired when the row is locked: two daemons taking one mailbox at once, the
+-- second gets nothing (no global lock orders their rounds).
 -- name: take_lease
-INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (mailbox)
-    DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at;
+INSERT INTO leases SELECT w.m, ?2, ?3 FROM unnest(CAST(?1 AS text[])) AS w(m) ON CONFLICT (mailbox)
+    DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at WHERE leases.expires_at < ?4
+    RETURNING mailbox;
 
 -- name: orphaned_to_uncertain
 UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?,
     detail = 'found in sending when ' || ? || ' took the mailbox over: its daemon stopped mid-send'
     WHERE state = 'sending' AND mailbox = ANY(CAST(? AS text[])) RETURNING id;
 
+-- Fencing, in the claim's transaction: the row is held FOR SHARE until the claim commits, so a takeover
+-- (which updates it) waits for the claim, then finds its message in `sending`.
 -- name: holds_lease
 SELECT 1 FROM leases WHERE mailbox = ? AND holder = ?
-    AND expires_at > extract(epoch FROM clock_timestamp()) + ?;
+    AND expires_at > extract(epoch FROM clock_timestamp()) + ? FOR SHARE;
 
 -- name: release_leases
 DELETE FROM leases WHERE holder = ?;
@@ -251,3 +256,49 @@ SELECT mailbox, holder, expires_at FROM leases;
 
 -- name: daemons
 SELECT node, pid, host, started_at, seen_at FROM daemons ORDER BY node;
+
+-- The message a claim takes, as on SQLite (SPEC §4), locked as it is read: a row another transaction holds
+-- (an operator's retry, a reassign) is passed over, never waited for, and one that changed meanwhile is read
+-- again before it is taken. No global lock: two daemons claim for their own mailboxes side by side.
+-- name: next_due
+SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+    m.attempts, m.transient_failures, e.mailbox
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
+    ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED;
+
+-- One statement, the second part run only when the first finds nothing (each through its index).
+-- name: next_due_follow_up
+SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+    m.attempts, m.transient_failures, e.mailbox
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?
+    ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED;
+
+-- name: next_due_follow_ups_first
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS f
+UNION ALL
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS n
+LIMIT 1;
+
+-- name: next_due_new_first
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS n
+UNION ALL
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS f
+LIMIT 1;

@@ -205,3 +205,48 @@ SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
 
 -- name: error_ids
 SELECT id FROM messages INDEXED BY messages_state WHERE state = 'error';
+
+-- The message a claim takes: the oldest due (prioritize = "due"), or the oldest due follow-up (step >= 2,
+-- through its own index) before the oldest due first email, or the other way round (SPEC §4).
+-- name: next_due
+SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+    m.attempts, m.transient_failures, e.mailbox
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
+    ORDER BY m.due_at, m.id LIMIT 1;
+
+-- One statement, the second part run only when the first finds nothing (each through its index).
+-- name: next_due_follow_up
+SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+    m.attempts, m.transient_failures, e.mailbox
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?
+    ORDER BY m.due_at, m.id LIMIT 1;
+
+-- name: next_due_follow_ups_first
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS f
+UNION ALL
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS n
+LIMIT 1;
+
+-- name: next_due_new_first
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS n
+UNION ALL
+SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
+        m.attempts, m.transient_failures, e.mailbox AS sticky
+        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+        WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
+        ORDER BY m.due_at, m.id LIMIT 1) AS f
+LIMIT 1;
