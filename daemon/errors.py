@@ -61,6 +61,11 @@ class StoreDamaged(StoreUnavailable):
 # --- SMTP outcomes (SPEC §5): whose problem a failed transaction is, by type -------------------
 
 
+class LeaseExpired(CadencedError):
+    """PostgreSQL: this daemon's lease on the mailbox may have run out (by its own clock since the last renewal):
+    the transaction in hand is abandoned before the end of DATA, so nothing is delivered late."""
+
+
 class SmtpFailure(CadencedError):
     """A send or probe that did not succeed; its text never holds a secret (redacted on the way in)."""
 

@@ -591,8 +591,9 @@ class Watcher:
     async def settle_uncertain(self, client: aioimaplib.IMAP4) -> bool:
         """Where the provider files submitted mail in Sent itself, look there for `uncertain` sends.
 
-        Found → sent. Not found after `settle_after` (providers file late) → sent again. Everywhere
-        else an uncertain message waits for the operator. True when the session left INBOX.
+        Found → sent. Not found after `settle_after` (providers file late) → sent again, unless another
+        daemon's takeover left it uncertain (that daemon may deliver it yet): it waits for the operator, as
+        an uncertain message does everywhere else. True when the session left INBOX.
         """
         if self.mailbox.sent_copies != "provider" or time.monotonic() - self._settled_at < SETTLE_EVERY:
             return False
@@ -607,12 +608,14 @@ class Watcher:
         _ok(await client.select(quoted(sent)), f"SELECT {sent}")
         settle_after = self.config().daemon.settle_after
         changed = False
-        for message, message_id, since in pending:
+        for message, message_id, since, taken_over in pending:
             found = _ok(await client.uid_search("HEADER", "Message-ID", quoted(message_id), charset=None), "SEARCH")
             first = found.lines[0] if found.lines else b""
             delivered = isinstance(first, bytes | bytearray) and bool(bytes(first).split())
-            if not delivered and self.clock() - since < settle_after:
-                continue  # the provider may not have filed it yet
+            if not delivered and (taken_over or self.clock() - since < settle_after):
+                # Not filed yet; or orphaned by a takeover: the daemon that claimed it may be stopped or cut
+                # off, not dead, and deliver it after any settle_after. Found, it is sent; else the operator says.
+                continue
             await self.db(self._settle, message, delivered, sent, since)
             changed = True
             self.log.info("message.settled", message=message, message_id=message_id, sent=delivered, folder=sent)

@@ -100,7 +100,7 @@ def _can_send(store: Store, config: Config, rows: dict[int, dict[str, object]]) 
 def when_it_sends(store: Store, mailbox: Mailbox, now: float) -> tuple[str | None, str | None]:
     """(when, why) the mailbox may send next, when that is later than now: what a reassign should say."""
     today = timing.local_day(now, mailbox.schedule.timezone)
-    sent = store.sent_on(mailbox.address, today)
+    sent = store.sent_today(mailbox.address, today, timing.local_day_start(now, mailbox.schedule.timezone))
     decision = next_send(
         mailbox, store.health().get(mailbox.address), sent, now, None, store.first_send_day(mailbox.address)
     )

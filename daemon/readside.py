@@ -118,7 +118,7 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
         scheduled = counts.get((m.address, "scheduled"), 0) + counts.get((m.address, "sending"), 0)
         errors = counts.get((m.address, "error"), 0)
         today = timing.local_day(now, m.schedule.timezone)
-        sent_today = store.sent_on(m.address, today)
+        sent_today = store.sent_today(m.address, today, timing.local_day_start(now, m.schedule.timezone))
         new_today = store.first_emails_on(m.address, today)
         next_send_at: float | None = None
         waiting_for: str | None = None
@@ -328,7 +328,7 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
             _Kind(store.scheduled_in_order(address, horizon, "new")),
         )
         today = timing.local_day(now, m.schedule.timezone)
-        counts[address] = {today: store.sent_on(address, today)}
+        counts[address] = {today: store.sent_today(address, today, timing.local_day_start(now, m.schedule.timezone))}
         new_counts[address] = {today: store.first_emails_on(address, today)} if m.schedule.new_per_day else {}
         free_at[address] = max(now, (health.get(address) or {}).get("not_before") or now)
     stretches = {

@@ -9,6 +9,7 @@ import os
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import anyio
 from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, PERIOD_REGEX, normalize_message_line_endings
 
 from daemon import oauth, outcomes, redact
-from daemon.errors import MailboxDown, SmtpFailure
+from daemon.errors import LeaseExpired, MailboxDown, SmtpFailure
 from daemon.model import Mailbox, OAuth2, Server
 from daemon.outcomes import AUTH, CONNECT, DATA, EHLO, END, MAIL, RCPT
 
@@ -188,8 +189,13 @@ class Connection:
         finally:
             await self.close()
 
-    async def send(self, message: bytes, sender: str, recipient: str) -> Accepted:
+    async def send(
+        self, message: bytes, sender: str, recipient: str, still_ours: Callable[[], bool] | None = None
+    ) -> Accepted:
         """One transaction; raise the SmtpFailure that the reply and the stage it came at make it.
+
+        `still_ours` is asked just before the content and its final dot leave (the end of DATA): False abandons
+        the transaction (the connection is dropped, the server discards it) with LeaseExpired.
 
         Pipelined (RFC 2920) when the server offers it: MAIL, RCPT and DATA go
         in one write, and the content after the 354, so a message costs two
@@ -202,6 +208,7 @@ class Connection:
         client = self.client
         assert client is not None and client.protocol is not None
         at = _Stage()
+        at.still_ours = still_ours
         try:
             if (
                 client.supports_extension("pipelining")
@@ -210,6 +217,9 @@ class Connection:
             ):
                 return await self._send_pipelined(client, message, sender, recipient, at)
             return await self._send_stepwise(client, message, sender, recipient, at)
+        except LeaseExpired:
+            await self.close(quit=False)  # mid-DATA: the server discards what it has when the connection drops
+            raise
         except _Refusal as refusal:
             raise await self._refused(client, refusal.stage, refusal.reply.code, refusal.reply.message) from None
         except aiosmtplib.SMTPResponseException as exc:
@@ -242,6 +252,7 @@ class Connection:
                 raise _Refusal(MAIL, mail) if mail.code != 250 else _Refusal(RCPT, rcpt)
             if data.code != 354:
                 raise _Refusal(DATA, data)
+            at.check()
             at.stage = END
             protocol.write(PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n")
             final = await replies.next()
@@ -261,6 +272,7 @@ class Connection:
         def write(data: bytes) -> None:
             # aiosmtplib sends DATA and the content in one call: the content leaving is the end of DATA.
             if at.stage == DATA and data != b"DATA\r\n":
+                at.check()
                 at.stage = END
             plain_write(data)
 
@@ -296,10 +308,16 @@ class Connection:
 class _Stage:
     """How far one transaction got: the stage a failure is classified at."""
 
-    __slots__ = ("stage",)
+    __slots__ = ("stage", "still_ours")
 
     def __init__(self) -> None:
         self.stage = MAIL
+        self.still_ours: Callable[[], bool] | None = None
+
+    def check(self) -> None:
+        """Before the end of DATA: the message may still be sent by this daemon (its lease)."""
+        if self.still_ours is not None and not self.still_ours():
+            raise LeaseExpired("the lease on the mailbox ran out by this daemon's clock before the end of DATA")
 
 
 class _Refusal(Exception):

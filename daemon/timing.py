@@ -111,6 +111,11 @@ def first_day_of(now: float, days: int, tz: str) -> str:
     return local_day(now - (max(days, 1) - 1) * 86400, tz)
 
 
+def local_day_start(t: float, tz: str) -> float:
+    """The first instant of `t`'s local day."""
+    return _wall_to_instant(local(t, tz).date(), 0, tz)
+
+
 def next_local_midnight(t: float, tz: str) -> float:
     """The first instant of the local day after `t`'s."""
     day = local(t, tz).date() + timedelta(days=1)

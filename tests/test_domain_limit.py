@@ -91,7 +91,7 @@ def run(store: Store, config, start: float, end: float) -> tuple[Counter[str], C
     t = start
     for _ in range(2000):
         day = timing.local_day(t, schedule.timezone)
-        snap = store.snapshot(mailbox.address, day)
+        snap = store.snapshot(mailbox.address, day, timing.local_day_start(t, schedule.timezone))
         if snap.earliest_due is None:
             break
         decision = timing.next_allowed(

@@ -194,7 +194,7 @@ async def test_uncertain_sends_are_settled_from_the_sent_folder(
     project: Project, stack: tuple[SmtpServer, Dovecot]
 ) -> None:
     smtp, dovecot = stack
-    project.enroll(project.people(2))
+    project.enroll(project.people(3))
     db = project.database
     project.data["mailboxes"][0]["sent_copies"] = "provider"
     project.data["daemon"]["settle_after"] = "0s"
@@ -204,14 +204,22 @@ async def test_uncertain_sends_are_settled_from_the_sent_folder(
         "UPDATE messages SET state = 'error', reason = 'uncertain', "
         "message_id = '<cadenced.' || id || '.1.aa@alice.example>'",
     )
+    # Orphaned by a takeover (PostgreSQL): the daemon that claimed it may be stopped, not dead, and deliver it
+    # late; not in Sent, it is never sent again by itself.
+    orphan = "found in sending when b took the mailbox over: its daemon stopped mid-send"
+    query(db, f"UPDATE messages SET detail = '{orphan}' WHERE id = 3")
     delivered = "<cadenced.1.1.aa@alice.example>"
     dovecot.deliver("alice", mail("mb1@alice.example", "p0@prospects.example", "Hello", Message_ID=delivered), "Sent")
     with structlog.testing.capture_logs() as logs:
         async with running(project.config_path):
             await until(lambda: len(events(logs, "message.settled")) == 2)
             await anyio.to_thread.run_sync(smtp.recorder.wait_for, 1)
-    assert query(db, "SELECT id, state, step FROM messages ORDER BY id")[:2] == [(1, "sent", 1), (2, "sent", 1)]
-    # Message 1 was found in Sent (its step 2 is scheduled); message 2 was not, and went out once.
+    assert query(db, "SELECT id, state, step FROM messages ORDER BY id")[:3] == [
+        (1, "sent", 1),
+        (2, "sent", 1),
+        (3, "error", 1),
+    ]
+    # Message 1 was found in Sent (its step 2 is scheduled); message 2 was not, and went out once; 3 waits.
     assert [d.recipient for d in smtp.recorder.deliveries] == ["p1@prospects.example"]
     assert query(db, "SELECT count(*) FROM messages WHERE step = 2")[0][0] == 2
 

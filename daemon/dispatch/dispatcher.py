@@ -66,6 +66,7 @@ class Dispatcher:
         # PostgreSQL: the mailboxes this daemon leases (None: all, one daemon per SQLite database), and those
         # whose loops it stopped to hand them to another daemon (released once the loop has finished).
         self.held: set[str] | None = None
+        self.lease_until: float | None = None  # PostgreSQL: when the leases run out by boot_clock (lease_left)
         self._stop_requested = anyio.Event()
         self.draining: dict[str, MailboxRunner | _Idle] = {}
         self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
@@ -261,14 +262,27 @@ class Dispatcher:
             except StoreUnavailable as exc:
                 self.store_failed(exc)
 
+    def lease_left(self) -> float:
+        """Seconds this daemon's leases last by its own clock: from when the last renewal was asked (the server
+        set them to its time then, or later, plus a lease), on a clock that goes on while the process is
+        stopped or the machine suspended (CLOCK_BOOTTIME). Unbounded on SQLite (no leases)."""
+        if self.lease_until is None:
+            return float("inf")
+        return self.lease_until - boot_clock()
+
     async def _lease_round(self, *, first: bool) -> None:
         d = self.config.daemon
         for store in (self.db.slow, self.db.group, self.db.fast):
             store.fence(d.node, d.lease)
         finished = [a for a, r in self.draining.items() if r.done]
+        asked = boot_clock()
         held, taken, uncertain, extra = await self.db(
             _lease_round, d.node, [m.address for m in self.config.mailboxes], d.lease, finished, first
         )
+        fenced = self.lease_left() < d.lease / 2
+        self.lease_until = asked + d.lease
+        if fenced and not first:  # renewed after a while without: the loops that stopped claiming go on
+            self.wake_all()
         for address in finished:
             del self.draining[address]
         for message in uncertain:
@@ -357,6 +371,12 @@ class _Idle:
     """A mailbox given up before its loop started: nothing to wait for."""
 
     done = True
+
+
+def boot_clock() -> float:
+    """Seconds on a clock that never goes back and counts a suspend (Linux CLOCK_BOOTTIME; else monotonic)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def _lease_round(store: Store, *args: Any) -> Any:

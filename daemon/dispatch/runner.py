@@ -17,6 +17,7 @@ from daemon.dispatch.turn import Sent, Turn, sent_record, take_turn
 from daemon.errors import (
     AddressRejected,
     Blocked,
+    LeaseExpired,
     MailboxDown,
     MailboxRefused,
     MessageDeferred,
@@ -33,6 +34,8 @@ from daemon.store import Claimed, Snapshot, Store
 if TYPE_CHECKING:
     from daemon.dispatch.dispatcher import Dispatcher
 
+LEASE_MARGIN = 0.5  # a claim needs the lease to last half a lease more by this daemon's clock (PostgreSQL)
+END_OF_DATA_MARGIN = 2.0  # seconds of lease left, by this daemon's clock, to end a DATA (PostgreSQL)
 STREAK_KEPT = 50  # refusals of one streak remembered (a domain that refuses many prospects in a row)
 
 
@@ -228,7 +231,8 @@ class MailboxRunner:
         """take_turn for this mailbox (in the group commit's transaction)."""
         day = self._local_day(now)
         record = pending.record if pending is not None else None
-        return take_turn(store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim)
+        leased = self.d.lease_left() >= self.d.config.daemon.lease * LEASE_MARGIN
+        return take_turn(store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim, leased)
 
     def _has_token(self) -> bool:
         """Nothing to fetch before a claim: not OAuth2, a connection already logged in, or a cached token."""
@@ -374,12 +378,19 @@ class MailboxRunner:
                 raise
         try:
             try:
-                accepted = await self.conn.send(message, self.address, c.email)
+                accepted = await self.conn.send(message, self.address, c.email, self._still_leased)
             except SmtpFailure as failure:
                 if not smtp.is_stale_connection(failure, reused):
                     raise
                 # The server closed an idle connection under us; nothing was sent: one fresh try.
-                accepted = await self.conn.send(message, self.address, c.email)
+                accepted = await self.conn.send(message, self.address, c.email, self._still_leased)
+        except LeaseExpired as lost:
+            # Abandoned before the end of DATA: not delivered. Back to scheduled for whoever holds the mailbox
+            # (a takeover may have made it uncertain meanwhile: it was not sent after all).
+            await self._close()
+            await self._commit(Store.release_claim, c.id, c.attempts, f"not sent: {lost}")
+            log.warning("message.released", reason="lease", detail=str(lost))
+            return
         except SmtpFailure as failure:
             if not self.conn.is_open:
                 await self._close()
@@ -403,6 +414,10 @@ class MailboxRunner:
         )
         # Committed by the next turn, before anything else is claimed or sent.
         self._pending = Sent(record, log, accepted.code, subject)
+
+    def _still_leased(self) -> bool:
+        """Just before the end of DATA: the lease lasts a little longer by this daemon's clock (PostgreSQL)."""
+        return self.d.lease_left() > END_OF_DATA_MARGIN
 
     async def _compose(self, c: Claimed, thread: list[tuple[int, str, str]], log: Any) -> tuple[bytes, str] | None:
         cadence, step = lifecycle.step_of(self.d.config, c.cadence, c.step)

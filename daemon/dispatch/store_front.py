@@ -4,6 +4,7 @@ loops' turns committed together (group commit)."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from daemon.store import Store
 T = TypeVar("T")
 
 
+CALL_MARGIN = 15.0  # seconds a PostgreSQL call may run past its lock wait before its connection is interrupted
 GATHER_PASSES = 8  # event loop passes a group commit waits at most for more calls (bench/throughput.py)
 
 
@@ -36,6 +38,7 @@ class AsyncStore:
     """
 
     def __init__(self, path: Path | str, busy_timeout: float = 30.0) -> None:
+        self.busy_timeout = busy_timeout
         self.fast = Store.open(path, wait=False)
         self.slow = Store.open(path, busy_timeout=busy_timeout)
         self.group = Store.open(path, wait=False, counts_by_hand=True)
@@ -64,7 +67,9 @@ class AsyncStore:
                 return fn(self.fast, *args)
             except StoreBusy:
                 self.waited += 1
-        return await anyio.to_thread.run_sync(functools.partial(fn, self.slow, *args), limiter=self.limiter)
+        return await anyio.to_thread.run_sync(
+            self._bounded(self.slow, functools.partial(fn, self.slow, *args)), limiter=self.limiter
+        )
 
     async def grouped(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(store, *args)` inside a transaction shared with the other mailboxes' calls.
@@ -106,17 +111,37 @@ class AsyncStore:
             try:
                 try:
                     if self.remote:
-                        await anyio.to_thread.run_sync(self._run_batch, self.group, batch, limiter=self.group_limiter)
+                        run = self._bounded(self.group, functools.partial(self._run_batch, self.group, batch))
+                        await anyio.to_thread.run_sync(run, limiter=self.group_limiter)
                     else:
                         self._run_batch(self.group, batch)
                 except StoreBusy:
                     self.waited += 1
-                    await anyio.to_thread.run_sync(self._run_batch, self.slow, batch, limiter=self.limiter)
+                    run = self._bounded(self.slow, functools.partial(self._run_batch, self.slow, batch))
+                    await anyio.to_thread.run_sync(run, limiter=self.limiter)
             except StoreUnavailable as failure:
                 for call in batch:
                     call.result, call.error = None, failure
             for call in batch:
                 call.done.set()
+
+    def _bounded(self, store: Store, call: Callable[[], T]) -> Callable[[], T]:
+        """`call` in a worker thread, bounded on PostgreSQL: past the lock wait and a margin, its connection is
+        interrupted (a server that answers nothing never holds a thread, a shutdown or the leases forever)."""
+        if not self.remote:
+            return call
+        bound = self.busy_timeout + CALL_MARGIN
+
+        def bounded() -> T:
+            timer = threading.Timer(bound, store.conn.interrupt)  # type: ignore[attr-defined]
+            timer.daemon = True
+            timer.start()
+            try:
+                return call()
+            finally:
+                timer.cancel()
+
+        return bounded
 
     @staticmethod
     def _run_batch(store: Store, batch: list[_Call]) -> None:
@@ -145,7 +170,7 @@ class AsyncStore:
             def read() -> tuple[int, set[str] | None]:
                 return self.group.data_version(), self.group.conn.heard_mailboxes()
 
-            return await anyio.to_thread.run_sync(read, limiter=self.group_limiter)
+            return await anyio.to_thread.run_sync(self._bounded(self.group, read), limiter=self.group_limiter)
         return self.group.data_version(), None
 
     def close(self) -> None:

@@ -67,6 +67,7 @@ def take_turn(
     pending: SentRecord | None,
     message_id: Callable[[int, int], str],
     may_claim: bool = True,
+    leased: bool = True,
 ) -> Turn:
     """In one transaction: record the last send, look, and claim the next.
 
@@ -77,7 +78,7 @@ def take_turn(
     with store.transaction():
         if pending is not None:
             store.record_sent(pending)
-        snap = store.snapshot(mailbox.address, day)
+        snap = store.snapshot(mailbox.address, day, timing.local_day_start(now, mailbox.schedule.timezone))
         state = lifecycle.mailbox_state(mailbox.paused, snap.state, snap.paused_reason)
         if state != "connected" or snap.earliest_due is None:
             return Turn(snap, day, None, None, [])
@@ -110,7 +111,9 @@ def take_turn(
             if mailbox.schedule.domain_daily_limit
             else []
         )
-        if deferred is None or not store.holds(mailbox.address):
+        # Fenced twice on PostgreSQL: by this daemon's own clock since its last renewal (`leased`), and by the
+        # lease row, read and held in this transaction (a takeover waits for it).
+        if deferred is None or not leased or not store.holds(mailbox.address):
             return Turn(snap, day, decision if deferred is None else None, None, [])
         if not may_claim:
             return Turn(snap, day, decision, None, [], deferred, token_first=True)

@@ -20,6 +20,10 @@ class Counts(Core):
         row = self.conn.one(self.q.sent_on, (mailbox, day))
         return int(row[0]) if row else 0
 
+    def sent_today(self, mailbox: str, day: str, day_start: float) -> int:
+        """Today's count as the daily limit sees it: the day's sends and the uncertain ones since it began."""
+        return self.sent_on(mailbox, day) + int(self.conn.one(self.q.uncertain_since, (mailbox, day_start))[0])
+
     def enrollment_counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for cadence, state, n in self.conn.execute(self.q.enrollment_counts):

@@ -20,10 +20,12 @@ class Health(Core):
         names = [d[0] for d in cur.description]
         return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
 
-    def snapshot(self, mailbox: str, day: str) -> Snapshot:
+    def snapshot(self, mailbox: str, day: str, day_start: float) -> Snapshot:
+        """The mailbox as a turn sees it; `sent_today` counts the sends of its local `day` (which began at
+        `day_start`) and the uncertain ones since (they may have been delivered)."""
         row = self.conn.one(
             self.q.snapshot,
-            (mailbox, day),
+            (mailbox, day, day_start),
         )
         r = row
         return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])

@@ -184,6 +184,15 @@ class Outbox(Core):
         with self.transaction():
             self.conn.run(self.q.copy_failed, (detail, message))
 
+    def release_claim(self, message: int, attempts: int, detail: str) -> bool:
+        """The attempt was abandoned before the end of DATA: scheduled again, for whoever holds its mailbox."""
+        with self.transaction():
+            released = self.conn.run(self.q.release_claim, (detail, message, attempts)) > 0
+            if released:
+                row = self.conn.one(self.q.state_of_message, (message,))
+                self.conn.tell((row[0],))
+        return released
+
     def reschedule(self, message: int, due_at: float, code: int | None, detail: str, transient: bool) -> None:
         """Back to `scheduled` (a 4xx to retry later, or a deferral): nothing was delivered."""
         with self.transaction():
@@ -366,13 +375,14 @@ class Outbox(Core):
         if reason == "blocked" and rows:
             self._count_block(mailbox, time.time())
 
-    def uncertain_message_ids(self, mailbox: str) -> list[tuple[int, str, float]]:
-        """(id, Message-ID, since) of the mailbox's uncertain messages."""
+    def uncertain_message_ids(self, mailbox: str) -> list[tuple[int, str, float, bool]]:
+        """(id, Message-ID, since, taken over) of the mailbox's uncertain messages; `taken over`: found in
+        `sending` when another daemon took the mailbox over (its first daemon may yet deliver it)."""
         rows = self.conn.execute(
             self.q.uncertain_message_ids,
             (mailbox,),
         )
-        return [(r[0], r[1], r[2]) for r in rows]
+        return [(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def settle_uncertain(
         self, message: int, delivered: bool, sent_at: float, detail: str, day: str = ""

@@ -353,12 +353,16 @@ class PgEngine:
                 self.run("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 # 10 → 11 and 11 → 12 changed SQLite's counting triggers and its index by state only:
                 # PostgreSQL keeps its own triggers and indexes. 13: the index of due follow-ups;
-                # 14: first emails counted apart.
+                # 14: first emails counted apart; 15: uncertain sends found by mailbox.
                 self.run(
                     """CREATE INDEX IF NOT EXISTS messages_due_follow_ups ON messages (mailbox, due_at, id)
                        WHERE state = 'scheduled' AND step > 1"""
                 )
                 self.run("ALTER TABLE daily_counts ADD COLUMN IF NOT EXISTS first_emails BIGINT NOT NULL DEFAULT 0")
+                self.run(  # 15: uncertain sends count in their mailbox's day
+                    """CREATE INDEX IF NOT EXISTS messages_uncertain ON messages (mailbox, uncertain_at)
+                       WHERE state = 'error' AND reason = 'uncertain'"""
+                )
                 self.execute("UPDATE cadenced_schema SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
 
     def server(self) -> tuple[str, int]:
@@ -490,6 +494,16 @@ class PgEngine:
             self.pg.close()
         except psycopg.Error:
             pass
+
+    def interrupt(self) -> None:
+        """From another thread: a call stuck on a connection that answers nothing (a partition that a proxy or
+        a firewall hides from TCP) fails now; the connection is broken, and opened again at its next use."""
+        try:
+            fd = self.pg.pgconn.socket
+            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:  # a duplicate: closing it is safe
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, psycopg.Error):
+            pass  # closed already
 
     # --- leases: which daemon sends for which mailbox -------------------------------------------
 

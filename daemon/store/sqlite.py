@@ -242,6 +242,10 @@ MIGRATIONS = {
     14: """
     ALTER TABLE daily_counts ADD COLUMN first_emails INTEGER NOT NULL DEFAULT 0;
     """,
+    # An uncertain send may have been delivered: it counts in its mailbox's day (found through this index).
+    15: """
+    CREATE INDEX messages_uncertain ON messages (mailbox, uncertain_at) WHERE state = 'error' AND reason = 'uncertain';
+    """,
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,

@@ -57,7 +57,7 @@ def store(tmp_path: Path) -> Store:
 CLAIMED = Claimed(1, 1, 1, "m@x.example", "c", "p0@x.example", {}, 0.0, 1, 0, "m@x.example", "<x@y>")
 
 HOT: dict[str, Callable[[Store], Any]] = {
-    "snapshot": lambda s: s.snapshot("m@x.example", "2026-11-28"),
+    "snapshot": lambda s: s.snapshot("m@x.example", "2026-11-28", 0.0),
     "claim": lambda s: s.claim("m@x.example", 1e12, lambda i, a: f"<{i}.{a}@x>"),
     "claim, follow-ups first": lambda s: s.claim("m@x.example", 1e12, lambda i, a: f"<{i}.{a}@y>", "follow_ups"),
     "claim, first emails first": lambda s: s.claim("m@x.example", 1e12, lambda i, a: f"<{i}.{a}@z>", "new"),

@@ -71,7 +71,7 @@ def test_a_claim_takes_the_oldest_due_and_a_send_schedules_the_next_step(store: 
     with store.transaction():
         store.record_sent(sent(last, None))
     assert store.enrollment_counts()["c1"] == {"active": 1, "finished": 1}
-    snap = store.snapshot(A, DAY)
+    snap = store.snapshot(A, DAY, 0.0)
     assert (snap.sent_today, snap.gap_until, snap.state) == (1, 1060.0, "connected")
 
 
@@ -171,15 +171,19 @@ def test_a_writer_that_does_not_wait_is_told_the_database_is_busy(store: Store) 
 
 
 def test_an_uncertain_send_found_delivered_counts_in_the_day_it_went(store: Store) -> None:
-    """Settled from Sent, a send counts in its day's limit as one the server answered does."""
+    """Uncertain, a send counts in its day's limit; settled from Sent, as one the server answered does."""
     enroll(store, "c1", ["p1@x.example", "p2@x.example"])
     c = claim(store)
     assert store.cut_uncertain(c.id, 1000.0, "cut at shutdown")
     assert store.sent_on(A, DAY) == 0
+    # Uncertain, it may have been delivered: it counts in the day that began before it, not in a later one.
+    assert (store.sent_today(A, DAY, 900.0), store.snapshot(A, DAY, 900.0).sent_today) == (1, 1)
+    assert store.sent_today(A, DAY, 1000.5) == 0
     with store.transaction():
         route = store.settle_uncertain(c.id, True, 1000.0, "found in Sent", DAY)
     assert route == (c.enrollment_id, 1, "c1", A)
     assert store.sent_on(A, DAY) == 1
+    assert store.sent_today(A, DAY, 900.0) == 1  # counted once: sent now, no longer uncertain
     assert store.messages_by_id([c.id])[c.id]["state"] == "sent"
     with store.transaction():
         assert store.settle_uncertain(c.id, True, 1000.0, "again", DAY) is None  # settled once

@@ -123,13 +123,18 @@ UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?,
     detail = 'found in sending at start-up: the daemon stopped mid-transaction'
     WHERE state = 'sending' RETURNING id;
 
+-- A day's sends include its uncertain ones (?3: the local day's start): they may have been delivered.
 -- name: snapshot
 SELECT (SELECT min(due_at) FROM messages WHERE mailbox = ?1 AND state = 'scheduled'),
-    (SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2),
+    coalesce((SELECT sent FROM daily_counts WHERE mailbox = ?1 AND day = ?2), 0) + (SELECT count(*) FROM messages
+        WHERE mailbox = ?1 AND state = 'error' AND reason = 'uncertain' AND uncertain_at >= ?3),
     h.not_before, coalesce(h.state, 'connected'), h.quota_day, h.limit_logged_day,
     h.next_probe_at, h.failures, h.throttled_until,
     (SELECT min(day) FROM daily_counts WHERE mailbox = ?1 AND sent > 0), h.paused_reason, h.since
     FROM (SELECT 1) AS one LEFT JOIN mailbox_health h ON h.mailbox = ?1;
+
+-- name: uncertain_since
+SELECT count(*) FROM messages WHERE mailbox = ? AND state = 'error' AND reason = 'uncertain' AND uncertain_at >= ?;
 
 -- name: first_send_day
 SELECT min(day) FROM daily_counts WHERE mailbox = ? AND sent > 0;
@@ -251,6 +256,12 @@ DELETE FROM sent_copies WHERE message = ?;
 -- name: copy_failed
 UPDATE sent_copies SET attempts = attempts + 1, detail = ? WHERE message = ?;
 
+-- A claim given up before the end of DATA (its lease ran out): nothing was delivered. Only this attempt, and
+-- only while `sending` or made uncertain by the takeover that followed.
+-- name: release_claim
+UPDATE messages SET state = 'scheduled', reason = NULL, uncertain_at = NULL, detail = ?
+    WHERE id = ? AND attempts = ? AND (state = 'sending' OR (state = 'error' AND reason = 'uncertain'));
+
 -- name: reschedule
 UPDATE messages SET state = 'scheduled', due_at = ?, smtp_code = ?, detail = ?,
     transient_failures = transient_failures + ? WHERE id = ?;
@@ -349,9 +360,11 @@ UPDATE enrollments SET state = 'bounced', ended_at = ? WHERE id = ? AND state = 
 INSERT INTO mailbox_health (mailbox, state, since, blocks) VALUES (?, 'connected', ?, 1)
     ON CONFLICT (mailbox) DO UPDATE SET blocks = mailbox_health.blocks + 1;
 
+-- The last column: left in `sending` by a daemon whose mailbox another took over (orphaned_to_uncertain):
+-- that daemon may still be alive (stopped, cut off) and deliver it late.
 -- name: uncertain_message_ids
-SELECT id, message_id, coalesce(uncertain_at, 0) FROM messages
-    WHERE state = 'error' AND mailbox = ? AND reason = 'uncertain' AND message_id IS NOT NULL;
+SELECT id, message_id, coalesce(uncertain_at, 0), CASE WHEN detail LIKE 'found in sending when %' THEN 1 ELSE 0 END
+    FROM messages WHERE state = 'error' AND mailbox = ? AND reason = 'uncertain' AND message_id IS NOT NULL;
 
 -- name: uncertain_route
 SELECT m.enrollment_id, m.step, e.cadence, e.mailbox, m.mailbox FROM messages m

@@ -56,6 +56,7 @@ CREATE INDEX messages_by_message_id ON messages (message_id) WHERE message_id IS
 CREATE INDEX messages_state ON messages (state, mailbox, reason);
 CREATE INDEX messages_due ON messages (mailbox, due_at, id, step, enrollment_id) WHERE state = 'scheduled';
 CREATE INDEX messages_due_follow_ups ON messages (mailbox, due_at, id) WHERE state = 'scheduled' AND step > 1;
+CREATE INDEX messages_uncertain ON messages (mailbox, uncertain_at) WHERE state = 'error' AND reason = 'uncertain';
 CREATE TABLE daily_counts (
     mailbox TEXT NOT NULL,
     day TEXT NOT NULL,

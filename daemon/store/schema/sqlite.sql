@@ -143,3 +143,4 @@ CREATE TABLE api_requests (
 CREATE INDEX api_requests_created ON api_requests (created_at);
 CREATE INDEX messages_state ON messages (state, mailbox, reason) WHERE state = 'sending' OR state = 'error' OR state = 'sent' OR state = 'failed' OR state = 'cancelled';
 CREATE INDEX messages_due_follow_ups ON messages (mailbox, due_at, id) WHERE state = 'scheduled' AND step > 1;
+CREATE INDEX messages_uncertain ON messages (mailbox, uncertain_at) WHERE state = 'error' AND reason = 'uncertain';

@@ -1,0 +1,210 @@
+"""Several daemons on one PostgreSQL when things go wrong (SPEC §10): a daemon stopped (SIGSTOP) past its lease,
+a database connection that answers nothing (a TCP proxy that drops everything), an outside session holding
+rows and the old global lock, the server restarted `-m immediate` and down at start-up. Nobody's trouble stops
+the others, no daemon exits, nothing is delivered twice or lost, and no mailbox passes its daily limit (counted
+at the SMTP servers). Real processes, real SMTP servers, a private PostgreSQL (it is stopped and started)."""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import tomli_w
+
+from tests.conftest import Project
+from tests.daemon_helpers import DaemonProcess, eventually, query
+from tests.postgres_server import EXTERNAL, Postgres, needs_postgres
+from tests.servers import SmtpServer
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = [pytest.mark.slow, needs_postgres]  # end to end: daemons, servers, a PostgreSQL of its own
+
+LEASE = 6.0
+DAILY_LIMIT = 60
+_OUTBOX_ID = re.compile(r"<cadenced\.(\d+)\.(\d+)\.")
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[Postgres]:
+    """A server of this test's own: stopping it disturbs no other test."""
+    if EXTERNAL:
+        pytest.skip("CADENCED_TEST_POSTGRES names a shared server: these tests stop and start their own")
+    server = Postgres()
+    server.start()
+    yield server
+    server.stop()
+
+
+def holders(url: str) -> dict[str, str]:
+    return dict(query(url, "SELECT mailbox, holder FROM leases"))  # type: ignore[arg-type]
+
+
+def node_config(project: Project, tmp_path: Path, node: str, database: str) -> Path:
+    project.data["daemon"]["node"] = node
+    project.data["daemon"]["database"] = database
+    path = tmp_path / f"node-{node}.toml"
+    path.write_text(tomli_w.dumps(project.data))
+    return path
+
+
+def check_outcome(url: str, servers: list[SmtpServer]) -> None:
+    """No message delivered twice, none lost, what went out is recorded as sent or uncertain, and no mailbox
+    passed its daily limit at the servers."""
+    deliveries = [d for s in servers for d in s.recorder.deliveries]
+    ids = Counter(int(_OUTBOX_ID.search(d["Message-ID"]).group(1)) for d in deliveries)  # type: ignore[union-attr]
+    assert not ids or max(ids.values()) == 1, "a message went twice"
+    rows = query(url, "SELECT id, state, reason FROM messages")
+    state = {r[0]: (r[1], r[2]) for r in rows}
+    assert {s for s, _ in state.values()} <= {"sent", "scheduled", "error"}, Counter(state.values())
+    assert all(r == "uncertain" for s, r in state.values() if s == "error"), Counter(state.values())
+    sent = {i for i, (s, _) in state.items() if s == "sent"}
+    uncertain = {i for i, (s, r) in state.items() if r == "uncertain"}
+    assert sent <= set(ids) and set(ids) <= sent | uncertain  # recorded as it happened, or said to be uncertain
+    per_mailbox = Counter(d.sender for d in deliveries)
+    assert max(per_mailbox.values()) <= DAILY_LIMIT, per_mailbox
+
+
+def test_a_stopped_or_cut_off_daemon_never_stops_the_others(
+    project: Project, private_postgres: Postgres, tmp_path: Path
+) -> None:
+    """Three daemons; b is stopped (SIGSTOP) for two leases three times at random moments, c's connection is
+    blackholed for three leases: the others send all along, nobody exits, nothing goes twice or past a limit."""
+    url = private_postgres.database()
+    servers = [SmtpServer(), SmtpServer()]
+    for server in servers:
+        server.recorder.on_data = lambda rcpt: time.sleep(0.03)  # transactions in flight when a stop lands
+        server.start()
+    parts = urlsplit(url)
+    proxy = TcpProxy("127.0.0.1", private_postgres.port)
+    behind_proxy = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    daemons: dict[str, DaemonProcess] = {}
+    try:
+        project.database = url
+        project.data["daemon"].update({"lease": f"{LEASE:g}s", "log_format": "json", "busy_timeout": "5s"})
+        project.data["defaults"].update({"gap": "1s", "daily_limit": DAILY_LIMIT})  # 9 a second at most
+        boxes = project.add_mailboxes(5, smtp=servers[0].smtp_config())
+        boxes += project.add_mailboxes(4, prefix="mc", smtp=servers[1].smtp_config())
+        project.add_cadence()
+        node_config(project, tmp_path, "setup", url)
+        project.config_path = tmp_path / "node-setup.toml"
+        # Demand above the limits: 700 first emails, 9 mailboxes at 60 may send 540 today.
+        assert project.enroll(project.people(700)).json()["enrolled"] == 700
+        configs = {n: node_config(project, tmp_path, n, behind_proxy if n == "c" else url) for n in "abc"}
+        daemons = {n: DaemonProcess(path) for n, path in configs.items()}
+
+        def delivered() -> int:
+            return sum(len(s.recorder.deliveries) for s in servers)
+
+        eventually(lambda: sorted(Counter(holders(url).values()).values()) == [3, 3, 3], 60, "3 each")
+        rng = random.Random(7)
+        for pause in range(3):
+            time.sleep(rng.uniform(0.0, 1.0))
+            before = delivered()
+            daemons["b"].signal(signal.SIGSTOP)
+            try:
+                eventually(lambda b=before: delivered() >= b + 10, 2 * LEASE, f"the others to send (pause {pause})")
+                time.sleep(max(0.0, 2 * LEASE - 1))
+            finally:
+                daemons["b"].signal(signal.SIGCONT)
+        proxy.blackhole()
+        try:
+            before = delivered()
+            eventually(lambda: delivered() >= before + 10, 3 * LEASE, "the others to send past c's partition")
+            time.sleep(3 * LEASE)
+        finally:
+            proxy.heal()
+
+        def settled() -> bool:
+            rows = query(url, "SELECT mailbox, state, reason FROM messages WHERE state != 'scheduled'")
+            counts = Counter(r[0] for r in rows if r[1] == "sent" or r[2] == "uncertain")
+            return all(r[1] != "sending" for r in rows) and all(counts[m] == DAILY_LIMIT for m in boxes)
+
+        eventually(settled, 240, "every mailbox to reach its limit (sent or uncertain)")
+        for node, d in daemons.items():
+            assert d.proc.poll() is None, f"{node} exited:\n" + "\n".join(d.lines[-20:])
+    finally:
+        for d in daemons.values():
+            if d.proc.poll() is None:
+                d.signal(signal.SIGCONT)
+                d.signal(signal.SIGTERM)
+        codes = {n: d.wait(60) for n, d in daemons.items()}
+        proxy.close()
+        for server in servers:
+            server.stop()
+    assert codes == {"a": 0, "b": 0, "c": 0}
+    check_outcome(url, servers)
+
+
+def test_an_outside_transaction_and_server_restarts_stop_no_daemon(
+    project: Project, private_postgres: Postgres, tmp_path: Path
+) -> None:
+    """An outside session holds the old global lock and some messages' rows past every lock wait: sending goes
+    on around them. The server restarted `-m immediate` three times: the daemon sends again within 10 s of
+    each return. A daemon started while the server is down waits for it, then sends. Nobody exits."""
+    url = private_postgres.database()
+    server = SmtpServer()
+    server.recorder.on_data = lambda rcpt: time.sleep(0.02)
+    server.start()
+    daemon: DaemonProcess | None = None
+    late: DaemonProcess | None = None
+    try:
+        project.database = url
+        project.data["daemon"].update({"lease": f"{LEASE:g}s", "log_format": "json", "busy_timeout": "3s"})
+        project.data["defaults"].update({"gap": "1s", "daily_limit": 1000})  # 6 a second
+        project.add_mailboxes(6, smtp=server.smtp_config())
+        project.add_cadence()
+        config = node_config(project, tmp_path, "a", url)
+        project.config_path = config
+        enrolled = project.enroll(project.people(300))
+        assert enrolled.code == 0, enrolled.err
+
+        with psycopg.connect(url, autocommit=False) as outside:  # an operator's psql, or a stuck migration
+            outside.execute("SELECT pg_advisory_xact_lock(1667329125)")  # the lock every write once took
+            held = [r[0] for r in outside.execute("SELECT id FROM messages ORDER BY id LIMIT 5 FOR UPDATE")]
+            daemon = DaemonProcess(config)
+            server.recorder.wait_for(40, timeout=30)  # past the 3 s lock wait, more than once
+            time.sleep(5)
+            assert daemon.proc.poll() is None
+            locked = query(url, f"SELECT state FROM messages WHERE id IN ({','.join(map(str, held))})")
+            assert {r[0] for r in locked} == {"scheduled"}  # passed over, never waited for
+            outside.rollback()
+        for restart in range(3):
+            before = len(server.recorder.deliveries)
+            private_postgres.halt()
+            time.sleep(2)
+            private_postgres.resume()
+            back = time.monotonic()
+            server.recorder.wait_for(before + 5, timeout=20)
+            assert time.monotonic() - back <= 10, f"restart {restart}: sent again after {time.monotonic() - back}s"
+            assert daemon.proc.poll() is None, "\n".join(daemon.lines[-20:])
+
+        private_postgres.halt()
+        late = DaemonProcess(node_config(project, tmp_path, "b", url))
+        late.wait_event("store.error", within=30)  # waiting for the database, not exiting
+        assert late.proc.poll() is None
+        private_postgres.resume()
+        late.wait_event("daemon.started", within=60)
+        eventually(lambda: query(url, "SELECT count(*) FROM messages WHERE state = 'scheduled'")[0][0] == 0, 120)
+        eventually(lambda: "b" in holders(url).values(), 30, "b to take its share")
+    finally:
+        codes = []
+        for d in (daemon, late):
+            if d is not None:
+                if d.proc.poll() is None:
+                    d.signal(signal.SIGTERM)
+                codes.append(d.wait(60))
+        server.stop()
+    assert codes == [0, 0]
+    deliveries = server.recorder.deliveries
+    ids = Counter(int(_OUTBOX_ID.search(d["Message-ID"]).group(1)) for d in deliveries)  # type: ignore[union-attr]
+    assert max(ids.values()) == 1, "a message went twice"
+    rows = query(url, "SELECT state, reason FROM messages")
+    assert Counter(r[0] for r in rows)["sent"] + Counter(r[1] for r in rows)["uncertain"] == 300
