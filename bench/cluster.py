@@ -7,6 +7,7 @@ PostgreSQL the server's CPU per message too (its processes, while they send). Po
 server of this run (initdb, fsync on), as the tests start it.
 
     python bench/cluster.py [--messages N] [--mailboxes M] [--daemons 3]
+    python bench/cluster.py --idle 2000 [--daemons 3]   # nothing to send: CPU per daemon and the server's
 """
 
 from __future__ import annotations
@@ -54,10 +55,25 @@ def pg_sent(url: str) -> tuple[int, float | None, float | None]:
     return int(row[0]), row[1], row[2]
 
 
-def run(configs: list[Path], sent: object, n: int, timeout: float = 900) -> tuple[float, float, float]:
-    """(messages/s, daemon CPU s per message, server CPU s per message) with these daemons running."""
-    server_before = server_cpu()
+def shared_out(url: str, daemons: int, mailboxes: int, timeout: float = 120) -> float:
+    """Seconds until every daemon holds its share of the mailboxes (measured before anything is enrolled)."""
+    started = time.monotonic()
+    share = -(-mailboxes // daemons)
+    while time.monotonic() - started < timeout:
+        with psycopg.connect(url, autocommit=True) as conn:
+            held = [r[0] for r in conn.execute("SELECT count(*) FROM leases GROUP BY holder").fetchall()]
+        if len(held) == daemons and sum(held) == mailboxes and max(held) <= share:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise RuntimeError(f"the mailboxes were not shared out in {timeout} s")
+
+
+def run(configs: list[Path], sent: object, n: int, prepare: object, timeout: float = 900) -> tuple[float, float, float]:
+    """(messages/s, daemon CPU s per message, server CPU s per message) with these daemons running; `prepare`
+    runs once they have started (the share-out awaited, then the enrollment): only sending is measured."""
     procs = [subprocess.Popen(cadenced("--config", str(c), "run"), stdout=subprocess.DEVNULL) for c in configs]
+    prepare()  # type: ignore[operator]
+    server_before = server_cpu()
     try:
         deadline = time.monotonic() + timeout
         cpu_at_first: float | None = None
@@ -79,17 +95,59 @@ def run(configs: list[Path], sent: object, n: int, timeout: float = 900) -> tupl
             p.wait(timeout=60)
 
 
+def idle(postgres: Postgres, root: Path, port: int, mailboxes: int, daemons: int, seconds: float = 30) -> None:
+    """Daemons with nothing to send: each one's CPU (and the server's) over `seconds`, once shared out, against
+    one daemon alone holding every mailbox (the baseline, same run)."""
+    for count in (1, daemons):
+        url = postgres.database()
+        configs = []
+        for k in range(count):
+            path = write_config(root, port, mailboxes, root / "unused.db", name=f"idle-{count}-{k}.toml")
+            text = path.read_text().replace(f'database = "{root / "unused.db"}"', f'database = "{url}"\nnode = "i{k}"')
+            path.write_text(text)
+            configs.append(path)
+        procs = [subprocess.Popen(cadenced("--config", str(c), "run"), stdout=subprocess.DEVNULL) for c in configs]
+        try:
+            took = shared_out(url, count, mailboxes, timeout=300)
+            time.sleep(5)  # the loops started on their leases have looked once
+            before = [cpu_seconds(p.pid) for p in procs]
+            server_before = server_cpu()
+            time.sleep(seconds)
+            used = [(cpu_seconds(p.pid) - b) / seconds * 100 for p, b in zip(procs, before, strict=True)]
+            server = (server_cpu() - server_before) / seconds * 100
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait(timeout=120)
+        each = ", ".join(f"{u:.1f}%" for u in used)
+        print(
+            f"idle, {mailboxes} mailboxes over {count} daemon(s): CPU per daemon {each}; server {server:.1f}%;"
+            f" shared out in {took:.1f} s"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--mailboxes", type=int, default=12)
     parser.add_argument("--daemons", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=0, help="instead: N idle mailboxes, CPU per daemon")
     args = parser.parse_args()
     port = free_port()
     sink, sink_name = start_sink(port)
     postgres = Postgres()
     postgres.fsync = True
     postgres.start()
+    if args.idle:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                idle(postgres, Path(tmp), port, args.idle, args.daemons)
+        finally:
+            postgres.stop()
+            sink.terminate()
+            sink.wait()
+        return 0
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
@@ -97,8 +155,10 @@ def main() -> int:
             # 1. The baseline: one daemon on SQLite.
             db = root / "bench.db"
             config = write_config(root, port, args.mailboxes, db, name="sqlite.toml")
-            enroll(config, root, args.messages)
-            results["1 daemon, SQLite"] = run([config], lambda: count_sent(db), args.messages)
+            results["1 daemon, SQLite"] = run(
+                [config], lambda: count_sent(db), args.messages, lambda: enroll(config, root, args.messages)
+            )
+            share_out: dict[int, float] = {}
             # 2. One, then several daemons on PostgreSQL (each on a database of its own, same enrollments).
             for daemons in (1, args.daemons):
                 url = postgres.database()
@@ -108,9 +168,13 @@ def main() -> int:
                     text = path.read_text().replace(f'database = "{db}"', f'database = "{url}"\nnode = "n{k}"')
                     path.write_text(text)
                     configs.append(path)
-                enroll(configs[0], root, args.messages)
                 label = f"{daemons} daemon{'s' if daemons > 1 else ''}, PostgreSQL"
-                results[label] = run(configs, lambda u=url: pg_sent(u), args.messages)
+
+                def prepare(u: str = url, k: int = daemons, first: Path = configs[0]) -> None:
+                    share_out[k] = shared_out(u, k, args.mailboxes)
+                    enroll(first, root, args.messages)
+
+                results[label] = run(configs, lambda u=url: pg_sent(u), args.messages, prepare)
     finally:
         postgres.stop()
         sink.terminate()
@@ -119,6 +183,8 @@ def main() -> int:
     for label, (rate, cpu, server) in results.items():
         on_server = f", server {server * 1e6:,.0f} µs CPU/msg" if "PostgreSQL" in label else ""
         print(f"{label:<26} {rate:,.0f} msg/s, daemons {cpu * 1e6:,.0f} µs CPU/msg{on_server}")
+    for k, seconds in share_out.items():
+        print(f"  {k} daemon(s) on PostgreSQL shared {args.mailboxes} mailboxes out in {seconds:.1f} s (not measured)")
     base = results["1 daemon, SQLite"][0]
     for label, (rate, _, _) in results.items():
         print(f"  {label}: {rate / base:.2f} of the SQLite baseline")

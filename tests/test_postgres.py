@@ -90,9 +90,11 @@ def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgr
     query(postgres_url, "UPDATE cadenced_schema SET version = 10")
     store = Store.open(postgres_url)
     try:
-        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 14
+        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 15
     finally:
         store.close()
+    indexes = {r[0] for r in query(postgres_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")}
+    assert {"messages_due_follow_ups", "messages_uncertain"} <= indexes  # 13 and 15 made on the way
     triggers = query(postgres_url, "SELECT DISTINCT trigger_name FROM information_schema.triggers ORDER BY 1")
     assert ("message_recounted",) in triggers and ("enrollment_recounted",) in triggers
     query(postgres_url, "UPDATE cadenced_schema SET version = 9")

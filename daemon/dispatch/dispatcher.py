@@ -67,6 +67,7 @@ class Dispatcher:
         # whose loops it stopped to hand them to another daemon (released once the loop has finished).
         self.held: set[str] | None = None
         self.lease_until: float | None = None  # PostgreSQL: when the leases run out by boot_clock (lease_left)
+        self._settle_until = 0.0  # PostgreSQL: lease rounds come every second until then (shares moving)
         self._stop_requested = anyio.Event()
         self.draining: dict[str, MailboxRunner | _Idle] = {}
         self.connections = anyio.CapacityLimiter(config.daemon.max_connections)
@@ -254,7 +255,11 @@ class Dispatcher:
         """Renew this daemon's leases and take its share, several times per lease: a missed round or two
         costs nothing; a daemon that cannot renew is fenced off by its claims' own lease check."""
         while True:
-            await anyio.sleep(self.config.daemon.lease / 6)
+            lease = self.config.daemon.lease
+            # While the shares move (a daemon came or went, this one just started): a round a second, so a
+            # share-out takes seconds, not several lease rounds; settled, a few rounds per lease.
+            settling = boot_clock() < self._settle_until
+            await anyio.sleep(min(1.0, lease / 6) if settling else lease / 6)
             if self.stopping:
                 return
             try:
@@ -281,6 +286,8 @@ class Dispatcher:
         )
         fenced = self.lease_left() < d.lease / 2
         self.lease_until = asked + d.lease
+        if first or taken or extra or self.draining or set(held) != (self.held or set()):
+            self._settle_until = boot_clock() + d.lease  # the shares move: rounds come faster for a lease
         if fenced and not first:  # renewed after a while without: the loops that stopped claiming go on
             self.wake_all()
         for address in finished:
