@@ -61,6 +61,9 @@ def shared_out(url: str, daemons: int, mailboxes: int, timeout: float = 120) -> 
     share = -(-mailboxes // daemons)
     while time.monotonic() - started < timeout:
         with psycopg.connect(url, autocommit=True) as conn:
+            if not conn.execute("SELECT to_regclass('leases') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+                time.sleep(0.1)
+                continue  # the first daemon is making the schema
             held = [r[0] for r in conn.execute("SELECT count(*) FROM leases GROUP BY holder").fetchall()]
         if len(held) == daemons and sum(held) == mailboxes and max(held) <= share:
             return time.monotonic() - started
