@@ -185,6 +185,7 @@ class Cadence:
     fields: tuple[str, ...]
     steps: tuple[Step, ...]
     rotation: str = "round_robin"  # round_robin | weighted (by daily capacity)
+    new_per_day: int = 0  # first emails of this cadence per mailbox per local day at most (0: no such cap)
     rotate_among_set: bool = True  # False: the file leaves it to the default (a database may pin the old one)
 
     def required_fields(self) -> frozenset[str]:

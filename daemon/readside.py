@@ -345,6 +345,15 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     # (mailbox, domain) → (when, until): the run moves every due message of a full domain at once, to the
     # mailbox's next sending day; those the plan has not reached yet follow when it does.
     moved: dict[tuple[str, str], tuple[float, float]] = {}
+    # [[cadences]] new_per_day: (mailbox, day, cadence) → first emails, today's as the store counted them
+    caps = {c.name: c.new_per_day for c in config.cadences if c.new_per_day}
+    cadence_counts: dict[tuple[str, str, str], int] = {
+        (address, timing.local_day(now, m.schedule.timezone), cadence): store.cadence_first_emails(
+            address, cadence, timing.local_day(now, m.schedule.timezone)
+        )
+        for address, m in live.items()
+        for cadence in caps
+    }
     forecast: dict[tuple[str, str], list[int]] = {}  # (day, mailbox) → [first emails, follow-ups]
     seq = itertools.count()
     version: dict[str, int] = dict.fromkeys(live, 0)
@@ -398,6 +407,22 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
                 kind.push(until + (due - when) / 1e6, rank, step, enrollment, route)  # it keeps its id
                 look(address)
                 continue
+        if step == 1 and caps:  # a cadence's new_per_day: as a full domain, its due first emails move on
+            route = route or store.route_of(enrollment)
+            if route is not None and (limit := caps.get(route[0], 0)):
+                key = (address, "\0" + route[0])  # beside the domains' moves: no domain starts with NUL
+                when, until = moved.get(key, (0.0, 0.0))
+                if due > when:
+                    if cadence_counts.get((address, day, route[0]), 0) < limit:
+                        when = until = 0.0
+                    else:
+                        when = at
+                        until = timing.next_sending_day(at, m.schedule, stretches[address].first_day)
+                        moved[key] = (when, until)
+                if until:
+                    kind.push(until + (due - when) / 1e6, rank, step, enrollment, route)
+                    look(address)
+                    continue
         if gone or step > shortest:
             route = route or store.route_of(enrollment)
             if route is None or lifecycle.step_of(config, route[0], step)[1] is None:
@@ -408,6 +433,8 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         counts[address][day] = counts[address].get(day, 0) + 1
         if step == 1 and m.schedule.new_per_day:
             new_counts[address][day] = new_counts[address].get(day, 0) + 1
+        if step == 1 and route is not None and route[0] in caps:
+            cadence_counts[(address, day, route[0])] = cadence_counts.get((address, day, route[0]), 0) + 1
         forecast.setdefault((day, address), [0, 0])[step > 1] += 1
         free_at[address] = at + sum(m.schedule.gap) / 2
         look(address)

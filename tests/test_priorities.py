@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
@@ -119,3 +120,35 @@ def test_status_says_which_kind_goes_next_by_the_claims_rule(project: Project, p
         assert (row["next_message"], row["waiting_for"]) == (goes, None)
     finally:
         store.close()
+
+
+def test_a_cadences_new_per_day_is_a_share_of_each_mailbox(project: Project) -> None:
+    """`[[cadences]] new_per_day = 2`: each mailbox starts 2 of its prospects a day; another cadence on the same
+    mailbox goes on. The rest say why they wait, one line says so, and plan sends them on the next days."""
+    server = SmtpServer().start()
+    try:
+        address = project.add_mailboxes(1, smtp=server.smtp_config(), gap="0s")[0]
+        project.add_cadence("c1", new_per_day=2)
+        project.add_cadence("c2")
+        project.write()
+        assert project.enroll(project.people(5), "c1").code == 0
+        assert project.enroll(project.people(5, 100, "others.csv"), "c2").code == 0
+        daemon = DaemonProcess(project.config_path)
+        try:
+            server.recorder.wait_for(7, timeout=60)
+            waiting = daemon.wait_event("mailbox.waiting", within=30, reason="new_per_day")
+            assert (waiting["deferred"], waiting["cadences"]) == (3, ["c1"])
+            eventually(lambda: states(project.database).get("sent") == 7, 30, "the sends to be recorded")
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0
+        finally:
+            daemon.kill()
+    finally:
+        server.stop()
+    firsts = Counter(int(d.recipient[1:].split("@")[0]) >= 100 for d in server.recorder.deliveries)
+    assert firsts == {False: 2, True: 5}  # c1's two, all five of c2
+    details = query(project.database, "SELECT detail FROM messages WHERE state = 'scheduled'")
+    assert len(details) == 3 and all(d[0].startswith("deferred: new_per_day of cadence 'c1' until ") for d in details)
+    plan = project.run("plan", "--days", "3", "--json").json()["days"]
+    today = datetime.now(UTC).date().isoformat()
+    assert [(row["mailbox"], row["new"]) for row in plan if row["date"] > today] == [(address, 2), (address, 1)]

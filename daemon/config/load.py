@@ -761,6 +761,7 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
     sender = t.string("sender", "")
     stop_on_reply = t.boolean("stop_on_reply", True)
     fields = t.strings("fields", [])
+    new_per_day = t.integer("new_per_day", 0, 0, 100_000)
     known = {m.address for m in mailboxes}
     for i, u in enumerate(users or []):
         if u not in user_names:
@@ -817,6 +818,7 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
         sender=sender or "",
         stop_on_reply=bool(stop_on_reply),
         rotation=rotation,
+        new_per_day=new_per_day if isinstance(new_per_day, int) else 0,
         rotate_among_set=rotate_among_set,
         fields=tuple(fields or []),
         steps=tuple(steps),

@@ -143,6 +143,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "auto_rotate": c.auto_rotate,
                 "rotate_among": c.rotate_among,
                 "rotation": c.rotation,
+                "new_per_day": c.new_per_day,
                 "sender": c.sender,
                 "stop_on_reply": c.stop_on_reply,
                 "fields": list(c.fields),

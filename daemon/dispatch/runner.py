@@ -198,17 +198,14 @@ class MailboxRunner:
             if hand_over_at is not None and (self.next_wake is None or hand_over_at < self.next_wake):
                 self.next_wake = hand_over_at  # wake for the hand-over even when the next probe is later
             return back
-        for message, domain, until in turn.deferred:
-            self.log.debug("message.deferred", message=message, reason="domain_limit", domain=domain, until=until)
-        if turn.deferred:
-            domains = sorted({domain for _, domain, _ in turn.deferred})
-            self.log.info(
-                "mailbox.waiting",
-                reason="domain_limit",
-                deferred=len(turn.deferred),
-                domains=domains[:10],
-                next_send_at=turn.deferred[0][2],
-            )
+        for kind in ("new_per_day", "domain_limit"):  # one line per event, whatever the backlog
+            held = [d for d in turn.deferred if d[1].startswith("cadence ") == (kind == "new_per_day")]
+            for message, what, until in held:
+                self.log.debug("message.deferred", message=message, reason=kind, domain=what, until=until)
+            if held:
+                names = sorted({what.removeprefix("cadence ") for _, what, _ in held})
+                named = {"cadences": names[:10]} if kind == "new_per_day" else {"domains": names[:10]}
+                self.log.info("mailbox.waiting", reason=kind, deferred=len(held), next_send_at=held[0][2], **named)
         if turn.token_first:
             return await self._fetch_token(now)
         if turn.claimed is not None:
@@ -232,7 +229,8 @@ class MailboxRunner:
         day = self._local_day(now)
         record = pending.record if pending is not None else None
         leased = self.d.lease_left() >= self.d.config.daemon.lease * LEASE_MARGIN
-        return take_turn(store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim, leased)
+        caps = {c.name: c.new_per_day for c in self.d.config.cadences if c.new_per_day}
+        return take_turn(store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim, leased, caps)
 
     def _has_token(self) -> bool:
         """Nothing to fetch before a claim: not OAuth2, a connection already logged in, or a cached token."""

@@ -5,7 +5,7 @@ virtual clock (plan = run)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,8 @@ class Turn:
     decision: timing.Decision | None
     claimed: Claimed | None
     thread: list[tuple[int, str, str]]
-    deferred: list[tuple[int, str, str]] = field(default_factory=list)  # (message, domain, until): domain_limit
+    # (message, domain, until): domain_limit; (message, "cadence NAME", until): a cadence's new_per_day
+    deferred: list[tuple[int, str, str]] = field(default_factory=list)
     token_first: bool = False  # a message may go now, but the mailbox's access token must be had before the claim
 
 
@@ -68,6 +69,7 @@ def take_turn(
     message_id: Callable[[int, int], str],
     may_claim: bool = True,
     leased: bool = True,
+    cadence_caps: Mapping[str, int] | None = None,
 ) -> Turn:
     """In one transaction: record the last send, look, and claim the next.
 
@@ -106,11 +108,20 @@ def take_turn(
                     tomorrow = timing.next_sending_day(now, mailbox.schedule, snap.first_day)
                     at = tomorrow if follow_up is None else min(follow_up, tomorrow)
                     return Turn(snap, day, timing.Decision(at, "new_per_day"), None, [])
+        held_back: list[tuple[int, str, str]] = []  # [[cadences]] new_per_day: (message, "cadence NAME", until)
+        for cadence, limit in (cadence_caps or {}).items():
+            if store.cadence_first_emails(mailbox.address, cadence, day) >= limit:
+                until = timing.next_sending_day(now, mailbox.schedule, snap.first_day)
+                detail = f"deferred: new_per_day of cadence {cadence!r} until {iso(until)} ({limit} a day)"
+                moved = store.defer_cadence_new(mailbox.address, cadence, now, until, detail)
+                held_back += [(m, f"cadence {cadence}", iso(until) or "") for m in moved]
         deferred = (
             defer_full_domains(store, mailbox, now, day, snap.first_day, prioritize)
             if mailbox.schedule.domain_daily_limit
             else []
         )
+        if deferred is not None:
+            deferred = held_back + deferred
         # Fenced twice on PostgreSQL: by this daemon's own clock since its last renewal (`leased`), and by the
         # lease row, read and held in this transaction (a takeover waits for it).
         if deferred is None or not leased or not store.holds(mailbox.address):
@@ -147,4 +158,5 @@ def sent_record(
         lifecycle.next_step(config, c.cadence, c.step, c.sticky, now),
         copy,
         mailbox.schedule.domain_daily_limit > 0,
+        c.step == 1 and any(k.name == c.cadence and k.new_per_day for k in config.cadences),
     )

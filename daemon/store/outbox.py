@@ -80,6 +80,18 @@ class Outbox(Core):
         }.get(prioritize, q.next_due)
         return self.conn.one(statement, (mailbox, now))
 
+    def cadence_first_emails(self, mailbox: str, cadence: str, day: str) -> int:
+        """First emails of `cadence` the mailbox sent on its local `day` ([[cadences]] new_per_day)."""
+        row = self.conn.one(self.q.cadence_first_emails, (mailbox, cadence, day))
+        return int(row[0]) if row else 0
+
+    def defer_cadence_new(self, mailbox: str, cadence: str, now: float, until: float, detail: str) -> list[int]:
+        """The cadence's first emails for today are sent: its due first emails on `mailbox` wait until `until`,
+        in their order (follow-ups and other cadences go on)."""
+        with self.transaction():
+            rows = self.conn.all(self.q.defer_cadence_new, (until, detail, mailbox, cadence, now))
+        return [r[0] for r in rows]
+
     def defer_domain(self, mailbox: str, domain: str, now: float, until: float, detail: str) -> list[int]:
         """domain_daily_limit reached: the mailbox's due messages to `domain` wait until `until`, in their order
         (the others go on). Costs the mailbox's due messages, once per domain and day."""
@@ -146,6 +158,8 @@ class Outbox(Core):
                     (c.id, c.mailbox, c.message_id, copy),
                 )
             was = None
+            if r.count_cadence and c.step == 1:
+                self.conn.run(self.q.count_cadence_first, (c.mailbox, c.cadence, day))
             if self.counts_by_hand:
                 was = self.conn.one(self.q.state_of_message, (c.id,))
             self.conn.run(

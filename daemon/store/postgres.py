@@ -359,6 +359,10 @@ class PgEngine:
                        WHERE state = 'scheduled' AND step > 1"""
                 )
                 self.run("ALTER TABLE daily_counts ADD COLUMN IF NOT EXISTS first_emails BIGINT NOT NULL DEFAULT 0")
+                self.run(  # 16: a cadence's new_per_day, counted per mailbox and day
+                    """CREATE TABLE IF NOT EXISTS cadence_counts (mailbox TEXT NOT NULL, cadence TEXT NOT NULL,
+                       day TEXT NOT NULL, first_emails BIGINT NOT NULL, PRIMARY KEY (mailbox, cadence, day))"""
+                )
                 self.run(  # 15: uncertain sends count in their mailbox's day
                     """CREATE INDEX IF NOT EXISTS messages_uncertain ON messages (mailbox, uncertain_at)
                        WHERE state = 'error' AND reason = 'uncertain'"""

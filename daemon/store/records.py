@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -35,6 +35,7 @@ class SentRecord:
     next_step: tuple[int, str, float] | None  # (step, sender, due) of lifecycle.next_step, None: the last
     copy: bytes | None = None  # the message, for sent_copies = "append"
     count_domain: bool = False  # domain_daily_limit counts it
+    count_cadence: bool = False  # a first email of a cadence with new_per_day: counted per mailbox and day
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,6 +246,16 @@ MIGRATIONS = {
     15: """
     CREATE INDEX messages_uncertain ON messages (mailbox, uncertain_at) WHERE state = 'error' AND reason = 'uncertain';
     """,
+    # [[cadences]] new_per_day: first emails counted per mailbox, cadence and day.
+    16: """
+    CREATE TABLE cadence_counts (
+        mailbox TEXT NOT NULL,
+        cadence TEXT NOT NULL,
+        day TEXT NOT NULL,
+        first_emails INTEGER NOT NULL,
+        PRIMARY KEY (mailbox, cadence, day)
+    ) WITHOUT ROWID;
+    """,
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,

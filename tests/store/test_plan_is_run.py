@@ -65,7 +65,9 @@ def scenarios(draw: Any) -> dict[str, Any]:
             if sender is not None:
                 step["sender"] = sender
             steps.append(step)
-        cadences.append({"name": name, "users": ["alice"], "auto_rotate": rotating, "steps": steps})
+        cadence = {"name": name, "users": ["alice"], "auto_rotate": rotating, "steps": steps}
+        cadence["new_per_day"] = draw(st.sampled_from([0, 0, 1, 2]))  # a share of each mailbox's first emails
+        cadences.append(cadence)
     enrollments = draw(
         st.lists(
             st.tuples(st.sampled_from(["c1", "c2", "gone"]), st.sampled_from(BOXES), st.floats(-86400, 2 * 86400)),
@@ -105,6 +107,7 @@ def _enroll(store: Store, scenario: dict[str, Any]) -> None:
 def run(config: Config, store: Store, start: float, horizon: float) -> Counter[tuple[str, str, str]]:
     """What the sender loops send from `start` to `horizon`, by (local day, mailbox, new or follow_ups)."""
     clocks = {m.address: lifecycle.timing.SenderClock(m.schedule) for m in config.mailboxes}
+    caps = {c.name: c.new_per_day for c in config.cadences if c.new_per_day}
     pending: dict[str, SentRecord] = {}
     sent: Counter[tuple[str, str, str]] = Counter()
     rng = random.Random(7)
@@ -116,7 +119,7 @@ def run(config: Config, store: Store, start: float, horizon: float) -> Counter[t
             clock = clocks[m.address]
             day = clock.local_day(t)
             committed = pending.pop(m.address, None)
-            turn = take_turn(store, m, clock, day, t, committed, lambda i, a: f"<{next(ids)}@x>")
+            turn = take_turn(store, m, clock, day, t, committed, lambda i, a: f"<{next(ids)}@x>", cadence_caps=caps)
             if committed is not None and committed.next_step is not None and committed.next_step[1] != m.address:
                 wake.append(t)  # the dispatcher wakes the mailbox whose queue the send changed
             c = turn.claimed

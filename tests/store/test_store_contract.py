@@ -217,3 +217,21 @@ def test_what_a_plan_leaves_is_counted_by_cadence_from_where_it_stopped(store: S
     assert sorted(store.left_in_order(A, second[0], second[3], 500.0, "new")) == [("c1", 1), ("c2", 1)]
     assert store.left_in_order(A, second[0], second[3], 500.0, "follow_ups") == []
     assert sorted(store.left_in_order(A, 0.0, 0, 1000.0, "new")) == [("c1", 2), ("c2", 2)]
+
+
+def test_a_cadences_first_emails_are_counted_per_mailbox_and_day_and_the_rest_wait(store: Store) -> None:
+    """[[cadences]] new_per_day: a first email counts for its cadence; the cadence's other due first emails
+    on the mailbox move to `until`, in their order; another cadence's and the follow-ups stay due."""
+    enroll(store, "c1", ["p1@x.example", "p2@x.example", "p3@x.example"])
+    enroll(store, "c2", ["q1@x.example"])
+    c = claim(store)
+    with store.transaction():
+        store.record_sent(SentRecord(c, 1000.0, 250, "ok", "s", DAY, 1000.0, None, count_cadence=True))
+    assert (store.cadence_first_emails(A, "c1", DAY), store.cadence_first_emails(A, "c2", DAY)) == (1, 0)
+    moved = store.defer_cadence_new(A, "c1", 1000.0, 5000.0, "deferred: new_per_day of cadence 'c1'")
+    assert len(moved) == 2
+    assert claim(store, A, 1000.0).email == "q1@x.example"  # the other cadence goes on
+    assert store.claim(A, 1000.0, lambda i, a: "<none>") is None
+    later = [claim(store, A, 6000.0).email for _ in range(2)]
+    assert later == ["p2@x.example", "p3@x.example"]  # in their order
+    counts_agree(store)

@@ -175,6 +175,21 @@ UPDATE messages SET due_at = ?1 + (due_at - ?5) / 1e6, detail = ?2 WHERE id IN (
     AND substr(e.email, instr(e.email, '@') + 1) = ?4)
     RETURNING id;
 
+-- [[cadences]] new_per_day: a cadence's first emails of the day sent by a mailbox; the others due wait for the
+-- next sending day, in their order, as a full domain's do.
+-- name: cadence_first_emails
+SELECT first_emails FROM cadence_counts WHERE mailbox = ? AND cadence = ? AND day = ?;
+
+-- name: count_cadence_first
+INSERT INTO cadence_counts VALUES (?, ?, ?, 1)
+    ON CONFLICT (mailbox, cadence, day) DO UPDATE SET first_emails = cadence_counts.first_emails + 1;
+
+-- name: defer_cadence_new
+UPDATE messages SET due_at = ?1 + (due_at - ?5) / 1e6, detail = ?2 WHERE id IN (
+    SELECT m.id FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ?3 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?5 AND e.cadence = ?4)
+    RETURNING id;
+
 -- plan: what is scheduled, in due order, one kind at a time (follow-ups through their own index)
 -- name: scheduled_follow_ups_in_order
 SELECT due_at, step, enrollment_id, id FROM messages

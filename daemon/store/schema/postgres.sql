@@ -181,3 +181,10 @@ BEGIN
 END $$;
 CREATE TRIGGER message_recounted AFTER UPDATE OF state, mailbox OR DELETE ON messages
     FOR EACH ROW EXECUTE FUNCTION message_recounted();
+CREATE TABLE cadence_counts (
+    mailbox TEXT NOT NULL,
+    cadence TEXT NOT NULL,
+    day TEXT NOT NULL,
+    first_emails BIGINT NOT NULL,
+    PRIMARY KEY (mailbox, cadence, day)
+);

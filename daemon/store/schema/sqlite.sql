@@ -144,3 +144,10 @@ CREATE INDEX api_requests_created ON api_requests (created_at);
 CREATE INDEX messages_state ON messages (state, mailbox, reason) WHERE state = 'sending' OR state = 'error' OR state = 'sent' OR state = 'failed' OR state = 'cancelled';
 CREATE INDEX messages_due_follow_ups ON messages (mailbox, due_at, id) WHERE state = 'scheduled' AND step > 1;
 CREATE INDEX messages_uncertain ON messages (mailbox, uncertain_at) WHERE state = 'error' AND reason = 'uncertain';
+CREATE TABLE cadence_counts (
+    mailbox TEXT NOT NULL,
+    cadence TEXT NOT NULL,
+    day TEXT NOT NULL,
+    first_emails INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, cadence, day)
+) WITHOUT ROWID;
