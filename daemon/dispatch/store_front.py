@@ -145,6 +145,17 @@ class AsyncStore:
 
     @staticmethod
     def _run_batch(store: Store, batch: list[_Call]) -> None:
+        if len(batch) == 1:  # alone, a call needs no savepoint: its failure rolls back only its own writes
+            call = batch[0]
+            call.result, call.error = None, None
+            try:
+                with store.transaction():
+                    call.result = call.fn(store)
+            except StoreUnavailable:
+                raise  # the batch fails as a batch (the committer retries or reports it)
+            except Exception as exc:
+                call.error = exc
+            return
         with store.transaction():
             run = store.conn.run
             for i, call in enumerate(batch):
