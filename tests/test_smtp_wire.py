@@ -17,7 +17,7 @@ import pytest
 
 from daemon import smtp
 from daemon.config import load_config
-from daemon.errors import AddressRejected, MailboxDown, MailboxRefused, Uncertain
+from daemon.errors import AddressRejected, LeaseExpired, MailboxDown, MailboxRefused, Uncertain
 from tests.conftest import Project
 
 pytestmark = pytest.mark.anyio
@@ -216,3 +216,26 @@ async def test_a_silent_server_times_out_at_the_stage_it_went_silent(
         assert not conn.is_open
     assert lost.value.code is None and "timed out" in lost.value.text
     assert lost.value.stage == ("mail" if where == "MAIL" else "end")
+
+
+async def test_a_lease_run_out_before_the_end_of_data_delivers_nothing(project: Project, pipelining: bool) -> None:
+    """PostgreSQL's fence on the wire: asked just before the content leaves, a lease that ran out (by the
+    daemon's own clock) drops the connection with no final dot; the server has nothing to deliver. The next
+    transaction, with the lease renewed, goes on a fresh connection."""
+    asked: list[bool] = []
+
+    def still_ours(answer: bool) -> Callable[[], bool]:
+        def ask() -> bool:
+            asked.append(answer)
+            return answer
+
+        return ask
+
+    script = Scripted(normal, pipelining)
+    async with connection(project, script) as conn:
+        with pytest.raises(LeaseExpired):
+            await conn.send(MESSAGE, "mb0@example.com", "p0@prospects.example", still_ours(False))
+        assert not conn.is_open and script.contents == []  # no content, no dot: nothing to deliver
+        accepted = await conn.send(MESSAGE, "mb0@example.com", "p1@prospects.example", still_ours(True))
+        assert accepted.code == 250 and len(script.contents) == 1
+    assert asked == [False, True]  # asked once per transaction, at the end of DATA
