@@ -115,13 +115,17 @@ def cadenced(*args: str) -> list[str]:
     return [sys.executable, "-m", "daemon", *args]
 
 
-def enroll(config: Path, root: Path, n: int) -> None:
+def enroll(config: Path, root: Path, n: int, build: Path | None = None) -> None:
+    """n prospects enrolled by `build`'s cadenced (default: this one): its schema is the one its daemon reads."""
     csv = root / "prospects.csv"
     csv.write_text("email,first_name,company\n" + "".join(f"p{i}@sink.example,P{i},Co{i}\n" for i in range(n)))
+    env = {**os.environ, "PYTHONPATH": str(build)} if build else None
     subprocess.run(
         cadenced("--config", str(config), "enroll", "--cadence", "bench", "--as", "bench", str(csv)),
         check=True,
         stdout=subprocess.DEVNULL,
+        cwd=build,
+        env=env,
     )
 
 
@@ -148,6 +152,8 @@ def run_daemon(
         deadline = time.monotonic() + timeout
         cpu_at_first: float | None = None
         while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with status {proc.returncode} before sending {n}")
             sent, first, last = count_sent(db)
             if sent and cpu_at_first is None:
                 cpu_at_first = cpu_seconds(proc.pid)
@@ -270,7 +276,7 @@ def main() -> int:
             def against(r: int) -> tuple[float, float]:
                 db = root / f"against-{r}.db"
                 config = write_config(root, port, args.mailboxes, db, name=f"against-{r}.toml")
-                enroll(config, root, args.messages)
+                enroll(config, root, args.messages, build=Path(args.against).resolve())
                 span, _, cpu_used = run_daemon(config, db, args.messages, build=Path(args.against).resolve())
                 return args.messages / span, cpu_used
 

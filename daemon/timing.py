@@ -263,10 +263,18 @@ class SenderClock:
         self.s = s
         self._stretch = Stretches(s)
         self._first_day: str | None = None  # the warm-up's first day the stretch's allowance was counted from
+        self._day_start: tuple[str, float] = ("", 0.0)  # (local day, its first instant): once a day
 
     def local_day(self, t: float) -> str:
         stretch = self._stretch
         return stretch.day if stretch.lo <= t < stretch.hi else local_day(t, self.s.timezone)
+
+    def day_start(self, t: float) -> float:
+        """The first instant of `t`'s local day (local_day_start), worked out once a day."""
+        day = self.local_day(t)
+        if self._day_start[0] != day:
+            self._day_start = (day, local_day_start(t, self.s.timezone))
+        return self._day_start[1]
 
     def next_allowed(
         self,

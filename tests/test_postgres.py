@@ -191,3 +191,31 @@ def test_migrate_copies_an_sqlite_database_and_the_daemon_goes_on_there(
         assert query(postgres_url, "SELECT max(id) FROM messages") == [(13,)]
     finally:
         server.stop()
+
+
+def test_a_refusal_ends_the_start_and_a_server_that_does_not_answer_is_waited_for(
+    project: Project, postgres_url: str
+) -> None:
+    """A database that does not exist is a configuration error: `run` exits 2 at once, saying so. A port where
+    nothing listens may be a server restarting: the daemon waits (store.error), it does not exit."""
+    from tests.servers import free_port
+
+    project.add_mailboxes(1)
+    project.add_cadence()
+    parts = urlsplit(postgres_url)
+    project.data["daemon"]["database"] = urlunsplit(parts._replace(path="/no_such_database"))
+    refused = DaemonProcess(project.write())
+    try:
+        assert refused.wait(30) == 2
+    finally:
+        refused.kill()
+    assert any('database "no_such_database" does not exist' in line for line in refused.lines)
+    project.data["daemon"]["database"] = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
+    waiting = DaemonProcess(project.write())
+    try:
+        event = waiting.wait_event("store.error", within=30)
+        assert "waiting for the database" in event["action"] and waiting.proc.poll() is None
+        waiting.signal(signal.SIGTERM)
+        waiting.wait(30)
+    finally:
+        waiting.kill()

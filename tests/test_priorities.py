@@ -7,6 +7,7 @@ import signal
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,21 @@ def test_prioritize_due_sends_the_oldest_due_first(project: Project) -> None:
     assert order == [(p, 1) for p in PROSPECTS] + [("A", 2)]
 
 
+def _until_capped(project: Project, server: SmtpServer, sends: int) -> dict[str, Any]:
+    """A daemon runs until `sends` are delivered and recorded and a new_per_day cap has said what waits; then
+    it stops cleanly. Returns that `mailbox.waiting` event."""
+    daemon = DaemonProcess(project.config_path)
+    try:
+        server.recorder.wait_for(sends, timeout=60)
+        waiting = daemon.wait_event("mailbox.waiting", within=30, reason="new_per_day")
+        eventually(lambda: states(project.database).get("sent") == sends, 30, "the sends to be recorded")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    finally:
+        daemon.kill()
+    return waiting
+
+
 def test_new_per_day_caps_first_emails_and_lets_follow_ups_go(project: Project) -> None:
     """new_per_day = 3 with 20 new prospects: 3 first emails today, each of their follow-ups as it comes
     due, and the other 17 wait, saying why; status counts them and plan sends the next 3 tomorrow."""
@@ -67,16 +83,7 @@ def test_new_per_day_caps_first_emails_and_lets_follow_ups_go(project: Project) 
         project.data["cadences"][0]["steps"][1]["wait"] = "1s"
         project.write()
         assert project.enroll(project.people(20)).code == 0
-        daemon = DaemonProcess(project.config_path)
-        try:
-            server.recorder.wait_for(6, timeout=60)
-            waiting = daemon.wait_event("mailbox.waiting", within=30, reason="new_per_day")
-            assert waiting["deferred"] == 17
-            eventually(lambda: states(project.database).get("sent") == 6, 30, "the follow-ups to be recorded")
-            daemon.signal(signal.SIGTERM)
-            assert daemon.wait(60) == 0
-        finally:
-            daemon.kill()
+        assert _until_capped(project, server, 6)["deferred"] == 17
     finally:
         server.stop()
     steps = sorted(2 if d["In-Reply-To"] else 1 for d in server.recorder.deliveries)
@@ -133,16 +140,8 @@ def test_a_cadences_new_per_day_is_a_share_of_each_mailbox(project: Project) -> 
         project.write()
         assert project.enroll(project.people(5), "c1").code == 0
         assert project.enroll(project.people(5, 100, "others.csv"), "c2").code == 0
-        daemon = DaemonProcess(project.config_path)
-        try:
-            server.recorder.wait_for(7, timeout=60)
-            waiting = daemon.wait_event("mailbox.waiting", within=30, reason="new_per_day")
-            assert (waiting["deferred"], waiting["cadences"]) == (3, ["c1"])
-            eventually(lambda: states(project.database).get("sent") == 7, 30, "the sends to be recorded")
-            daemon.signal(signal.SIGTERM)
-            assert daemon.wait(60) == 0
-        finally:
-            daemon.kill()
+        waiting = _until_capped(project, server, 7)
+        assert (waiting["deferred"], waiting["cadences"]) == (3, ["c1"])
     finally:
         server.stop()
     firsts = Counter(int(d.recipient[1:].split("@")[0]) >= 100 for d in server.recorder.deliveries)

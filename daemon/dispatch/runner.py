@@ -27,7 +27,7 @@ from daemon.errors import (
     Throttled,
     Uncertain,
 )
-from daemon.model import UNSUBSCRIBE_LINK, Mailbox
+from daemon.model import UNSUBSCRIBE_LINK, Config, Mailbox
 from daemon.readside import iso
 from daemon.store import Claimed, Snapshot, Store
 
@@ -47,6 +47,7 @@ class MailboxRunner:
         self.mailbox = mailbox
         self.address = mailbox.address
         self.conn = smtp.Connection(mailbox, dispatcher.tokens)
+        self._caps: tuple[Config | None, dict[str, int]] = (None, {})  # [[cadences]] new_per_day, per config
         self.holds_slot = False
         self.removed = False
         self.done = False  # its loop has returned (a released lease may then go to another daemon)
@@ -229,7 +230,9 @@ class MailboxRunner:
         day = self._local_day(now)
         record = pending.record if pending is not None else None
         leased = self.d.lease_left() >= self.d.config.daemon.lease * LEASE_MARGIN
-        caps = {c.name: c.new_per_day for c in self.d.config.cadences if c.new_per_day}
+        if self._caps[0] is not self.d.config:  # worked out once per config, not once per message
+            self._caps = (self.d.config, {c.name: c.new_per_day for c in self.d.config.cadences if c.new_per_day})
+        caps = self._caps[1]
         return take_turn(store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim, leased, caps)
 
     def _has_token(self) -> bool:

@@ -80,7 +80,7 @@ def take_turn(
     with store.transaction():
         if pending is not None:
             store.record_sent(pending)
-        snap = store.snapshot(mailbox.address, day, timing.local_day_start(now, mailbox.schedule.timezone))
+        snap = store.snapshot(mailbox.address, day, clock.day_start(now))
         state = lifecycle.mailbox_state(mailbox.paused, snap.state, snap.paused_reason)
         if state != "connected" or snap.earliest_due is None:
             return Turn(snap, day, None, None, [])

@@ -79,7 +79,24 @@ def _open(url: str, timeout: float, **settings: Any) -> psycopg.Connection[Any]:
     network: dict[str, Any] = {k: v for k, v in KEEPALIVE.items() if k not in given}
     if "tcp_user_timeout" not in given and not str(given.get("host", "")).startswith("/"):
         network["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
+    if "options" in settings and given.get("options"):  # the URL's own options (a search_path) come first
+        settings["options"] = f"{given['options']} {settings['options']}"
     return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout)), **network, **settings)
+
+
+# Refusals that waiting cannot mend: a wrong password or user, a database that does not exist, no pg_hba
+# entry. libpq gives no SQLSTATE for a failed connection, only the server's words (in English unless the
+# server's lc_messages says otherwise; then the daemon waits, saying why, as for a server that is down).
+_REFUSED = re.compile(
+    r'FATAL:\s+(database "[^"]*" does not exist|password authentication failed|role "[^"]*" does not exist'
+    r"|no pg_hba\.conf entry)"
+)
+
+
+def _cannot_connect(url: str, exc: psycopg.Error) -> StoreError:
+    """StoreUnreachable (waited for) when the server may answer later; a StoreError (exit 2) when it refused."""
+    text = f"{shown(url)}: cannot connect: {redact_url(str(exc).strip(), url)}"
+    return StoreError(text) if _REFUSED.search(str(exc)) else StoreUnreachable(text)
 
 
 def is_postgres(database: object) -> bool:
@@ -127,7 +144,7 @@ def inspect(url: str) -> tuple[str, int | None]:
             present = conn.execute("SELECT to_regclass('cadenced_schema') IS NOT NULL").fetchone()
             schema = conn.execute("SELECT version FROM cadenced_schema").fetchone() if present and present[0] else None
     except psycopg.OperationalError as exc:
-        raise StoreUnreachable(f"{shown(url)}: cannot connect: {redact_url(str(exc).strip(), url)}") from None
+        raise _cannot_connect(url, exc) from None
     except psycopg.Error as exc:
         raise StoreError(f"{shown(url)}: {redact_url(str(exc).strip(), url)}") from None
     return (str(version[0]) if version else "?"), (int(schema[0]) if schema else None)
@@ -141,7 +158,7 @@ def hold_daemon_lock(url: str, node: str) -> Callable[[], None]:
     try:
         conn = _open(url, 10, application_name=name)
     except psycopg.Error as exc:
-        raise StoreUnreachable(f"{shown(url)}: cannot connect: {redact_url(str(exc).strip(), url)}") from None
+        raise _cannot_connect(url, exc) from None
     key = f"cadenced node {node}"
     row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
     if not row or not row[0]:
@@ -283,7 +300,7 @@ class PgEngine:
         try:
             engine = cls(url, wait=wait, timeout=busy_timeout)
         except psycopg.Error as exc:
-            raise StoreUnreachable(f"{where}: cannot connect: {redact_url(str(exc).strip(), url)}") from None
+            raise _cannot_connect(url, exc) from None
         try:
             engine._migrate()
         except psycopg.OperationalError as exc:  # the server went away meanwhile: it may come back
