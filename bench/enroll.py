@@ -6,10 +6,13 @@ parses the same CSV and inserts the same rows with plain sqlite3 executemany.
 Peak RSS is that of this process after the enroll, before the baseline.
 Target: >= 50,000 prospects/s for 1,000,000 rows.
 
-    python bench/enroll.py [--prospects N] [--mailboxes M] [--quoted]
+    python bench/enroll.py [--prospects N] [--mailboxes M] [--quoted] [--crm] [--utf16]
 
 `--quoted` writes every field in quotes, as some CRMs export them: the csv module then reads every row
 (a file with no quote, control character or backslash in a block is split at commas instead).
+`--crm` writes the file as a European CRM export: a BOM, CR LF, semicolons, the header as people write it
+(`Email Address;First Name;Last Name;Company Name;Job Title`): the delimiter is found and the names mapped.
+`--utf16` writes it in UTF-16 with a BOM (Excel's "Unicode text"): decoded and encoded again as it is read.
 
 With `--against DIR` (another checkout of cadenced, say `git worktree add /tmp/old <commit>`), it
 compares two builds instead: each imports the same file in a fresh process, the two taking turns
@@ -41,9 +44,12 @@ from daemon.enroll import Importer
 from daemon.store import Store
 
 
-def write_inputs(root: Path, prospects: int, mailboxes: int, quoted: bool = False) -> tuple[Path, Path]:
+def write_inputs(
+    root: Path, prospects: int, mailboxes: int, quoted: bool = False, crm: bool = False, utf16: bool = False
+) -> tuple[Path, Path]:
     """The config, and a CSV of `prospects` rows; `quoted`: every field in quotes, as some CRMs export them
-    (then no block of the file is plain: every row goes through the csv module)."""
+    (then no block of the file is plain: every row goes through the csv module); `crm`: a BOM, CR LF,
+    semicolons and people's column names; `utf16`: in UTF-16 with a BOM."""
     config = {
         "daemon": {"database": str(root / "bench.db")},
         "users": [{"name": "alice"}],
@@ -62,15 +68,24 @@ def write_inputs(root: Path, prospects: int, mailboxes: int, quoted: bool = Fals
     config_path = root / "cadenced.toml"
     config_path.write_text(tomli_w.dumps(config))
     csv_path = root / "prospects.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f, quoting=csv.QUOTE_ALL if quoted else csv.QUOTE_MINIMAL)
-        w.writerow(["email", "first_name", "last_name", "company", "title"])
+    encoding = "utf-16" if utf16 else "utf-8-sig" if crm else "utf-8"
+    with csv_path.open("w", newline="", encoding=encoding) as f:
+        w = csv.writer(
+            f,
+            quoting=csv.QUOTE_ALL if quoted else csv.QUOTE_MINIMAL,
+            delimiter=";" if crm else ",",
+            lineterminator="\r\n" if crm else "\n",
+        )
+        if crm:
+            w.writerow(["Email Address", "First Name", "Last Name", "Company Name", "Job Title"])
+        else:
+            w.writerow(["email", "first_name", "last_name", "company", "title"])
         for i in range(prospects):
             w.writerow([f"person{i}@prospect{i % 997}.example", f"First{i}", f"Last{i}", f"Company {i % 5000}", "CTO"])
     return config_path, csv_path
 
 
-def baseline(csv_path: Path, db_path: Path) -> float:
+def baseline(csv_path: Path, db_path: Path, encoding: str = "utf-8", delimiter: str = ",") -> float:
     """Parse the CSV and insert prospect, enrollment and message rows with nothing else."""
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -79,8 +94,8 @@ def baseline(csv_path: Path, db_path: Path) -> float:
     conn.execute("CREATE TABLE e (id INTEGER PRIMARY KEY, p INTEGER, mailbox TEXT, fields TEXT)")
     conn.execute("CREATE TABLE m (id INTEGER PRIMARY KEY, e INTEGER, mailbox TEXT, due REAL)")
     start = time.perf_counter()
-    with csv_path.open(newline="") as f:
-        rows = list(csv.reader(f))[1:]
+    with csv_path.open(newline="", encoding=encoding) as f:
+        rows = list(csv.reader(f, delimiter=delimiter))[1:]
     conn.execute("BEGIN")
     conn.executemany("INSERT INTO p (id, email) VALUES (?, ?)", ((i, r[0]) for i, r in enumerate(rows)))
     conn.executemany(
@@ -119,7 +134,7 @@ def compare(args: argparse.Namespace) -> int:
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes, args.quoted)
+        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes, args.quoted, args.crm, args.utf16)
         for n in range(args.rounds):
             order = list(builds) if n % 2 == 0 else list(reversed(builds))
             for name in order:
@@ -164,6 +179,8 @@ def main() -> int:
     parser.add_argument("--against", metavar="DIR", help="compare with the cadenced checkout in DIR, round by round")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of --against (default 10)")
     parser.add_argument("--quoted", action="store_true", help="every field of the CSV in quotes")
+    parser.add_argument("--crm", action="store_true", help="a BOM, CR LF, semicolons, people's column names")
+    parser.add_argument("--utf16", action="store_true", help="the file in UTF-16 with a BOM")
     args = parser.parse_args()
     if args.rounds < 1 or args.prospects < 1:
         parser.error("--rounds and --prospects must be 1 or more")
@@ -171,7 +188,7 @@ def main() -> int:
         return compare(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes, args.quoted)
+        config_path, csv_path = write_inputs(root, args.prospects, args.mailboxes, args.quoted, args.crm, args.utf16)
         config = load_config(config_path)
         store = Store.open(config.daemon.database)
         start = time.perf_counter()
@@ -181,7 +198,8 @@ def main() -> int:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the baseline loads the file
         assert report.enrolled == args.prospects, report.as_dict()["rejected"][:3]
         counts = sorted(report.assignments.values())
-        base = baseline(csv_path, root / "baseline.db")
+        encoding = "utf-16" if args.utf16 else "utf-8-sig"
+        base = baseline(csv_path, root / "baseline.db", encoding, ";" if args.crm else ",")
         print(f"prospects:            {args.prospects} over {args.mailboxes} mailboxes ({counts[0]}-{counts[-1]} each)")
         print(f"cadenced enroll:      {args.prospects / elapsed:,.0f} prospects/s ({elapsed:.2f} s)")
         print(f"baseline (csv+sqlite): {args.prospects / base:,.0f} prospects/s ({base:.2f} s)")

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon import enroll, logs, operate, readside, store
+from daemon import enroll, headers, logs, operate, readside, store
 from daemon.config import LOOPBACK_HOSTS, is_loopback
 from daemon.errors import Refused, StoreError, StoreUnavailable, UsageError
 from daemon.model import ApiSettings, Config, Playbook
@@ -217,6 +217,24 @@ def _ids(body: dict[str, Any]) -> list[int] | None:
     return list(dict.fromkeys(value))
 
 
+def key_reader(playbook: Playbook) -> Callable[[str], str | None]:
+    """A prospect's key → the field it fills (None: left out). With `fields`, the mapped keys, `email` and `owner`
+    as they are; else every key, named as a CSV column is (SPEC §2a: `First Name` → first_name, `Work Email` →
+    email) or by the playbook's `map`."""
+    mapped = playbook.field_for()
+    given = {headers.squash(k): f for k, f in playbook.mapping}
+
+    def name_of(key: str) -> str | None:
+        if mapped:
+            name = mapped.get(key) or (key if key in ("email", "owner") else None)
+            return None if name is None else name.strip().lower()
+        if (found := given.get(headers.squash(key))) is not None:
+            return found or None
+        return headers.field_name(key) or key.strip().lower()
+
+    return name_of
+
+
 def prospect_rows(doc: Any, playbook: Playbook) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """`{"prospects": [{…}, …]}` → a header and rows, as a CSV would give them; BadRequest names the field.
 
@@ -234,6 +252,7 @@ def prospect_rows(doc: Any, playbook: Playbook) -> tuple[list[str], list[tuple[i
         raise BadRequest(413, "prospects", f"{len(prospects)} prospects; one request takes at most {MAX_PROSPECTS}")
     mapped = playbook.field_for()
     header: dict[str, None] = {"email": None}
+    name_of = key_reader(playbook)
     parsed: list[dict[str, str]] = []
     for i, prospect in enumerate(prospects):
         where = f"prospects[{i}]"
@@ -241,10 +260,9 @@ def prospect_rows(doc: Any, playbook: Playbook) -> tuple[list[str], list[tuple[i
             raise BadRequest(422, where, "must be a JSON object of fields")
         fields: dict[str, str] = {}
         for key, value in prospect.items():
-            name = mapped.get(key) or (key if not mapped or key in ("email", "owner") else None)
+            name = name_of(key)
             if name is None:
                 continue
-            name = name.strip().lower()
             at = f"{where}.{key}"
             if not name or len(name) > MAX_NAME or _CONTROL.search(name):
                 raise BadRequest(422, at, f"not a field name (1 to {MAX_NAME} characters, no control characters)")
@@ -487,11 +505,12 @@ def build_app(
         ).hexdigest()
         prospects = doc["prospects"]
         mapped = {v: k for k, v in playbook.fields}
+        name_of = key_reader(playbook)
 
         def keys(index: int) -> dict[str, str]:
             """Field → the key the request gave it under (to name a rejected field as the client sent it)."""
             given = prospects[index] if 0 <= index < len(prospects) else {}
-            return {n: next((k for k in given if k.strip().lower() == n), mapped.get(n, n)) for n in header}
+            return {n: next((k for k in given if name_of(k) == n), mapped.get(n, n)) for n in header}
 
         def replay(kept: tuple[str, str, str]) -> Response:
             if (kept[0], kept[1]) != (name, digest):

@@ -20,7 +20,7 @@ import anyio.abc
 import anyio.streams.stapled
 import tomli_w
 
-from daemon import __version__, enroll, operate, readside
+from daemon import __version__, enroll, headers, operate, readside
 from daemon.config import address_problem, config_path_from, effective_dict, load_config, shown_database
 from daemon.errors import (
     CadencedError,
@@ -150,19 +150,48 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     config = _load(args)
-    store = _open_store(config)
     try:
-        importer = enroll.Importer(store, config, args.cadence, args.adder)
-        report = importer.run(Path(args.file), time.time())
+        mapping = headers.parse_map(args.map)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    delimiter = enroll.delimiter_of(args.delimiter) if args.delimiter is not None else None
+    dialect = enroll.Dialect(delimiter, args.encoding, tuple(mapping.items()))
+    store = _open_store(config)
+    by: dict[str, str | None] = {}
+    first: dict[str, Any] | None = None
+    try:
+        importer = enroll.Importer(store, config, args.cadence, args.adder, dialect)
+
+        def forecast(report: enroll.Report) -> None:
+            """A dry run's forecast and first email, made in its transaction (they read what it would enroll)."""
+            nonlocal by, first
+            if report.enrolled:
+                by = readside.first_emails_by(config, store, time.time(), report.assignments)
+                first = importer.first_email()
+
+        dry = args.dry_run
+        report = importer.run(Path(args.file), time.time(), within=forecast if dry else None, dry_run=dry)
         # When the last new prospect of each mailbox gets its first email (the backlog, told).
-        by = readside.first_emails_by(config, store, time.time(), report.assignments) if report.enrolled else {}
+        if report.enrolled and not dry:
+            by = readside.first_emails_by(config, store, time.time(), report.assignments)
     finally:
         store.close()
     code = 1 if report.failed else 0  # rows were given and none could be enrolled
+    unused = importer.unused_columns()
+    mapped = importer.header.as_list() if importer.header else []
     if args.json:
-        _json({**report.as_dict(), "first_emails_by": by})
+        extra = {"dry_run": True, "first_email": first} if dry else {}
+        _json({**report.as_dict(), "first_emails_by": by, "columns": mapped, "unused_columns": unused, **extra})
         return code
-    _out(f"enrolled {report.enrolled}, skipped {report.skipped} (already enrolled), rejected {report.rejected_total}")
+    if dry:
+        _out("dry run: nothing was written")
+        _out(
+            f"would enroll {report.enrolled}, skip {report.skipped} (already enrolled), reject {report.rejected_total}"
+        )
+    else:
+        _out(
+            f"enrolled {report.enrolled}, skipped {report.skipped} (already enrolled), rejected {report.rejected_total}"
+        )
     for mailbox, n in sorted(report.assignments.items()):
         when = by.get(mailbox, "")
         told = f"first emails by {when}" if when else f"first emails: not within {readside.BACKLOG_DAYS} days"
@@ -171,6 +200,27 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         _out(f"  line {r.line}: {r.email or '-'}: {r.reason}")
     if report.rejected_total > len(report.rejected):
         _out(f"  … and {report.rejected_total - len(report.rejected)} more rejected rows")
+    renamed = [
+        f"{c['column']!r} → {c['field']}" if c["field"] else f"{c['column']!r} not read"
+        for c in mapped
+        if c["column"] and c["column"] != c["field"]
+    ]
+    if nameless := sum(1 for c in mapped if not c["column"]):
+        renamed.append(f"{nameless} column(s) with no name (empty) not read")
+    if renamed:
+        _out("columns read as: " + ", ".join(renamed))
+    if unused:
+        _out(f"columns no template of cadence {args.cadence!r} uses (kept with the prospects): " + ", ".join(unused))
+    if dry and first is not None:
+        _out(f"first email (step 1), from mailbox {first['mailbox']}:")
+        if "problem" in first:
+            _out(f"  cannot be rendered: {first['problem']}")
+        else:
+            for name in ("From", "To", "Subject"):
+                _out(f"  {name}: {first[name.lower()]}")
+            _out()
+            for text in first["body"].splitlines():
+                _out(f"  {text}")
     return code
 
 
@@ -709,6 +759,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cadence", required=True)
     p.add_argument("--as", dest="adder", required=True, metavar="USER", help="the user who adds them")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="COLUMN=FIELD",
+        help="read a column as a field (repeatable; COLUMN= leaves it out)",
+    )
+    p.add_argument("--delimiter", help="',' ';' or tab (default: found from the header row)")
+    p.add_argument("--encoding", help="the file's encoding (default: UTF-8, or UTF-16 by its byte-order mark)")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the first email; write nothing")
     p.add_argument("file", metavar="FILE.csv")
     p.set_defaults(handler=cmd_enroll)
 

@@ -63,6 +63,7 @@ class Template:
     source: str
     compiled: jinja2.Template
     required: frozenset[str]
+    names: frozenset[str] = frozenset()  # every name it reads, guarded by `default` or not
 
     def render(self, variables: Mapping[str, Any]) -> str:
         try:
@@ -87,7 +88,13 @@ def compile_template(source: str) -> Template:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}") from None
     except Exception as exc:  # the compiler folds constants: an expression can fail here too
         raise TemplateProblem(f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    return Template(source, compiled, frozenset(_required_names(tree)))
+    return Template(source, compiled, frozenset(_required_names(tree)), frozenset(_read_names(tree)))
+
+
+def _read_names(tree: nodes.Template) -> set[str]:
+    """Every variable the template reads (not those it sets itself)."""
+    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in {"store", "param"}}
+    return {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load" and n.name not in assigned}
 
 
 def _required_names(tree: nodes.Template) -> set[str]:
@@ -104,10 +111,7 @@ def _required_names(tree: nodes.Template) -> set[str]:
     for test in tree.find_all(nodes.Test):
         if test.name in {"defined", "undefined"} and isinstance(test.node, nodes.Name):
             guarded.add(id(test.node))
-    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in {"store", "param"}}
-    return {
-        n.name for n in tree.find_all(nodes.Name) if n.ctx == "load" and id(n) not in guarded and n.name not in assigned
-    }
+    return {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load" and id(n) not in guarded} & _read_names(tree)
 
 
 SAMPLE_UNSUBSCRIBE = "mailto:sender@example.com?subject=unsubscribe-1-sample"

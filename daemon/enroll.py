@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import errno
 import io
+import itertools
 import json
 import operator
 import os
@@ -16,11 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
-from daemon import compose, lifecycle, rotation, timing
+from daemon import compose, headers, lifecycle, rotation, timing
 from daemon.config import address_problem, plainly_valid
 from daemon.errors import Refused, UsageError
+from daemon.headers import HeaderMap
 from daemon.model import Cadence, Config, Mailbox
 from daemon.store import Pin, Store
 
@@ -78,6 +81,10 @@ class Rejected(Exception):
         self.report = report
 
 
+class _DryRun(Exception):
+    """Ends a dry run's enrolling transaction: rolled back, as any exception rolls it back."""
+
+
 Staged = tuple[int, str, str, str]  # a valid row as staged: line, address (lower case), owner, other fields as JSON
 
 
@@ -133,6 +140,9 @@ MAX_FIELD = 128 * 1024  # characters in one CSV field
 MAX_COLUMNS = 200  # columns of a CSV file (as fields of an API request): a CRM export has a few dozen
 MAX_REJECTIONS_LISTED = 10_000  # a report lists this many rejected rows; the count says how many in all
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # what may not reach a header
+_LINE_BREAK = re.compile(r"[\r\n\x85\u2028\u2029]")  # kept in a field no subject reads (a note, a body's text)
+_NOT_LINE_BREAK = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # refused in every field
+_CR = re.compile(r"\r\n?")
 csv.field_size_limit(MAX_FIELD)
 MAX_LINE_BYTES = 4 * 1024 * 1024
 READ_BYTES = 1024 * 1024  # read and decoded this much at a time (a line at a time cost a microsecond a row)
@@ -146,20 +156,22 @@ class Plain:
 
     first: int  # the line number of lines[0]
     lines: list[str]  # without their line ends
+    sep: str = ","  # the delimiter the lines are split at
 
 
 Rows = Iterable["tuple[int, list[str]] | Plain"]  # (line, fields) as the csv module read them, or plain lines
 # What may be in a plain line, byte by byte: neither a quote (the csv module's), a backslash (JSON's), nor an ASCII
 # control character (JSON's and _CONTROL's; a CR before an LF ends the line). Beyond ASCII, _CONTROL's three.
 _PLAIN_BYTES = bytes(b for b in range(256) if b == 0x0A or (0x20 <= b < 0x7F and b not in b'"\\') or b >= 0x80)
+_PLAIN_BYTES_TAB = _PLAIN_BYTES + b"\t"  # in a tab-separated file a tab is the delimiter: no field holds one
 _NOT_PLAIN_BEYOND_ASCII = tuple(c.encode() for c in "\x85\u2028\u2029")
 
 
-def plain_lines(text: str, first: int, raw: bytes | None = None) -> Plain | None:
-    """The lines of `text` (whole lines, numbered from `first`; `raw`: its UTF-8) as a Plain run, or None when
-    any is not plain. Judged on the bytes: a tenth of the time of a regular expression over the text."""
+def plain_lines(text: str, first: int, raw: bytes | None = None, sep: str = ",") -> Plain | None:
+    """The lines of `text` (whole lines, numbered from `first`; `raw`: its UTF-8) as a Plain run split at `sep`,
+    or None when any is not plain. Judged on the bytes: a tenth of the time of a regular expression over the text."""
     raw = text.encode() if raw is None else raw
-    if left := raw.translate(None, _PLAIN_BYTES):
+    if left := raw.translate(None, _PLAIN_BYTES_TAB if sep == "\t" else _PLAIN_BYTES):
         if left != b"\r" * len(left) or len(left) != raw.count(b"\r\n"):
             return None  # a CR alone is the csv module's to judge (it refuses one outside quotes)
         text = text.replace("\r\n", "\n")
@@ -170,7 +182,7 @@ def plain_lines(text: str, first: int, raw: bytes | None = None) -> Plain | None
         lines.pop()  # the end of the last line, not a line
     if len(text) > MAX_FIELD and max(map(len, lines)) > MAX_FIELD:
         return None  # the csv module refuses a field this long: let it say so
-    return Plain(first, lines)
+    return Plain(first, lines, sep)
 
 
 class _Lines:
@@ -191,25 +203,64 @@ class _Lines:
         return self.pending.popleft()
 
 
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How a file is read: its delimiter (None: found from the header row), its encoding (None: UTF-8, or UTF-16 or
+    UTF-32 by a byte-order mark), its columns named to fields beyond the usual names (`--map`: column → field,
+    '' to leave it out)."""
+
+    delimiter: str | None = None
+    encoding: str | None = None
+    mapping: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.delimiter is not None and self.delimiter not in DELIMITERS:
+            raise UsageError(f"--delimiter {self.delimiter!r}: one of ',' ';' or tab (written '\\t' or 'tab')")
+        if self.encoding is not None:
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise UsageError(f"--encoding {self.encoding!r}: not an encoding Python knows (cp1252…)") from None
+
+
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
+def delimiter_of(name: str) -> str:
+    """`--delimiter`'s value: ',' ';' or a tab ('\\t', 'tab')."""
+    return "\t" if name.lower() in ("\\t", "tab", "\t") else name
+
+
 def read_csv(
-    path: Path, stream: BinaryIO, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
-) -> tuple[list[str], Iterator[tuple[int, list[str]] | Plain]]:
-    """Header (lower-cased) and rows, read as a stream; UsageError names the line.
+    path: Path,
+    stream: BinaryIO,
+    read_bytes: int = READ_BYTES,
+    max_line: int = MAX_LINE_BYTES,
+    dialect: Dialect = Dialect(),
+    wanted: Iterable[str] = (),
+) -> tuple[HeaderMap, Iterator[tuple[int, list[str]] | Plain]]:
+    """The header read into fields (`wanted`: the names the cadence's templates use) and the rows, read as a
+    stream; UsageError names the line.
 
     A block of the file in which the csv module would find nothing special comes as one Plain run of lines,
-    which _stage splits at commas and checks with less to look at (reading and checking a row: 2.9 µs, against
-    5.8 µs through the csv module); any other row comes as (line, fields), read by the csv module.
+    which _stage splits at the delimiter and checks with less to look at (reading and checking a row: 2.9 µs,
+    against 5.8 µs through the csv module); any other row comes as (line, fields), read by the csv module.
     """
-    blocks = decoded_blocks(path, stream, read_bytes, max_line)
+    blocks = decoded_blocks(path, as_utf8(path, stream, dialect.encoding), read_bytes, max_line)
+    first = next(blocks, None)
+    if first is None:
+        raise UsageError(f"{path}: empty file (a header row with an email column is required)")
+    sep = dialect.delimiter or sniff_delimiter(path, first[1].partition("\n")[0])
+    blocks = itertools.chain([first], blocks)
     lines = _Lines(blocks)
-    reader = csv.reader(lines, strict=True)
+    reader = csv.reader(lines, strict=True, delimiter=sep)
     try:
         header = next(reader)
     except StopIteration:
         raise UsageError(f"{path}: empty file (a header row with an email column is required)") from None
     except (csv.Error, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}:1: {_csv_problem(exc)}") from None
-    names = header_names(path, header)
+    names = header_names(path, header, dict(dialect.mapping), wanted, sep)
 
     def rows() -> Iterator[tuple[int, list[str]] | Plain]:
         pending = lines.pending
@@ -217,7 +268,7 @@ def read_csv(
         while True:
             if pending and judge:
                 judge = False
-                run = plain_lines("".join(pending), lines.number + 1)
+                run = plain_lines("".join(pending), lines.number + 1, sep=sep)
                 if run is not None:
                     pending.clear()
                     lines.number += len(run.lines)
@@ -236,7 +287,7 @@ def read_csv(
             block = next(blocks, None)
             if block is None:
                 return
-            run = plain_lines(block[1], lines.number + 1, block[0])
+            run = plain_lines(block[1], lines.number + 1, block[0], sep)
             if run is None:
                 pending.extend(io.StringIO(block[1], newline="\n"))
                 continue
@@ -246,27 +297,42 @@ def read_csv(
     return names, rows()
 
 
-def header_names(path: Path, header: list[str]) -> list[str]:
-    """The columns' names (lower-cased), or UsageError: no email column, a name empty or twice."""
+_QUOTED = re.compile(r'"[^"]*"')
+
+
+def sniff_delimiter(path: Path, line: str) -> str:
+    """The delimiter of a file, from its header row: the one of ',' ';' and tab found most outside quotes (a
+    single column: ','); UsageError when two are found as often."""
+    bare = _QUOTED.sub("", line)
+    counts = {d: bare.count(d) for d in DELIMITERS}
+    most = max(counts.values())
+    found = [d for d, n in counts.items() if n == most]
+    if most and len(found) > 1:
+        told = ", ".join(f"{counts[d]} {DELIMITERS[d]}s" for d in found)
+        raise UsageError(f"{path}:1: cannot tell the delimiter from the header row ({told}): give --delimiter")
+    return found[0] if most else ","
+
+
+def header_names(
+    path: Path, header: list[str], mapping: dict[str, str] | None = None, wanted: Iterable[str] = (), sep: str = ","
+) -> HeaderMap:
+    """The columns' fields (headers.read_header), or UsageError naming the file: no email column, two columns
+    on one field, more columns than MAX_COLUMNS."""
     if len(header) > MAX_COLUMNS:
         raise UsageError(f"{path}:1: {len(header)} columns in the header row; at most {MAX_COLUMNS}")
-    names = [h.strip().lower() for h in header]
-    if "email" not in names:
-        shown = ", ".join(repr(n[:40]) for n in names[:20]) or "nothing"
-        raise UsageError(f"{path}:1: no 'email' column in the header row (found: {shown})")
-    seen: set[str] = set()
-    for name in names:
-        if not name:
-            raise UsageError(f"{path}:1: a column has no name")
-        if name in seen:
-            raise UsageError(f"{path}:1: column {name!r} appears twice")
-        seen.add(name)
-    return names
+    try:
+        return headers.read_header(header, mapping or {}, wanted)
+    except headers.HeaderProblem as exc:
+        hint = ""
+        others = [name for d, name in DELIMITERS.items() if d != sep and any(d in h for h in header)]
+        if others and len(header) == 1:
+            hint = f" (the header has {others[0]}s in it: give --delimiter)"
+        raise UsageError(f"{path}:1: {exc}{hint}") from None
 
 
 def _csv_problem(exc: Exception) -> str:
     if isinstance(exc, UnicodeDecodeError):
-        return "not UTF-8 text (save the file as UTF-8 CSV)"
+        return NOT_UTF8
     text = str(exc)
     if "field larger than field limit" in text:
         return f"a field longer than {MAX_FIELD} characters (an unterminated quote?)"
@@ -275,8 +341,86 @@ def _csv_problem(exc: Exception) -> str:
     return text
 
 
+NOT_UTF8 = (
+    "not UTF-8 text (read as UTF-8: the file has no byte-order mark; an Excel export on Windows is often "
+    "cp1252: give --encoding cp1252, or save it as CSV UTF-8)"
+)
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def as_utf8(path: Path, stream: Readable, encoding: str | None) -> Readable:
+    """The file as UTF-8 bytes: as it is when it is UTF-8 (a BOM is dropped by decoded_blocks), else decoded as
+    its byte-order mark or `encoding` says and encoded again as it is read."""
+    head = stream.read(4)
+    joined = _Joined(head, stream)
+    if encoding is None:
+        for bom, name in _BOMS:
+            if head.startswith(bom):
+                return _Recoded(path, joined, name)
+        if len(head) == 4 and (head[1::2] == b"\0\0" or head[0::2] == b"\0\0"):
+            raise UsageError(
+                f"{path}:1: UTF-16 text without a byte-order mark: give --encoding utf-16-le (or utf-16-be)"
+            )
+        return joined
+    if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig"):
+        return joined
+    return _Recoded(path, joined, encoding)
+
+
+class _Joined:
+    """A stream whose first bytes were read already: they come first."""
+
+    def __init__(self, head: bytes, rest: Readable) -> None:
+        self.head, self.rest = head, rest
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.rest.read(size)
+        head, self.head = self.head, b""
+        if size < 0:
+            return head + self.rest.read()
+        return head + self.rest.read(max(size - len(head), 0)) if size > len(head) else head
+
+
+class _Recoded:
+    """A file in another encoding read as UTF-8: decoded as it is read, a bad byte named by its line."""
+
+    def __init__(self, path: Path, source: Readable, encoding: str) -> None:
+        self.path, self.source, self.encoding = path, source, encoding
+        self.decoder = codecs.getincrementaldecoder(encoding)()
+        self.lines = 0  # line ends given so far
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.source.read(size)
+        state = self.decoder.getstate()
+        try:
+            text = self.decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError:
+            lenient = codecs.getincrementaldecoder(self.encoding)(errors="replace")
+            lenient.setstate(state)
+            partial = lenient.decode(chunk, final=not chunk)
+            at = self.lines + partial[: partial.find("\ufffd")].count("\n") + 1
+            raise UsageError(
+                f"{self.path}:{at}: not {self.encoding} text (read as {self.encoding}: give the file's --encoding)"
+            ) from None
+        self.lines += text.count("\n")
+        data = text.encode("utf-8")
+        if not data and chunk:
+            return self.read(size)  # a chunk that ended inside a character: read on
+        return data
+
+
 def decoded_lines(
-    path: Path, binary: BinaryIO, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
+    path: Path, binary: Readable, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
 ) -> Iterator[str]:
     """The file's lines (ended by LF only, ends kept) as text; a decoding error or an over-long line names its line."""
     for _, text in decoded_blocks(path, binary, read_bytes, max_line):
@@ -284,7 +428,7 @@ def decoded_lines(
 
 
 def decoded_blocks(
-    path: Path, binary: BinaryIO, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
+    path: Path, binary: Readable, read_bytes: int = READ_BYTES, max_line: int = MAX_LINE_BYTES
 ) -> Iterator[tuple[bytes, str]]:
     """The file in blocks of whole lines, as read and as text; a decoding error or an over-long line names its line.
 
@@ -310,7 +454,7 @@ def decoded_blocks(
             text = block.decode("utf-8")
         except UnicodeDecodeError as exc:
             at = number + block.count(b"\n", 0, exc.start) + 1
-            raise UsageError(f"{path}:{at}: not UTF-8 text (save the file as UTF-8 CSV)") from None
+            raise UsageError(f"{path}:{at}: {NOT_UTF8}") from None
         if number == 0:
             text = text.removeprefix("\ufeff")
         number += block.count(b"\n")
@@ -334,7 +478,9 @@ def open_csv(path: Path) -> BinaryIO:
 class Importer:
     """Enrolls the rows of CSV files into one cadence on behalf of one adder."""
 
-    def __init__(self, store: Store, config: Config, cadence_name: str, adder: str) -> None:
+    def __init__(
+        self, store: Store, config: Config, cadence_name: str, adder: str, dialect: Dialect = Dialect()
+    ) -> None:
         try:
             self.cadence: Cadence = config.cadence(cadence_name)
         except KeyError:
@@ -344,10 +490,14 @@ class Importer:
         self.store = store
         self.config = config
         self.adder = adder
+        self.dialect = dialect
         self.required = self.cadence.required_fields()
+        self.headed = self.cadence.subject_fields() | {"email", "owner"}  # fields that reach a header
         self.users = config.user_names()
         self.row_name: Callable[[int], str] = "line {}".format  # how a report names a row
         self.columns_name = "this file's columns"
+        self.header: HeaderMap | None = None  # how the file's columns were read (the last run's)
+        self.first_id = 0  # the id of the import's first enrollment (when it enrolled any)
 
     def check_pins(self) -> None:
         problems = pin_problems(self.config, self.store.pins())
@@ -355,7 +505,15 @@ class Importer:
         if mine:
             raise Refused(mine[0])
 
-    def run(self, path: Path, now: float, stream: BinaryIO | None = None) -> Report:
+    def run(
+        self,
+        path: Path,
+        now: float,
+        stream: BinaryIO | None = None,
+        *,
+        within: Callable[[Report], None] | None = None,
+        dry_run: bool = False,
+    ) -> Report:
         """Enroll a whole file, or nothing of it: one transaction, read as a stream in batches.
 
         A file-level problem (encoding, a quote never closed, an oversized field)
@@ -364,11 +522,34 @@ class Importer:
         own = stream is None
         stream = open_csv(path) if stream is None else stream
         try:
-            header, rows = read_csv(path, stream)
-            return self.enroll_rows(f"{path}:1", header, rows, now)
+            self.header, rows = read_csv(path, stream, dialect=self.dialect, wanted=self.cadence.used_fields())
+            return self.enroll_rows(f"{path}:1", self.header.names, rows, now, within=within, dry_run=dry_run)
         finally:
             if own:
                 stream.close()
+
+    def unused_columns(self) -> list[str]:
+        """The file's columns whose fields no template of the cadence reads (kept with the enrollment all the same)."""
+        used = self.cadence.used_fields() | {"email", "owner"}
+        used |= {"", headers.LEFT_OUT}
+        return [column for column, field in (self.header.columns if self.header else ()) if field not in used]
+
+    def first_email(self) -> dict[str, Any] | None:
+        """In the enrolling transaction: the import's first enrollment's step 1 as it would leave (its mailbox,
+        From, To, Subject and body), with a sample unsubscribe link (the real one is made at the send)."""
+        found = self.store.first_message_of(self.first_id) if self.first_id else None
+        if found is None:
+            return None
+        email, fields, address = found
+        mailbox = self.config.mailbox(address)
+        link = f"mailto:{address}?subject=unsubscribe-(made-at-the-send)"
+        variables = compose.prospect_variables({"email": email, **fields}, mailbox.name, address, link)
+        try:
+            subject, body = lifecycle.render_step(self.cadence, self.cadence.steps[0], variables, None)
+        except compose.TemplateProblem as exc:
+            return {"mailbox": address, "to": email, "problem": str(exc)}
+        sender = f"{mailbox.name} <{address}>" if mailbox.name else address
+        return {"mailbox": address, "from": sender, "to": email, "subject": subject, "body": body}
 
     def enroll_rows(
         self,
@@ -379,12 +560,15 @@ class Importer:
         *,
         strict: bool = False,
         within: Callable[[Report], None] | None = None,
+        dry_run: bool = False,
     ) -> Report:
         """Rows (numbered for the report) enrolled in one transaction, or none of them.
 
         `strict` (the API): a row bad in itself, or one no mailbox can take, refuses the whole request
         (Rejected, nothing changed); duplicates, suppressed and already enrolled addresses are reported.
         `within` runs in the enrolling transaction once the report is made (an Idempotency-Key kept with it).
+        `dry_run`: all of it done and the transaction rolled back after `within`: the report says what an
+        import would do, and nothing of the database changed.
         """
         self.check_pins()
         self._check_columns(where, header)
@@ -399,18 +583,23 @@ class Importer:
         for line, email, first in self.store.drop_staged_duplicates():
             report.reject(Rejection(line, email, f"duplicate of {self.row_name(first)}", "email", "duplicate"))
         # 2. Enroll what was staged in one transaction: all of the file's good rows, or none.
-        with self.store.enrolling():
-            self._enroll_staged(now, report)
-            if strict and any(r.kind == "placement" for r in report.rejected):
-                raise Rejected(report)
-            report.rejected.sort(key=lambda r: r.line)
-            if within is not None:
-                within(report)
+        try:
+            with self.store.enrolling():
+                self._enroll_staged(now, report)
+                if strict and any(r.kind == "placement" for r in report.rejected):
+                    raise Rejected(report)
+                report.rejected.sort(key=lambda r: r.line)
+                if within is not None:
+                    within(report)
+                if dry_run:
+                    raise _DryRun
+        except _DryRun:
+            pass  # rolled back: nothing was written
         return report
 
     def _check_columns(self, where: str, header: list[str]) -> None:
         """Refuse the file before any row when it cannot fill a template at all."""
-        variables = compose.sample_variables(tuple(header))
+        variables = compose.sample_variables(tuple(n for n in header if n not in ("", headers.LEFT_OUT)))
         columns = set(header)
         shown = {
             k: v for k, v in variables.items() if k in columns or k.startswith("sender_") or k == "unsubscribe_url"
@@ -441,8 +630,11 @@ class Importer:
         quick = self.required.issubset(header) and "owner" not in self.required
         # The fields stored, in the file's order: not the owner, nor the address (its own column; a claim puts it
         # back), which was a sixth of an enrollment's bytes: an import 6-8% faster (bench/enroll.py --against).
-        kept = [name for name in header if name not in ("owner", "email")]
-        gone = sorted({at_email, at_owner} - {-1}, reverse=True)
+        kept = [name for name in header if name not in ("owner", "email", "", headers.LEFT_OUT)]
+        nameless = [at for at, name in enumerate(header) if not name]  # their cells must be empty
+        blank = operator.itemgetter(*nameless, *nameless) if nameless else None  # a tuple, even of one
+        left_out = [at for at, name in enumerate(header) if name == headers.LEFT_OUT]
+        gone = sorted({at_email, at_owner, *nameless, *left_out} - {-1}, reverse=True)
         names = [_quote(name).replace("%", "%%") for name in kept]
         template = "{" + ",".join(f"{name}:%s" for name in names) + "}"
         bare = "{" + ",".join(f'{name}:"%s"' for name in names) + "}"  # for values that need no escaping
@@ -452,7 +644,10 @@ class Importer:
         for item in rows:
             # A Plain run: nothing in its lines is quoted or a control character, and no field needs escaping.
             clean = isinstance(item, Plain)
-            pairs = zip(count(item.first), (t.split(",") for t in item.lines)) if isinstance(item, Plain) else (item,)
+            if isinstance(item, Plain):
+                pairs: Iterable[tuple[int, list[str]]] = zip(count(item.first), (t.split(item.sep) for t in item.lines))
+            else:
+                pairs = (item,)
             for line, values in pairs:
                 if quick and len(values) == width:
                     stripped = [v.strip() for v in values]
@@ -463,6 +658,7 @@ class Importer:
                         and plain(email)
                         and (clean or control("".join(values)) is None)
                         and all(filled(stripped))
+                        and (blank is None or not any(blank(stripped)))
                     ):
                         for at in gone:
                             del stripped[at]
@@ -484,18 +680,35 @@ class Importer:
         stripped = [v.strip() for v in values]
         if not any(stripped):
             return None  # a blank line is not a prospect
-        if len(values) != len(header):
-            at = header.index("email")
-            reject(stripped[at] if len(values) > at else "", f"expected {len(header)} fields, got {len(values)}")
+        width = len(header)
+        if len(values) > width and not any(stripped[width:]):
+            values, stripped = values[:width], stripped[:width]  # empty cells past the header's end: nothing lost
+        elif len(values) < width and not any(header[len(values) :]):
+            values = values + [""] * (width - len(values))  # the nameless columns at the end left out
+            stripped = stripped + [""] * (width - len(stripped))
+        at = header.index("email")
+        if len(values) != width:
+            reject(stripped[at] if len(values) > at else "", f"expected {width} fields, got {len(values)}")
             return None
-        fields = dict(zip(header, stripped, strict=True))
-        email = fields["email"]
-        if _CONTROL.search("".join(values)) is not None:
-            # Judged on the field as written: one that stripping would end (a trailing U+001F) is refused too.
-            bad, raw = next((n, v) for n, v in zip(header, values, strict=True) if _CONTROL.search(v))
-            what = "a line break" if re.search(r"[\r\n\x85\u2028\u2029]", raw) else "a control character"
-            reject(email if bad != "email" else "", f"{what} in field {bad!r}", bad)
-            return None
+        email = stripped[at]
+        for column, (name, value) in enumerate(zip(header, stripped, strict=True), 1):
+            if not name and value:
+                reject(email, f"a value in column {column}, which has no name in the header row")
+                return None
+        fields: dict[str, str] = {}
+        for name, raw, value in zip(header, values, stripped, strict=True):
+            if name in ("", headers.LEFT_OUT):
+                continue
+            if _CONTROL.search(raw) is not None:
+                # Judged on the field as written: one that stripping would end (a trailing U+001F) is refused too.
+                other = _NOT_LINE_BREAK.search(raw) is not None
+                if other or name in self.headed:
+                    what = "a control character" if other else "a line break"
+                    why = " (a subject uses it)" if not other and name not in ("email", "owner") else ""
+                    reject(email if name != "email" else "", f"{what} in field {name!r}{why}", name)
+                    return None
+                value = _CR.sub("\n", value)  # a body's line break, kept as one
+            fields[name] = value
         problem = address_problem(email)
         if problem is not None:
             reject(email, f"not a valid email address: {problem}", "email")
@@ -533,6 +746,7 @@ class Importer:
             report.reject(Rejection(line, email, f"address is suppressed ({reason})", "email", "suppressed"))
         report.skipped += self.store.drop_staged_enrolled(cadence.name)
         first_id = next_id = self.store.next_enrollment_id()
+        self.first_id = 0
         added: dict[str, int] = {}
         if self._enroll_in_turns(rotator, now, first_id, added, report):
             next_id += sum(added.values())
@@ -557,6 +771,8 @@ class Importer:
         for mailbox, n in added.items():
             report.assignments[mailbox] = report.assignments.get(mailbox, 0) + n
         report.enrolled += next_id - first_id
+        if next_id > first_id:
+            self.first_id = first_id
 
     def _enroll_in_turns(
         self, rotator: rotation.Rotator, now: float, first_id: int, added: dict[str, int], report: Report
@@ -760,7 +976,14 @@ def _move_into(folder_fd: int, target_fd: int, name: str, now: float, note: str,
 
 
 def import_dropped(
-    store: Store, config: Config, cadence: str, owner: str, path: Path, now: float, max_size: int
+    store: Store,
+    config: Config,
+    cadence: str,
+    owner: str,
+    path: Path,
+    now: float,
+    max_size: int,
+    dialect: Dialect = Dialect(),
 ) -> Imported:
     """Enroll one dropped CSV with the automation's owner as the adder, then file it away.
 
@@ -773,7 +996,7 @@ def import_dropped(
     report: Report | None = None
     if stream is not None:
         try:
-            report = Importer(store, config, cadence, owner).run(path, now, stream)
+            report = Importer(store, config, cadence, owner, dialect).run(path, now, stream)
         except (UsageError, Refused) as exc:
             problem = str(exc)
         finally:

@@ -109,6 +109,21 @@ def unfilled(steps: Iterable[Step], variables: Mapping[str, Any]) -> list[tuple[
     return problems
 
 
+def render_step(cadence: Cadence, step: Step, variables: Mapping[str, Any], first: str | None) -> tuple[str, str]:
+    """(subject, body) of a step for one prospect's variables, or compose.TemplateProblem. A step without its own
+    subject goes as a reply in the thread: `Re:` the thread's first subject (`first`, as sent; None: the first
+    step's, rendered now). The subject is one line, its whitespace runs made single spaces."""
+    body = step.body.render(variables)
+    if step.subject is not None:
+        subject = step.subject.render(variables)
+    else:
+        if first is None:
+            first_step = cadence.steps[0]
+            first = first_step.subject.render(variables) if first_step.subject else ""
+        subject = compose.thread_subject(first, None)
+    return " ".join(subject.split()), body
+
+
 Due = tuple[float, tuple[int, int]]  # (due time, rank): the claim's order is (due_at, id)
 
 

@@ -196,6 +196,21 @@ class Cadence:
                 names |= step.subject.required
         return frozenset(names - set(compose.SENDER_FIELDS))
 
+    def used_fields(self) -> frozenset[str]:
+        """Every prospect field a template of the cadence reads, with `default` or without."""
+        names: set[str] = set()
+        for step in self.steps:
+            names |= step.body.names | (step.subject.names if step.subject is not None else frozenset())
+        return frozenset(names - set(compose.SENDER_FIELDS) - {"unsubscribe_url"})
+
+    def subject_fields(self) -> frozenset[str]:
+        """The prospect fields a subject reads: they reach a header, so no line break may be in them."""
+        names: set[str] = set()
+        for step in self.steps:
+            if step.subject is not None:
+                names |= step.subject.names
+        return frozenset(names)
+
 
 @dataclass(frozen=True, slots=True)
 class Automation:
@@ -205,6 +220,9 @@ class Automation:
     watch: Path
     max_file_size: int = 50 * 1024 * 1024  # bytes; a larger file goes to failed/ unread
     settle: float = 10.0  # seconds a *.csv must stay unchanged (a *.csv.part renamed to *.csv goes at once)
+    mapping: tuple[tuple[str, str], ...] = ()  # `map`: column → field ('' leaves it out), as enroll's --map
+    delimiter: str | None = None  # None: found from each file's header row
+    encoding: str | None = None  # None: UTF-8, or UTF-16 by a byte-order mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +233,7 @@ class Playbook:
     cadence: str
     owner: str
     fields: tuple[tuple[str, str], ...] = ()  # (field, the incoming JSON key that fills it)
+    mapping: tuple[tuple[str, str], ...] = ()  # `map`: incoming key → field ('' leaves it out), as --map
 
     def field_for(self) -> dict[str, str]:
         """Incoming key → field name (lower case, as a CSV header is read)."""

@@ -475,8 +475,9 @@ class Daemon:
         def work() -> enroll.Imported:
             store = Store.open(config.daemon.database, busy_timeout=config.daemon.busy_timeout)
             try:
+                dialect = enroll.Dialect(automation.delimiter, automation.encoding, automation.mapping)
                 return enroll.import_dropped(
-                    store, config, cadence, owner, path, self.clock(), automation.max_file_size
+                    store, config, cadence, owner, path, self.clock(), automation.max_file_size, dialect
                 )
             finally:
                 store.close()

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import load_config, plainly_valid
 from daemon.enroll import (
     MAX_FIELD,
+    NOT_UTF8,
     Importer,
     Plain,
     Rejection,
@@ -25,6 +27,7 @@ from daemon.enroll import (
     header_names,
     plain_lines,
     read_csv,
+    sniff_delimiter,
 )
 from daemon.errors import UsageError
 from daemon.store import Store
@@ -41,7 +44,7 @@ def line_at_a_time(path: Path, binary: io.BytesIO, max_line: int) -> Iterator[st
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise UsageError(f"{path}:{number}: not UTF-8 text (save the file as UTF-8 CSV)") from None
+            raise UsageError(f"{path}:{number}: {NOT_UTF8}") from None
         yield text.removeprefix("\ufeff") if number == 1 else text
 
 
@@ -72,10 +75,13 @@ def test_lines_read_in_blocks_are_those_read_one_at_a_time(pieces: list[bytes], 
 def csv_module_rows(path: Path, data: bytes, read: int, most: int) -> tuple[str, object]:
     """The obvious reading that read_csv's Plain runs must equal: the csv module given every line, its errors
     worded and placed as read_csv words and places them."""
-    reader = csv.reader(decoded_lines(path, io.BytesIO(data), read, most), strict=True)
+    source = decoded_lines(path, io.BytesIO(data), read, most)
     try:
         try:
-            header = header_names(path, next(reader))
+            first = next(source)
+            sep = sniff_delimiter(path, first.partition("\n")[0])
+            reader = csv.reader(itertools.chain([first], source), strict=True, delimiter=sep)
+            header = header_names(path, next(reader), sep=sep).names
         except StopIteration:
             return "refused", f"{path}: empty file (a header row with an email column is required)"
         except csv.Error as exc:
@@ -100,12 +106,14 @@ def read_csv_rows(path: Path, data: bytes, read: int, most: int) -> tuple[str, o
         rows = []
         for item in items:
             if isinstance(item, Plain):
-                rows.extend((line, text.split(",") if text else []) for line, text in enumerate(item.lines, item.first))
+                rows.extend(
+                    (line, text.split(item.sep) if text else []) for line, text in enumerate(item.lines, item.first)
+                )
             else:
                 rows.append(item)
     except UsageError as exc:
         return "refused", str(exc)
-    return "rows", (header, rows)
+    return "rows", (header.names, rows)
 
 
 CSV_PIECES = [
@@ -130,6 +138,8 @@ def test_plain_runs_read_as_the_csv_module_reads_every_line(
     """Rows, their lines, and the file's refusal (a quote never closed, NUL, a CR alone): as the csv module."""
     data = header + b"".join(pieces)
     path = Path("people.csv")
+    # A file starting like UTF-16 without a byte-order mark is refused before it is read (test_crm_exports).
+    assume(not (len(data) >= 4 and b"\0\0" in (data[1:4:2], data[0:4:2])))
     assert read_csv_rows(path, data, read, most) == csv_module_rows(path, data, read, most)
 
 
@@ -137,7 +147,7 @@ def test_a_plain_file_comes_in_plain_runs_and_the_rest_line_by_line() -> None:
     plain = b"email,name\r\n" + b"".join(b"p%d@x.example,Ann %d\r\n" % (i, i) for i in range(100))
     header, items = read_csv(Path("p.csv"), io.BytesIO(plain), 256, 256)
     runs = list(items)
-    assert header == ["email", "name"]
+    assert header.names == ["email", "name"]
     assert all(isinstance(r, Plain) for r in runs) and len(runs) == 9  # a run per block of 256 bytes
     lines = [line for r in runs if isinstance(r, Plain) for line in range(r.first, r.first + len(r.lines))]
     assert lines == list(range(2, 102))

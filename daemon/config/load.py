@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import ipaddress
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 import email_validator
 
-from daemon import compose, lifecycle, redact
+from daemon import compose, headers, lifecycle, redact
 from daemon.config.database import _database, _lease, _node
 from daemon.config.presets import PROVIDERS, SENT_COPIES, Preset
 from daemon.config.secrets import _named_secret, _secret
@@ -573,6 +574,9 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         watch = t.string("watch")
         max_size = t.parsed("max_file_size", 50 * 1024 * 1024, parse_size)
         settle = t.parsed("settle", 10.0, parse_duration)
+        mapping = _column_map(t)
+        delimiter = t.choice("delimiter", None, (",", ";", "\t"))
+        encoding = t.parsed("encoding", None, _encoding)
         t.finish()
         if isinstance(cad, str) and not any(c.name == cad for c in cadences):
             t.problems.add(t.at("cadence"), f"unknown cadence {cad!r}")
@@ -582,7 +586,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
             t.problems.add(t.at("name"), f"duplicate automation {name!r}")
         if all(isinstance(v, str) for v in (name, cad, owner, watch)):
             wpath = Path(watch) if Path(watch).is_absolute() else base_dir / watch
-            automations.append(Automation(name, cad, owner, wpath, max_size, settle))
+            automations.append(Automation(name, cad, owner, wpath, max_size, settle, mapping, delimiter, encoding))
     playbooks: list[Playbook] = []
     for t in root.tables("playbooks", _cadence_label):
         playbook = _playbook(t, {c.name for c in cadences}, user_names)
@@ -625,6 +629,7 @@ def _playbook(t: _Table, cadences: set[str], user_names: set[str]) -> Playbook |
     name = t.string("name")
     cadence = t.string("cadence")
     owner = t.string("owner")
+    column_map = _column_map(t)
     mapping = t.table("fields")
     fields: list[tuple[str, str]] = []
     if mapping is not None:
@@ -650,7 +655,34 @@ def _playbook(t: _Table, cadences: set[str], user_names: set[str]) -> Playbook |
         t.problems.add(t.at("owner"), f"unknown user {owner!r} (the playbook adds prospects as this user)")
     if not all(isinstance(v, str) for v in (name, cadence, owner)):
         return None
-    return Playbook(name, cadence, owner, tuple(fields))
+    return Playbook(name, cadence, owner, tuple(fields), column_map)
+
+
+def _column_map(t: _Table) -> tuple[tuple[str, str], ...]:
+    """`map = { "Column Name" = "field" }` (SPEC §2a): a column or key read as a field; "" leaves it out."""
+    table = t.table("map")
+    if table is None:
+        return ()
+    out: dict[str, str] = {}
+    for column, field in table.data.items():
+        table.seen.add(column)
+        if not isinstance(field, str):
+            t.problems.add(table.at(repr(column)), f"must be a field name (a string), got {_type_name(field)}")
+        else:
+            out[column] = field
+    try:
+        return tuple(headers.check_map(out, table.path).items())
+    except ValueError as exc:
+        t.problems.add(table.path, str(exc).removeprefix(f"{table.path} "))
+        return ()
+
+
+def _encoding(name: str) -> str:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"{name!r} is not an encoding Python knows (cp1252, latin-1, utf-16…)") from None
+    return name
 
 
 _BAD_FIELD = re.compile(r"[\s\x00-\x1f\x7f]")

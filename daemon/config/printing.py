@@ -168,11 +168,20 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "watch": str(a.watch),
                 "max_file_size": f"{a.max_file_size}B",
                 "settle": format_duration(a.settle),
+                **({"map": dict(a.mapping)} if a.mapping else {}),
+                **({"delimiter": a.delimiter} if a.delimiter else {}),
+                **({"encoding": a.encoding} if a.encoding else {}),
             }
             for a in config.automations
         ],
         "playbooks": [
-            {"name": p.name, "cadence": p.cadence, "owner": p.owner, **({"fields": dict(p.fields)} if p.fields else {})}
+            {
+                "name": p.name,
+                "cadence": p.cadence,
+                "owner": p.owner,
+                **({"fields": dict(p.fields)} if p.fields else {}),
+                **({"map": dict(p.mapping)} if p.mapping else {}),
+            }
             for p in config.playbooks
         ],
     }

@@ -439,21 +439,12 @@ class MailboxRunner:
                     raise compose.TemplateProblem(f"unsubscribe_url made {url[:80]!r}, not an https:// link")
                 links = (links[0], url)
             variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address, links[-1])
-            body = step.body.render(variables)
-            if step.subject is not None:
-                subject = step.subject.render(variables)
-            else:
-                first = thread[0][2] if thread else None
-                if first is None:
-                    first_step = cadence.steps[0]
-                    first = first_step.subject.render(variables) if first_step.subject else ""
-                subject = compose.thread_subject(first, None)
+            subject, body = lifecycle.render_step(cadence, step, variables, thread[0][2] if thread else None)
         except compose.TemplateProblem as exc:
             await self._commit(Store.record_error, c.id, "template", None, str(exc))
             self.d.stats.errors += 1
             log.warning("message.error", reason="template", detail=str(exc))
             return None
-        subject = " ".join(subject.split())
         references = tuple(mid for _, mid, _ in thread if mid)
         out = compose.Outgoing(
             from_name=self.mailbox.name,

@@ -3,6 +3,7 @@ the daemon's own small state (heartbeat, keys, answers kept for an Idempotency-K
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -124,6 +125,11 @@ class Enrollments(Core):
             (sender, due_at, first_id),
         )
         self._count_scheduled([(sender, sum(per_mailbox.values()))] if sender else per_mailbox.items())
+
+    def first_message_of(self, enrollment: int) -> tuple[str, dict[str, str], str] | None:
+        """(address, fields, the mailbox that sends step 1) of an enrollment."""
+        row = self.conn.one(self.q.first_message_of, (enrollment,))
+        return None if row is None else (str(row[0]), dict(json.loads(row[1])), str(row[2]))
 
     def email_of(self, enrollment: int) -> str:
         row = self.conn.one(self.q.email_of, (enrollment,))

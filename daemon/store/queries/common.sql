@@ -412,6 +412,11 @@ INSERT INTO enrollment_counts VALUES (?, 'finished', 1)
 SELECT due_at, step, enrollment_id, id FROM messages
     WHERE mailbox = ? AND state = 'scheduled' AND due_at < ? ORDER BY due_at, id;
 
+-- name: first_message_of
+SELECT e.email, e.fields, m.mailbox FROM enrollments e
+    JOIN messages m ON m.enrollment_id = e.id AND m.step = 1
+    WHERE e.id = ?;
+
 -- name: route_of
 SELECT cadence, mailbox FROM enrollments WHERE id = ?;
 
