@@ -426,7 +426,7 @@ def build_app(
                 rows = db.outbox(
                     state=state, mailbox=query.get("mailbox"), cadence=query.get("cadence"), limit=int(limit_text)
                 )
-                return JSONResponse({"messages": readside.outbox_messages(rows)})
+                return JSONResponse({"messages": readside.outbox_messages(rows, db.cadence_pauses())})
             finally:
                 db.close()
 

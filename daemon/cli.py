@@ -20,7 +20,7 @@ import anyio.abc
 import anyio.streams.stapled
 import tomli_w
 
-from daemon import __version__, enroll, headers, operate, readside
+from daemon import __version__, enroll, headers, operate, prospects, readside
 from daemon.config import address_problem, config_path_from, effective_dict, load_config, shown_database
 from daemon.errors import (
     CadencedError,
@@ -33,7 +33,7 @@ from daemon.errors import (
 )
 from daemon.model import Config, Mailbox, OAuth2
 from daemon.readside import iso
-from daemon.store import MESSAGE_STATES, Store, copy_to_postgres
+from daemon.store import MESSAGE_STATES, OUTCOMES, Store, copy_to_postgres
 
 Handler = Callable[[argparse.Namespace], int]
 UNIT_TIMEOUT_STOP = 45.0  # systemd/cadenced.service TimeoutStopSec
@@ -118,7 +118,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             store.check_integrity()
             pins = store.pins()
             problems = enroll.pin_problems(config, pins)
-            for warning in enroll.pin_warnings(config, pins):
+            for warning in enroll.pin_warnings(config, pins) + readside.stored_warnings(config, store):
                 sys.stderr.write(f"warning: {warning}\n")
         finally:
             store.close()
@@ -262,6 +262,169 @@ def cmd_mailbox_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prospect_show(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config, create=False)
+    try:
+        shown = prospects.show(prospects.find(store, args.email), store.cadence_pauses())
+    finally:
+        store.close()
+    if args.json:
+        _json(shown)
+        return 0
+    if shown["suppressed"]:
+        _out(f"{shown['email']}: suppressed since {shown['suppressed']['at']} ({shown['suppressed']['reason']})")
+    else:
+        _out(shown["email"])
+    for e in shown["enrollments"]:
+        state = e["state"] + (f" ({e['outcome']})" if e["outcome"] else "")
+        paused = ", cadence paused" if e["cadence_paused"] else ""
+        _out(
+            f"  {e['cadence']}: {state}{paused}; mailbox {e['mailbox']}, owner {e['owner']}, added by {e['adder']} "
+            f"at {e['created_at']}"
+        )
+        if e["fields"]:
+            _out("    fields: " + ", ".join(f"{k}={' '.join(str(v).split())[:60]}" for k, v in e["fields"].items()))
+        for m in e["messages"]:
+            when = f"sent {m['sent_at']}" if m["sent_at"] else f"due {m['due_at']}" if m["due_at"] else ""
+            state = f"{m['state']}/{m['reason']}" if m["reason"] else m["state"]
+            why = f"  {' '.join(str(m['detail']).split())[:120]}" if m["detail"] and m["state"] != "sent" else ""
+            mid = f"  {m['message_id']}" if m["state"] == "sent" and m["message_id"] else ""
+            _out(f"    step {m['step']}  {state}  {m['mailbox']}  {when}{mid}{why}".rstrip())
+    _out("timeline:")
+    for t in shown["timeline"]:
+        what = t["kind"] + (f" {t['cadence']}" if t.get("cadence") else "")
+        if t["kind"] == "sent":
+            what += f" step {t['step']} from {t['mailbox']}: {t['subject']!r}"
+        elif t["kind"] == "enrolled":
+            what += f" (mailbox {t['mailbox']})"
+        if t.get("detail"):
+            what += f": {' '.join(str(t['detail']).split())[:160]}"
+        _out(f"  {t['at']}  {what}")
+    return 0
+
+
+def cmd_prospect_stop(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config, create=False)
+    try:
+        done = prospects.stop(store, args.email, args.cadence, args.reason, time.time())
+    finally:
+        store.close()
+    if args.json:
+        _json(done)
+    else:
+        _out(
+            f"{done['email']}: stopped in {', '.join(done['stopped'])}; {len(done['cancelled'])} waiting message(s) "
+            "cancelled (the address is not suppressed)"
+        )
+    return 0
+
+
+def cmd_prospect_set(args: argparse.Namespace) -> int:
+    config = _load(args)
+    changes = prospects.parse_assignments(args.assignments)
+    store = _open_store(config, create=False)
+    try:
+        done = prospects.set_fields(store, config, args.email, args.cadence, changes, time.time())
+    finally:
+        store.close()
+    if args.json:
+        _json(done)
+    else:
+        _out(
+            f"{done['email']}: {', '.join(done['fields'])} changed in {', '.join(done['changed'])}; "
+            "messages not yet sent use them"
+        )
+    return 0
+
+
+def cmd_prospect_mark(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config, create=False)
+    try:
+        done = prospects.mark(store, args.email, args.cadence, args.outcome, time.time())
+    finally:
+        store.close()
+    if args.json:
+        _json(done)
+    else:
+        ended = f"; ended in {', '.join(done['ended'])}" if done["ended"] else ""
+        _out(f"{done['email']}: marked {done['outcome']}{ended}; {len(done['cancelled'])} waiting message(s) cancelled")
+    return 0
+
+
+def cmd_cadence_list(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config)
+    try:
+        paused = store.cadence_pauses()
+        counts = store.enrollment_counts()
+    finally:
+        store.close()
+    rows: list[dict[str, Any]] = []
+    for name in [c.name for c in config.cadences] + sorted(set(counts) - {c.name for c in config.cadences}):
+        pause = paused.get(name)
+        rows.append(
+            {
+                "name": name,
+                "configured": any(c.name == name for c in config.cadences),
+                "paused": pause is not None,
+                "paused_at": iso(pause[0]) if pause else None,
+                "paused_reason": pause[1] if pause else None,
+                "enrollments": counts.get(name, {}),
+            }
+        )
+    if args.json:
+        _json({"cadences": rows})
+        return 0
+    for r in rows:
+        state = (
+            f"paused since {r['paused_at']} ({r['paused_reason']})"
+            if r["paused"]
+            else ("sending" if r["configured"] else "removed from the config")
+        )
+        counts_text = ", ".join(f"{k} {v}" for k, v in sorted(r["enrollments"].items())) or "no enrollments"
+        _out(f"{r['name']}: {state}; {counts_text}")
+    return 0
+
+
+def _cadence_named(config: Config, store: Store, name: str) -> str:
+    known = {c.name for c in config.cadences} | set(store.enrollment_counts())
+    if name not in known:
+        raise prospects.unknown("cadence", name, known)
+    return name
+
+
+def cmd_cadence_pause(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config)
+    try:
+        name = _cadence_named(config, store, args.name)
+        done = store.pause_cadence(name, f"paused by the operator: {args.reason}", time.time())
+    finally:
+        store.close()
+    if done:
+        _out(f"{name}: paused; its messages wait (`cadenced cadence resume {name}`), enrollments are still taken")
+    else:
+        _out(f"{name}: was paused already")
+    return 0
+
+
+def cmd_cadence_resume(args: argparse.Namespace) -> int:
+    config = _load(args)
+    store = _open_store(config)
+    try:
+        name = _cadence_named(config, store, args.name)
+        released = store.resume_cadence(name)
+    finally:
+        store.close()
+    if released is None:
+        raise Refused(f"{name}: not paused")
+    _out(f"{name}: resumed; {released} held message(s) due again at their own times (those past go first)")
+    return 0
+
+
 def _with_store(args: argparse.Namespace, fn: Callable[[Store], T], *, create: bool = True) -> T:
     """`fn(store)` on the configured database, closed after."""
     store = _open_store(_load(args), create=create)
@@ -343,7 +506,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     _out("cadences:")
     for c in document["cadences"]:
         counts = ", ".join(f"{k} {v}" for k, v in c["enrollments"].items()) or "no enrollments"
-        _out(f"  {c['name']}: {counts}")
+        paused = f" (paused since {c['paused_at']}: `cadenced cadence resume {c['name']}`)" if c["paused"] else ""
+        _out(f"  {c['name']}: {counts}{paused}")
     return 0
 
 
@@ -354,13 +518,24 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return cmd_outbox_reassign(args)
     config = _load(args)
     store = _open_store(config)
+    limit = None if args.show_all else args.limit
+    if limit is not None and limit < 1:
+        raise UsageError("--limit: 1 or more (--all for every message)")
     try:
-        rows = store.outbox(state=args.state, mailbox=args.mailbox, cadence=args.cadence, limit=args.limit)
+        prospects.check_filters(config, store, args.mailbox, args.cadence)
+        prospect = prospects.find(store, args.prospect)["email"] if args.prospect else None
+        where = {"state": args.state, "mailbox": args.mailbox, "cadence": args.cadence, "prospect": prospect}
+        rows = store.outbox(**where, limit=None if limit is None else limit + 1)
+        more = 0
+        if limit is not None and len(rows) > limit:
+            rows = rows[:limit]
+            more = store.outbox_count(**where, beyond=limit, cap=readside.COUNT_CAP)
+        paused = store.cadence_pauses()
     finally:
         store.close()
-    messages = readside.outbox_messages(rows)
+    messages = readside.outbox_messages(rows, paused)
     if args.json:
-        _json({"messages": messages})
+        _json({"messages": messages, "more": more})
         return 0
     if not messages:
         _out("no messages")
@@ -382,6 +557,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     for r in [head, *table]:
         cells = [r[0].rjust(widths[0])] + [c.ljust(w) for c, w in zip(r[1:-1], widths[1:], strict=True)]
         _out("  ".join([*cells, r[-1]]).rstrip())
+    if more:
+        told = f"{more:,}" if more < readside.COUNT_CAP else f"over {readside.COUNT_CAP:,}"
+        _out(f"{told} more (use --limit N or --all)")
     return 0
 
 
@@ -780,7 +958,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=MESSAGE_STATES)
     p.add_argument("--mailbox")
     p.add_argument("--cadence")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--prospect", metavar="EMAIL", help="the messages of one address")
+    p.add_argument("--limit", type=int, default=50, help="at most this many messages (default 50)")
+    p.add_argument("--all", dest="show_all", action="store_true", help="every message, however many")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_outbox, action=None)
     actions = p.add_subparsers(dest="action", metavar="ACTION")
@@ -832,6 +1012,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=600.0, help="give up without a redirect after this long (default 10m)"
     )
     t.set_defaults(handler=cmd_mailbox_authorize)
+
+    p = sub.add_parser("prospect", parents=[common], help="one prospect: show, stop, set fields, mark an outcome")
+    tools = p.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    t = tools.add_parser("show", parents=[common], help="every enrollment, message and event of an address")
+    t.add_argument("email")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=cmd_prospect_show)
+    t = tools.add_parser("stop", parents=[common], help="end its enrollment(s); waiting messages cancelled")
+    t.add_argument("email")
+    t.add_argument("--cadence", help="only in this cadence (default: every one)")
+    t.add_argument("--reason", default="", help="kept with the enrollment")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=cmd_prospect_stop)
+    t = tools.add_parser("set", parents=[common], help="change its fields (FIELD= removes one)")
+    t.add_argument("email")
+    t.add_argument("assignments", nargs="+", metavar="FIELD=VALUE")
+    t.add_argument("--cadence", help="only in this cadence (default: every active one)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=cmd_prospect_set)
+    t = tools.add_parser("mark", parents=[common], help="an outcome: ends the enrollment as a reply does")
+    t.add_argument("email")
+    t.add_argument("--outcome", required=True, choices=OUTCOMES)
+    t.add_argument("--cadence", help="only in this cadence (default: every one)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=cmd_prospect_mark)
+
+    p = sub.add_parser("cadence", parents=[common], help="cadences: list, pause, resume")
+    tools = p.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    t = tools.add_parser("list", parents=[common], help="each cadence: sending or paused, its enrollments")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=cmd_cadence_list)
+    t = tools.add_parser("pause", parents=[common], help="hold every message of a cadence until resumed")
+    t.add_argument("name")
+    t.add_argument("--reason", default="no reason given")
+    t.set_defaults(handler=cmd_cadence_pause)
+    t = tools.add_parser("resume", parents=[common], help="send a paused cadence's messages again")
+    t.add_argument("name")
+    t.set_defaults(handler=cmd_cadence_resume)
 
     p = sub.add_parser("run", parents=[common], help="the daemon (foreground; systemd Type=notify)")
     p.set_defaults(handler=cmd_run)

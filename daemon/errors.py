@@ -38,6 +38,12 @@ class StoreUnreachable(StoreError):
     says so and exits; the daemon waits and tries again."""
 
 
+class NotFound(CadencedError):
+    """A name given (a prospect, a mailbox, a cadence) is not one cadenced knows; the text says the nearest."""
+
+    exit_code = 1
+
+
 class Refused(CadencedError):
     """The operation is understood but refused; nothing was changed."""
 

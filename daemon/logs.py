@@ -62,6 +62,7 @@ _REASONS = frozenset(
         "paused",
         "template",
         "config_changed",
+        "cadence_removed",
         "replied",
         "unsubscribed",
         "reconnected",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -179,10 +179,19 @@ def status(config: Config, store: Store, now: float) -> dict[str, Any]:
             lease = leases.get(str(row["address"]))
             row["holder"], row["lease_expires_at"] = (lease[0], iso(lease[1])) if lease else (None, None)
     enrollments = store.enrollment_counts()
+    paused = store.cadence_pauses()
     cadences = []
     for c in config.cadences:
         mine = enrollments.get(c.name, {})
-        cadences.append({"name": c.name, "enrollments": {s: mine.get(s, 0) for s in ENROLLMENT_STATES}})
+        pause = paused.get(c.name)
+        cadences.append(
+            {
+                "name": c.name,
+                "enrollments": {s: mine.get(s, 0) for s in ENROLLMENT_STATES},
+                "paused": pause is not None,
+                "paused_at": iso(pause[0]) if pause else None,
+            }
+        )
     out: dict[str, Any] = {
         "mailboxes": mailboxes,
         "cadences": cadences,
@@ -241,6 +250,32 @@ def daemon(store: Store, now: float) -> dict[str, Any]:
         out["store"] = "ok" if alive else None
     out["last_store_error"] = state.get("store_error")
     return out
+
+
+def stored_warnings(config: Config, store: Store, cadences: Iterable[str] | None = None) -> list[str]:
+    """What the config does to the prospects already enrolled (`check`, and a reload for the cadences it
+    changed): a cadence removed with active enrollments; a template field that active enrollments lack."""
+    counts = store.enrollment_counts()
+    configured = {c.name for c in config.cadences}
+    warnings = [
+        f'cadences."{name}": no longer in the config, with {active} active enrollment(s): their messages go '
+        "to the error outbox (cadence_removed) at the daemon's next start or reload"
+        for name in sorted(set(counts) - configured)
+        if (active := counts[name].get("active", 0))
+    ]
+    wanted = set(configured if cadences is None else cadences)
+    for c in config.cadences:
+        if c.name not in wanted or not counts.get(c.name, {}).get("active"):
+            continue
+        for field in sorted(c.required_fields() - {"email", "unsubscribe_url"}):
+            lacking, sample = store.lacking_field(c.name, field)
+            if lacking:
+                warnings.append(
+                    f'cadences."{c.name}": a template needs {field!r}, which {lacking} active enrollment(s) lack '
+                    f"(such as {sample}): their messages would go to the error outbox (template); use "
+                    f"default(...), or `cadenced prospect set EMAIL {field}=…`"
+                )
+    return warnings
 
 
 def stale_config(store: Store, config: Config, now: float) -> str | None:
@@ -317,6 +352,7 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     # Messages of a cadence no longer in the config (or of a step it lost) are not sent (config_changed): their
     # routes are looked up only when such a cadence has enrollments, or a step may be past a cadence's end.
     gone = set(store.enrollment_counts()) - {c.name for c in config.cadences}
+    paused = set(store.cadence_pauses())  # `cadence pause`: its messages are held, not sent
     soonest = min((s.wait for c in config.cadences for s in c.steps[1:]), default=float("inf"))
     queues: dict[str, tuple[_Kind, _Kind]] = {}  # (follow-ups, first emails)
     counts: dict[str, dict[str, int]] = {}
@@ -423,9 +459,9 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
                     kind.push(until + (due - when) / 1e6, rank, step, enrollment, route)
                     look(address)
                     continue
-        if gone or step > shortest:
+        if gone or paused or step > shortest:
             route = route or store.route_of(enrollment)
-            if route is None or lifecycle.step_of(config, route[0], step)[1] is None:
+            if route is None or route[0] in paused or lifecycle.step_of(config, route[0], step)[1] is None:
                 look(address)
                 continue  # not sent: the sender loop records it as config_changed and goes on at once
         if cap:
@@ -450,7 +486,13 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         for (day, address), (n, f) in sorted(forecast.items())
     ]
     left = _left_over(store, queues, horizon)
-    return {"days": rows, "generated_at": iso(now), "horizon_days": days, "past_horizon": left}
+    return {
+        "days": rows,
+        "generated_at": iso(now),
+        "horizon_days": days,
+        "past_horizon": left,
+        "paused_cadences": sorted(paused),
+    }
 
 
 def _left_over(store: Store, queues: dict[str, tuple[_Kind, _Kind]], horizon: float) -> list[dict[str, Any]]:
@@ -506,8 +548,13 @@ def _pick(prioritize: str, follow_ups: _Kind, new: _Kind, at: float, new_ok: boo
     return new if kind == "new" else follow_ups
 
 
-def outbox_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`outbox --json`'s messages (the CLI and the API's GET /v1/outbox)."""
+COUNT_CAP = 100_000  # `outbox` counts the messages past its page up to this many
+
+
+def outbox_messages(rows: list[dict[str, Any]], paused: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`outbox --json`'s messages (the CLI and the API's GET /v1/outbox); a scheduled message of a paused cadence
+    (`paused`) says so."""
+    paused = paused or {}
     return [
         {
             "id": r["id"],
@@ -522,7 +569,8 @@ def outbox_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "message_id": r["message_id"],
             "attempts": r["attempts"],
             "smtp_code": r["smtp_code"],
-            "detail": r["detail"],
+            "detail": r["detail"]
+            or ("deferred: cadence paused" if r["state"] == "scheduled" and r["cadence"] in paused else None),
         }
         for r in rows
     ]

@@ -189,6 +189,8 @@ class Daemon:
             )
         for address, message in store.orphan_removed_mailboxes({m.address for m in config.mailboxes}, now):
             self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
+        for cadence, message in store.orphan_removed_cadences({c.name for c in config.cadences}):
+            self.log.warning("message.error", message=message, cadence=cadence, reason="cadence_removed")
         with store.transaction():
             for m in config.mailboxes:
                 store.probe_now(m.address, now)  # the password may have changed while we were down
@@ -377,13 +379,20 @@ class Daemon:
         now = self.clock()
         for address, message in self.store.orphan_removed_mailboxes({m.address for m in new.mailboxes}, now):
             self.log.warning("message.error", message=message, mailbox=address, reason="mailbox_removed")
+        for cadence, message in self.store.orphan_removed_cadences({c.name for c in new.cadences}):
+            self.log.warning("message.error", message=message, cadence=cadence, reason="cadence_removed")
         before = {m.address: m.smtp for m in old.mailboxes}
         with self.store.transaction():
             for m in new.mailboxes:
                 if before.get(m.address) not in (None, m.smtp):
                     self.store.probe_now(m.address, now)  # new credentials or server: try at once
         self.store.set_daemon_state({"config_digest": config_digest(self.config_path)})
-        self.log.info("config.reloaded", config=str(self.config_path), removed_mailboxes=removed, **changes)
+        # Templates that changed, judged against the prospects enrolled (a field they lack is an error at send).
+        was = {c.name: c.required_fields() for c in old.cadences}
+        changed = [c.name for c in new.cadences if was.get(c.name) != c.required_fields()]
+        warnings = readside.stored_warnings(new, self.store, changed) if changed else []
+        told = {"warnings": warnings} if warnings else {}
+        self.log.info("config.reloaded", config=str(self.config_path), removed_mailboxes=removed, **changes, **told)
         self.notifier.ready(self.status_line())
         return True
 

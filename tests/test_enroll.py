@@ -18,7 +18,7 @@ pytestmark = pytest.mark.both_stores
 
 
 def senders(project: Project, cadence: str = "c1") -> Counter[str]:
-    result = project.run("outbox", "--cadence", cadence, "--json")
+    result = project.run("outbox", "--cadence", cadence, "--all", "--json")
     assert result.code == 0, result.err
     return Counter(m["mailbox"] for m in result.json()["messages"])
 
@@ -77,7 +77,7 @@ def test_bad_rows_are_rejected_alone(project: Project) -> None:
         (7, "duplicate of line 2"),
         (10, "expected 4 fields, got 2"),
     ]
-    emails = {m["prospect"] for m in project.run("outbox", "--json").json()["messages"]}
+    emails = {m["prospect"] for m in project.run("outbox", "--all", "--json").json()["messages"]}
     assert emails == {
         "old@prospects.example",
         "good1@prospects.example",
@@ -124,7 +124,7 @@ def test_unusable_files_change_nothing(project: Project) -> None:
     project.add_cadence()
     project.write()
     project.enroll(project.people(2))
-    before = project.run("outbox", "--json").out
+    before = project.run("outbox", "--all", "--json").out
     (project.root / "latin1.csv").write_bytes(
         b"email,first_name\nok@prospects.example,Ann\nj@prospects.example,J\xf6rg\n"
     )
@@ -140,7 +140,7 @@ def test_unusable_files_change_nothing(project: Project) -> None:
     assert r.code == 2 and "unknown cadence 'nope'" in r.err
     r = project.run("enroll", "--cadence", "c1", "--as", "zed", str(project.people(1)))
     assert r.code == 2 and "unknown user 'zed'" in r.err
-    assert project.run("outbox", "--json").out == before
+    assert project.run("outbox", "--all", "--json").out == before
 
 
 def test_unavailable_mailboxes_take_no_new_enrollments(project: Project) -> None:
@@ -260,7 +260,9 @@ def test_status_and_outbox_shapes(project: Project) -> None:
         } <= set(m)
     assert [m["scheduled"] for m in status["mailboxes"]] == [2, 1]
     assert status["cadences"][0]["enrollments"]["active"] == 3
-    messages = project.run("outbox", "--state", "scheduled", "--mailbox", boxes[0], "--json").json()["messages"]
+    messages = project.run("outbox", "--state", "scheduled", "--mailbox", boxes[0], "--all", "--json").json()[
+        "messages"
+    ]
     assert len(messages) == 2
     keys = {
         "id",

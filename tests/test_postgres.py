@@ -156,7 +156,7 @@ def test_migrate_copies_an_sqlite_database_and_the_daemon_goes_on_there(
             first.signal(signal.SIGTERM)
             assert first.wait() == 0
         before = project.run("status", "--json").json()
-        outbox = project.run("outbox", "--json").json()
+        outbox = project.run("outbox", "--all", "--json").json()
         key = query(project.database, "SELECT value FROM daemon_state WHERE key = 'unsubscribe_key'")
         os.environ["CADENCED_TEST_DB_URL"] = with_password
         try:
@@ -176,7 +176,7 @@ def test_migrate_copies_an_sqlite_database_and_the_daemon_goes_on_there(
         assert [(m["address"], m["sent_today"], m["scheduled"]) for m in after["mailboxes"]] == [
             (m["address"], m["sent_today"], m["scheduled"]) for m in before["mailboxes"]
         ]
-        assert project.run("outbox", "--json").json() == outbox
+        assert project.run("outbox", "--all", "--json").json() == outbox
         assert query(postgres_url, "SELECT value FROM daemon_state WHERE key = 'unsubscribe_key'") == key
         # The daemon goes on on PostgreSQL: the follow-ups leave, in the same threads, and new ids follow on.
         second = DaemonProcess(project.write())

@@ -423,10 +423,13 @@ class MailboxRunner:
     async def _compose(self, c: Claimed, thread: list[tuple[int, str, str]], log: Any) -> tuple[bytes, str] | None:
         cadence, step = lifecycle.step_of(self.d.config, c.cadence, c.step)
         if cadence is None or step is None:
-            detail = "its cadence is no longer in the config" if cadence is None else "its step was removed"
-            await self._commit(Store.record_error, c.id, "config_changed", None, detail)
+            # A cadence removed: its messages wait in the error section, as a removed mailbox's do (a reload
+            # that brings it back lets them be retried); a step removed is a change of the cadence itself.
+            reason = "cadence_removed" if cadence is None else "config_changed"
+            detail = f"cadence {c.cadence!r} is no longer in the config" if cadence is None else "its step was removed"
+            await self._commit(Store.record_error, c.id, reason, None, detail)
             self.d.stats.errors += 1
-            log.warning("message.error", reason="config_changed", detail=detail)
+            log.warning("message.error", reason=reason, detail=detail)
             return None
         key = self.d.unsubscribe_key
         links: tuple[str, ...] = (unsubscribe.mailto(self.address, key, c.enrollment_id),)

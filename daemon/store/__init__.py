@@ -27,11 +27,14 @@ from daemon.store.enrollments import Enrollments
 from daemon.store.health import Health
 from daemon.store.imports import Imports
 from daemon.store.outbox import Outbox
+from daemon.store.prospects import Prospects
 from daemon.store.records import (
     BLOCKED_BY,
     ENROLLMENT_STATES,
+    HELD_DUE,
     IDEMPOTENCY_KEPT,
     MESSAGE_STATES,
+    OUTCOMES,
     PENDING,
     SCHEMA_VERSION,
     SUPPRESSED_BY,
@@ -46,8 +49,10 @@ from daemon.store.sqlite import IntegrityCheck, SqliteEngine
 __all__ = [
     "BLOCKED_BY",
     "ENROLLMENT_STATES",
+    "HELD_DUE",
     "IDEMPOTENCY_KEPT",
     "MESSAGE_STATES",
+    "OUTCOMES",
     "PENDING",
     "SCHEMA_VERSION",
     "SUPPRESSED_BY",
@@ -69,7 +74,7 @@ __all__ = [
 ]
 
 
-class Store(Outbox, Enrollments, Imports, Health, Counts, Core):
+class Store(Outbox, Enrollments, Imports, Health, Counts, Prospects, Core):
     """The store's operations on one connection of one engine."""
 
     @classmethod

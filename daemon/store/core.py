@@ -67,14 +67,15 @@ class Core:
         of an address, of an id or of a list of ids take `state`, and every message of theirs not yet sent is
         cancelled with `detail`."""
         q = self.q
-        cancel, end = {
-            "email": (q.cancel_messages_of_email, q.end_enrollments_of_email),
-            "id": (q.cancel_messages_of_id, q.end_enrollments_of_id),
-            "ids": (q.cancel_messages_of_ids, q.end_enrollments_of_ids),
+        cancel, log, end = {
+            "email": (q.cancel_messages_of_email, q.log_end_of_email, q.end_enrollments_of_email),
+            "id": (q.cancel_messages_of_id, q.log_end_of_id, q.end_enrollments_of_id),
+            "ids": (q.cancel_messages_of_ids, q.log_end_of_ids, q.end_enrollments_of_ids),
         }[by]
         if by == "ids":
             value = self._list(list(value))
         rows = self.conn.all(cancel, (detail, value))
+        self.conn.run(log, (now, state, detail, value))  # `prospect show` says what ended it, and when
         self.conn.run(end, (state, now, value))
         return [r[0] for r in rows]
 

@@ -30,6 +30,11 @@ class Counts(Core):
             out.setdefault(cadence, {})[state] = n
         return out
 
+    def lacking_field(self, cadence: str, field: str) -> tuple[int, str | None]:
+        """(active enrollments of `cadence` whose `field` is missing or empty, one of their addresses)."""
+        row = self.conn.one(self.q.lacking_field, (cadence, field))
+        return (int(row[0]), row[1]) if row else (0, None)
+
     def earliest_due(self, mailbox: str) -> float | None:
         row = self.conn.one(self.q.earliest_due, (mailbox,))
         return None if row[0] is None else float(row[0])

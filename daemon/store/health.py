@@ -118,6 +118,18 @@ class Health(Core):
             out += [(mailbox, i) for i in ids]
         return out
 
+    def orphan_removed_cadences(self, configured: set[str]) -> list[tuple[str, int]]:
+        """Scheduled messages of cadences no longer in the config go to error/cadence_removed (a cadence brought
+        back by a reload lets `outbox retry` send them)."""
+        out: list[tuple[str, int]] = []
+        active = {str(r[0]) for r in self.conn.execute(self.q.enrollment_counts) if r[1] == "active" and r[2]}
+        for cadence in sorted(active - configured):
+            detail = f"cadence {cadence!r} left the config: bring it back and `outbox retry`, or `prospect stop`"
+            with self.transaction():
+                rows = self.conn.all(self.q.cadence_to_error, (detail, cadence))
+            out += [(cadence, int(r[0])) for r in rows]
+        return out
+
     def probe_now(self, mailbox: str, now: float) -> None:
         """A changed password (reload, restart): try the disconnected mailbox at once."""
         self.conn.run(

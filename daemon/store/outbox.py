@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from daemon.store.core import Core
-from daemon.store.records import BLOCKED_BY, MESSAGE_STATES, SUPPRESSED_BY, Claimed, SentRecord, domain_of
+from daemon.store.records import BLOCKED_BY, HELD_DUE, MESSAGE_STATES, SUPPRESSED_BY, Claimed, SentRecord, domain_of
 
 
 class Outbox(Core):
@@ -18,24 +18,10 @@ class Outbox(Core):
         state: str | None = None,
         mailbox: str | None = None,
         cadence: str | None = None,
+        prospect: str | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        q = self.q
-        where, args = [], []
-        if state:
-            if state not in MESSAGE_STATES:
-                return []
-            where.append(f"m.state = '{state}'")  # written out: a partial index is chosen by its value
-        if mailbox:
-            where.append(f"m.mailbox = {q.param}")
-            args.append(mailbox)
-        if cadence:
-            where.append(f"e.cadence = {q.param}")
-            args.append(cadence)
-        # By state, always through its index (SQLite, see queries/sqlite.sql).
-        sql: str = {None: q.outbox, "": q.outbox, "scheduled": q.outbox_scheduled}.get(state, q.outbox_by_state)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql, args = self._outbox_query(state, mailbox, cadence, prospect)
         sql += " ORDER BY m.id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
@@ -55,6 +41,49 @@ class Outbox(Core):
             "detail",
         )
         return [dict(zip(keys, r, strict=True)) for r in self.conn.execute(sql, args)]
+
+    def outbox_count(
+        self,
+        *,
+        state: str | None = None,
+        mailbox: str | None = None,
+        cadence: str | None = None,
+        prospect: str | None = None,
+        beyond: int = 0,
+        cap: int = 100_000,
+    ) -> int:
+        """How many more messages the selection has past its first `beyond`: counted up to `cap` (a count of
+        millions would cost what the list saves)."""
+        sql, args = self._outbox_query(state, mailbox, cadence, prospect)
+        row = self.conn.one(f"SELECT count(*) FROM ({sql} LIMIT {int(beyond) + int(cap)}) AS selected", args)
+        return max(int(row[0]) - beyond, 0) if row else 0
+
+    def _outbox_query(
+        self, state: str | None, mailbox: str | None, cadence: str | None, prospect: str | None
+    ) -> tuple[str, list[Any]]:
+        q = self.q
+        where, args = [], []
+        if state:
+            if state not in MESSAGE_STATES:
+                where.append("1 = 0")
+            else:
+                where.append(f"m.state = '{state}'")  # written out: a partial index is chosen by its value
+        if mailbox:
+            where.append(f"m.mailbox = {q.param}")
+            args.append(mailbox)
+        if cadence:
+            where.append(f"e.cadence = {q.param}")
+            args.append(cadence)
+        if prospect:
+            where.append(f"e.email = {q.param}")
+            args.append(prospect)
+        # By state, always through its index (SQLite, see queries/sqlite.sql); one prospect's, by the address.
+        sql: str = {None: q.outbox, "": q.outbox, "scheduled": q.outbox_scheduled}.get(state, q.outbox_by_state)
+        if prospect:
+            sql = q.outbox
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return sql, args
 
     def recover_sending(self, now: float) -> list[int]:
         """Messages left in `sending` by a crash: maybe delivered, so never resent by themselves."""
@@ -78,7 +107,14 @@ class Outbox(Core):
             "new": q.next_due_new_first,
             "follow_ups_only": q.next_due_follow_up,  # new_per_day reached: no first email today
         }.get(prioritize, q.next_due)
-        return self.conn.one(statement, (mailbox, now))
+        while True:
+            row = self.conn.one(statement, (mailbox, now))
+            if row is None or not row[11]:
+                return row
+            # Its cadence is paused: its due messages on this mailbox are held (their due time kept) and the
+            # claim looks again. Costs the messages that come due while it is paused, once each.
+            detail = f"deferred: cadence paused until `cadenced cadence resume {row[4]}`"
+            self.conn.run(q.hold_cadence_due, (HELD_DUE, detail, mailbox, row[4], now))
 
     def cadence_first_emails(self, mailbox: str, cadence: str, day: str) -> int:
         """First emails of `cadence` the mailbox sent on its local `day` ([[cadences]] new_per_day)."""

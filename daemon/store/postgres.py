@@ -380,6 +380,17 @@ class PgEngine:
                     """CREATE TABLE IF NOT EXISTS cadence_counts (mailbox TEXT NOT NULL, cadence TEXT NOT NULL,
                        day TEXT NOT NULL, first_emails BIGINT NOT NULL, PRIMARY KEY (mailbox, cadence, day))"""
                 )
+                for statement in (  # 17: cadence pauses, outcomes, enrollment events
+                    "ALTER TABLE enrollments ADD COLUMN IF NOT EXISTS outcome TEXT",
+                    "ALTER TABLE messages ADD COLUMN IF NOT EXISTS held_due DOUBLE PRECISION",
+                    """CREATE TABLE IF NOT EXISTS cadence_pauses (cadence TEXT PRIMARY KEY,
+                       paused_at DOUBLE PRECISION NOT NULL, reason TEXT NOT NULL)""",
+                    """CREATE TABLE IF NOT EXISTS enrollment_events (enrollment_id BIGINT NOT NULL,
+                       at DOUBLE PRECISION NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL)""",
+                    """CREATE INDEX IF NOT EXISTS enrollment_events_by_enrollment
+                       ON enrollment_events (enrollment_id, at)""",
+                ):
+                    self.run(statement)
                 self.run(  # 15: uncertain sends count in their mailbox's day
                     """CREATE INDEX IF NOT EXISTS messages_uncertain ON messages (mailbox, uncertain_at)
                        WHERE state = 'error' AND reason = 'uncertain'"""

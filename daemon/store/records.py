@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 16
+SCHEMA_VERSION = 17
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
 PENDING = ("scheduled", "sending", "error")
 COUNTED_STATES = ("scheduled", "sending", "error")  # of messages, kept in message_counts as they change
+HELD_DUE = 1e11  # the due time of a paused cadence's held message (its own kept in held_due): never reached
+OUTCOMES = ("interested", "meeting_booked", "not_interested", "wrong_person")  # `prospect mark`
 IDEMPOTENCY_KEPT = 7 * 86400.0  # an Idempotency-Key is remembered this long (webhooks retry for up to days)
 
 

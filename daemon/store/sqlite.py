@@ -256,6 +256,24 @@ MIGRATIONS = {
         PRIMARY KEY (mailbox, cadence, day)
     ) WITHOUT ROWID;
     """,
+    # A cadence paused (its due messages held, their due time kept), outcomes marked, and what ended an
+    # enrollment or changed it, in order (`prospect show`).
+    17: """
+    ALTER TABLE enrollments ADD COLUMN outcome TEXT;
+    ALTER TABLE messages ADD COLUMN held_due REAL;
+    CREATE TABLE cadence_pauses (
+        cadence TEXT PRIMARY KEY,
+        paused_at REAL NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE TABLE enrollment_events (
+        enrollment_id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX enrollment_events_by_enrollment ON enrollment_events (enrollment_id, at);
+    """,
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,

@@ -465,3 +465,69 @@ SELECT count(*) FROM messages WHERE mailbox = ? AND state = 'scheduled' AND step
 
 -- name: first_emails_on
 SELECT first_emails FROM daily_counts WHERE mailbox = ? AND day = ?;
+
+-- A paused cadence's due messages on a mailbox are held: their due time kept, never due while it is paused.
+-- name: hold_cadence_due
+UPDATE messages SET held_due = due_at, due_at = ?1, detail = ?2 WHERE id IN (
+    SELECT m.id FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ?3 AND m.state = 'scheduled' AND m.due_at <= ?5 AND e.cadence = ?4)
+    RETURNING id;
+
+-- name: release_held
+UPDATE messages SET due_at = held_due, held_due = NULL, detail = NULL WHERE id IN (
+    SELECT m.id FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
+    WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.due_at >= ?2 AND e.cadence = ?3)
+    RETURNING id;
+
+-- name: pause_cadence
+INSERT INTO cadence_pauses (cadence, paused_at, reason) VALUES (?, ?, ?) ON CONFLICT (cadence) DO NOTHING
+    RETURNING cadence;
+
+-- name: unpause_cadence
+DELETE FROM cadence_pauses WHERE cadence = ? RETURNING paused_at;
+
+-- name: cadence_pauses
+SELECT cadence, paused_at, reason FROM cadence_pauses ORDER BY cadence;
+
+-- name: mailboxes_with_scheduled
+SELECT mailbox FROM message_counts WHERE state = 'scheduled' AND n > 0 ORDER BY mailbox;
+
+-- name: log_end_of_email
+INSERT INTO enrollment_events (enrollment_id, at, kind, detail)
+    SELECT id, ?, ?, ? FROM enrollments WHERE state = 'active' AND email = ?;
+
+-- name: log_end_of_id
+INSERT INTO enrollment_events (enrollment_id, at, kind, detail)
+    SELECT id, ?, ?, ? FROM enrollments WHERE state = 'active' AND id = ?;
+
+-- name: log_event
+INSERT INTO enrollment_events (enrollment_id, at, kind, detail) VALUES (?, ?, ?, ?);
+
+-- prospect show: an address's enrollments, their messages and events, in order
+-- name: enrollments_of_email
+SELECT id, cadence, mailbox, owner, adder, state, fields, created_at, ended_at, outcome
+    FROM enrollments WHERE email = ? ORDER BY created_at, id;
+
+-- name: messages_of_enrollment
+SELECT id, step, mailbox, state, reason, COALESCE(held_due, due_at), sent_at, message_id, subject, detail, attempts
+    FROM messages WHERE enrollment_id = ? ORDER BY step;
+
+-- name: events_of_enrollment
+SELECT at, kind, detail FROM enrollment_events WHERE enrollment_id = ? ORDER BY at;
+
+-- name: suppression_of
+SELECT reason, created_at FROM suppressions WHERE email = ?;
+
+-- Addresses near a mistyped one: those that begin as it does (through the address index), for a suggestion.
+-- name: emails_from
+SELECT DISTINCT email FROM enrollments WHERE email >= ? AND email < ? ORDER BY email LIMIT 5000;
+
+-- name: set_fields
+UPDATE enrollments SET fields = ? WHERE id = ?;
+
+-- name: set_outcome
+UPDATE enrollments SET outcome = ? WHERE id = ?;
+
+-- name: cadence_to_error
+UPDATE messages SET state = 'error', reason = 'cadence_removed', detail = ?
+    WHERE state = 'scheduled' AND enrollment_id IN (SELECT e.id FROM enrollments e WHERE e.cadence = ?) RETURNING id;

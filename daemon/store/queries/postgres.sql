@@ -185,17 +185,17 @@ INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, crea
 CREATE TEMP TABLE import_rows (n BIGSERIAL PRIMARY KEY, line BIGINT, email TEXT, owner TEXT, fields TEXT);
 
 -- name: outbox
-SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
     m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
 
 -- name: outbox_scheduled
-SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
     m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
 
 -- name: outbox_by_state
-SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
     m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
 
@@ -262,7 +262,8 @@ SELECT node, pid, host, started_at, seen_at FROM daemons ORDER BY node;
 -- again before it is taken. No global lock: two daemons claim for their own mailboxes side by side.
 -- name: next_due
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-    m.attempts, m.transient_failures, e.mailbox
+    m.attempts, m.transient_failures, e.mailbox,
+    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED;
@@ -270,20 +271,23 @@ SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m
 -- One statement, the second part run only when the first finds nothing (each through its index).
 -- name: next_due_follow_up
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-    m.attempts, m.transient_failures, e.mailbox
+    m.attempts, m.transient_failures, e.mailbox,
+    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED;
 
 -- name: next_due_follow_ups_first
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS f
 UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS n
@@ -291,14 +295,25 @@ LIMIT 1;
 
 -- name: next_due_new_first
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS n
 UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS f
 LIMIT 1;
+
+-- name: log_end_of_ids
+INSERT INTO enrollment_events (enrollment_id, at, kind, detail)
+    SELECT id, ?, ?, ? FROM enrollments WHERE state = 'active' AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
+
+-- `check`: active enrollments of a cadence a template's required field is missing or empty in (one pass each)
+-- name: lacking_field
+SELECT count(*), min(email) FROM enrollments
+    WHERE cadence = ? AND state = 'active' AND coalesce(CAST(fields AS json) ->> ?, '') = '';

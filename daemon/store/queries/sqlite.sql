@@ -189,17 +189,17 @@ CREATE TEMP TABLE import_rows (n INTEGER PRIMARY KEY, line INTEGER, email TEXT, 
 -- rows on average) SQLite would rather scan every message in id order than sort the few in error. The
 -- conditions (`m.state = '…'` written out, the mailbox, the cadence) follow.
 -- name: outbox
-SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
     m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
 
 -- name: outbox_scheduled
-SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
     m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
     FROM messages m INDEXED BY messages_due JOIN enrollments e ON e.id = m.enrollment_id;
 
 -- name: outbox_by_state
-SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, m.due_at,
+SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
     m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
     FROM messages m INDEXED BY messages_state JOIN enrollments e ON e.id = m.enrollment_id;
 
@@ -210,7 +210,8 @@ SELECT id FROM messages INDEXED BY messages_state WHERE state = 'error';
 -- through its own index) before the oldest due first email, or the other way round (SPEC §4).
 -- name: next_due
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-    m.attempts, m.transient_failures, e.mailbox
+    m.attempts, m.transient_failures, e.mailbox,
+    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1;
@@ -218,20 +219,23 @@ SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m
 -- One statement, the second part run only when the first finds nothing (each through its index).
 -- name: next_due_follow_up
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-    m.attempts, m.transient_failures, e.mailbox
+    m.attempts, m.transient_failures, e.mailbox,
+    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1;
 
 -- name: next_due_follow_ups_first
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS f
 UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS n
@@ -239,14 +243,25 @@ LIMIT 1;
 
 -- name: next_due_new_first
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS n
 UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
-        m.attempts, m.transient_failures, e.mailbox AS sticky
+        m.attempts, m.transient_failures, e.mailbox AS sticky,
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS f
 LIMIT 1;
+
+-- name: log_end_of_ids
+INSERT INTO enrollment_events (enrollment_id, at, kind, detail)
+    SELECT id, ?, ?, ? FROM enrollments WHERE state = 'active' AND id IN (SELECT value FROM json_each(?));
+
+-- `check`: active enrollments of a cadence a template's required field is missing or empty in (one pass each)
+-- name: lacking_field
+SELECT count(*), min(email) FROM enrollments
+    WHERE cadence = ? AND state = 'active' AND coalesce(json_extract(fields, '$."' || ? || '"'), '') = '';

@@ -1,4 +1,4 @@
--- The schema of a PostgreSQL database (version 14; PostgreSQL support began at 10). A test holds that it has
+-- The schema of a PostgreSQL database (version 17; PostgreSQL support began at 10). A test holds that it has
 -- the tables, columns and indexes of SQLite's (schema/sqlite.sql), but for PostgreSQL's own: cadenced_schema
 -- (SQLite keeps its version in PRAGMA user_version), daemons and leases (several daemons share one database).
 
@@ -26,6 +26,7 @@ CREATE TABLE enrollments (
     state TEXT NOT NULL DEFAULT 'active',
     created_at DOUBLE PRECISION NOT NULL,
     ended_at DOUBLE PRECISION,
+    outcome TEXT,
     UNIQUE (email, cadence)
 );
 CREATE TABLE rotation_counts (
@@ -50,6 +51,7 @@ CREATE TABLE messages (
     smtp_code INTEGER,
     detail TEXT,
     uncertain_at DOUBLE PRECISION,
+    held_due DOUBLE PRECISION,
     UNIQUE (enrollment_id, step)
 );
 CREATE INDEX messages_by_message_id ON messages (message_id) WHERE message_id IS NOT NULL;
@@ -188,3 +190,15 @@ CREATE TABLE cadence_counts (
     first_emails BIGINT NOT NULL,
     PRIMARY KEY (mailbox, cadence, day)
 );
+CREATE TABLE cadence_pauses (
+    cadence TEXT PRIMARY KEY,
+    paused_at DOUBLE PRECISION NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE enrollment_events (
+    enrollment_id BIGINT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX enrollment_events_by_enrollment ON enrollment_events (enrollment_id, at);

@@ -1,4 +1,4 @@
--- The schema of a new SQLite database (version 14). Databases made before are brought to it by the
+-- The schema of a new SQLite database (version 17). Databases made before are brought to it by the
 -- migrations of daemon/store/sqlite.py; a test holds that both give the same tables, columns and indexes.
 
 CREATE TABLE suppressions (
@@ -24,6 +24,7 @@ CREATE TABLE enrollments (
     state TEXT NOT NULL DEFAULT 'active',
     created_at REAL NOT NULL,
     ended_at REAL,
+    outcome TEXT,
     UNIQUE (email, cadence)
 );
 CREATE TABLE rotation_counts (
@@ -48,6 +49,7 @@ CREATE TABLE messages (
     smtp_code INTEGER,
     detail TEXT,
     uncertain_at REAL,
+    held_due REAL,
     UNIQUE (enrollment_id, step)
 );
 CREATE INDEX messages_by_message_id ON messages (message_id) WHERE message_id IS NOT NULL;
@@ -151,3 +153,15 @@ CREATE TABLE cadence_counts (
     first_emails INTEGER NOT NULL,
     PRIMARY KEY (mailbox, cadence, day)
 ) WITHOUT ROWID;
+CREATE TABLE cadence_pauses (
+    cadence TEXT PRIMARY KEY,
+    paused_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE enrollment_events (
+    enrollment_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX enrollment_events_by_enrollment ON enrollment_events (enrollment_id, at);
