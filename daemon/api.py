@@ -33,11 +33,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon import enroll, headers, logs, operate, readside, store
+from daemon import enroll, headers, logs, operate, prospects, readside, store
 from daemon.config import LOOPBACK_HOSTS, is_loopback
-from daemon.errors import Refused, StoreError, StoreUnavailable, UsageError
+from daemon.errors import NotFound, Refused, StoreError, StoreUnavailable, UsageError
 from daemon.model import ApiSettings, Config, Playbook
-from daemon.store import MESSAGE_STATES, Store
+from daemon.store import MESSAGE_STATES, OUTCOMES, Store
 
 MAX_LIMIT = 10_000  # messages one GET /v1/outbox returns
 MAX_PROSPECTS = 10_000  # prospects in one enrollment request
@@ -437,6 +437,8 @@ def build_app(
             db = open_store()
             try:
                 answer = action(db, config())
+            except NotFound as exc:
+                return error_response(404, "not_found", str(exc))
             except Refused as exc:
                 return error_response(409, "refused", str(exc))
             except UsageError as exc:
@@ -446,6 +448,107 @@ def build_app(
             return JSONResponse(answer)
 
         return work
+
+    def _email(request: Request) -> str:
+        email = str(request.path_params["email"])
+        if not 0 < len(email) <= 320:
+            raise BadRequest(422, "email", "1 to 320 characters")
+        return email
+
+    def _word(body: dict[str, Any], key: str, most: int = 500) -> str | None:
+        value = body.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > most):
+            raise BadRequest(422, key, f"must be a string of at most {most} characters")
+        return value
+
+    async def prospect_show(request: Request) -> Response:
+        email = _email(request)
+
+        def action(db: Store, _cfg: Config) -> dict[str, Any]:
+            return prospects.show(prospects.find(db, email), db.cadence_pauses())
+
+        return await in_thread(operator_action(action))
+
+    async def prospect_stop(request: Request) -> Response:
+        email = _email(request)
+        body = _object(await read_json(request, receiving, 64 * 1024), "", {"cadence", "reason"})
+        cadence, reason = _word(body, "cadence", 200), _word(body, "reason") or ""
+
+        def action(db: Store, _cfg: Config) -> dict[str, Any]:
+            done = prospects.stop(db, email, cadence, reason, time.time())
+            log.info("api.prospect_stopped", prospect=done["email"], cadences=done["stopped"])
+            return done
+
+        return await in_thread(operator_action(action))
+
+    async def prospect_mark(request: Request) -> Response:
+        email = _email(request)
+        body = _object(await read_json(request, receiving, 64 * 1024), "", {"cadence", "outcome"})
+        cadence, outcome = _word(body, "cadence", 200), body.get("outcome")
+        if outcome not in OUTCOMES:
+            raise BadRequest(422, "outcome", f"one of {', '.join(OUTCOMES)}")
+
+        def action(db: Store, _cfg: Config) -> dict[str, Any]:
+            done = prospects.mark(db, email, cadence, str(outcome), time.time())
+            log.info("api.prospect_marked", prospect=done["email"], outcome=outcome)
+            return done
+
+        return await in_thread(operator_action(action))
+
+    async def prospect_patch(request: Request) -> Response:
+        email = _email(request)
+        body = _object(await read_json(request, receiving, 1024 * 1024), "", {"cadence", "fields"})
+        cadence, given = _word(body, "cadence", 200), body.get("fields")
+        if not isinstance(given, dict) or not given or len(given) > MAX_FIELDS:
+            raise BadRequest(422, "fields", f"an object of 1 to {MAX_FIELDS} fields, each a string")
+        for key, value in given.items():
+            if not isinstance(value, str) or len(value) > enroll.MAX_FIELD:
+                raise BadRequest(422, f"fields.{key}", f"a string of at most {enroll.MAX_FIELD} characters")
+        try:
+            changes = prospects.parse_assignments([f"{k}={v}" for k, v in given.items()])
+        except UsageError as exc:
+            raise BadRequest(422, "fields", str(exc)) from None
+
+        def action(db: Store, cfg: Config) -> dict[str, Any]:
+            done = prospects.set_fields(db, cfg, email, cadence, changes, time.time())
+            log.info("api.prospect_changed", prospect=done["email"], fields=done["fields"])
+            return done
+
+        answer = await in_thread(operator_action(action))
+        wake()
+        return answer
+
+    async def cadence_pause(request: Request) -> Response:
+        name = str(request.path_params["name"])
+        body = _object(await read_json(request, receiving, 64 * 1024), "", {"reason"})
+        reason = _word(body, "reason") or "no reason given"
+
+        def action(db: Store, cfg: Config) -> dict[str, Any]:
+            known = {c.name for c in cfg.cadences} | set(db.enrollment_counts())
+            if name not in known:
+                raise prospects.unknown("cadence", name, known)
+            done = db.pause_cadence(name, f"paused through the API: {reason}", time.time())
+            log.info("api.cadence_paused", cadence=name)
+            return {"cadence": name, "paused": True, "was_paused": not done}
+
+        return await in_thread(operator_action(action))
+
+    async def cadence_resume(request: Request) -> Response:
+        name = str(request.path_params["name"])
+
+        def action(db: Store, cfg: Config) -> dict[str, Any]:
+            known = {c.name for c in cfg.cadences} | set(db.enrollment_counts())
+            if name not in known:
+                raise prospects.unknown("cadence", name, known)
+            released = db.resume_cadence(name)
+            if released is None:
+                raise Refused(f"{name}: not paused")
+            log.info("api.cadence_resumed", cadence=name, released=released)
+            return {"cadence": name, "paused": False, "released": released}
+
+        answer = await in_thread(operator_action(action))
+        wake()
+        return answer
 
     async def retry(request: Request) -> Response:
         body = _object(
@@ -600,6 +703,12 @@ def build_app(
         Route("/v1/outbox/retry", guarded(retry), methods=["POST"]),
         Route("/v1/outbox/reassign", guarded(reassign), methods=["POST"]),
         Route("/v1/playbooks/{name}/enrollments", guarded(enroll_prospects), methods=["POST"]),
+        Route("/v1/prospects/{email}", guarded(prospect_show), methods=["GET"]),
+        Route("/v1/prospects/{email}", guarded(prospect_patch), methods=["PATCH"]),
+        Route("/v1/prospects/{email}/stop", guarded(prospect_stop), methods=["POST"]),
+        Route("/v1/prospects/{email}/mark", guarded(prospect_mark), methods=["POST"]),
+        Route("/v1/cadences/{name}/pause", guarded(cadence_pause), methods=["POST"]),
+        Route("/v1/cadences/{name}/resume", guarded(cadence_resume), methods=["POST"]),
     ]
     app = Starlette(routes=routes)
     app.state.metrics = snapshot
@@ -877,6 +986,86 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     },
                 }
             },
+            **_prospect_paths(common, refused, unauthorized),
+        },
+    }
+
+
+def _prospect_paths(common: dict[str, Any], refused: dict[str, Any], unauthorized: dict[str, Any]) -> dict[str, Any]:
+    """SPEC §8a over HTTP: a prospect looked up, stopped, changed, marked; a cadence paused and resumed."""
+    email = {"name": "email", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 320}}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    missing = _error("no such prospect or cadence: `detail` names the nearest")
+    done = _ok("done", {"type": "object"})
+    text = {"type": "string", "maxLength": 500}
+    cadence = {"type": "string", "maxLength": 200}
+
+    def body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+        schema = {"type": "object", "additionalProperties": False, "properties": properties, "required": required}
+        return _json_body(schema)
+
+    answers = {"200": done, "404": missing, "409": refused, **common}
+    return {
+        "/v1/prospects/{email}": {
+            "get": {
+                "summary": "`cadenced prospect show --json`: enrollments, messages, timeline",
+                "parameters": [email],
+                "responses": {
+                    "200": done,
+                    "404": missing,
+                    "422": common["422"],
+                    "401": unauthorized,
+                    "503": common["503"],
+                },
+            },
+            "patch": {
+                "summary": "`cadenced prospect set`: the fields of its active enrollments",
+                "parameters": [email],
+                "requestBody": body(
+                    {
+                        "cadence": cadence,
+                        "fields": {
+                            "type": "object",
+                            "minProperties": 1,
+                            "maxProperties": MAX_FIELDS,
+                            "additionalProperties": {"type": "string"},
+                        },
+                    },
+                    ["fields"],
+                ),
+                "responses": answers,
+            },
+        },
+        "/v1/prospects/{email}/stop": {
+            "post": {
+                "summary": "`cadenced prospect stop`: stopped, waiting messages cancelled, not suppressed",
+                "parameters": [email],
+                "requestBody": body({"cadence": cadence, "reason": text}, []),
+                "responses": answers,
+            }
+        },
+        "/v1/prospects/{email}/mark": {
+            "post": {
+                "summary": "`cadenced prospect mark`: an outcome; an active enrollment ends as replied",
+                "parameters": [email],
+                "requestBody": body({"cadence": cadence, "outcome": {"enum": list(OUTCOMES)}}, ["outcome"]),
+                "responses": answers,
+            }
+        },
+        "/v1/cadences/{name}/pause": {
+            "post": {
+                "summary": "`cadenced cadence pause`: its messages held until resumed",
+                "parameters": [name],
+                "requestBody": body({"reason": text}, []),
+                "responses": answers,
+            }
+        },
+        "/v1/cadences/{name}/resume": {
+            "post": {
+                "summary": "`cadenced cadence resume`: held messages due again at their own times",
+                "parameters": [name],
+                "responses": {"200": done, "404": missing, "409": refused, "401": unauthorized, "503": common["503"]},
+            }
         },
     }
 

@@ -21,7 +21,16 @@ import anyio.streams.stapled
 import tomli_w
 
 from daemon import __version__, enroll, headers, operate, prospects, readside
-from daemon.config import address_problem, config_path_from, effective_dict, load_config, shown_database
+from daemon.config import (
+    address_problem,
+    config_digest,
+    config_path_from,
+    database_of,
+    effective_dict,
+    load_accepted,
+    load_config,
+    shown_database,
+)
 from daemon.errors import (
     CadencedError,
     ConfigError,
@@ -55,15 +64,69 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
-def _open_store(config: Config, *, create: bool = True) -> Store:
+def _open_store(config: Config, *, create: bool = True, warn: bool = True) -> Store:
     store = Store.open(config.daemon.database, create=create)
     try:
-        warning = readside.stale_config(store, config, time.time())
+        warning = readside.stale_config(store, config, time.time()) if warn else None
     except StoreUnavailable:
         warning = None
     if warning:
         sys.stderr.write(f"warning: {warning}\n")
     return store
+
+
+def _load_reading(args: argparse.Namespace) -> tuple[Config, bool]:
+    """A read command's config (status, outbox, plan, prospect show, cadence list): the file's, or the one the
+    running daemon accepted when the file is broken or differs from it, said first on stderr. (config, True)
+    when it is the daemon's."""
+    path = config_path_from(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        database = database_of(path)
+        kept = _kept_config(database, path) if database is not None else None
+        if kept is None:
+            raise
+        sys.stderr.write(f"note: {path} cannot be used ({exc.problems[0]}): reading the configuration {kept[1]}\n")
+        return kept[0], True
+    for warning in config.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    kept = _kept_config(config.daemon.database, path, differs_only=True)
+    if kept is None:
+        return config, False
+    sys.stderr.write(
+        f"note: {kept[1].removesuffix(' accepted')} runs an older version of {path}: reload to apply it "
+        "(systemctl reload cadenced, or kill -HUP); until then this reads the configuration it runs\n"
+    )
+    return kept[0], True
+
+
+def _kept_config(database: Path | str, path: Path, differs_only: bool = False) -> tuple[Config, str] | None:
+    """The config the daemon kept in the database, and who accepted it when; None: none kept (or, with
+    `differs_only`, no daemon runs or the file is what it runs)."""
+    if isinstance(database, Path) and not database.exists():
+        return None
+    try:
+        store = Store.open(database, create=False)
+    except CadencedError:
+        return None
+    try:
+        state = store.daemon_state()
+        running = readside.daemon(store, time.time())
+    except CadencedError:
+        return None
+    finally:
+        store.close()
+    text = state.get("config_text")
+    if not text:
+        return None
+    if differs_only and (not running["running"] or state.get("config_digest") == config_digest(path)):
+        return None
+    who = f"the running daemon (pid {running['pid']})" if running["running"] else "the last daemon"
+    try:
+        return load_accepted(path, text), f"{who} accepted"
+    except ConfigError:
+        return None
 
 
 T = TypeVar("T")
@@ -263,8 +326,8 @@ def cmd_mailbox_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_prospect_show(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = _open_store(config, create=False)
+    config, accepted = _load_reading(args)
+    store = _open_store(config, create=False, warn=not accepted)
     try:
         shown = prospects.show(prospects.find(store, args.email), store.cadence_pauses())
     finally:
@@ -355,8 +418,8 @@ def cmd_prospect_mark(args: argparse.Namespace) -> int:
 
 
 def cmd_cadence_list(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = _open_store(config)
+    config, accepted = _load_reading(args)
+    store = _open_store(config, warn=not accepted)
     try:
         paused = store.cadence_pauses()
         counts = store.enrollment_counts()
@@ -471,8 +534,8 @@ def cmd_suppressions(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = _open_store(config)
+    config, accepted = _load_reading(args)
+    store = _open_store(config, warn=not accepted)
     try:
         document = readside.status(config, store, time.time())
     finally:
@@ -516,8 +579,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         return cmd_outbox_retry(args)
     if args.action == "reassign":
         return cmd_outbox_reassign(args)
-    config = _load(args)
-    store = _open_store(config)
+    config, accepted = _load_reading(args)
+    store = _open_store(config, warn=not accepted)
     limit = None if args.show_all else args.limit
     if limit is not None and limit < 1:
         raise UsageError("--limit: 1 or more (--all for every message)")
@@ -608,8 +671,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = _open_store(config)
+    config, accepted = _load_reading(args)
+    store = _open_store(config, warn=not accepted)
     try:
         document = readside.plan(config, store, time.time(), args.days)
     finally:

@@ -520,14 +520,33 @@ class Watcher:
             else store.enrollments_of_sender(v.sender, self.address)
         )
         stop = [eid for eid, cadence, _email, state in found if state == "active" and _stop_on_reply(config, cadence)]
-        if not stop:
-            return []
-        cancelled = store.end_enrollments(stop, "replied", now, "the prospect replied")
-        events: list[tuple[str, Any]] = [
-            ("reply.detected", {"uid": uid, "cadence": cadence, "prospect": prospect, "how": v.why})
-            for eid, cadence, prospect, state in found
-            if eid in stop and state == "active"
-        ]
+        events: list[tuple[str, Any]] = []
+        cancelled: list[int] = []
+        if stop:
+            cancelled = store.end_enrollments(stop, "replied", now, "the prospect replied")
+            events = [
+                ("reply.detected", {"uid": uid, "cadence": cadence, "prospect": prospect, "how": v.why})
+                for eid, cadence, prospect, state in found
+                if eid in stop and state == "active"
+            ]
+        # stop_on_reply = "company": the reply's domain (the prospect's, or a colleague's writing without reply
+        # headers) stops the cadence for everyone there, but for free-mail domains, where it is no company.
+        domain = v.sender.rpartition("@")[2].lower()
+        companies = [c.name for c in config.cadences if c.stop_company]
+        if companies and domain and domain not in FREE_MAIL:
+            for cadence in companies:
+                ours = any(c == cadence for _eid, c, _email, _state in found) or store.wrote_to_domain(
+                    cadence, domain, self.address
+                )
+                if not ours:
+                    continue
+                detail = f"a reply from {domain} (stop_on_reply = company)"
+                prospects, done = store.stop_domain(cadence, domain, now, detail)
+                events += [
+                    ("reply.detected", {"uid": uid, "cadence": cadence, "prospect": p, "how": "company"})
+                    for p in prospects
+                ]
+                cancelled += done
         return events + [("message.cancelled", {"message": m, "reason": "replied"}) for m in cancelled]
 
     def _unsubscribe(self, store: Store, uid: int, v: Verdict, now: float) -> list[tuple[str, Any]]:
@@ -680,6 +699,21 @@ class Watcher:
 def _set_position(store: Store, mailbox: str, validity: int, last_uid: int) -> None:
     with store.transaction():
         store.set_imap_position(mailbox, validity, last_uid)
+
+
+# Where an address is a person's, not a company's: a reply from one stops that prospect only (stop_on_reply =
+# "company" does not reach its neighbours). The big providers of free mail, by market.
+FREE_MAIL = frozenset(
+    (
+        "gmail.com googlemail.com outlook.com hotmail.com hotmail.co.uk hotmail.fr hotmail.de live.com msn.com "
+        "yahoo.com yahoo.co.uk yahoo.fr yahoo.de ymail.com rocketmail.com icloud.com me.com mac.com aol.com "
+        "proton.me protonmail.com pm.me tutanota.com tuta.io fastmail.com hey.com zoho.com mail.com gmx.com "
+        "gmx.de gmx.net gmx.at web.de t-online.de freenet.de posteo.de orange.fr wanadoo.fr free.fr laposte.net "
+        "sfr.fr libero.it virgilio.it btinternet.com sky.com comcast.net verizon.net att.net sbcglobal.net "
+        "yandex.ru yandex.com mail.ru rambler.ru qq.com 163.com 126.com naver.com seznam.cz wp.pl o2.pl "
+        "interia.pl bluewin.ch shaw.ca rogers.com bigpond.com optusnet.com.au uol.com.br bol.com.br"
+    ).split()
+)
 
 
 def _stop_on_reply(config: Config, cadence: str) -> bool:

@@ -186,6 +186,7 @@ class Cadence:
     steps: tuple[Step, ...]
     rotation: str = "round_robin"  # round_robin | weighted (by daily capacity)
     new_per_day: int = 0  # first emails of this cadence per mailbox per local day at most (0: no such cap)
+    stop_company: bool = False  # stop_on_reply = "company": a reply from the prospect's domain stops all of it
     rotate_among_set: bool = True  # False: the file leaves it to the default (a database may pin the old one)
 
     def required_fields(self) -> frozenset[str]:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import anyio
 
 from daemon import enroll, logs, readside
-from daemon.config import config_digest, load_config, shown_database
+from daemon.config import accepted_state, load_config, shown_database
 from daemon.dispatch import Dispatcher
 from daemon.errors import (
     CadencedError,
@@ -200,7 +200,7 @@ class Daemon:
                 "started_at": str(time.time()),  # liveness facts in real time (see _heartbeat)
                 "heartbeat_at": str(time.time()),
                 "stopped_at": None,
-                "config_digest": config_digest(self.config_path),
+                **accepted_state(self.config_path),
             }
         )
 
@@ -386,7 +386,7 @@ class Daemon:
             for m in new.mailboxes:
                 if before.get(m.address) not in (None, m.smtp):
                     self.store.probe_now(m.address, now)  # new credentials or server: try at once
-        self.store.set_daemon_state({"config_digest": config_digest(self.config_path)})
+        self.store.set_daemon_state(accepted_state(self.config_path))
         # Templates that changed, judged against the prospects enrolled (a field they lack is an error at send).
         was = {c.name: c.required_fields() for c in old.cadences}
         changed = [c.name for c in new.cadences if was.get(c.name) != c.required_fields()]

@@ -375,6 +375,50 @@ def test_retry_and_reassign_over_http_follow_the_clis_rules(
     assert [d.sender for d in deliveries].count(a1) == 4
 
 
+def test_prospects_and_cadences_over_http(project: Project, server: SmtpServer, daemon: Daemon) -> None:
+    """SPEC §8a over HTTP: the CLI's rules and answers; unknown names are 404 with the nearest."""
+    project.data["defaults"]["gap"] = "0s"
+    project.add_mailboxes(1, smtp=server.smtp_config())
+    cadence = project.add_cadence(steps=2)
+    cadence["steps"][1]["wait"] = "1h"
+    assert project.enroll(project.people(3)).code == 0
+    daemon.start()
+    server.recorder.wait_for(3)
+    auth = daemon.auth
+    shown = httpx.get(f"{daemon.url}/v1/prospects/p0@prospects.example", headers=auth, timeout=10)
+    assert shown.status_code == 200
+    assert shown.json() == project.run("prospect", "show", "p0@prospects.example", "--json").json()
+    typo = httpx.get(f"{daemon.url}/v1/prospects/p0@prospects.exmaple", headers=auth, timeout=10)
+    assert typo.status_code == 404 and "did you mean p0@prospects.example?" in typo.json()["detail"]
+    patched = httpx.patch(
+        f"{daemon.url}/v1/prospects/p1@prospects.example", json={"fields": {"first_name": "Zed"}}, headers=auth
+    )
+    assert patched.status_code == 200, patched.text
+    fields = json.loads(
+        query(project.database, "SELECT fields FROM enrollments WHERE email = ?", "p1@prospects.example")[0][0]
+    )
+    assert fields["first_name"] == "Zed"
+    bad = httpx.patch(f"{daemon.url}/v1/prospects/p1@prospects.example", json={"fields": {"email": "x"}}, headers=auth)
+    assert bad.status_code == 422 and bad.json()["field"] == "fields"
+    stopped = daemon.post("/v1/prospects/p0@prospects.example/stop", {"reason": "by phone"})
+    assert stopped.status_code == 200 and stopped.json()["stopped"] == ["c1"]
+    assert daemon.post("/v1/prospects/p0@prospects.example/stop", {}).status_code == 409
+    marked = daemon.post("/v1/prospects/p2@prospects.example/mark", {"outcome": "interested"})
+    assert marked.status_code == 200 and marked.json()["ended"] == ["c1"]
+    assert daemon.post("/v1/prospects/p2@prospects.example/mark", {"outcome": "maybe"}).json()["field"] == "outcome"
+    assert daemon.post("/v1/cadences/c1/pause", {"reason": "review"}).json()["paused"] is True
+    assert daemon.post("/v1/cadences/c2/pause", {}).status_code == 404
+    resumed = daemon.post("/v1/cadences/c1/resume")
+    assert resumed.status_code == 200 and resumed.json()["released"] == 0
+    assert daemon.post("/v1/cadences/c1/resume").status_code == 409
+    states = dict(query(project.database, "SELECT email, state FROM enrollments"))
+    assert states == {
+        "p0@prospects.example": "stopped",
+        "p1@prospects.example": "active",
+        "p2@prospects.example": "replied",
+    }
+
+
 @pytest.mark.skipif(
     shutil.which("schemathesis") is None and not Path(sys.executable).with_name("schemathesis").exists(),
     reason="schemathesis is not installed (pip install -e '.[test]')",

@@ -161,6 +161,39 @@ async def test_replies_and_bounces_stop_the_follow_ups(project: Project, stack: 
 
 @needs_dovecot
 @pytest.mark.anyio
+async def test_a_reply_from_the_company_stops_it_there(project: Project, stack: tuple[SmtpServer, Dovecot]) -> None:
+    """stop_on_reply = "company": a colleague writing from the prospects' domain, without reply headers, stops
+    every prospect there; a reply from a free-mail address stops no neighbour."""
+    smtp, dovecot = stack
+    project.data["cadences"][0]["stop_on_reply"] = "company"
+    project.data["cadences"][0]["steps"][1]["wait"] = "1h"
+    people = ["a@acme.example,A,Acme", "b@acme.example,B,Acme", "c@other.example,C,Other"]
+    people += ["x@gmail.com,X,Home", "y@gmail.com,Y,Home"]
+    project.enroll(project.csv(people))
+    box = "mb1@alice.example"
+    with structlog.testing.capture_logs() as logs:
+        async with running(project.config_path):
+            await until(lambda: events(logs, "imap.watching"), what="the watcher")
+            await anyio.to_thread.run_sync(smtp.recorder.wait_for, 5)
+            dovecot.deliver("alice", mail("boss@ACME.example", box, "please stop writing to my team"))
+            dovecot.deliver("alice", mail("x@gmail.com", box, "not interested"))
+            await until(lambda: len(events(logs, "reply.detected")) == 3, what="three replies")
+    states = enrollment_states(project)
+    assert states == {
+        "a@acme.example": "replied",
+        "b@acme.example": "replied",
+        "c@other.example": "active",
+        "x@gmail.com": "replied",
+        "y@gmail.com": "active",
+    }
+    how = {e["prospect"]: e["how"] for e in events(logs, "reply.detected")}
+    assert how == {"a@acme.example": "company", "b@acme.example": "company", "x@gmail.com": "from the address itself"}
+    shown = project.run("prospect", "show", "b@acme.example", "--json").json()
+    assert shown["timeline"][-1]["detail"] == "a reply from acme.example (stop_on_reply = company)"
+
+
+@needs_dovecot
+@pytest.mark.anyio
 async def test_restart_and_server_restart_miss_nothing_and_reread_nothing(
     project: Project, stack: tuple[SmtpServer, Dovecot]
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401 (looked up lazily by socket.getfqdn, after the uid can no longer read it)
+import json
 import os
 import shutil
 import signal
@@ -298,3 +299,44 @@ def test_the_small_things(project: Project) -> None:
     run = subprocess.run(f"{' '.join(cmd)} | head -3", shell=True, capture_output=True, text=True, check=False)
     assert run.stdout.count("\n") == 3 and run.stderr == "", run.stderr
     assert run.stdout.split()[:7] == ["ID", "STATE", "CADENCE", "MAILBOX", "PROSPECT", "WHEN", "WHY"]
+
+
+def test_read_commands_use_the_running_config_when_the_file_is_broken_or_differs(project: Project) -> None:
+    server = SmtpServer().start()
+    try:
+        project.add_mailboxes(1, smtp=server.smtp_config(), daily_limit=200)
+        project.add_cadence()
+        project.write()
+        project.enroll(project.people(3))
+        daemon = DaemonProcess(project.config_path)
+        try:
+            daemon.wait_event("daemon.started")
+            # Edited, not reloaded: the commands read what the daemon runs, and say so first.
+            project.data["mailboxes"][0]["daily_limit"] = 199
+            project.write()
+            status = project.run("status", "--json", write=False)
+            assert status.code == 0, status.err
+            assert status.err.startswith(f"note: the running daemon (pid {daemon.proc.pid}) runs an older version")
+            assert "until then this reads the configuration it runs" in status.err
+            assert status.json()["mailboxes"][0]["daily_limit"] == 200
+            # Broken on disk: status, outbox, plan, prospect show and cadence list still answer.
+            project.config_path.write_text(project.config_path.read_text() + "\n[[cadences]\nname = 'x'\n")
+            for command in (
+                ["status", "--json"],
+                ["outbox", "--json"],
+                ["plan", "--json"],
+                ["prospect", "show", "p1@prospects.example", "--json"],
+                ["cadence", "list", "--json"],
+            ):
+                r = project.run(*command, write=False)
+                assert r.code == 0, (command, r.err)
+                assert r.err.startswith("note: ") and "cannot be used (invalid TOML" in r.err, (command, r.err)
+                json.loads(r.out)
+            # A command that changes something still needs the file.
+            r = project.run("cadence", "pause", "c1", write=False)
+            assert r.code == 2 and "invalid TOML" in r.err
+        finally:
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait() == 0
+    finally:
+        server.stop()

@@ -188,3 +188,14 @@ def test_check_judges_templates_against_the_enrolled(project: Project) -> None:
         in r.err
     )
     assert 'cadences."gone": no longer in the config, with 2 active enrollment(s)' in r.err
+
+
+def test_stop_on_reply_takes_company(project: Project) -> None:
+    project.add_mailboxes(1)
+    project.add_cadence(stop_on_reply="company")
+    project.add_cadence("c2", stop_on_reply="yes")
+    r = project.run("check")
+    assert r.code == 2 and 'cadences."c2".stop_on_reply: must be true, false or "company", got \'yes\'' in r.err
+    project.data["cadences"].pop()
+    printed = project.run("check", "--print")
+    assert printed.code == 0 and 'stop_on_reply = "company"' in printed.out

@@ -791,7 +791,11 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
     rotate_among = t.choice("rotate_among", "adder", ("adder", "owner", "cadence"))
     rotation = t.choice("rotation", "round_robin", ("round_robin", "weighted"))
     sender = t.string("sender", "")
-    stop_on_reply = t.boolean("stop_on_reply", True)
+    stop_on_reply: Any = t.data.get("stop_on_reply", True)
+    t.seen.add("stop_on_reply")
+    if stop_on_reply != "company" and not isinstance(stop_on_reply, bool):
+        t.problems.add(t.at("stop_on_reply"), f'must be true, false or "company", got {stop_on_reply!r}'[:200])
+        stop_on_reply = True
     fields = t.strings("fields", [])
     new_per_day = t.integer("new_per_day", 0, 0, 100_000)
     known = {m.address for m in mailboxes}
@@ -849,6 +853,7 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
         rotate_among=rotate_among,
         sender=sender or "",
         stop_on_reply=bool(stop_on_reply),
+        stop_company=stop_on_reply == "company",
         rotation=rotation,
         new_per_day=new_per_day if isinstance(new_per_day, int) else 0,
         rotate_among_set=rotate_among_set,
@@ -867,6 +872,45 @@ def _check_render(t: _Table, step: Step, fields: tuple[str, ...]) -> None:
                 " fields = [...]; use default(...) for a fallback)"
             )
         t.problems.add(t.at(key), f"{exc}{hint}")
+
+
+def accepted_state(path: Path) -> dict[str, str | None]:
+    """What the daemon keeps of the config it runs (at start and at each reload): its digest, for the commands'
+    "reload to apply", and its text, which read commands use when the file on disk is broken or differs."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return {"config_digest": "", "config_text": None}
+    return {"config_digest": hashlib.sha256(raw).hexdigest(), "config_text": raw.decode("utf-8", "replace")}
+
+
+def load_accepted(path: Path, text: str) -> Config:
+    """A config the daemon accepted, from the text it kept (file paths in it are read from `path`'s folder)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"the kept configuration: invalid TOML: {exc}"], str(path)) from None
+    return build_config(data, path)
+
+
+_DAEMON_TABLE = re.compile(r"^\[daemon\][ \t]*(?:#[^\n]*)?\n(.*?)(?=^[ \t]*\[|\Z)", re.MULTILINE | re.DOTALL)
+
+
+def database_of(path: Path) -> Path | str | None:
+    """The database a config file names, read from its [daemon] table alone: the rest of the file may be broken
+    (a read command then reads the config the daemon kept there). None: that table cannot be read either."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = _DAEMON_TABLE.search(text)
+    try:
+        data = tomllib.loads(found.group(1)) if found else {}
+    except tomllib.TOMLDecodeError:
+        return None
+    problems = _Problems()
+    database = _database(_Table(data, "daemon", problems), path.parent)
+    return None if problems.items else database
 
 
 def config_digest(path: Path) -> str:

@@ -145,7 +145,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "rotation": c.rotation,
                 "new_per_day": c.new_per_day,
                 "sender": c.sender,
-                "stop_on_reply": c.stop_on_reply,
+                "stop_on_reply": "company" if c.stop_company else c.stop_on_reply,
                 "fields": list(c.fields),
                 "steps": [
                     {

@@ -31,6 +31,20 @@ class Prospects(Core):
             self.conn.tell(mailboxes)
         return released
 
+    def wrote_to_domain(self, cadence: str, domain: str, mailbox: str) -> bool:
+        """Whether `mailbox` writes to someone at `domain` in `cadence` (a reply from there is about it)."""
+        return self.conn.one(self.q.wrote_to_domain, (cadence, mailbox, "@" + domain)) is not None
+
+    def stop_domain(self, cadence: str, domain: str, now: float, detail: str) -> tuple[list[str], list[int]]:
+        """stop_on_reply = "company": every active enrollment of `cadence` at `domain` ends `replied`; returns
+        (their addresses, the messages cancelled). One pass over the cadence's enrollments, once per reply."""
+        rows = self.conn.all(self.q.active_at_domain, (cadence, "@" + domain))
+        if not rows:
+            return [], []
+        with self.transaction():
+            cancelled = self._end("ids", [int(r[0]) for r in rows], "replied", now, detail)
+        return [str(r[1]) for r in rows], cancelled
+
     def cadence_pauses(self) -> dict[str, tuple[float, str]]:
         """cadence → (paused at, reason)."""
         return {str(r[0]): (float(r[1]), str(r[2])) for r in self.conn.all(self.q.cadence_pauses)}

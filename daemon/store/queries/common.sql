@@ -531,3 +531,12 @@ UPDATE enrollments SET outcome = ? WHERE id = ?;
 -- name: cadence_to_error
 UPDATE messages SET state = 'error', reason = 'cadence_removed', detail = ?
     WHERE state = 'scheduled' AND enrollment_id IN (SELECT e.id FROM enrollments e WHERE e.cadence = ?) RETURNING id;
+
+-- stop_on_reply = "company": the enrollments of a cadence at a domain (?2: "@domain")
+-- name: wrote_to_domain
+SELECT 1 FROM enrollments WHERE cadence = ?1 AND mailbox = ?2
+    AND substr(email, length(email) - length(?3) + 1) = ?3 LIMIT 1;
+
+-- name: active_at_domain
+SELECT id, email FROM enrollments WHERE cadence = ?1 AND state = 'active'
+    AND substr(email, length(email) - length(?2) + 1) = ?2;
