@@ -199,3 +199,32 @@ def test_stop_on_reply_takes_company(project: Project) -> None:
     project.data["cadences"].pop()
     printed = project.run("check", "--print")
     assert printed.code == 0 and 'stop_on_reply = "company"' in printed.out
+
+
+def test_a_held_message_that_went_to_the_error_section_comes_back_at_its_own_time(project: Project) -> None:
+    """Held by a paused cadence, then moved to error by its mailbox going down: after resume and a retry it is
+    due at its own time again (not the hold's), and the claim takes it."""
+    from daemon.store import HELD_DUE, Store
+
+    (box,) = project.add_mailboxes(1)
+    three_steps(project, "c1")
+    project.write()
+    project.enroll(project.people(1))
+    store = Store.open(project.database)
+    try:
+        (due,) = [r[0] for r in query(project.database, "SELECT due_at FROM messages")]
+        assert store.pause_cadence("c1", "test", due)
+        with store.transaction():
+            assert store.claim(box, due + 1, lambda i, a: f"<{i}.{a}@x>") is None  # held, not claimed
+        assert query(project.database, "SELECT due_at, held_due FROM messages") == [(HELD_DUE, due)]
+        store.disconnect(box, due + 2, "down", due + 60)
+        assert query(project.database, "SELECT state FROM messages") == [("error",)]
+        assert store.resume_cadence("c1") == 0  # nothing scheduled was held: the one held is in error
+        with store.transaction():
+            assert store.retry([1]) == 1
+        assert query(project.database, "SELECT state, due_at, held_due FROM messages") == [("scheduled", due, None)]
+        with store.transaction():
+            claimed = store.claim(box, due + 3, lambda i, a: f"<{i}.{a}@x>")
+        assert claimed is not None and claimed.email == "p0@prospects.example"
+    finally:
+        store.close()

@@ -315,7 +315,9 @@ INSERT INTO mailbox_health (mailbox, state, reason, since, failures, next_probe_
 UPDATE mailbox_health SET failures = 0, next_probe_at = NULL WHERE mailbox = ?;
 
 -- name: back_from_retry_queue
-UPDATE messages SET state = 'scheduled', reason = NULL, detail = 'back from the retry queue'
+-- (a message held by a paused cadence gets its own due time back: the claim holds it again while paused)
+UPDATE messages SET due_at = coalesce(held_due, due_at), held_due = NULL,
+    state = 'scheduled', reason = NULL, detail = 'back from the retry queue'
     WHERE mailbox = ? AND state = 'error' AND reason IN ('disconnected', 'refused') RETURNING id;
 
 -- name: catch_due_while_down

@@ -75,7 +75,9 @@ SELECT reason, count(*) FROM messages WHERE state = 'failed' AND reason IN ('bou
     AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value) GROUP BY reason;
 
 -- name: restore_cancelled
-UPDATE messages SET state = 'scheduled', detail = 'restored: the refusal was the sender''s'
+-- (a message held by a paused cadence gets its own due time back: the claim holds it again while paused)
+UPDATE messages SET due_at = coalesce(held_due, due_at), held_due = NULL,
+    state = 'scheduled', detail = 'restored: the refusal was the sender''s'
     WHERE state = 'cancelled' AND detail IN
     (SELECT ?2 || ' ' || value FROM unnest(CAST(?1 AS bigint[])) AS value UNION SELECT ?3 || ' ' || value FROM unnest(CAST(?1 AS bigint[])) AS value)
     RETURNING enrollment_id;
@@ -104,7 +106,9 @@ SELECT m.id, m.state, m.reason, m.mailbox, m.enrollment_id, m.step, e.cadence, e
     WHERE m.id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
 
 -- name: retry
-UPDATE messages SET state = 'scheduled', reason = NULL, transient_failures = 0,
+-- (a message held by a paused cadence gets its own due time back: the claim holds it again while paused)
+UPDATE messages SET due_at = coalesce(held_due, due_at), held_due = NULL,
+    state = 'scheduled', reason = NULL, transient_failures = 0,
     detail = 'retried by the operator (was ' || coalesce(reason, 'error') || ')'
     WHERE state = 'error' AND id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value) RETURNING id;
 
@@ -116,7 +120,9 @@ SELECT cadence, mailbox, count(*) FROM enrollments
 UPDATE enrollments SET mailbox = ? WHERE id IN (SELECT value FROM unnest(CAST(? AS bigint[])) AS value);
 
 -- name: move_messages
-UPDATE messages SET mailbox = ?1, state = 'scheduled', reason = NULL, transient_failures = 0,
+-- (a message held by a paused cadence gets its own due time back: the claim holds it again while paused)
+UPDATE messages SET due_at = coalesce(held_due, due_at), held_due = NULL,
+    mailbox = ?1, state = 'scheduled', reason = NULL, transient_failures = 0,
     detail = 'reassigned to ' || ?1 || ' (was ' || mailbox || ')'
     WHERE state IN ('scheduled', 'error') AND enrollment_id IN (SELECT value FROM unnest(CAST(?2 AS bigint[])) AS value)
     RETURNING id;
