@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import functools
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 STANDARD_FIELDS = ("email", "first_name", "last_name", "company")
-SENDER_FIELDS = ("sender_name", "sender_address")
+SENDER_FIELDS = ("sender_name", "sender_address", "signature")  # the mailbox's, not the prospect's
+SPIN_SEED = "spin_seed"  # the variable `spin` chooses by: the enrollment and step (a retry renders the same)
 _DEFAULT_FILTERS = frozenset({"default", "d"})
 _POLICY = email.policy.compat32.clone(linesep="\r\n")
 _ASCII = Charset("us-ascii")
@@ -50,6 +52,21 @@ _ENV = _Sandbox(
     autoescape=False,
     keep_trailing_newline=True,
 )
+
+
+@jinja2.pass_context
+def spin(context: Any, choices: Any) -> str:
+    """`{{ spin("Hi|Hello|Hey") }}`: one of the choices, the same for an enrollment's step every time it is
+    rendered (a retry, a preview), spread over the enrollments."""
+    if not isinstance(choices, str):
+        raise TemplateProblem("spin() takes one string of choices separated by |")
+    options = choices.split("|")
+    seed = str(context.get(SPIN_SEED, ""))
+    digest = hashlib.sha256(f"{seed}\0{choices}".encode()).digest()
+    return options[int.from_bytes(digest[:8], "big") % len(options)]
+
+
+_ENV.globals["spin"] = spin
 
 
 class TemplateProblem(Exception):
@@ -92,8 +109,8 @@ def compile_template(source: str) -> Template:
 
 
 def _read_names(tree: nodes.Template) -> set[str]:
-    """Every variable the template reads (not those it sets itself)."""
-    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in {"store", "param"}}
+    """Every variable the template reads (not those it sets itself, nor the functions it is given)."""
+    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in {"store", "param"}} | set(_ENV.globals)
     return {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load" and n.name not in assigned}
 
 
@@ -118,14 +135,27 @@ SAMPLE_UNSUBSCRIBE = "mailto:sender@example.com?subject=unsubscribe-1-sample"
 
 
 def prospect_variables(
-    fields: Mapping[str, str], sender_name: str, sender_address: str, unsubscribe_url: str = SAMPLE_UNSUBSCRIBE
+    fields: Mapping[str, str],
+    sender_name: str,
+    sender_address: str,
+    unsubscribe_url: str = SAMPLE_UNSUBSCRIBE,
+    signature: str = "",
+    seed: str = "",
 ) -> dict[str, str]:
-    """Template variables of one prospect: its non-empty fields, the sender's, and its unsubscribe link."""
+    """Template variables of one prospect: its non-empty fields, the sender's (its name, address and rendered
+    signature), its unsubscribe link, and what `spin` chooses by (`seed`: the enrollment and step)."""
     variables = {k: v for k, v in fields.items() if v != ""}
     variables["sender_name"] = sender_name
     variables["sender_address"] = sender_address
+    variables["signature"] = signature
     variables["unsubscribe_url"] = unsubscribe_url
+    variables[SPIN_SEED] = seed
     return variables
+
+
+def sender_variables(name: str, address: str) -> dict[str, str]:
+    """What a mailbox's signature is rendered with."""
+    return {"sender_name": name, "sender_address": address}
 
 
 def sample_variables(extra_fields: tuple[str, ...]) -> dict[str, str]:
@@ -138,7 +168,7 @@ def sample_variables(extra_fields: tuple[str, ...]) -> dict[str, str]:
     }
     for name in extra_fields:
         sample.setdefault(name, f"sample {name}")
-    return prospect_variables(sample, "Sam Sender", "sam@sender.example")
+    return prospect_variables(sample, "Sam Sender", "sam@sender.example", signature="Sam Sender\nsam@sender.example")
 
 
 @dataclass(frozen=True, slots=True)

@@ -602,7 +602,9 @@ class Importer:
         variables = compose.sample_variables(tuple(n for n in header if n not in ("", headers.LEFT_OUT)))
         columns = set(header)
         shown = {
-            k: v for k, v in variables.items() if k in columns or k.startswith("sender_") or k == "unsubscribe_url"
+            k: v
+            for k, v in variables.items()
+            if k in columns or k in compose.SENDER_FIELDS or k in ("unsubscribe_url", compose.SPIN_SEED)
         }
         problems = lifecycle.unfilled(self.cadence.steps, shown)
         if problems:

@@ -109,16 +109,26 @@ def unfilled(steps: Iterable[Step], variables: Mapping[str, Any]) -> list[tuple[
     return problems
 
 
+def thread_start(cadence: Cadence, number: int) -> int:
+    """The step that began the thread step `number` goes in: the last one at or before it with thread = "new"
+    (step 1 begins the first)."""
+    for s in range(number, 1, -1):
+        if cadence.steps[s - 1].new_thread:
+            return s
+    return 1
+
+
 def render_step(cadence: Cadence, step: Step, variables: Mapping[str, Any], first: str | None) -> tuple[str, str]:
     """(subject, body) of a step for one prospect's variables, or compose.TemplateProblem. A step without its own
-    subject goes as a reply in the thread: `Re:` the thread's first subject (`first`, as sent; None: the first
-    step's, rendered now). The subject is one line, its whitespace runs made single spaces."""
+    subject goes as a reply in its thread: `Re:` the thread's first subject (`first`, as sent; None: the subject
+    of the step that began the thread, rendered now). The subject is one line, its whitespace runs made single
+    spaces."""
     body = step.body.render(variables)
     if step.subject is not None:
         subject = step.subject.render(variables)
     else:
         if first is None:
-            first_step = cadence.steps[0]
+            first_step = cadence.steps[thread_start(cadence, step.number) - 1]
             first = first_step.subject.render(variables) if first_step.subject else ""
         subject = compose.thread_subject(first, None)
     return " ".join(subject.split()), body

@@ -153,6 +153,7 @@ class Mailbox:
     provider: str = ""  # google | microsoft | generic: the preset its servers were filled in from
     oauth2: OAuth2 | None = None
     unsubscribe_url: compose.Template | None = None  # an https one-click link ({{ token }}, {{ email }}, {{ mailbox }})
+    signature: compose.Template | None = None  # {{ signature }}: rendered with the mailbox's sender_name/address
     pause_on: PauseRule | None = DEFAULT_PAUSE  # None: never pauses itself
     reassign_after: float = 0.0  # seconds disconnected before its never-contacted enrollments move (0: never)
 
@@ -170,6 +171,7 @@ class Step:
     body: compose.Template
     body_file: str
     sender: str
+    new_thread: bool = False  # thread = "new": its own subject, no In-Reply-To; the steps after it reply to it
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,22 @@ def holiday_calendar_problem(code: str) -> str:
     return ""
 
 
+def _signature(t: _Table, base: compose.Template | None) -> compose.Template | None:
+    """`signature`: a template of the mailbox's sender_name and sender_address, checked by rendering it."""
+    text = t.string("signature", None)
+    if text is None:
+        return base
+    template = _template(t, "signature", text) if text else None
+    if template is None:
+        return None
+    try:
+        template.render(compose.sender_variables("Sam Sender", "sam@sender.example"))
+    except compose.TemplateProblem as exc:
+        t.problems.add(t.at("signature"), f"template error: {exc} (it knows sender_name and sender_address)")
+        return None
+    return template
+
+
 def _unsubscribe_url(t: _Table, base: compose.Template | None) -> compose.Template | None:
     """The one-click unsubscribe link's template, checked by rendering it for a sample prospect."""
     text = t.string("unsubscribe_url", None)
@@ -398,7 +414,10 @@ def _step(t: _Table, number: int, base_dir: Path) -> Step | None:
     body_text = t.string("body", None)
     body_file = t.string("body_file", "")
     sender = t.string("sender", "")
+    thread = t.choice("thread", "reply", ("reply", "new"))
     t.finish()
+    if thread == "new" and not subject_text:
+        t.problems.add(t.at("thread"), '"new" needs the step\'s own subject (a new thread is not a reply)')
     if subject_text is not None and ("\r" in subject_text or "\n" in subject_text):
         t.problems.add(t.at("subject"), "must be one line")
         subject_text = None
@@ -422,7 +441,7 @@ def _step(t: _Table, number: int, base_dir: Path) -> Step | None:
     body = _template(t, "body_file" if body_file else "body", body_text)
     if body is None:
         return None
-    return Step(number, wait, subject, body, body_file, sender)
+    return Step(number, wait, subject, body, body_file, sender, thread == "new" and number > 1)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -471,6 +490,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     default_copies = dt.choice("sent_copies", "none", SENT_COPIES)
     default_provider = dt.choice("provider", "", ("", *PROVIDERS))
     default_unsubscribe = _unsubscribe_url(dt, None)
+    default_signature = _signature(dt, None)
     default_pause = _pause_on(dt, DEFAULT_PAUSE)
     default_reassign = dt.parsed("reassign_after", 0.0, parse_duration)
     dt.finish()
@@ -511,6 +531,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
         paused = t.boolean("paused", False)
         helo_name = _helo_name(t, default_helo)
         unsubscribe_url = _unsubscribe_url(t, default_unsubscribe)
+        signature = _signature(t, default_signature)
         pause_on = _pause_on(t, default_pause)
         reassign_after = t.parsed("reassign_after", default_reassign, parse_duration)
         provider = t.choice("provider", default_provider, ("", *PROVIDERS))
@@ -550,6 +571,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
                 provider,
                 oauth2,
                 unsubscribe_url,
+                signature,
                 pause_on,
                 reassign_after,
             )
@@ -597,6 +619,20 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
                 playbooks.append(playbook)
     api_t = root.table("api")
     api = _api(api_t, base_dir) if api_t else None
+    for c in cadences:  # a From name left empty reads as nothing in an email
+        templates = [t for s in c.steps for t in (s.subject, s.body) if t is not None]
+        for m in (m for m in mailboxes if m.address in c.pool and not m.name):
+            uses = any("sender_name" in t.names for t in templates)
+            signs = (
+                m.signature is not None
+                and "sender_name" in m.signature.names
+                and any("signature" in t.names for t in templates)
+            )
+            if uses or signs:
+                problems.warnings.append(
+                    f'mailboxes."{m.address}": no name, and cadence {c.name!r} writes {{{{ sender_name }}}}'
+                    f"{' (through its signature)' if signs and not uses else ''}: it will read as nothing; set name"
+                )
     if playbooks and api is None and not problems.items:
         problems.warnings.append("playbooks: defined, but without [api] nothing can reach them")
     root.finish()

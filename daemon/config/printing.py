@@ -119,6 +119,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
                 "sent_copies": m.sent_copies,
                 **({"provider": m.provider} if m.provider else {}),
                 **({"unsubscribe_url": m.unsubscribe_url.source} if m.unsubscribe_url else {}),
+                **({"signature": m.signature.source} if m.signature else {}),
                 "reassign_after": format_duration(m.reassign_after),
                 "pause_on": {
                     "bounce_rate": m.pause_on.bounce_rate,
@@ -153,6 +154,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
                         **({"subject": s.subject.source} if s.subject else {}),
                         **({"body_file": s.body_file} if s.body_file else {"body": s.body.source}),
                         "sender": s.sender,
+                        **({"thread": "new"} if s.new_thread else {}),
                     }
                     for s in c.steps
                 ],

@@ -441,7 +441,13 @@ class MailboxRunner:
                 if not UNSUBSCRIBE_LINK.fullmatch(url):
                     raise compose.TemplateProblem(f"unsubscribe_url made {url[:80]!r}, not an https:// link")
                 links = (links[0], url)
-            variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address, links[-1])
+            signature = self.mailbox.signature
+            signed = signature.render(compose.sender_variables(self.mailbox.name, self.address)) if signature else ""
+            seed = f"{c.enrollment_id}:{c.step}"
+            variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address, links[-1], signed, seed)
+            # The thread this step goes in: from the step that began it (step 1, or the last thread = "new").
+            start = lifecycle.thread_start(cadence, step.number)
+            thread = [t for t in thread if t[0] >= start]
             subject, body = lifecycle.render_step(cadence, step, variables, thread[0][2] if thread else None)
         except compose.TemplateProblem as exc:
             await self._commit(Store.record_error, c.id, "template", None, str(exc))
