@@ -172,6 +172,7 @@ class Step:
     body_file: str
     sender: str
     new_thread: bool = False  # thread = "new": its own subject, no In-Reply-To; the steps after it reply to it
+    markdown: bool = False  # format = "markdown": sent as text and HTML (multipart/alternative)
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,3 +94,43 @@ def test_check_warns_of_a_sender_name_a_mailbox_lacks(project: Project) -> None:
     assert r.code == 0 and f"mailboxes.\"{box}\": no name, and cadence 'c1' writes {{{{ sender_name }}}}" in r.err
     project.data["mailboxes"][0]["name"] = "Ann"
     assert "no name" not in project.run("check").err
+
+
+@pytest.mark.slow
+def test_a_markdown_step_arrives_as_text_and_html(project: Project) -> None:
+    server = SmtpServer().start()
+    try:
+        project.data["defaults"]["gap"] = "0s"
+        project.add_mailboxes(1, smtp=server.smtp_config())
+        cadence = project.add_cadence()
+        cadence["format"] = "markdown"
+        cadence["steps"][0]["body"] = (
+            "Hi **{{ first_name }}**,\n\n- one\n- two\n\nSee [our page](https://acme.example/p)."
+        )
+        project.write()
+        rows = [
+            "p0@prospects.example,<script>alert(1)</script>,Co",
+            "p1@prospects.example,[Zed](https://evil.example),Co",
+        ]
+        enrolled = project.enroll(project.csv(rows))
+        assert enrolled.code == 0, enrolled.err
+        daemon = DaemonProcess(project.config_path)
+        try:
+            got = server.recorder.wait_for(2)
+        finally:
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait() == 0
+        for d in got:
+            assert d.headers.get_content_type() == "multipart/alternative"
+            text = d.headers.get_body(("plain",)).get_content()
+            html = d.headers.get_body(("html",)).get_content()
+            for word in ("one", "two", "See", "our page"):
+                assert word in text and word in html
+            assert '<a href="https://acme.example/p">our page</a>' in html and "<li>one</li>" in html
+        by = {d.recipient: d.headers.get_body(("html",)).get_content() for d in got}
+        assert "<script>" not in by["p0@prospects.example"]
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in by["p0@prospects.example"]
+        assert 'evil.example">' not in by["p1@prospects.example"]  # a field cannot make a link
+        assert "[Zed](https://evil.example)" in by["p1@prospects.example"]
+    finally:
+        server.stop()

@@ -408,8 +408,9 @@ def _template(t: _Table, key: str, source: str | None) -> compose.Template | Non
         return None
 
 
-def _step(t: _Table, number: int, base_dir: Path) -> Step | None:
+def _step(t: _Table, number: int, base_dir: Path, body_format: str = "text") -> Step | None:
     wait = t.parsed("wait", 0.0, parse_duration)
+    body_format = t.choice("format", body_format, ("text", "markdown"))
     subject_text = t.string("subject", None)
     body_text = t.string("body", None)
     body_file = t.string("body_file", "")
@@ -441,7 +442,8 @@ def _step(t: _Table, number: int, base_dir: Path) -> Step | None:
     body = _template(t, "body_file" if body_file else "body", body_text)
     if body is None:
         return None
-    return Step(number, wait, subject, body, body_file, sender, thread == "new" and number > 1)
+    new_thread = thread == "new" and number > 1
+    return Step(number, wait, subject, body, body_file, sender, new_thread, body_format == "markdown")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -855,12 +857,13 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
         t.problems.add(t.at("sender"), f"{sender!r} is not a mailbox of this cadence's pool")
     if sender and auto_rotate:
         t.problems.add(t.at("sender"), "a fixed sender needs auto_rotate = false")
+    body_format = t.choice("format", "text", ("text", "markdown"))
     steps: list[Step] = []
     step_tables = list(t.tables("steps"))
     if not step_tables:
         t.problems.add(t.at("steps"), "a cadence needs at least one step")
     for number, st in enumerate(step_tables, start=1):
-        step = _step(st, number, base_dir)
+        step = _step(st, number, base_dir, body_format)
         if step is None:
             continue
         if step.sender:

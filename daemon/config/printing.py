@@ -155,6 +155,7 @@ def effective_dict(config: Config) -> dict[str, Any]:
                         **({"body_file": s.body_file} if s.body_file else {"body": s.body.source}),
                         "sender": s.sender,
                         **({"thread": "new"} if s.new_thread else {}),
+                        **({"format": "markdown"} if s.markdown else {}),
                     }
                     for s in c.steps
                 ],

@@ -449,6 +449,10 @@ class MailboxRunner:
             start = lifecycle.thread_start(cadence, step.number)
             thread = [t for t in thread if t[0] >= start]
             subject, body = lifecycle.render_step(cadence, step, variables, thread[0][2] if thread else None)
+            html = None
+            if step.markdown:  # the HTML part: the same body, the prospect's fields read literally by Markdown
+                safe = {k: compose.markdown_safe(v) if k in c.fields else v for k, v in variables.items()}
+                html = compose.markdown_html(step.body.render(safe))
         except compose.TemplateProblem as exc:
             await self._commit(Store.record_error, c.id, "template", None, str(exc))
             self.d.stats.errors += 1
@@ -466,6 +470,7 @@ class MailboxRunner:
             in_reply_to=references[-1] if references else None,
             references=references,
             unsubscribe=links,
+            html=html,
         )
         return compose.build_message(out), subject
 
