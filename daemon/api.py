@@ -524,10 +524,7 @@ def build_app(
         reason = _word(body, "reason") or "no reason given"
 
         def action(db: Store, cfg: Config) -> dict[str, Any]:
-            known = {c.name for c in cfg.cadences} | set(db.enrollment_counts())
-            if name not in known:
-                raise prospects.unknown("cadence", name, known)
-            done = db.pause_cadence(name, f"paused through the API: {reason}", time.time())
+            done = prospects.pause_cadence(db, cfg, name, f"paused through the API: {reason}", time.time())
             log.info("api.cadence_paused", cadence=name)
             return {"cadence": name, "paused": True, "was_paused": not done}
 
@@ -537,12 +534,7 @@ def build_app(
         name = str(request.path_params["name"])
 
         def action(db: Store, cfg: Config) -> dict[str, Any]:
-            known = {c.name for c in cfg.cadences} | set(db.enrollment_counts())
-            if name not in known:
-                raise prospects.unknown("cadence", name, known)
-            released = db.resume_cadence(name)
-            if released is None:
-                raise Refused(f"{name}: not paused")
+            released = prospects.resume_cadence(db, cfg, name)
             log.info("api.cadence_resumed", cadence=name, released=released)
             return {"cadence": name, "paused": False, "released": released}
 

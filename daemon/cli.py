@@ -367,54 +367,59 @@ def cmd_prospect_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prospect_stop(args: argparse.Namespace) -> int:
+Done = dict[str, Any]
+
+
+def _prospect_action(
+    args: argparse.Namespace, act: Callable[[Store, Config], Done], said: Callable[[Done], str]
+) -> int:
+    """`prospect stop|set|mark`: the action on the database; its answer as JSON, or in words."""
     config = _load(args)
     store = _open_store(config, create=False)
     try:
-        done = prospects.stop(store, args.email, args.cadence, args.reason, time.time())
+        done = act(store, config)
     finally:
         store.close()
     if args.json:
         _json(done)
     else:
-        _out(
-            f"{done['email']}: stopped in {', '.join(done['stopped'])}; {len(done['cancelled'])} waiting message(s) "
-            "cancelled (the address is not suppressed)"
-        )
+        _out(said(done))
     return 0
+
+
+def cmd_prospect_stop(args: argparse.Namespace) -> int:
+    return _prospect_action(
+        args,
+        lambda store, _: prospects.stop(store, args.email, args.cadence, args.reason, time.time()),
+        lambda d: (
+            f"{d['email']}: stopped in {', '.join(d['stopped'])}; {len(d['cancelled'])} waiting message(s) "
+            "cancelled (the address is not suppressed)"
+        ),
+    )
 
 
 def cmd_prospect_set(args: argparse.Namespace) -> int:
-    config = _load(args)
     changes = prospects.parse_assignments(args.assignments)
-    store = _open_store(config, create=False)
-    try:
-        done = prospects.set_fields(store, config, args.email, args.cadence, changes, time.time())
-    finally:
-        store.close()
-    if args.json:
-        _json(done)
-    else:
-        _out(
-            f"{done['email']}: {', '.join(done['fields'])} changed in {', '.join(done['changed'])}; "
+    return _prospect_action(
+        args,
+        lambda store, config: prospects.set_fields(store, config, args.email, args.cadence, changes, time.time()),
+        lambda d: (
+            f"{d['email']}: {', '.join(d['fields'])} changed in {', '.join(d['changed'])}; "
             "messages not yet sent use them"
-        )
-    return 0
+        ),
+    )
 
 
 def cmd_prospect_mark(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = _open_store(config, create=False)
-    try:
-        done = prospects.mark(store, args.email, args.cadence, args.outcome, time.time())
-    finally:
-        store.close()
-    if args.json:
-        _json(done)
-    else:
-        ended = f"; ended in {', '.join(done['ended'])}" if done["ended"] else ""
-        _out(f"{done['email']}: marked {done['outcome']}{ended}; {len(done['cancelled'])} waiting message(s) cancelled")
-    return 0
+    return _prospect_action(
+        args,
+        lambda store, _: prospects.mark(store, args.email, args.cadence, args.outcome, time.time()),
+        lambda d: (
+            f"{d['email']}: marked {d['outcome']}"
+            + (f"; ended in {', '.join(d['ended'])}" if d["ended"] else "")
+            + f"; {len(d['cancelled'])} waiting message(s) cancelled"
+        ),
+    )
 
 
 def cmd_cadence_list(args: argparse.Namespace) -> int:
@@ -452,19 +457,12 @@ def cmd_cadence_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cadence_named(config: Config, store: Store, name: str) -> str:
-    known = {c.name for c in config.cadences} | set(store.enrollment_counts())
-    if name not in known:
-        raise prospects.unknown("cadence", name, known)
-    return name
-
-
 def cmd_cadence_pause(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_store(config)
+    name = args.name
     try:
-        name = _cadence_named(config, store, args.name)
-        done = store.pause_cadence(name, f"paused by the operator: {args.reason}", time.time())
+        done = prospects.pause_cadence(store, config, name, f"paused by the operator: {args.reason}", time.time())
     finally:
         store.close()
     if done:
@@ -477,13 +475,11 @@ def cmd_cadence_pause(args: argparse.Namespace) -> int:
 def cmd_cadence_resume(args: argparse.Namespace) -> int:
     config = _load(args)
     store = _open_store(config)
+    name = args.name
     try:
-        name = _cadence_named(config, store, args.name)
-        released = store.resume_cadence(name)
+        released = prospects.resume_cadence(store, config, name)
     finally:
         store.close()
-    if released is None:
-        raise Refused(f"{name}: not paused")
     _out(f"{name}: resumed; {released} held message(s) due again at their own times (those past go first)")
     return 0
 

@@ -400,23 +400,22 @@ class _Recoded:
         self.lines = 0  # line ends given so far
 
     def read(self, size: int = -1) -> bytes:
-        chunk = self.source.read(size)
-        state = self.decoder.getstate()
-        try:
-            text = self.decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError:
-            lenient = codecs.getincrementaldecoder(self.encoding)(errors="replace")
-            lenient.setstate(state)
-            partial = lenient.decode(chunk, final=not chunk)
-            at = self.lines + partial[: partial.find("\ufffd")].count("\n") + 1
-            raise UsageError(
-                f"{self.path}:{at}: not {self.encoding} text (read as {self.encoding}: give the file's --encoding)"
-            ) from None
-        self.lines += text.count("\n")
-        data = text.encode("utf-8")
-        if not data and chunk:
-            return self.read(size)  # a chunk that ended inside a character: read on
-        return data
+        while True:  # a chunk that ends inside a character gives nothing yet: read on
+            chunk = self.source.read(size)
+            state = self.decoder.getstate()
+            try:
+                text = self.decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError:
+                lenient = codecs.getincrementaldecoder(self.encoding)(errors="replace")
+                lenient.setstate(state)
+                partial = lenient.decode(chunk, final=not chunk)
+                at = self.lines + partial[: partial.find("\ufffd")].count("\n") + 1
+                raise UsageError(
+                    f"{self.path}:{at}: not {self.encoding} text (read as {self.encoding}: give the file's --encoding)"
+                ) from None
+            self.lines += text.count("\n")
+            if text or not chunk:
+                return text.encode("utf-8")
 
 
 def decoded_lines(

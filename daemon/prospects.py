@@ -33,9 +33,28 @@ def check_filters(config: Config, store: Store, mailbox: str | None, cadence: st
         if mailbox not in known:
             raise unknown("mailbox", mailbox, known)
     if cadence is not None:
-        known = {c.name for c in config.cadences} | set(store.enrollment_counts())
-        if cadence not in known:
-            raise unknown("cadence", cadence, known)
+        known_cadence(config, store, cadence)
+
+
+def known_cadence(config: Config, store: Store, name: str) -> str:
+    """`name`, a cadence of the config or of the database (a removed one with enrollments), or NotFound."""
+    known = {c.name for c in config.cadences} | set(store.enrollment_counts())
+    if name not in known:
+        raise unknown("cadence", name, known)
+    return name
+
+
+def pause_cadence(store: Store, config: Config, name: str, reason: str, now: float) -> bool:
+    """`cadence pause` (the CLI's and the API's): False when it was paused already."""
+    return store.pause_cadence(known_cadence(config, store, name), reason, now)
+
+
+def resume_cadence(store: Store, config: Config, name: str) -> int:
+    """`cadence resume`: how many held messages are due again; Refused when it was not paused."""
+    released = store.resume_cadence(known_cadence(config, store, name))
+    if released is None:
+        raise Refused(f"{name}: not paused")
+    return released
 
 
 def find(store: Store, email: str) -> dict[str, Any]:

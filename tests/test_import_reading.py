@@ -308,3 +308,26 @@ def test_an_import_enrolls_with_foreign_keys_unchecked_and_checks_them_again_aft
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 50
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 9), st.sampled_from(["utf-16", "utf-32", "cp1252"]))
+def test_a_file_in_another_encoding_reads_as_its_utf8_twin(read: int, encoding: str) -> None:
+    """Decoded as read, in reads that end inside a character: the same header and rows as the UTF-8 file."""
+    from daemon.enroll import Dialect
+
+    text = 'email;first_name;note\r\np@x.example;Jörg;"a; b"\r\nq@x.example;Zoë;Café\r\n'
+    given_encoding = None if encoding.startswith("utf") else encoding
+    other = read_csv_rows_in(Path("o.csv"), text.encode(encoding), read, Dialect(encoding=given_encoding))
+    assert other == read_csv_rows_in(Path("o.csv"), text.encode("utf-8"), read, Dialect())
+
+
+def read_csv_rows_in(path: Path, data: bytes, read: int, dialect: object) -> tuple[object, object]:
+    header, items = read_csv(path, io.BytesIO(data), read, 64, dialect)  # type: ignore[arg-type]
+    rows = []
+    for item in items:
+        if isinstance(item, Plain):
+            rows.extend(text.split(item.sep) for text in item.lines)
+        else:
+            rows.append(item[1])
+    return header.names, rows
