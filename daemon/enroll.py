@@ -747,9 +747,10 @@ class Importer:
             report.reject(Rejection(line, email, f"address is suppressed ({reason})", "email", "suppressed"))
         report.skipped += self.store.drop_staged_enrolled(cadence.name)
         first_id = next_id = self.store.next_enrollment_id()
+        seq = self.store.enrolled_in(cadence.name)
         self.first_id = 0
         added: dict[str, int] = {}
-        if self._enroll_in_turns(rotator, now, first_id, added, report):
+        if self._enroll_in_turns(rotator, now, first_id, seq, added, report):
             next_id += sum(added.values())
             staged: Iterator[list[Staged]] = iter(())
         else:
@@ -762,12 +763,14 @@ class Importer:
                 except rotation.Placement as exc:
                     report.reject(Rejection(line, email, str(exc), "owner", "placement"))
                     continue
-                enrollments.append((next_id, cadence.name, email, mailbox, owner, self.adder, fields, now))
+                seq_of = seq + next_id - first_id
+                enrollments.append((next_id, cadence.name, email, mailbox, owner, self.adder, fields, now, seq_of))
                 next_id += 1
                 added[mailbox] = added.get(mailbox, 0) + 1
             self.store.insert_enrollments(cadence.name, enrollments)
         self.store.schedule_first_steps(first_id, step1.sender or None, now + step1.wait, added)
         self.store.count_enrollments(cadence.name, added)
+        self.store.count_result(cadence.name, timing.utc_day(now), "enrolled", added)
         self.store.save_rotation(cadence.name, rotator.cursors, rotator.credits)
         for mailbox, n in added.items():
             report.assignments[mailbox] = report.assignments.get(mailbox, 0) + n
@@ -776,7 +779,7 @@ class Importer:
             self.first_id = first_id
 
     def _enroll_in_turns(
-        self, rotator: rotation.Rotator, now: float, first_id: int, added: dict[str, int], report: Report
+        self, rotator: rotation.Rotator, now: float, first_id: int, seq: int, added: dict[str, int], report: Report
     ) -> bool:
         """Round robin (or one sender) places each group's rows in a cycle: enrolled by SQL, not row by row.
 
@@ -798,7 +801,7 @@ class Importer:
             cycles[owner] = cycle
             for i, mailbox in enumerate(cycle):
                 added[mailbox] = added.get(mailbox, 0) + len(range(i, n, len(cycle)))
-        self.store.enroll_staged(self.cadence.name, self.adder, now, first_id, cycles, by_owner)
+        self.store.enroll_staged(self.cadence.name, self.adder, now, first_id, cycles, by_owner, seq)
         return True
 
     def _rotator(self) -> rotation.Rotator:

@@ -8,6 +8,8 @@ the daemon sent it from the enrollment's own.
 
 from __future__ import annotations
 
+import functools
+import random
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -98,7 +100,7 @@ def unfilled(steps: Iterable[Step], variables: Mapping[str, Any]) -> list[tuple[
     why; empty when every one is filled. Enroll asks it of a file's columns and of each row it doubts, `check`
     of the sample fields."""
     problems = []
-    for step in steps:
+    for step in (version for s in steps for version in s.versions()):
         for part, template in (("subject", step.subject), ("body", step.body)):
             if template is None:
                 continue
@@ -118,17 +120,43 @@ def thread_start(cadence: Cadence, number: int) -> int:
     return 1
 
 
-def render_step(cadence: Cadence, step: Step, variables: Mapping[str, Any], first: str | None) -> tuple[str, str]:
-    """(subject, body) of a step for one prospect's variables, or compose.TemplateProblem. A step without its own
-    subject goes as a reply in its thread: `Re:` the thread's first subject (`first`, as sent; None: the subject
-    of the step that began the thread, rendered now). The subject is one line, its whitespace runs made single
-    spaces."""
+def variant_of(cadence: str, step: Step, seq: int) -> tuple[Step, str | None]:
+    """The version of `step` the enrollment numbered `seq` in its cadence gets, and its variant's name (None: the
+    step has no variants). Every `W` enrollments in a row (W: the weights' sum) get each variant as often as its
+    weight, in an order shuffled per block, cadence and step: even (by weight) at every count, the same on every
+    retry, and unrelated to rotation's turns (which also go in order) and to the other steps' variants."""
+    if not step.variants:
+        return step, None
+    order = _variant_order(cadence, step.number, tuple(v.weight for v in step.variants), seq // _weights(step))
+    v = step.variants[order[seq % len(order)]]
+    return v.step, v.name
+
+
+def _weights(step: Step) -> int:
+    return sum(v.weight for v in step.variants)
+
+
+@functools.lru_cache(maxsize=4096)
+def _variant_order(cadence: str, step: int, weights: tuple[int, ...], block: int) -> tuple[int, ...]:
+    order = [i for i, w in enumerate(weights) for _ in range(w)]
+    random.Random(f"{cadence}\0{step}\0{block}").shuffle(order)
+    return tuple(order)
+
+
+def render_step(
+    cadence: Cadence, step: Step, variables: Mapping[str, Any], first: str | None, seq: int = 0
+) -> tuple[str, str]:
+    """(subject, body) of a step for one prospect's variables, or compose.TemplateProblem. `step` is the version
+    the prospect gets (variant_of; `seq`: the enrollment's number in its cadence). A step without its own subject
+    goes as a reply in its thread: `Re:` the thread's first subject (`first`, as sent; None: the subject of the
+    step that began the thread in the prospect's variant, rendered now). The subject is one line, its whitespace
+    runs made single spaces."""
     body = step.body.render(variables)
     if step.subject is not None:
         subject = step.subject.render(variables)
     else:
         if first is None:
-            first_step = cadence.steps[thread_start(cadence, step.number) - 1]
+            first_step, _ = variant_of(cadence.name, cadence.steps[thread_start(cadence, step.number) - 1], seq)
             first = first_step.subject.render(variables) if first_step.subject else ""
         subject = compose.thread_subject(first, None)
     return " ".join(subject.split()), body

@@ -173,6 +173,22 @@ class Step:
     sender: str
     new_thread: bool = False  # thread = "new": its own subject, no In-Reply-To; the steps after it reply to it
     markdown: bool = False  # format = "markdown": sent as text and HTML (multipart/alternative)
+    variants: tuple[Variant, ...] = ()  # [[cadences.steps.variants]]: none, or two and more versions of the step
+
+    def versions(self) -> tuple[Step, ...]:
+        """The step as each prospect may get it: itself, or each of its variants (a Step with the variant's
+        subject and body)."""
+        return tuple(v.step for v in self.variants) if self.variants else (self,)
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One version of a step (an A/B test): its name (`name`, or A, B, … in file order), its share (`weight`) and the
+    step as it is sent in it (the variant's subject and body, or the step's where the variant leaves them out)."""
+
+    name: str
+    weight: int
+    step: Step
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,23 +210,27 @@ class Cadence:
 
     def required_fields(self) -> frozenset[str]:
         names: set[str] = set()
-        for step in self.steps:
+        for step in self.versions():
             names |= step.body.required
             if step.subject is not None:
                 names |= step.subject.required
         return frozenset(names - set(compose.SENDER_FIELDS))
 
+    def versions(self) -> tuple[Step, ...]:
+        """Every step as it may be sent: each variant of a step with variants."""
+        return tuple(v for s in self.steps for v in s.versions())
+
     def used_fields(self) -> frozenset[str]:
         """Every prospect field a template of the cadence reads, with `default` or without."""
         names: set[str] = set()
-        for step in self.steps:
+        for step in self.versions():
             names |= step.body.names | (step.subject.names if step.subject is not None else frozenset())
         return frozenset(names - set(compose.SENDER_FIELDS) - {"unsubscribe_url"})
 
     def subject_fields(self) -> frozenset[str]:
         """The prospect fields a subject reads: they reach a header, so no line break may be in them."""
         names: set[str] = set()
-        for step in self.steps:
+        for step in self.versions():
             if step.subject is not None:
                 names |= step.subject.names
         return frozenset(names)

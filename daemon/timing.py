@@ -10,6 +10,7 @@ of an autumn fold counts twice.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -299,3 +300,8 @@ class SenderClock:
             stretch.limit = allowance(self.s, stretch.day, first_day)[0]
             self._first_day = first_day
         return decision
+
+
+def utc_day(at: float) -> str:
+    """The UTC date of `at`: the day results count in (`cadenced report`), the same everywhere and in SQL."""
+    return time.strftime("%Y-%m-%d", time.gmtime(at))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -42,6 +43,7 @@ from daemon.model import (
     Server,
     Step,
     User,
+    Variant,
     Warmup,
 )
 
@@ -411,30 +413,22 @@ def _template(t: _Table, key: str, source: str | None) -> compose.Template | Non
 def _step(t: _Table, number: int, base_dir: Path, body_format: str = "text") -> Step | None:
     wait = t.parsed("wait", 0.0, parse_duration)
     body_format = t.choice("format", body_format, ("text", "markdown"))
-    subject_text = t.string("subject", None)
-    body_text = t.string("body", None)
-    body_file = t.string("body_file", "")
+    subject_text = _subject_text(t)
+    body_text, body_file = _body_text(t, base_dir)
     sender = t.string("sender", "")
     thread = t.choice("thread", "reply", ("reply", "new"))
+    variant_tables = list(t.tables("variants"))
     t.finish()
+    new_thread = thread == "new" and number > 1
+    markdown = body_format == "markdown"
+    if variant_tables:
+        shared = Step(number, wait, None, compose.compile_template(""), "", sender, new_thread, markdown)
+        return _step_with_variants(t, variant_tables, shared, base_dir, subject_text, body_text, body_file, thread)
     if thread == "new" and not subject_text:
         t.problems.add(t.at("thread"), '"new" needs the step\'s own subject (a new thread is not a reply)')
-    if subject_text is not None and ("\r" in subject_text or "\n" in subject_text):
-        t.problems.add(t.at("subject"), "must be one line")
-        subject_text = None
-    if body_text is not None and body_file:
-        t.problems.add(t.path, "give body or body_file, not both")
-    elif body_text is None and body_file:
-        path = Path(body_file) if Path(body_file).is_absolute() else base_dir / body_file
-        try:
-            body_text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-            t.problems.add(t.at("body_file"), f"cannot read {path}: {reason}")
-            return None
-        body_file = str(path)
-    elif body_text is None:
-        t.problems.add(t.path, "needs body or body_file")
+    if body_text is None:
+        if body_file is None:
+            t.problems.add(t.path, "needs body or body_file")
         return None
     if number == 1 and not subject_text:
         t.problems.add(t.at("subject"), "is required on the first step (later steps without one reply in its thread)")
@@ -442,8 +436,92 @@ def _step(t: _Table, number: int, base_dir: Path, body_format: str = "text") -> 
     body = _template(t, "body_file" if body_file else "body", body_text)
     if body is None:
         return None
-    new_thread = thread == "new" and number > 1
-    return Step(number, wait, subject, body, body_file, sender, new_thread, body_format == "markdown")
+    return Step(number, wait, subject, body, body_file or "", sender, new_thread, markdown)
+
+
+def _subject_text(t: _Table) -> str | None:
+    subject = t.string("subject", None)
+    if subject is not None and ("\r" in subject or "\n" in subject):
+        t.problems.add(t.at("subject"), "must be one line")
+        return None
+    return subject if isinstance(subject, str) else None
+
+
+def _body_text(t: _Table, base_dir: Path) -> tuple[str | None, str | None]:
+    """(text, "" or the file it was read from); (None, None) when the table gives neither body nor body_file;
+    (None, "") when what it gives cannot be used (the problem is noted)."""
+    body = t.string("body", None)
+    body_file = t.string("body_file", None)
+    if isinstance(body, str) and isinstance(body_file, str):
+        t.problems.add(t.path, "give body or body_file, not both")
+        return None, ""
+    if isinstance(body, str):
+        return body, ""
+    if not isinstance(body_file, str):
+        return None, (None if "body" not in t.data and "body_file" not in t.data else "")
+    path = Path(body_file) if Path(body_file).is_absolute() else base_dir / body_file
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        t.problems.add(t.at("body_file"), f"cannot read {path}: {reason}")
+        return None, ""
+
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,39}")
+MAX_VARIANTS = 26
+
+
+def _step_with_variants(
+    t: _Table,
+    tables: list[_Table],
+    shared: Step,
+    base_dir: Path,
+    subject_text: str | None,
+    body_text: str | None,
+    body_file: str | None,
+    thread: str,
+) -> Step | None:
+    """A step with [[cadences.steps.variants]]: each variant its own subject and body, or the step's where it
+    leaves one out (`shared`: the step's wait, sender, thread and format). The step itself reads as its first
+    variant."""
+    number = shared.number
+    if len(tables) < 2 or len(tables) > MAX_VARIANTS:
+        t.problems.add(t.at("variants"), f"give 2 to {MAX_VARIANTS} variants, got {len(tables)}")
+    variants: list[Variant] = []
+    for i, vt in enumerate(tables):
+        name = vt.string("name", chr(ord("A") + i) if i < MAX_VARIANTS else str(i + 1))
+        weight = vt.integer("weight", 1, 1, 1000)
+        v_subject = _subject_text(vt)
+        v_body, v_file = _body_text(vt, base_dir)
+        vt.finish()
+        if isinstance(name, str) and not VARIANT_NAME.fullmatch(name):
+            vt.problems.add(
+                vt.at("name"), f"{name!r}: letters, digits, space . _ - (40 at most, a letter or digit first)"
+            )
+        elif any(v.name == name for v in variants):
+            vt.problems.add(vt.at("name"), f"duplicate variant {name!r}")
+        subject_text_v = v_subject if v_subject is not None else subject_text
+        where, text, file = (vt, v_body, v_file) if v_body is not None else (t, body_text, body_file)
+        if text is None:
+            if v_file is None and body_file is None:
+                vt.problems.add(vt.path, "needs body or body_file (the step gives neither)")
+            continue
+        if thread == "new" and not subject_text_v:
+            vt.problems.add(vt.at("subject"), "\"new\" thread needs a subject (the step's or the variant's own)")
+        if number == 1 and not subject_text_v:
+            vt.problems.add(vt.at("subject"), "is required on the first step (the step's or the variant's own)")
+        owner = vt if v_subject is not None else t
+        subject = _template(owner, "subject", subject_text_v) if subject_text_v else None
+        body = _template(where, "body_file" if file else "body", text)
+        if body is None or not isinstance(name, str):
+            continue
+        version = dataclasses.replace(shared, subject=subject, body=body, body_file=file or "")
+        variants.append(Variant(name, weight if isinstance(weight, int) else 1, version))
+    if len(variants) != len(tables) or not variants:
+        return None
+    first = variants[0].step
+    return dataclasses.replace(first, variants=tuple(variants))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -622,7 +700,7 @@ def build_config(data: dict[str, Any], config_path: Path) -> Config:
     api_t = root.table("api")
     api = _api(api_t, base_dir) if api_t else None
     for c in cadences:  # a From name left empty reads as nothing in an email
-        templates = [t for s in c.steps for t in (s.subject, s.body) if t is not None]
+        templates = [t for s in c.versions() for t in (s.subject, s.body) if t is not None]
         for m in (m for m in mailboxes if m.address in c.pool and not m.name):
             uses = any("sender_name" in t.names for t in templates)
             signs = (
@@ -902,8 +980,14 @@ def _cadence(t: _Table, mailboxes: list[Mailbox], user_names: set[str], base_dir
 
 
 def _check_render(t: _Table, step: Step, fields: tuple[str, ...]) -> None:
+    versions = [(f"variants[{i}].", v.step) for i, v in enumerate(step.variants)] or [("", step)]
+    for prefix, version in versions:
+        _check_version(t, version, fields, prefix)
+
+
+def _check_version(t: _Table, step: Step, fields: tuple[str, ...], prefix: str) -> None:
     for _, part, exc in lifecycle.unfilled([step], compose.sample_variables(fields)):
-        key = "body_file" if part == "body" and step.body_file else part
+        key = prefix + ("body_file" if part == "body" and step.body_file else part)
         hint = ""
         if "undefined" in str(exc):
             hint = (

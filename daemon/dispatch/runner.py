@@ -261,7 +261,10 @@ class MailboxRunner:
 
     def _sent(self, pending: Sent) -> None:
         self.d.stats.sent += 1
-        pending.log.info("message.sent", smtp_code=pending.code, subject=pending.subject)
+        variant = pending.record.variant
+        pending.log.info(
+            "message.sent", smtp_code=pending.code, subject=pending.subject, **({"variant": variant} if variant else {})
+        )
 
     async def flush(self) -> None:
         """Commit a send not yet recorded (on the way out, retried until the shutdown deadline)."""
@@ -358,7 +361,7 @@ class MailboxRunner:
         composed = await self._compose(c, thread, log)
         if composed is None:
             return
-        message, subject = composed
+        message, subject, variant = composed
         if not self.holds_slot:
             await self.d.connections.acquire_on_behalf_of(self)
             self.holds_slot = True
@@ -412,6 +415,7 @@ class MailboxRunner:
             subject,
             self.d.rng,
             copy,
+            variant,
         )
         # Committed by the next turn, before anything else is claimed or sent.
         self._pending = Sent(record, log, accepted.code, subject)
@@ -420,7 +424,9 @@ class MailboxRunner:
         """Just before the end of DATA: the lease lasts a little longer by this daemon's clock (PostgreSQL)."""
         return self.d.lease_left() > END_OF_DATA_MARGIN
 
-    async def _compose(self, c: Claimed, thread: list[tuple[int, str, str]], log: Any) -> tuple[bytes, str] | None:
+    async def _compose(
+        self, c: Claimed, thread: list[tuple[int, str, str]], log: Any
+    ) -> tuple[bytes, str, str | None] | None:
         cadence, step = lifecycle.step_of(self.d.config, c.cadence, c.step)
         if cadence is None or step is None:
             # A cadence removed: its messages wait in the error section, as a removed mailbox's do (a reload
@@ -448,11 +454,13 @@ class MailboxRunner:
             # The thread this step goes in: from the step that began it (step 1, or the last thread = "new").
             start = lifecycle.thread_start(cadence, step.number)
             thread = [t for t in thread if t[0] >= start]
-            subject, body = lifecycle.render_step(cadence, step, variables, thread[0][2] if thread else None)
+            version, variant = lifecycle.variant_of(cadence.name, step, c.seq)
+            first = thread[0][2] if thread else None
+            subject, body = lifecycle.render_step(cadence, version, variables, first, c.seq)
             html = None
-            if step.markdown:  # the HTML part: the same body, the prospect's fields read literally by Markdown
+            if version.markdown:  # the HTML part: the same body, the prospect's fields read literally by Markdown
                 safe = {k: compose.markdown_safe(v) if k in c.fields else v for k, v in variables.items()}
-                html = compose.markdown_html(step.body.render(safe))
+                html = compose.markdown_html(version.body.render(safe))
         except compose.TemplateProblem as exc:
             await self._commit(Store.record_error, c.id, "template", None, str(exc))
             self.d.stats.errors += 1
@@ -472,7 +480,7 @@ class MailboxRunner:
             unsubscribe=links,
             html=html,
         )
-        return compose.build_message(out), subject
+        return compose.build_message(out), subject, variant
 
     # --- outcomes (SPEC §5): dispatch on the failure's type -----------------------------------
 

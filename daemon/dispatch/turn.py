@@ -144,6 +144,7 @@ def sent_record(
     subject: str,
     rng: random.Random,
     copy: bytes | None = None,
+    variant: str | None = None,
 ) -> SentRecord:
     """What a delivery the server accepted at `now` commits: the mailbox's gap drawn, the step that follows
     (lifecycle.next_step), the copy for Sent, whether domain_daily_limit counts it."""
@@ -159,4 +160,5 @@ def sent_record(
         copy,
         mailbox.schedule.domain_daily_limit > 0,
         c.step == 1 and any(k.name == c.cadence and k.new_per_day for k in config.cadences),
+        variant,
     )

@@ -130,6 +130,14 @@ class Core:
         """Keep the per-mailbox tally rotation balances on (SPEC §3: fewest so far)."""
         self.conn.executemany(self.q.count_enrollments, [(cadence, mailbox, n) for mailbox, n in added.items()])
 
+    def enrolled_in(self, cadence: str) -> int:
+        """How many enrollments the cadence has: the next one's number in it (`seq`, which picks its variants)."""
+        return int(self.conn.one(self.q.enrolled_in, (cadence,))[0])
+
+    def count_result(self, cadence: str, day: str, kind: str, per_mailbox: dict[str, int]) -> None:
+        """What the triggers do not see, counted in `results` (step 0, no variant): an import's enrollments."""
+        self.conn.executemany(self.q.count_result, [(cadence, day, m, kind, n) for m, n in per_mailbox.items() if n])
+
     def _count_enrolled(self, cadence: str, n: int) -> None:
         """New enrollments, all active (the one place that inserts counts them; changes count by trigger)."""
         self.conn.run(self.q.count_enrolled, (cadence, n))

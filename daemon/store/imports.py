@@ -58,9 +58,17 @@ class Imports(Core):
             yield rows
 
     def enroll_staged(
-        self, cadence: str, adder: str, now: float, first_id: int, cycles: dict[str, tuple[str, ...]], by_owner: bool
+        self,
+        cadence: str,
+        adder: str,
+        now: float,
+        first_id: int,
+        cycles: dict[str, tuple[str, ...]],
+        by_owner: bool,
+        seq: int,
     ) -> None:
-        """Every staged row enrolled, ids from `first_id` in file order, in one statement.
+        """Every staged row enrolled, ids from `first_id` and numbers in the cadence from `seq` in file order, in one
+        statement.
 
         `cycles`: per rotation group ('' for the whole file, else an owner when the group is the owner's)
         the mailboxes its rows take in turn, the i-th row of the group `cycle[i % len(cycle)]`.
@@ -83,10 +91,12 @@ class Imports(Core):
             self.conn.run(self.q.drop_import_cycle)
             self.conn.run(self.q.create_import_cycle)
             self.conn.executemany(self.q.insert_import_cycle, list(enumerate(cycles[""])))
-            enrolled = self.conn.run(self.q.enroll_staged_in_order, (first_id, cadence, adder, now, len(cycles[""])))
+            enrolled = self.conn.run(
+                self.q.enroll_staged_in_order, (first_id, cadence, adder, now, len(cycles[""]), seq)
+            )
             self._count_enrolled(cadence, enrolled)
             return
         # Otherwise numbered again in file order: the whole file's numbers give the ids, the group's the turn.
         # Only (n, numbers) is numbered (a window over whole rows would copy every field); rows are read by n.
         statement = self.q.enroll_staged_by_owner if by_owner else self.q.enroll_staged_renumbered
-        self._count_enrolled(cadence, self.conn.run(statement, (first_id, cadence, adder, now)))
+        self._count_enrolled(cadence, self.conn.run(statement, (first_id, cadence, adder, now, seq)))

@@ -168,6 +168,7 @@ class Outbox(Core):
             transient_failures=row[9],
             sticky=row[10],
             message_id=mid,
+            seq=row[12],
         )
 
     def thread(self, enrollment_id: int, before_step: int) -> list[tuple[int, str, str]]:
@@ -200,7 +201,7 @@ class Outbox(Core):
                 was = self.conn.one(self.q.state_of_message, (c.id,))
             self.conn.run(
                 self.q.mark_sent,
-                (now, code, text, subject, c.id),
+                (now, code, text, subject, r.variant, c.id),
             )
             if was is not None and was[1] != "sent":
                 self._recount(was[0], was[1], "sent")

@@ -228,6 +228,23 @@ def _params(sql: str, params: Sequence[Any]) -> Any:
     return values
 
 
+RESULTS = re.compile(r"CREATE (TABLE|FUNCTION|TRIGGER) result")
+RESULTS_BEFORE = (  # as sqlite.RESULTS_BEFORE
+    """INSERT INTO results SELECT e.cadence, result_day(m.sent_at), m.step, '', m.mailbox, 'sent', count(*)
+       FROM messages m JOIN enrollments e ON e.id = m.enrollment_id WHERE m.state = 'sent' GROUP BY 1, 2, 3, 4, 5""",
+    """INSERT INTO results SELECT cadence, result_day(created_at), 0, '', mailbox, 'enrolled', count(*)
+       FROM enrollments GROUP BY 1, 2, 3, 4, 5""",
+    """INSERT INTO results SELECT e.cadence, result_day(coalesce(e.ended_at, e.created_at)), coalesce(m.step, 0), '',
+       coalesce(m.mailbox, e.mailbox), k.kind, count(*)
+       FROM (SELECT id, state AS kind FROM enrollments WHERE state <> 'active'
+             UNION ALL SELECT id, 'outcome:' || outcome FROM enrollments WHERE outcome IS NOT NULL) AS k
+       JOIN enrollments e ON e.id = k.id
+       LEFT JOIN messages m ON m.id = (SELECT id FROM messages WHERE enrollment_id = e.id AND state = 'sent'
+                                       ORDER BY step DESC LIMIT 1)
+       GROUP BY 1, 2, 3, 4, 5, 6""",
+)
+
+
 def _statements(script: str) -> Iterator[str]:
     """The schema's statements (a function body's `;` and `$$` kept whole)."""
     body = "\n".join(line for line in script.strip().split("\n") if not line.startswith("-- "))
@@ -395,6 +412,15 @@ class PgEngine:
                     """CREATE INDEX IF NOT EXISTS messages_uncertain ON messages (mailbox, uncertain_at)
                        WHERE state = 'error' AND reason = 'uncertain'"""
                 )
+                # 18: variants, and results counted as they happen (what came before counted once)
+                self.run("ALTER TABLE enrollments ADD COLUMN IF NOT EXISTS seq BIGINT")
+                self.run("ALTER TABLE messages ADD COLUMN IF NOT EXISTS variant TEXT")
+                if not self.execute("SELECT to_regclass('results') IS NOT NULL").fetchone()[0]:
+                    for statement in _statements(SCHEMA):
+                        if RESULTS.search(statement):
+                            self.pg.execute(statement)
+                    for statement in RESULTS_BEFORE:
+                        self.run(statement)
                 self.execute("UPDATE cadenced_schema SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
 
     def server(self) -> tuple[str, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 17
+SCHEMA_VERSION = 18
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")
@@ -38,6 +38,7 @@ class SentRecord:
     copy: bytes | None = None  # the message, for sent_copies = "append"
     count_domain: bool = False  # domain_daily_limit counts it
     count_cadence: bool = False  # a first email of a cadence with new_per_day: counted per mailbox and day
+    variant: str | None = None  # the step's variant it was sent in (None: the step has none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ class Claimed:
     transient_failures: int
     sticky: str
     message_id: str
+    seq: int = 0  # the enrollment's number in its cadence (lifecycle.variant_of)
 
 
 def domain_of(email: str) -> str:

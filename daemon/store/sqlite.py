@@ -4,6 +4,7 @@ the store's."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -274,6 +275,12 @@ MIGRATIONS = {
     );
     CREATE INDEX enrollment_events_by_enrollment ON enrollment_events (enrollment_id, at);
     """,
+    # Variants (an enrollment's number in its cadence picks them; the message keeps the one it was sent in)
+    # and results counted as they happen (the schema's `results` and its triggers, then what was before).
+    18: """
+    ALTER TABLE enrollments ADD COLUMN seq INTEGER;
+    ALTER TABLE messages ADD COLUMN variant TEXT;
+    """,
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,
@@ -444,7 +451,7 @@ class SqliteEngine:
                     self.conn.execute(statement)
             else:
                 for v in range(current + 1, SCHEMA_VERSION + 1):
-                    for statement in statements(MIGRATIONS[v]):
+                    for statement in migration(v):
                         self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.conn.execute("COMMIT")
@@ -456,7 +463,7 @@ class SqliteEngine:
         """Migrations `version`+1 … today on a database at `version` (tests: the first schema upgraded)."""
         with self.transaction():
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in statements(MIGRATIONS[v]):
+                for statement in migration(v):
                     self.execute(statement)
             self.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -626,6 +633,33 @@ def statements(script: str) -> Iterator[str]:
             if pending.strip(" \n;"):
                 yield pending
             pending = ""
+
+
+def migration(version: int) -> list[str]:
+    """The statements that bring a database of `version` - 1 to `version`."""
+    found = list(statements(MIGRATIONS[version]))
+    if version == 18:  # the results table and its triggers as a new database has them, then what came before
+        found += [s for s in statements(SCHEMA) if RESULTS.search(s)] + list(statements(RESULTS_BEFORE))
+    return found
+
+
+RESULTS = re.compile(r"CREATE (TABLE|TRIGGER) result")
+# What happened before schema 18, counted once: sends (no variant then), ends and outcomes on the row of the last
+# step sent, enrollments on their day.
+RESULTS_BEFORE = """
+INSERT INTO results SELECT e.cadence, date(m.sent_at, 'unixepoch'), m.step, '', m.mailbox, 'sent', count(*)
+    FROM messages m JOIN enrollments e ON e.id = m.enrollment_id WHERE m.state = 'sent' GROUP BY 1, 2, 3, 4, 5;
+INSERT INTO results SELECT cadence, date(created_at, 'unixepoch'), 0, '', mailbox, 'enrolled', count(*)
+    FROM enrollments GROUP BY 1, 2, 3, 4, 5;
+INSERT INTO results SELECT e.cadence, date(coalesce(e.ended_at, e.created_at), 'unixepoch'), coalesce(m.step, 0), '',
+    coalesce(m.mailbox, e.mailbox), k.kind, count(*)
+    FROM (SELECT id, state AS kind FROM enrollments WHERE state != 'active'
+          UNION ALL SELECT id, 'outcome:' || outcome FROM enrollments WHERE outcome IS NOT NULL) AS k
+    JOIN enrollments e ON e.id = k.id
+    LEFT JOIN messages m ON m.id = (SELECT id FROM messages WHERE enrollment_id = e.id AND state = 'sent'
+                                    ORDER BY step DESC LIMIT 1)
+    GROUP BY 1, 2, 3, 4, 5, 6;
+"""
 
 
 def _refuse_damage(conn: sqlite3.Connection, path: Path | str) -> None:

@@ -95,7 +95,7 @@ def _enroll(store: Store, scenario: dict[str, Any]) -> None:
     with store.transaction():
         for i, (cadence, mailbox, offset) in enumerate(scenario["enrollments"], start=1):
             store.insert_enrollments(
-                cadence, [(i, cadence, f"p{i}@x{i % 3}.example", mailbox, "alice", "alice", "{}", 0.0)]
+                cadence, [(i, cadence, f"p{i}@x{i % 3}.example", mailbox, "alice", "alice", "{}", 0.0, i)]
             )
             first = next((c for c in scenario["cadences"] if c["name"] == cadence), None)
             sender = first["steps"][0].get("sender") if first else None

@@ -47,7 +47,7 @@ def store(tmp_path: Path) -> Store:
     s = Store.open(tmp_path / "plans.db")
     with s.transaction():
         s.insert_enrollments(
-            "c", [(i + 1, "c", f"p{i}@x.example", "m@x.example", "u", "u", "{}", 0.0) for i in range(50)]
+            "c", [(i + 1, "c", f"p{i}@x.example", "m@x.example", "u", "u", "{}", 0.0, i) for i in range(50)]
         )
         s.schedule_first_steps(1, None, 0.0, {"m@x.example": 50})
         s.conn.execute("UPDATE messages SET due_at = enrollment_id - 1")
@@ -107,7 +107,7 @@ HOT: dict[str, Callable[[Store], Any]] = {
         s.next_enrollment_id(),
         s.staged_groups(True),
         s.staged_groups(False),
-        s.enroll_staged("c", "u", 1.0, 51, {"": ("m@x.example", "n@x.example")}, False),
+        s.enroll_staged("c", "u", 1.0, 51, {"": ("m@x.example", "n@x.example")}, False, 50),
         s.schedule_first_steps(51, None, 1.0, {"m@x.example": 5, "n@x.example": 5}),  # p50 … p59 are new
     ),
     "start-up": lambda s: s.orphan_removed_mailboxes({"other@x.example"}, 1.0),

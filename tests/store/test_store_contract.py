@@ -28,7 +28,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 def enroll(store: Store, cadence: str, emails: list[str], mailbox: str = A, due: float = 100.0) -> list[int]:
     first = store.next_enrollment_id()
-    rows = [(first + i, cadence, e, mailbox, "alice", "alice", "{}", 0.0) for i, e in enumerate(emails)]
+    rows = [(first + i, cadence, e, mailbox, "alice", "alice", "{}", 0.0, first + i) for i, e in enumerate(emails)]
     with store.transaction():
         store.insert_enrollments(cadence, rows)
         store.count_enrollments(cadence, {mailbox: len(rows)})
@@ -148,7 +148,7 @@ def test_an_import_is_checked_as_a_set_and_enrolled_in_turns(store: Store) -> No
     assert sorted(store.staged_groups(True)) == [("alice", 1), ("bob", 2)]
     first = store.next_enrollment_id()
     with store.enrolling():
-        store.enroll_staged("c1", "alice", 5.0, first, {"": (A, B)}, by_owner=False)
+        store.enroll_staged("c1", "alice", 5.0, first, {"": (A, B)}, by_owner=False, seq=0)
     routes = [store.route_of(first + i) for i in range(3)]
     assert routes == [("c1", A), ("c1", B), ("c1", A)]  # file order, the cycle in turn
     assert store.enrollment_counts()["c1"] == {"active": 4}

@@ -97,7 +97,7 @@ def test_a_first_release_database_migrates_to_the_schema_of_a_new_one(tmp_path: 
     migrated.close()
     fresh = _fresh_sqlite(tmp_path / "new.db")
     assert got == fresh
-    assert list(fresh["tables"]["messages"])[-2:] == ["uncertain_at", "held_due"]  # added by migrations 2 and 17
+    assert list(fresh["tables"]["messages"])[-3:] == ["uncertain_at", "held_due", "variant"]  # migrations 2, 17, 18
 
 
 def test_the_two_engines_schemas_agree(tmp_path: Path, postgres_url: str) -> None:

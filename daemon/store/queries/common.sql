@@ -65,8 +65,8 @@ INSERT INTO rotation_counts VALUES (?, ?, ?) ON CONFLICT (cadence, mailbox)
 SELECT coalesce(max(id), 0) FROM enrollments;
 
 -- name: insert_enrollments
-INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at, seq)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: create_import_cycles
 CREATE TEMP TABLE import_cycles (grp TEXT PRIMARY KEY, turns INTEGER);
@@ -76,6 +76,13 @@ CREATE TEMP TABLE import_turns (grp TEXT, turn INTEGER, mailbox TEXT, PRIMARY KE
 
 -- name: create_import_cycle
 CREATE TEMP TABLE import_cycle (turn INTEGER PRIMARY KEY, mailbox TEXT);
+
+-- name: enrolled_in
+SELECT coalesce(sum(n), 0) FROM enrollment_counts WHERE cadence = ?;
+
+-- name: count_result
+INSERT INTO results VALUES (?, ?, 0, '', ?, ?, ?)
+    ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = results.n + excluded.n;
 
 -- name: count_enrolled
 INSERT INTO enrollment_counts VALUES (?, 'active', ?)
@@ -230,7 +237,7 @@ INSERT INTO sent_copies (message, mailbox, message_id, content) VALUES (?, ?, ?,
 SELECT mailbox, state FROM messages WHERE id = ?;
 
 -- name: mark_sent
-UPDATE messages SET state = 'sent', sent_at = ?, smtp_code = ?, detail = ?, subject = ?
+UPDATE messages SET state = 'sent', sent_at = ?, smtp_code = ?, detail = ?, subject = ?, variant = ?
     WHERE id = ?;
 
 -- name: count_send

@@ -56,10 +56,10 @@ DROP TABLE IF EXISTS temp.import_cycle;
 INSERT INTO temp.import_cycle VALUES (?, ?);
 
 -- name: enroll_staged_in_order
-INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at, seq)
     SELECT ?1 + r.n - 1, ?2, r.email,
     (SELECT c.mailbox FROM temp.import_cycle c WHERE c.turn = (r.n - 1) % ?5),
-    r.owner, ?3, r.fields, ?4
+    r.owner, ?3, r.fields, ?4, ?6 + r.n - 1
     FROM temp.import_rows r ORDER BY r.n;
 
 -- name: sent_on_days
@@ -169,8 +169,8 @@ SELECT line, email FROM temp.import_rows WHERE owner = ? ORDER BY n;
 DELETE FROM temp.import_rows WHERE owner = ?;
 
 -- name: enroll_staged_renumbered
-INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
-    SELECT ? + w.i, ?, r.email, t.mailbox, r.owner, ?, r.fields, ?
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at, seq)
+    SELECT ? + w.i, ?, r.email, t.mailbox, r.owner, ?, r.fields, ?, ? + w.i
     FROM (SELECT n, grp, i, i AS k
           FROM (SELECT n, owner, '' AS grp, row_number() OVER (ORDER BY n) - 1 AS i
                 FROM temp.import_rows) AS numbered) AS w
@@ -179,8 +179,8 @@ INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, crea
     JOIN temp.import_turns t ON t.grp = w.grp AND t.turn = w.k % c.turns;
 
 -- name: enroll_staged_by_owner
-INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at)
-    SELECT ? + w.i, ?, r.email, t.mailbox, r.owner, ?, r.fields, ?
+INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, created_at, seq)
+    SELECT ? + w.i, ?, r.email, t.mailbox, r.owner, ?, r.fields, ?, ? + w.i
     FROM (SELECT n, grp, i, row_number() OVER (PARTITION BY owner ORDER BY n) - 1 AS k
           FROM (SELECT n, owner, owner AS grp, row_number() OVER (ORDER BY n) - 1 AS i
                 FROM temp.import_rows) AS numbered) AS w
@@ -217,7 +217,8 @@ SELECT id FROM messages INDEXED BY messages_state WHERE state = 'error';
 -- name: next_due
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
     m.attempts, m.transient_failures, e.mailbox,
-    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
+    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
+        coalesce(e.seq, e.id) AS seq
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1;
@@ -226,7 +227,8 @@ SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m
 -- name: next_due_follow_up
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
     m.attempts, m.transient_failures, e.mailbox,
-    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
+    EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
+        coalesce(e.seq, e.id) AS seq
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1;
@@ -234,14 +236,16 @@ SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m
 -- name: next_due_follow_ups_first
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
-        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
+        coalesce(e.seq, e.id) AS seq
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS f
 UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
-        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
+        coalesce(e.seq, e.id) AS seq
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS n
@@ -250,14 +254,16 @@ LIMIT 1;
 -- name: next_due_new_first
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
-        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
+        coalesce(e.seq, e.id) AS seq
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS n
 UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
-        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held
+        EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
+        coalesce(e.seq, e.id) AS seq
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1) AS f

@@ -1,4 +1,4 @@
--- The schema of a PostgreSQL database (version 17; PostgreSQL support began at 10). A test holds that it has
+-- The schema of a PostgreSQL database (version 18; PostgreSQL support began at 10). A test holds that it has
 -- the tables, columns and indexes of SQLite's (schema/sqlite.sql), but for PostgreSQL's own: cadenced_schema
 -- (SQLite keeps its version in PRAGMA user_version), daemons and leases (several daemons share one database).
 
@@ -27,6 +27,7 @@ CREATE TABLE enrollments (
     created_at DOUBLE PRECISION NOT NULL,
     ended_at DOUBLE PRECISION,
     outcome TEXT,
+    seq BIGINT,
     UNIQUE (email, cadence)
 );
 CREATE TABLE rotation_counts (
@@ -52,6 +53,7 @@ CREATE TABLE messages (
     detail TEXT,
     uncertain_at DOUBLE PRECISION,
     held_due DOUBLE PRECISION,
+    variant TEXT,
     UNIQUE (enrollment_id, step)
 );
 CREATE INDEX messages_by_message_id ON messages (message_id) WHERE message_id IS NOT NULL;
@@ -202,3 +204,52 @@ CREATE TABLE enrollment_events (
     detail TEXT NOT NULL
 );
 CREATE INDEX enrollment_events_by_enrollment ON enrollment_events (enrollment_id, at);
+-- Results (`cadenced report`, /metrics), counted as they happen: see schema/sqlite.sql.
+CREATE TABLE results (
+    cadence TEXT NOT NULL,
+    day TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    PRIMARY KEY (cadence, day, step, variant, mailbox, kind)
+);
+CREATE FUNCTION result_day(at DOUBLE PRECISION) RETURNS TEXT LANGUAGE sql STABLE AS
+    $$ SELECT to_char(to_timestamp(coalesce(at, extract(epoch FROM now()))) AT TIME ZONE 'UTC', 'YYYY-MM-DD') $$;
+CREATE FUNCTION result_sent() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO results SELECT e.cadence, result_day(CASE WHEN NEW.state = 'sent' THEN NEW.sent_at END),
+        NEW.step, coalesce(NEW.variant, ''), NEW.mailbox,
+        CASE WHEN NEW.state = 'sent' THEN 'sent' ELSE 'blocked' END, 1
+    FROM enrollments e WHERE e.id = NEW.enrollment_id
+    ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = results.n + 1;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER result_sent AFTER UPDATE OF state ON messages FOR EACH ROW
+    WHEN (NEW.state IS DISTINCT FROM OLD.state
+          AND (NEW.state = 'sent' OR (NEW.state = 'failed' AND NEW.reason = 'blocked')))
+    EXECUTE FUNCTION result_sent();
+CREATE FUNCTION result_ended() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    last RECORD;
+BEGIN
+    SELECT step, variant, mailbox INTO last FROM messages
+        WHERE enrollment_id = NEW.id AND state = 'sent' ORDER BY step DESC LIMIT 1;
+    INSERT INTO results SELECT OLD.cadence, result_day(OLD.ended_at), coalesce(last.step, 0),
+        coalesce(last.variant, ''), coalesce(last.mailbox, OLD.mailbox), k.kind, -1
+    FROM (SELECT OLD.state AS kind WHERE OLD.state IS DISTINCT FROM NEW.state AND OLD.state <> 'active'
+          UNION ALL SELECT 'outcome:' || OLD.outcome WHERE OLD.outcome IS DISTINCT FROM NEW.outcome) k
+    WHERE k.kind IS NOT NULL
+    ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = results.n + excluded.n;
+    INSERT INTO results SELECT NEW.cadence, result_day(NEW.ended_at), coalesce(last.step, 0),
+        coalesce(last.variant, ''), coalesce(last.mailbox, NEW.mailbox), k.kind, 1
+    FROM (SELECT NEW.state AS kind WHERE OLD.state IS DISTINCT FROM NEW.state AND NEW.state <> 'active'
+          UNION ALL SELECT 'outcome:' || NEW.outcome WHERE OLD.outcome IS DISTINCT FROM NEW.outcome) k
+    WHERE k.kind IS NOT NULL
+    ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = results.n + excluded.n;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER result_ended AFTER UPDATE OF state, outcome ON enrollments FOR EACH ROW
+    WHEN (NEW.state IS DISTINCT FROM OLD.state OR NEW.outcome IS DISTINCT FROM OLD.outcome)
+    EXECUTE FUNCTION result_ended();

@@ -1,4 +1,4 @@
--- The schema of a new SQLite database (version 17). Databases made before are brought to it by the
+-- The schema of a new SQLite database (version 18). Databases made before are brought to it by the
 -- migrations of daemon/store/sqlite.py; a test holds that both give the same tables, columns and indexes.
 
 CREATE TABLE suppressions (
@@ -25,6 +25,7 @@ CREATE TABLE enrollments (
     created_at REAL NOT NULL,
     ended_at REAL,
     outcome TEXT,
+    seq INTEGER,
     UNIQUE (email, cadence)
 );
 CREATE TABLE rotation_counts (
@@ -50,6 +51,7 @@ CREATE TABLE messages (
     detail TEXT,
     uncertain_at REAL,
     held_due REAL,
+    variant TEXT,
     UNIQUE (enrollment_id, step)
 );
 CREATE INDEX messages_by_message_id ON messages (message_id) WHERE message_id IS NOT NULL;
@@ -165,3 +167,44 @@ CREATE TABLE enrollment_events (
     detail TEXT NOT NULL
 );
 CREATE INDEX enrollment_events_by_enrollment ON enrollment_events (enrollment_id, at);
+-- Results (`cadenced report`, /metrics): what happened, counted as it happens, per cadence, UTC day, step,
+-- variant and mailbox. A send counts on its step's row; an enrollment's end (and an outcome marked) on the row of
+-- the last step it was sent (step 0 when none was); `enrolled` is counted by the import.
+CREATE TABLE results (
+    cadence TEXT NOT NULL,
+    day TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (cadence, day, step, variant, mailbox, kind)
+) WITHOUT ROWID;
+CREATE TRIGGER result_sent AFTER UPDATE OF state ON messages
+    WHEN new.state != old.state AND (new.state = 'sent' OR (new.state = 'failed' AND new.reason = 'blocked')) BEGIN
+        INSERT INTO results SELECT e.cadence,
+            date(CASE WHEN new.state = 'sent' THEN new.sent_at ELSE unixepoch() END, 'unixepoch'),
+            new.step, coalesce(new.variant, ''), new.mailbox,
+            CASE WHEN new.state = 'sent' THEN 'sent' ELSE 'blocked' END, 1
+        FROM enrollments e WHERE e.id = new.enrollment_id
+        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER result_ended AFTER UPDATE OF state, outcome ON enrollments
+    WHEN new.state != old.state OR new.outcome IS NOT old.outcome BEGIN
+        INSERT INTO results SELECT old.cadence, date(coalesce(old.ended_at, unixepoch()), 'unixepoch'),
+            coalesce(m.step, 0), coalesce(m.variant, ''), coalesce(m.mailbox, old.mailbox), k.kind, -1
+        FROM (SELECT old.state AS kind WHERE old.state != new.state AND old.state != 'active'
+              UNION ALL SELECT 'outcome:' || old.outcome WHERE old.outcome IS NOT new.outcome) k
+        LEFT JOIN (SELECT step, variant, mailbox FROM messages
+                   WHERE enrollment_id = old.id AND state = 'sent' ORDER BY step DESC LIMIT 1) m
+        WHERE k.kind IS NOT NULL
+        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + excluded.n;
+        INSERT INTO results SELECT new.cadence, date(coalesce(new.ended_at, unixepoch()), 'unixepoch'),
+            coalesce(m.step, 0), coalesce(m.variant, ''), coalesce(m.mailbox, new.mailbox), k.kind, 1
+        FROM (SELECT new.state AS kind WHERE new.state != old.state AND new.state != 'active'
+              UNION ALL SELECT 'outcome:' || new.outcome WHERE new.outcome IS NOT old.outcome) k
+        LEFT JOIN (SELECT step, variant, mailbox FROM messages
+                   WHERE enrollment_id = new.id AND state = 'sent' ORDER BY step DESC LIMIT 1) m
+        WHERE k.kind IS NOT NULL
+        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + excluded.n;
+END;
