@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +21,7 @@ import anyio.abc
 import anyio.streams.stapled
 import tomli_w
 
-from daemon import __version__, enroll, headers, operate, prospects, readside
+from daemon import __version__, enroll, headers, operate, prospects, readside, report
 from daemon.config import (
     address_problem,
     config_digest,
@@ -695,6 +696,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    config, accepted = _load_reading(args)
+    store = _open_store(config, warn=not accepted)
+    try:
+        cadence = prospects.known_cadence(config, store, args.cadence) if args.cadence else None
+        document = report.report(config, store, args.by or "", cadence, args.since)
+    finally:
+        store.close()
+    if args.json:
+        _json(document)
+        return 0
+    for line in report.lines(document):
+        _out(line)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon import demo
 
@@ -965,6 +982,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _date(text: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
 def _days(text: str) -> int:
     try:
         value = int(text)
@@ -1117,6 +1141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=_days, default=7, help="1 to 366")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("report", parents=[common], help="what each cadence's emails did: sends, replies, bounces")
+    p.add_argument("--cadence", metavar="NAME")
+    p.add_argument("--by", choices=report.BY, help="a row per step, variant (of each step), mailbox or UTC day")
+    p.add_argument("--since", type=_date, metavar="DATE", help="from this UTC day on (YYYY-MM-DD)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("migrate", parents=[common], help="copy the SQLite database into an empty PostgreSQL one")
     p.add_argument(

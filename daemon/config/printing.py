@@ -156,6 +156,25 @@ def effective_dict(config: Config) -> dict[str, Any]:
                         "sender": s.sender,
                         **({"thread": "new"} if s.new_thread else {}),
                         **({"format": "markdown"} if s.markdown else {}),
+                        **(
+                            {
+                                "variants": [
+                                    {
+                                        "name": v.name,
+                                        "weight": v.weight,
+                                        **({"subject": v.step.subject.source} if v.step.subject else {}),
+                                        **(
+                                            {"body_file": v.step.body_file}
+                                            if v.step.body_file
+                                            else {"body": v.step.body.source}
+                                        ),
+                                    }
+                                    for v in s.variants
+                                ]
+                            }
+                            if s.variants
+                            else {}
+                        ),
                     }
                     for s in c.steps
                 ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from daemon.store.core import Core
 
@@ -93,3 +94,19 @@ class Counts(Core):
         """First emails (step 1) the mailbox sent on its local `day` (status, plan)."""
         row = self.conn.one(self.q.first_emails_on, (mailbox, day))
         return int(row[0]) if row else 0
+
+    def results(self, by: str, cadence: str | None, since: str) -> list[tuple[Any, ...]]:
+        """`cadenced report`'s sums: (cadence, the `by` key's columns…, kind, of step 1, n); by "" (per cadence),
+        "step", "variant" (step and variant), "mailbox" or "day"; from the UTC day `since` on."""
+        query = {
+            "": self.q.results_total,
+            "step": self.q.results_by_step,
+            "variant": self.q.results_by_variant,
+            "mailbox": self.q.results_by_mailbox,
+            "day": self.q.results_by_day,
+        }[by]
+        return [tuple(r) for r in self.conn.execute(query, (cadence, int(cadence is None), since))]
+
+    def results_of_messages(self) -> list[tuple[str, int, str, str, int]]:
+        """(cadence, step, variant, kind, n) of every message counted in the results (for /metrics)."""
+        return [(r[0], int(r[1]), r[2], r[3], int(r[4])) for r in self.conn.execute(self.q.results_of_messages)]

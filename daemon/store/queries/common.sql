@@ -549,3 +549,29 @@ SELECT 1 FROM enrollments WHERE cadence = ?1 AND mailbox = ?2
 -- name: active_at_domain
 SELECT id, email FROM enrollments WHERE cadence = ?1 AND state = 'active'
     AND substr(email, length(email) - length(?2) + 1) = ?2;
+
+-- `cadenced report`: results summed by cadence (and step, variant, mailbox or day) and kind; `first`: of step 1
+-- (a prospect's first email: contacted). ?1: the cadence, ?2 true for every cadence, ?3 the first day.
+-- name: results_total
+SELECT cadence, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
+    GROUP BY cadence, kind, step = 1;
+
+-- name: results_by_step
+SELECT cadence, step, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3 AND kind <> 'enrolled'
+    GROUP BY cadence, step, kind;
+
+-- name: results_by_variant
+SELECT cadence, step, variant, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3 AND kind <> 'enrolled'
+    GROUP BY cadence, step, variant, kind;
+
+-- name: results_by_mailbox
+SELECT cadence, mailbox, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
+    GROUP BY cadence, mailbox, kind, step = 1;
+
+-- name: results_by_day
+SELECT cadence, day, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
+    GROUP BY cadence, day, kind, step = 1;
+
+-- /metrics: each cadence's messages by step, variant and what became of them.
+-- name: results_of_messages
+SELECT cadence, step, variant, kind, sum(n) FROM results WHERE step > 0 GROUP BY cadence, step, variant, kind;

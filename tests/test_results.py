@@ -1,0 +1,138 @@
+"""Variants and results (SPEC §6a, §8b): a step's variants spread evenly by weight and kept, and `report` equal to
+what the SMTP server received and what the replies and DSNs in Dovecot said."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+import structlog
+
+from daemon import lifecycle
+from daemon.model import Step, Variant
+from tests.conftest import Project
+from tests.daemon_helpers import query, running, until
+from tests.imap_server import Dovecot, needs_dovecot
+from tests.servers import Pki, SmtpServer
+from tests.test_imap import dsn, events, mail
+
+
+def _step(weights: tuple[int, ...]) -> Step:
+    base = Step(1, 0.0, None, None, "", "")  # type: ignore[arg-type]
+    return Step(
+        1, 0.0, None, None, "", "", variants=tuple(Variant(chr(65 + i), w, base) for i, w in enumerate(weights))
+    )  # type: ignore[arg-type]
+
+
+def test_variants_are_even_by_weight_at_every_count_and_unrelated_to_rotation() -> None:
+    step = _step((1, 1))
+    names = [lifecycle.variant_of("c", step, seq)[1] for seq in range(101)]
+    for n in range(1, 101):
+        counts = Counter(names[:n])
+        assert abs(counts["A"] - counts["B"]) <= 1, n
+    assert names == [lifecycle.variant_of("c", step, seq)[1] for seq in range(101)]  # a retry: the same
+    # Rotation gives even numbers to one mailbox and odd to the other: each gets both variants.
+    even = Counter(names[0:100:2])
+    assert 15 <= even["A"] <= 35, even
+    assert [lifecycle.variant_of("c", step, s)[1] for s in range(40)] != [
+        lifecycle.variant_of("d", step, s)[1] for s in range(40)
+    ]
+    weighted = Counter(lifecycle.variant_of("c", _step((3, 1)), seq)[1] for seq in range(400))
+    assert weighted == {"A": 300, "B": 100}
+
+
+def test_variants_are_checked_by_their_path(project: Project) -> None:
+    project.add_mailboxes(1)
+    cadence = project.add_cadence()
+    cadence["steps"][0]["variants"] = [{"subject": "One"}]
+    r = project.run("check")
+    assert r.code == 2 and "steps[0].variants: give 2 to 26 variants, got 1" in r.err
+    cadence["steps"][0]["variants"] = [{"subject": "One"}, {"name": "B!", "body": "Hi {{ nme }}"}]
+    r = project.run("check")
+    assert r.code == 2 and "steps[0].variants[1].name: 'B!'" in r.err
+    assert "steps[0].variants[1].body: undefined variable: 'nme'" in r.err
+    cadence["steps"][0]["variants"] = [{"subject": "One"}, {"name": "Two", "weight": 2}]
+    assert project.run("check").code == 0
+
+
+@pytest.mark.both_stores
+@pytest.mark.slow
+@needs_dovecot
+@pytest.mark.anyio
+async def test_variants_at_the_server_and_the_report_equals_what_happened(project: Project, tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    dovecot = Dovecot(pki, {"alice": "imap-pw"}).start()
+    smtp = SmtpServer().start()
+    try:
+        (tmp_path / "imap-pw").write_text("imap-pw")
+        project.data["defaults"].update({"gap": "0s", "daily_limit": 500})
+        (box,) = project.add_mailboxes(
+            1,
+            smtp=smtp.smtp_config(),
+            imap=dovecot.imap_config("alice", tmp_path / "imap-pw", pki.ca_file, poll="60s"),
+        )
+        cadence = project.add_cadence(steps=2)
+        cadence["steps"][0]["variants"] = [
+            {"subject": "Quick question, {{ company }}"},
+            {"name": "bold", "subject": "An idea for {{ company }}", "body": "Hello {{ first_name }}, variant two"},
+        ]
+        cadence["steps"][1]["wait"] = "6s"
+        assert project.enroll(project.people(100)).code == 0
+        with structlog.testing.capture_logs() as logs:
+            async with running(project.config_path):
+                await until(lambda: events(logs, "imap.watching"), what="the watcher")
+                firsts = await anyio.to_thread.run_sync(smtp.recorder.wait_for, 100)
+                variant = {d.recipient: "A" if d["Subject"].startswith("Quick") else "bold" for d in firsts}
+                assert Counter(variant.values()) in ({"A": 50, "bold": 50},)
+                mid = {d.recipient: d["Message-ID"] for d in firsts}
+                repliers = [f"p{i}@prospects.example" for i in range(0, 10)]
+                for p in repliers:
+                    dovecot.deliver("alice", mail(p, box, "Re: hi", in_reply_to=mid[p]))
+                bounced = ["p20@prospects.example", "p21@prospects.example"]
+                for p in bounced:
+                    dovecot.deliver("alice", dsn(box, mid[p], p))
+                await until(
+                    lambda: len(events(logs, "reply.detected")) == 10 and len(events(logs, "bounce.detected")) == 2
+                )
+                await anyio.to_thread.run_sync(smtp.recorder.wait_for, 188)
+        got = smtp.recorder.deliveries
+        seconds = [d for d in got if d["In-Reply-To"]]
+        assert len(seconds) == 88
+        for d in seconds:  # a follow-up says Re: its own thread's variant
+            first = next(f for f in firsts if f.recipient == d.recipient)
+            assert d["Subject"] == f"Re: {first['Subject']}"
+        last_step = {d.recipient: (2 if d["In-Reply-To"] else 1) for d in got}
+        expected: dict[tuple[int, str], Counter[str]] = {}
+        for d in got:
+            key = (1, variant[d.recipient]) if not d["In-Reply-To"] else (2, "-")
+            expected.setdefault(key, Counter())["sent"] += 1
+        for p in repliers:
+            expected[(1, variant[p]) if last_step[p] == 1 else (2, "-")]["replied"] += 1
+        for p in bounced:
+            expected[(1, variant[p]) if last_step[p] == 1 else (2, "-")]["bounced"] += 1
+        shown = project.run("report", "--by", "variant", "--json")
+        assert shown.code == 0, shown.err
+        document = shown.json()
+        [c1] = document["cadences"]
+        rows = {(r["step"], r["variant"]): r for r in c1["rows"]}
+        assert set(rows) == set(expected)
+        for key, counts in expected.items():
+            assert (rows[key]["sent"], rows[key]["replied"], rows[key]["bounced"]) == (
+                counts["sent"],
+                counts["replied"],
+                counts["bounced"],
+            ), key
+        totals = c1["totals"]
+        assert (totals["enrolled"], totals["contacted"], totals["sent"]) == (100, 100, 188)
+        assert (totals["replied"], totals["bounced"], totals["finished"]) == (10, 2, 88)
+        assert totals["reply_rate"] == 0.1
+        stored = query(project.database, "SELECT variant, count(*) FROM messages WHERE step = 1 GROUP BY variant")
+        assert dict(stored) == {"A": 50, "bold": 50}  # type: ignore[arg-type]
+        text = project.run("report", "--by", "step").out
+        assert "cadence c1" in text and "total" in text
+        assert project.run("report", "--cadence", "nope").code == 1
+    finally:
+        smtp.stop()
+        dovecot.cleanup()
