@@ -18,7 +18,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,27 @@ def error_response(status: int, error: str, detail: str, field: str | None = Non
     if field is not None:
         body["field"] = field
     return JSONResponse({**body, **more}, status_code=status)
+
+
+def cadence_messages(config: Config, found: Iterable[tuple[str, int, str, str, int]]) -> CounterMetricFamily:
+    """cadenced_cadence_messages_total{cadence,step,variant,outcome}: each configured cadence's messages by step,
+    variant ("-": none) and what became of them (sent, blocked, and the ends and outcomes of the prospects whose
+    last email it was). Only configured names make labels: a removed cadence or variant is left out."""
+    family = CounterMetricFamily(
+        "cadenced_cadence_messages",
+        "Messages of each cadence by step and variant, and what became of them",
+        labels=["cadence", "step", "variant", "outcome"],
+    )
+    steps = {c.name: c.steps for c in config.cadences}
+    for cadence, step, variant, kind, n in found:
+        known = steps.get(cadence, ())
+        if not 0 < step <= len(known):
+            continue
+        names = {v.name for v in known[step - 1].variants}
+        if (variant or "-") not in (names or {"-"}):
+            continue
+        family.add_metric([cadence, str(step), variant or "-", kind.removeprefix("outcome:")], n)
+    return family
 
 
 class DaemonMetrics(Collector):
@@ -130,6 +151,7 @@ class DaemonMetrics(Collector):
             kept = float(db.daemon_state().get("heartbeat_at") or 0)
             heartbeat.add_metric([], max(kept, self.last_commit))
             yield heartbeat
+            yield cadence_messages(config, db.results_of_messages())
         except BaseException:
             self.close()  # a broken connection is not kept: the next scrape opens a new one
             raise

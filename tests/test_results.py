@@ -10,8 +10,10 @@ import anyio
 import pytest
 import structlog
 
-from daemon import lifecycle
+from daemon import api, lifecycle
+from daemon.config import load_config
 from daemon.model import Step, Variant
+from daemon.store import Store
 from tests.conftest import Project
 from tests.daemon_helpers import query, running, until
 from tests.imap_server import Dovecot, needs_dovecot
@@ -130,9 +132,53 @@ async def test_variants_at_the_server_and_the_report_equals_what_happened(projec
         assert totals["reply_rate"] == 0.1
         stored = query(project.database, "SELECT variant, count(*) FROM messages WHERE step = 1 GROUP BY variant")
         assert dict(stored) == {"A": 50, "bold": 50}  # type: ignore[arg-type]
+        store = Store.open(project.database)
+        try:  # /metrics: the same counts, configured names only
+            family = api.cadence_messages(load_config(project.config_path), store.results_of_messages())
+        finally:
+            store.close()
+        metric = {tuple(s.labels.values()): s.value for s in family.samples}
+        for (step, name), counts in expected.items():
+            assert metric[("c1", str(step), name, "sent")] == counts["sent"]
+        assert sum(v for k, v in metric.items() if k[3] == "replied") == 10
         text = project.run("report", "--by", "step").out
         assert "cadence c1" in text and "total" in text
         assert project.run("report", "--cadence", "nope").code == 1
     finally:
         smtp.stop()
         dovecot.cleanup()
+
+
+def test_a_database_from_before_counts_its_past_results_once(tmp_path: Path) -> None:
+    """Migration 18 on SQLite: what was sent, ended and marked before results were kept is counted once."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    Store.open(db).close()
+    with sqlite3.connect(db) as conn:
+        for name in ("result_sent", "result_ended"):
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("DROP TABLE results")
+        conn.execute("ALTER TABLE messages DROP COLUMN variant")
+        conn.execute("ALTER TABLE enrollments DROP COLUMN seq")
+        day = 1_700_000_000.0  # 2023-11-14 UTC
+        for i, (state, outcome) in enumerate([("replied", "interested"), ("finished", None), ("active", None)]):
+            conn.execute(
+                "INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, state, created_at,"
+                " ended_at, outcome) VALUES (?, 'c', ?, 'm@x.example', 'a', 'a', '{}', ?, ?, ?, ?)",
+                (i + 1, f"p{i}@x.example", state, day, None if state == "active" else day + 60, outcome),
+            )
+            conn.execute(
+                "INSERT INTO messages (enrollment_id, step, mailbox, state, due_at, sent_at)"
+                " VALUES (?, 1, 'm@x.example', 'sent', ?, ?)",
+                (i + 1, day, day + 1),
+            )
+        conn.execute("PRAGMA user_version = 17")
+    store = Store.open(db)
+    try:
+        got = {(r[1], r[2], r[4]) for r in store.results("step", "c", "")}
+        total = {(r[1], r[2]): r[3] for r in store.results("", "c", "")}
+    finally:
+        store.close()
+    assert got == {(1, "replied", 1), (1, "finished", 1), (1, "sent", 3), (1, "outcome:interested", 1)}
+    assert total[("enrolled", 0)] == 3 and total[("sent", 1)] == 3
