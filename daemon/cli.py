@@ -354,7 +354,8 @@ def cmd_prospect_show(args: argparse.Namespace) -> int:
             state = f"{m['state']}/{m['reason']}" if m["reason"] else m["state"]
             why = f"  {' '.join(str(m['detail']).split())[:120]}" if m["detail"] and m["state"] != "sent" else ""
             mid = f"  {m['message_id']}" if m["state"] == "sent" and m["message_id"] else ""
-            _out(f"    step {m['step']}  {state}  {m['mailbox']}  {when}{mid}{why}".rstrip())
+            variant = f" variant {m['variant']}" if m.get("variant") else ""
+            _out(f"    step {m['step']}{variant}  {state}  {m['mailbox']}  {when}{mid}{why}".rstrip())
     _out("timeline:")
     for t in shown["timeline"]:
         what = t["kind"] + (f" {t['cadence']}" if t.get("cadence") else "")

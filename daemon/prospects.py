@@ -188,7 +188,20 @@ def show(found: dict[str, Any], paused: dict[str, tuple[float, str]]) -> dict[st
     for e in found["enrollments"]:
         messages = [
             {
-                **{k: m[k] for k in ("id", "step", "mailbox", "state", "reason", "message_id", "subject", "attempts")},
+                **{
+                    k: m[k]
+                    for k in (
+                        "id",
+                        "step",
+                        "mailbox",
+                        "state",
+                        "reason",
+                        "message_id",
+                        "subject",
+                        "attempts",
+                        "variant",
+                    )
+                },
                 "due_at": iso(m["due_at"]) if m["state"] in ("scheduled", "error") else None,
                 "sent_at": iso(m["sent_at"]),
                 "detail": m["detail"]

@@ -571,6 +571,7 @@ def outbox_messages(rows: list[dict[str, Any]], paused: Mapping[str, Any] | None
             "smtp_code": r["smtp_code"],
             "detail": r["detail"]
             or ("deferred: cadence paused" if r["state"] == "scheduled" and r["cadence"] in paused else None),
+            "variant": r["variant"],
         }
         for r in rows
     ]

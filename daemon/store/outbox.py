@@ -39,6 +39,7 @@ class Outbox(Core):
             "attempts",
             "smtp_code",
             "detail",
+            "variant",
         )
         return [dict(zip(keys, r, strict=True)) for r in self.conn.execute(sql, args)]
 

@@ -71,6 +71,7 @@ class Prospects(Core):
                             "subject",
                             "detail",
                             "attempts",
+                            "variant",
                         ),
                         m,
                         strict=True,

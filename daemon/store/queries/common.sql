@@ -518,7 +518,8 @@ SELECT id, cadence, mailbox, owner, adder, state, fields, created_at, ended_at, 
     FROM enrollments WHERE email = ? ORDER BY created_at, id;
 
 -- name: messages_of_enrollment
-SELECT id, step, mailbox, state, reason, COALESCE(held_due, due_at), sent_at, message_id, subject, detail, attempts
+SELECT id, step, mailbox, state, reason, COALESCE(held_due, due_at), sent_at, message_id, subject, detail, attempts,
+    variant
     FROM messages WHERE enrollment_id = ? ORDER BY step;
 
 -- name: events_of_enrollment

@@ -196,17 +196,17 @@ CREATE TEMP TABLE import_rows (n INTEGER PRIMARY KEY, line INTEGER, email TEXT, 
 -- conditions (`m.state = '…'` written out, the mailbox, the cadence) follow.
 -- name: outbox
 SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
-    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
+    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail, m.variant
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id;
 
 -- name: outbox_scheduled
 SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
-    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
+    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail, m.variant
     FROM messages m INDEXED BY messages_due JOIN enrollments e ON e.id = m.enrollment_id;
 
 -- name: outbox_by_state
 SELECT m.id, e.cadence, e.email, m.step, m.mailbox, m.state, m.reason, COALESCE(m.held_due, m.due_at),
-    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail
+    m.sent_at, m.message_id, m.attempts, m.smtp_code, m.detail, m.variant
     FROM messages m INDEXED BY messages_state JOIN enrollments e ON e.id = m.enrollment_id;
 
 -- name: error_ids
