@@ -21,7 +21,7 @@ import anyio.abc
 import anyio.streams.stapled
 import tomli_w
 
-from daemon import __version__, enroll, headers, operate, prospects, readside, report
+from daemon import __version__, enroll, headers, operate, preview, prospects, readside, report
 from daemon.config import (
     address_problem,
     config_digest,
@@ -214,12 +214,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     config = _load(args)
-    try:
-        mapping = headers.parse_map(args.map)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    delimiter = enroll.delimiter_of(args.delimiter) if args.delimiter is not None else None
-    dialect = enroll.Dialect(delimiter, args.encoding, tuple(mapping.items()))
+    dialect = _dialect(args)
     store = _open_store(config)
     by: dict[str, str | None] = {}
     first: dict[str, Any] | None = None
@@ -713,6 +708,60 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dialect(args: argparse.Namespace) -> enroll.Dialect:
+    """How `enroll` and `preview --csv` read a file: --delimiter, --encoding, --map."""
+    try:
+        mapping = headers.parse_map(args.map)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    delimiter = enroll.delimiter_of(args.delimiter) if args.delimiter is not None else None
+    return enroll.Dialect(delimiter, args.encoding, tuple(mapping.items()))
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    config, accepted = _load_reading(args)
+    database = config.daemon.database
+    scratch = None
+    if isinstance(database, Path) and not database.exists():
+        # Nothing enrolled yet: an empty database in a scratch folder answers (the configured one is not made).
+        scratch = tempfile.TemporaryDirectory(prefix="cadenced-preview-")
+        store = Store.open(Path(scratch.name) / "empty.db")
+    else:
+        store = _open_store(config, create=False, warn=not accepted)
+    try:
+        if args.prospect is not None:
+            if args.row is not None or args.mailbox is not None:
+                raise UsageError("--row and --mailbox go with --csv (an enrolled prospect has its own mailbox)")
+            document = preview.of_prospect(
+                config, store, args.cadence, args.prospect, args.step, args.variant, time.time()
+            )
+        else:
+            document = preview.of_csv(
+                config,
+                store,
+                args.cadence,
+                Path(args.csv),
+                args.row or 1,
+                _dialect(args),
+                args.step,
+                args.variant,
+                args.mailbox,
+                time.time(),
+            )
+    finally:
+        store.close()
+        if scratch is not None:
+            scratch.cleanup()
+    if args.json:
+        _json(document)
+    elif args.raw:
+        sys.stdout.write(document["raw"])
+    else:
+        for line in preview.lines(document):
+            _out(line)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon import demo
 
@@ -1021,15 +1070,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cadence", required=True)
     p.add_argument("--as", dest="adder", required=True, metavar="USER", help="the user who adds them")
     p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="COLUMN=FIELD",
-        help="read a column as a field (repeatable; COLUMN= leaves it out)",
-    )
-    p.add_argument("--delimiter", help="',' ';' or tab (default: found from the header row)")
-    p.add_argument("--encoding", help="the file's encoding (default: UTF-8, or UTF-16 by its byte-order mark)")
+    _reading_options(p)
     p.add_argument("--dry-run", action="store_true", help="check everything and print the first email; write nothing")
     p.add_argument("file", metavar="FILE.csv")
     p.set_defaults(handler=cmd_enroll)
@@ -1150,6 +1191,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_report)
 
+    p = sub.add_parser(
+        "preview", parents=[common], help="a step's email for one prospect as it would leave; nothing sent"
+    )
+    p.add_argument("--cadence", required=True, metavar="NAME")
+    p.add_argument("--step", type=int, metavar="N", help="default: the prospect's step that waits to go, else 1")
+    p.add_argument("--variant", metavar="NAME", help="this variant of the step (default: the prospect's)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--prospect", metavar="EMAIL", help="an enrolled address")
+    who.add_argument("--csv", metavar="FILE", help="a CSV file, read as enroll reads it")
+    p.add_argument("--row", type=int, metavar="N", help="the file's row (1: the first under the header; default 1)")
+    p.add_argument("--mailbox", metavar="ADDRESS", help="with --csv: the mailbox to send from (rotation chooses)")
+    _reading_options(p)
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true")
+    shown.add_argument("--raw", action="store_true", help="the message's bytes as they would go to the server")
+    p.set_defaults(handler=cmd_preview)
+
     p = sub.add_parser("migrate", parents=[common], help="copy the SQLite database into an empty PostgreSQL one")
     p.add_argument(
         "--to",
@@ -1164,6 +1222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the demo's folder (config, database) afterwards")
     p.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _reading_options(p: argparse.ArgumentParser) -> None:
+    """How a CSV file is read (enroll, preview --csv)."""
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="COLUMN=FIELD",
+        help="read a column as a field (repeatable; COLUMN= leaves it out)",
+    )
+    p.add_argument("--delimiter", help="',' ';' or tab (default: found from the header row)")
+    p.add_argument("--encoding", help="the file's encoding (default: UTF-8, or UTF-16 by its byte-order mark)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

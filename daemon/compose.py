@@ -203,6 +203,18 @@ def markdown_safe(value: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", value)
 
 
+_RULE_LINE = re.compile(r"\s*([-=_*])(\s*\1)*\s*")  # a line Markdown reads as a heading's underline or a rule
+
+
+def markdown_signature(text: str) -> str:
+    """A rendered signature as a Markdown body's `{{ signature }}`: its lines kept as lines (hard breaks), and the
+    usual `-- ` delimiter (any line of dashes or equals signs) written literally, not read as the underline that
+    makes the line above it a heading."""
+    lines = [("\\" + line) if _RULE_LINE.fullmatch(line) and line.strip() else line for line in text.split("\n")]
+    ends = [bool(a.strip() and b.strip()) for a, b in zip(lines, [*lines[1:], ""], strict=True)]
+    return "\n".join(line + ("\\" if hard else "") for line, hard in zip(lines, ends, strict=True))
+
+
 def markdown_html(source: str) -> str:
     """The HTML part of a `format = "markdown"` body: CommonMark, raw HTML in it escaped (not passed through),
     no tracking pixel, links as written."""

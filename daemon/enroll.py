@@ -497,6 +497,7 @@ class Importer:
         self.columns_name = "this file's columns"
         self.header: HeaderMap | None = None  # how the file's columns were read (the last run's)
         self.first_id = 0  # the id of the import's first enrollment (when it enrolled any)
+        self.first_seq = 0  # its number in the cadence
 
     def check_pins(self) -> None:
         problems = pin_problems(self.config, self.store.pins())
@@ -541,14 +542,24 @@ class Importer:
             return None
         email, fields, address = found
         mailbox = self.config.mailbox(address)
-        link = f"mailto:{address}?subject=unsubscribe-(made-at-the-send)"
-        variables = compose.prospect_variables({"email": email, **fields}, mailbox.name, address, link)
         try:
-            subject, body = lifecycle.render_step(self.cadence, self.cadence.steps[0], variables, None)
+            out, variant = lifecycle.compose_step(
+                self.cadence,
+                self.cadence.steps[0],
+                mailbox,
+                {"email": email, **fields},
+                enrollment=self.first_id,
+                seq=self.first_seq,
+                thread=(),
+                links=(f"mailto:{address}?subject=unsubscribe-(made-at-the-send)",),
+                message_id="",
+                date=0.0,
+            )
         except compose.TemplateProblem as exc:
             return {"mailbox": address, "to": email, "problem": str(exc)}
         sender = f"{mailbox.name} <{address}>" if mailbox.name else address
-        return {"mailbox": address, "from": sender, "to": email, "subject": subject, "body": body}
+        shown = {"mailbox": address, "from": sender, "to": email, "subject": out.subject, "body": out.body}
+        return {**shown, "variant": variant} if variant else shown
 
     def enroll_rows(
         self,
@@ -570,7 +581,7 @@ class Importer:
         import would do, and nothing of the database changed.
         """
         self.check_pins()
-        self._check_columns(where, header)
+        self.check_columns(where, header)
         report = Report()
         # 1. Parse and validate the whole file into a scratch table, holding no lock on the database:
         #    a problem of the file as a whole stops here, having changed nothing.
@@ -596,7 +607,7 @@ class Importer:
             pass  # rolled back: nothing was written
         return report
 
-    def _check_columns(self, where: str, header: list[str]) -> None:
+    def check_columns(self, where: str, header: list[str]) -> None:
         """Refuse the file before any row when it cannot fill a template at all."""
         variables = compose.sample_variables(tuple(n for n in header if n not in ("", headers.LEFT_OUT)))
         columns = set(header)
@@ -727,6 +738,15 @@ class Importer:
         del fields["email"]  # stored in its own column only
         return line, key, owner, _encode(fields)
 
+    def prospect_of(self, where: str, line: int, header: list[str], values: list[str]) -> dict[str, str]:
+        """One row's fields as the import would take them (a preview's), or UsageError naming its line and why."""
+        report = Report()
+        staged = self._validate(line, header, values, report)
+        if staged is None:
+            raise UsageError(f"{where}:{line}: {report.rejected[0].reason if report.rejected else 'a blank row'}")
+        _, email, _, fields = staged
+        return {"email": email, **json.loads(fields)}
+
     def _render_problem(self, fields: dict[str, str]) -> tuple[str, str]:
         """What keeps a template from being filled by these fields, and the first empty required field."""
         variables = compose.prospect_variables(fields, "sender", "sender@example.com")
@@ -776,7 +796,7 @@ class Importer:
             report.assignments[mailbox] = report.assignments.get(mailbox, 0) + n
         report.enrolled += next_id - first_id
         if next_id > first_id:
-            self.first_id = first_id
+            self.first_id, self.first_seq = first_id, seq
 
     def _enroll_in_turns(
         self, rotator: rotation.Rotator, now: float, first_id: int, seq: int, added: dict[str, int], report: Report

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from daemon import compose, timing
-from daemon.model import Cadence, Config, Schedule, Step
+from daemon import compose, timing, unsubscribe
+from daemon.model import UNSUBSCRIBE_LINK, Cadence, Config, Mailbox, Schedule, Step
 
 
 class Next(NamedTuple):
@@ -132,6 +132,15 @@ def variant_of(cadence: str, step: Step, seq: int) -> tuple[Step, str | None]:
     return v.step, v.name
 
 
+def variant_named(step: Step, name: str) -> Step:
+    """The version of `step` that is its variant `name` (a preview's choice), or KeyError saying the names."""
+    for v in step.variants:
+        if v.name == name:
+            return v.step
+    names = ", ".join(v.name for v in step.variants) or "none: the step has no variants"
+    raise KeyError(f"step {step.number} has no variant {name!r} (its variants: {names})")
+
+
 def _weights(step: Step) -> int:
     return sum(v.weight for v in step.variants)
 
@@ -160,6 +169,82 @@ def render_step(
             first = first_step.subject.render(variables) if first_step.subject else ""
         subject = compose.thread_subject(first, None)
     return " ".join(subject.split()), body
+
+
+def unsubscribe_links(mailbox: Mailbox, key: bytes, enrollment: int, email: str) -> tuple[str, ...]:
+    """The List-Unsubscribe URIs of an enrollment's messages: the mailto with its token, then the mailbox's https
+    one-click link when it has `unsubscribe_url` (compose.TemplateProblem when that renders to no https link)."""
+    links: tuple[str, ...] = (unsubscribe.mailto(mailbox.address, key, enrollment),)
+    if mailbox.unsubscribe_url is not None:
+        url = mailbox.unsubscribe_url.render(
+            {"token": unsubscribe.token(key, enrollment), "email": email, "mailbox": mailbox.address}
+        )
+        if not UNSUBSCRIBE_LINK.fullmatch(url):
+            raise compose.TemplateProblem(f"unsubscribe_url made {url[:80]!r}, not an https:// link")
+        links = (links[0], url)
+    return links
+
+
+class Composed(NamedTuple):
+    """A message of a step as it leaves: what compose.build_message writes, and the variant it is."""
+
+    out: compose.Outgoing
+    variant: str | None
+
+
+def compose_step(
+    cadence: Cadence,
+    step: Step,
+    mailbox: Mailbox,
+    fields: Mapping[str, str],
+    *,
+    enrollment: int,
+    seq: int,
+    thread: Sequence[tuple[int, str, str]],
+    links: tuple[str, ...],
+    message_id: str,
+    date: float,
+    variant: str | None = None,
+) -> Composed:
+    """Step `step` of enrollment `enrollment` (numbered `seq` in its cadence), sent by `mailbox` to the prospect
+    whose `fields` these are, in its thread (`thread`: (step, message_id, subject) of what was sent before, in
+    order): the variant it gets (`variant`: a preview's choice instead), the subject and body rendered with the
+    mailbox's signature and `spin`'s seed, the HTML part of a Markdown step, and the thread headers of the thread
+    the step goes in. The sender loop and `preview` both compose here. compose.TemplateProblem when a template
+    cannot be rendered."""
+    signature = mailbox.signature
+    signed = signature.render(compose.sender_variables(mailbox.name, mailbox.address)) if signature else ""
+    seed = f"{enrollment}:{step.number}"
+    variables = compose.prospect_variables(fields, mailbox.name, mailbox.address, links[-1], signed, seed)
+    # The thread this step goes in: from the step that began it (step 1, or the last thread = "new").
+    start = thread_start(cadence, step.number)
+    thread = [t for t in thread if t[0] >= start]
+    if variant is None:
+        version, variant = variant_of(cadence.name, step, seq)
+    else:
+        version = variant_named(step, variant)
+    first = thread[0][2] if thread else None
+    subject, body = render_step(cadence, version, variables, first, seq)
+    html = None
+    if version.markdown:  # the HTML part: the same body, the prospect's fields read literally by Markdown
+        safe = {k: compose.markdown_safe(v) if k in fields else v for k, v in variables.items()}
+        safe["signature"] = compose.markdown_signature(signed)
+        html = compose.markdown_html(version.body.render(safe))
+    references = tuple(mid for _, mid, _ in thread if mid)
+    out = compose.Outgoing(
+        from_name=mailbox.name,
+        from_address=mailbox.address,
+        to_address=fields["email"],
+        subject=subject,
+        body=body,
+        message_id=message_id,
+        date=date,
+        in_reply_to=references[-1] if references else None,
+        references=references,
+        unsubscribe=links,
+        html=html,
+    )
+    return Composed(out, variant)
 
 
 Due = tuple[float, tuple[int, int]]  # (due time, rank): the claim's order is (due_at, id)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
-from daemon import compose, lifecycle, outcomes, smtp, timing, unsubscribe
+from daemon import compose, lifecycle, outcomes, smtp, timing
 from daemon.dispatch.store_front import T
 from daemon.dispatch.turn import Sent, Turn, sent_record, take_turn
 from daemon.errors import (
@@ -27,7 +27,7 @@ from daemon.errors import (
     Throttled,
     Uncertain,
 )
-from daemon.model import UNSUBSCRIBE_LINK, Config, Mailbox
+from daemon.model import Config, Mailbox
 from daemon.readside import iso
 from daemon.store import Claimed, Snapshot, Store
 
@@ -437,50 +437,26 @@ class MailboxRunner:
             self.d.stats.errors += 1
             log.warning("message.error", reason=reason, detail=detail)
             return None
-        key = self.d.unsubscribe_key
-        links: tuple[str, ...] = (unsubscribe.mailto(self.address, key, c.enrollment_id),)
         try:
-            if self.mailbox.unsubscribe_url is not None:
-                url = self.mailbox.unsubscribe_url.render(
-                    {"token": unsubscribe.token(key, c.enrollment_id), "email": c.email, "mailbox": self.address}
-                )
-                if not UNSUBSCRIBE_LINK.fullmatch(url):
-                    raise compose.TemplateProblem(f"unsubscribe_url made {url[:80]!r}, not an https:// link")
-                links = (links[0], url)
-            signature = self.mailbox.signature
-            signed = signature.render(compose.sender_variables(self.mailbox.name, self.address)) if signature else ""
-            seed = f"{c.enrollment_id}:{c.step}"
-            variables = compose.prospect_variables(c.fields, self.mailbox.name, self.address, links[-1], signed, seed)
-            # The thread this step goes in: from the step that began it (step 1, or the last thread = "new").
-            start = lifecycle.thread_start(cadence, step.number)
-            thread = [t for t in thread if t[0] >= start]
-            version, variant = lifecycle.variant_of(cadence.name, step, c.seq)
-            first = thread[0][2] if thread else None
-            subject, body = lifecycle.render_step(cadence, version, variables, first, c.seq)
-            html = None
-            if version.markdown:  # the HTML part: the same body, the prospect's fields read literally by Markdown
-                safe = {k: compose.markdown_safe(v) if k in c.fields else v for k, v in variables.items()}
-                html = compose.markdown_html(version.body.render(safe))
+            links = lifecycle.unsubscribe_links(self.mailbox, self.d.unsubscribe_key, c.enrollment_id, c.email)
+            out, variant = lifecycle.compose_step(
+                cadence,
+                step,
+                self.mailbox,
+                c.fields,
+                enrollment=c.enrollment_id,
+                seq=c.seq,
+                thread=thread,
+                links=links,
+                message_id=c.message_id,
+                date=self.d.clock(),
+            )
         except compose.TemplateProblem as exc:
             await self._commit(Store.record_error, c.id, "template", None, str(exc))
             self.d.stats.errors += 1
             log.warning("message.error", reason="template", detail=str(exc))
             return None
-        references = tuple(mid for _, mid, _ in thread if mid)
-        out = compose.Outgoing(
-            from_name=self.mailbox.name,
-            from_address=self.address,
-            to_address=c.email,
-            subject=subject,
-            body=body,
-            message_id=c.message_id,
-            date=self.d.clock(),
-            in_reply_to=references[-1] if references else None,
-            references=references,
-            unsubscribe=links,
-            html=html,
-        )
-        return compose.build_message(out), subject, variant
+        return compose.build_message(out), out.subject, variant
 
     # --- outcomes (SPEC §5): dispatch on the failure's type -----------------------------------
 

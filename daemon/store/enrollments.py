@@ -43,6 +43,11 @@ class Enrollments(Core):
             row = self.conn.one(self.q.unsubscribe_key)
         return bytes.fromhex(row[0])
 
+    def kept_unsubscribe_key(self) -> bytes | None:
+        """The unsubscribe key if one was made (a read command makes none)."""
+        row = self.conn.one(self.q.unsubscribe_key)
+        return bytes.fromhex(row[0]) if row else None
+
     def api_answer(self, key: str) -> tuple[str, str, str] | None:
         """(playbook, digest of the request, answer as JSON) given to an Idempotency-Key, if still kept."""
         row = self.conn.one(self.q.api_answer, (key,))

@@ -94,6 +94,7 @@ class Prospects(Core):
                     "created_at": row[7],
                     "ended_at": row[8],
                     "outcome": row[9],
+                    "seq": row[10],
                     "messages": messages,
                     "events": events,
                 }

@@ -514,7 +514,7 @@ INSERT INTO enrollment_events (enrollment_id, at, kind, detail) VALUES (?, ?, ?,
 
 -- prospect show: an address's enrollments, their messages and events, in order
 -- name: enrollments_of_email
-SELECT id, cadence, mailbox, owner, adder, state, fields, created_at, ended_at, outcome
+SELECT id, cadence, mailbox, owner, adder, state, fields, created_at, ended_at, outcome, coalesce(seq, id)
     FROM enrollments WHERE email = ? ORDER BY created_at, id;
 
 -- name: messages_of_enrollment
