@@ -90,7 +90,7 @@ def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgr
     query(postgres_url, "UPDATE cadenced_schema SET version = 10")
     store = Store.open(postgres_url)
     try:
-        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 18
+        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 19
     finally:
         store.close()
     indexes = {r[0] for r in query(postgres_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")}

@@ -157,6 +157,18 @@ async def test_variants_at_the_server_and_the_report_equals_what_happened(projec
         assert first_sent["variant"] == variant["p50@prospects.example"]
         listed = project.run("outbox", "--state", "sent", "--prospect", "p50@prospects.example", "--json").json()
         assert variant["p50@prospects.example"] in {m["variant"] for m in listed["messages"]}
+        # The rollups the triggers keep equal the results they roll up, and --since the first day reads them.
+        for rollup, grouped in (
+            ("result_totals", "cadence, step, variant, mailbox, kind"),
+            ("result_days", "cadence, day, step, kind"),
+        ):
+            kept = query(project.database, f"SELECT {grouped}, n FROM {rollup} WHERE n <> 0")
+            summed = query(
+                project.database, f"SELECT {grouped}, sum(n) FROM results GROUP BY {grouped} HAVING sum(n) <> 0"
+            )
+            assert sorted(map(tuple, kept)) == sorted(map(tuple, summed)), rollup
+        since = project.run("report", "--by", "variant", "--json", "--since", "2000-01-01").json()
+        assert since["cadences"][0]["rows"] == c1["rows"] and since["cadences"][0]["totals"] == totals
         text = project.run("report", "--by", "step").out
         assert "cadence c1" in text and "total" in text
         assert project.run("report", "--cadence", "nope").code == 1
@@ -166,15 +178,15 @@ async def test_variants_at_the_server_and_the_report_equals_what_happened(projec
 
 
 def test_a_database_from_before_counts_its_past_results_once(tmp_path: Path) -> None:
-    """Migration 18 on SQLite: what was sent, ended and marked before results were kept is counted once."""
+    """Migrations 18 and 19 on SQLite: what was sent, ended and marked before results were kept is counted once,
+    in the results and in their rollups (all time, and per day from --since)."""
     import sqlite3
 
     db = tmp_path / "old.db"
     Store.open(db).close()
     with sqlite3.connect(db) as conn:
-        for name in ("result_sent", "result_ended"):
-            conn.execute(f"DROP TRIGGER {name}")
-        conn.execute("DROP TABLE results")
+        for table in ("results", "result_totals", "result_days", "web_sessions"):  # what 18 and 19 made
+            conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE messages DROP COLUMN variant")
         conn.execute("ALTER TABLE enrollments DROP COLUMN seq")
         day = 1_700_000_000.0  # 2023-11-14 UTC
@@ -193,8 +205,54 @@ def test_a_database_from_before_counts_its_past_results_once(tmp_path: Path) -> 
     store = Store.open(db)
     try:
         got = {(r[1], r[2], r[4]) for r in store.results("step", "c", "")}
+        since = {(r[1], r[2], r[4]) for r in store.results("step", "c", "2023-11-14")}
+        by_variant = {(r[1], r[3], r[5]) for r in store.results("variant", "c", "2023-11-14")}
         total = {(r[1], r[2]): r[3] for r in store.results("", "c", "")}
+        later = store.results("", "c", "2023-11-15")
+        # An end taken back (an unsuppress makes the enrollment active again) is taken back in every rollup.
+        store.conn.run("UPDATE enrollments SET state = 'active', ended_at = NULL WHERE id = 2")
+        again = {(r[1], r[2], r[4]) for r in store.results("step", "c", "")}
+        again_since = {(r[1], r[2], r[4]) for r in store.results("step", "c", "2023-11-14")}
     finally:
         store.close()
     assert got == {(1, "replied", 1), (1, "finished", 1), (1, "sent", 3), (1, "outcome:interested", 1)}
-    assert total[("enrolled", 0)] == 3 and total[("sent", 1)] == 3
+    assert since == got == by_variant
+    assert total[("enrolled", 0)] == 3 and total[("sent", 1)] == 3 and later == []
+    assert again == again_since == got - {(1, "finished", 1)} | {(1, "finished", 0)}
+
+
+def test_a_schema_18_database_loses_its_permanent_result_triggers(tmp_path: Path) -> None:
+    """Schema 18 counted results by permanent triggers; 19 counts by TEMP ones (by hand on the group commit): an
+    upgraded file must keep none of the old, or each send would count twice; its rollups start from its results."""
+    import sqlite3
+
+    db = tmp_path / "v18.db"
+    Store.open(db).close()
+    with sqlite3.connect(db) as conn:
+        for table in ("result_totals", "result_days", "web_sessions"):
+            conn.execute(f"DROP TABLE {table}")
+        for name, table in (("result_sent", "messages"), ("result_ended", "enrollments")):
+            conn.execute(
+                f"CREATE TRIGGER {name} AFTER UPDATE OF state ON {table} BEGIN "
+                "INSERT INTO results VALUES ('x', '2020-01-01', 9, '', 'x', 'wrong', 1); END"
+            )
+        conn.execute("INSERT INTO results VALUES ('c', '2026-01-02', 1, 'A', 'm@x.example', 'sent', 5)")
+        conn.execute("INSERT INTO results VALUES ('c', '2026-01-03', 1, 'A', 'm@x.example', 'sent', 2)")
+        conn.execute("PRAGMA user_version = 18")
+    store = Store.open(db)
+    try:
+        store.conn.run(
+            "INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, state, created_at)"
+            " VALUES (1, 'c', 'p@x.example', 'm@x.example', 'a', 'a', '{}', 'active', 0)"
+        )
+        store.conn.run("UPDATE enrollments SET state = 'stopped', ended_at = 1767312000 WHERE id = 1")
+        totals = {(r[1], r[2]): r[3] for r in store.results("", "c", "")}
+        by_day = {(r[1], r[2]): r[4] for r in store.results("day", "c", "")}
+    finally:
+        store.close()
+    with sqlite3.connect(db) as conn:
+        kept = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'result%'").fetchall()
+        wrong = conn.execute("SELECT count(*) FROM results WHERE kind = 'wrong'").fetchone()[0]
+    assert kept == [] and wrong == 0
+    assert totals == {("sent", 1): 7, ("stopped", 0): 1}
+    assert by_day == {("2026-01-02", "sent"): 5, ("2026-01-03", "sent"): 2, ("2026-01-02", "stopped"): 1}

@@ -145,12 +145,24 @@ class AsyncStore:
 
     @staticmethod
     def _run_batch(store: Store, batch: list[_Call]) -> None:
+        """The batch's calls in one transaction. Their results (counted by hand on SQLite) are summed over the
+        batch and written once before the commit: three statements per send and end were 6% of its CPU."""
+        store.hold_results()
+        try:
+            AsyncStore._run_calls(store, batch)
+        finally:
+            store.release_results()
+
+    @staticmethod
+    def _run_calls(store: Store, batch: list[_Call]) -> None:
         if len(batch) == 1:  # alone, a call needs no savepoint: its failure rolls back only its own writes
             call = batch[0]
             call.result, call.error = None, None
             try:
                 with store.transaction():
                     call.result = call.fn(store)
+                    store.keep_results()
+                    store.write_held_results()
             except StoreUnavailable:
                 raise  # the batch fails as a batch (the committer retries or reports it)
             except Exception as exc:
@@ -163,12 +175,15 @@ class AsyncStore:
                 run(f"SAVEPOINT call{i}")  # each call a savepoint: one that fails is rolled back alone
                 try:
                     call.result = call.fn(store)
+                    store.keep_results()
                 except Exception as exc:
+                    store.drop_results()
                     if not store.conn.in_transaction:
                         raise  # the transaction itself is gone (a full disk): the whole batch fails
                     run(f"ROLLBACK TO call{i}")
                     call.error = exc
                 run(f"RELEASE call{i}")
+            store.write_held_results()
 
     async def others_version(self) -> tuple[int, set[str] | None]:
         """(PRAGMA data_version seen by the group-commit connection, the mailboxes named): it moves when another

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from daemon.store.engine import Engine, Queries
 from daemon.store.records import COUNTED_STATES
+from daemon.timing import utc_day
 
 EndedBy = Literal["email", "id", "ids"]  # which enrollments _end ends: an address's, one, several
 
@@ -33,6 +34,10 @@ class Core:
         # PostgreSQL: several daemons share the database, each sending for the mailboxes it leases.
         self.shared = engine.shared
         self.counts_by_hand = engine.counts_by_hand  # no counting triggers on this connection (group commit)
+        # counts_by_hand, in a group commit: the results of its sends and ends, summed over the batch and
+        # written once at its end (hold_results); a call rolled back takes its own back (drop_results).
+        self._held: dict[tuple[str, str, int, str, str, str], int] | None = None
+        self._held_call: list[tuple[str, str, int, str, str, str]] = []
 
     # --- transactions ---------------------------------------------------------------------------
 
@@ -94,11 +99,55 @@ class Core:
             self._count_scheduled([(mailbox, inserted)])
             self.conn.tell((mailbox,))
 
-    def finish_enrollment(self, enrollment: int, now: float) -> None:
+    def finish_enrollment(self, enrollment: int, now: float, last: tuple[int, str, str] | None = None) -> None:
+        """The enrollment ends `finished`. `last` (counts_by_hand: the group commit's send of the last step): the
+        step, variant and mailbox of that send, which the result counts on."""
         row = self.conn.one(self.q.finish_enrollment, (now, enrollment))
         if row is not None and self.counts_by_hand:
             self.conn.run(self.q.uncount_active, (row[0],))
             self.conn.run(self.q.count_finished, (row[0],))
+            if last is not None:
+                self.count_results(row[0], utc_day(now), *last, "finished")
+
+    def count_results(self, cadence: str, day: str, step: int, variant: str, mailbox: str, kind: str) -> None:
+        """What the result triggers do for one send or end, on the connection without them (counts_by_hand):
+        the row and its two rollups, at once or (in a group commit) with the batch's others."""
+        if self._held is not None:
+            self._held_call.append((cadence, day, step, variant, mailbox, kind))
+            return
+        self._write_results({(cadence, day, step, variant, mailbox, kind): 1})
+
+    def hold_results(self) -> None:
+        """A group commit's batch begins: its results are summed until write_held_results."""
+        self._held, self._held_call = {}, []
+
+    def keep_results(self) -> None:
+        """The call that counted them committed to its savepoint: its results join the batch's."""
+        held = self._held
+        if held is not None:
+            for key in self._held_call:
+                held[key] = held.get(key, 0) + 1
+        self._held_call = []
+
+    def drop_results(self) -> None:
+        """The call that counted them was rolled back: so are its results."""
+        self._held_call = []
+
+    def write_held_results(self) -> None:
+        """In the batch's transaction, before its commit: the summed results written (a statement per distinct
+        row and rollup, not three per send and end), and holding ends."""
+        held, self._held, self._held_call = self._held, None, []
+        if held:
+            self._write_results(held)
+
+    def release_results(self) -> None:
+        """The batch failed as a whole: nothing it held is written."""
+        self._held, self._held_call = None, []
+
+    def _write_results(self, counts: dict[tuple[str, str, int, str, str, str], int]) -> None:
+        rows = [(*key, n) for key, n in counts.items()]
+        for statement in (self.q.count_result_row, self.q.count_result_total, self.q.count_result_day):
+            self.conn.executemany(statement, rows)
 
     def set_mailbox_state(self, mailbox: str, state: str, reason: str | None, now: float) -> None:
         self.conn.run(self.q.set_mailbox_state, (mailbox, state, reason, now))

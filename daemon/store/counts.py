@@ -98,14 +98,20 @@ class Counts(Core):
     def results(self, by: str, cadence: str | None, since: str) -> list[tuple[Any, ...]]:
         """`cadenced report`'s sums: (cadence, the `by` key's columns…, kind, of step 1, n); by "" (per cadence),
         "step", "variant" (step and variant), "mailbox" or "day"; from the UTC day `since` on."""
-        query = {
-            "": self.q.results_total,
-            "step": self.q.results_by_step,
-            "variant": self.q.results_by_variant,
-            "mailbox": self.q.results_by_mailbox,
-            "day": self.q.results_by_day,
-        }[by]
-        return [tuple(r) for r in self.conn.execute(query, (cadence, int(cadence is None), since))]
+        q = self.q
+        if by == "day" or since:
+            query = {
+                "": q.results_total_since,
+                "step": q.results_by_step_since,
+                "variant": q.results_by_variant_since,
+                "mailbox": q.results_by_mailbox_since,
+                "day": q.results_by_day,
+            }[by]
+            return [tuple(r) for r in self.conn.execute(query, (cadence, int(cadence is None), since))]
+        query = {"": q.results_total, "step": q.results_by_step, "variant": q.results_by_variant}.get(
+            by, q.results_by_mailbox
+        )
+        return [tuple(r) for r in self.conn.execute(query, (cadence, int(cadence is None)))]
 
     def results_of_messages(self) -> list[tuple[str, int, str, str, int]]:
         """(cadence, step, variant, kind, n) of every message counted in the results (for /metrics)."""

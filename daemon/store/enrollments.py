@@ -43,6 +43,28 @@ class Enrollments(Core):
             row = self.conn.one(self.q.unsubscribe_key)
         return bytes.fromhex(row[0])
 
+    def web_key(self) -> bytes:
+        """The key the dashboard signs its cookies and CSRF tokens with (made once; kept across restarts)."""
+        with self.transaction():
+            self.conn.run(self.q.make_web_key, (secrets.token_hex(32),))
+            row = self.conn.one(self.q.web_key)
+        return bytes.fromhex(row[0])
+
+    def open_web_session(self, digest: str, role: str, now: float, expires: float) -> None:
+        """A sign-in kept (by its id's digest), the expired ones forgotten."""
+        with self.transaction():
+            self.conn.run(self.q.forget_web_sessions, (now,))
+            self.conn.run(self.q.open_web_session, (digest, role, now, expires))
+
+    def web_session(self, digest: str, now: float) -> str | None:
+        """The role of a live sign-in, None when there is none (expired, signed out, never)."""
+        row = self.conn.one(self.q.web_session, (digest, now))
+        return str(row[0]) if row else None
+
+    def end_web_session(self, digest: str) -> None:
+        with self.transaction():
+            self.conn.run(self.q.end_web_session, (digest,))
+
     def kept_unsubscribe_key(self) -> bytes | None:
         """The unsubscribe key if one was made (a read command makes none)."""
         row = self.conn.one(self.q.unsubscribe_key)

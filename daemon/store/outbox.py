@@ -9,6 +9,7 @@ from typing import Any
 
 from daemon.store.core import Core
 from daemon.store.records import BLOCKED_BY, HELD_DUE, MESSAGE_STATES, SUPPRESSED_BY, Claimed, SentRecord, domain_of
+from daemon.timing import utc_day
 
 
 class Outbox(Core):
@@ -206,6 +207,7 @@ class Outbox(Core):
             )
             if was is not None and was[1] != "sent":
                 self._recount(was[0], was[1], "sent")
+                self.count_results(c.cadence, utc_day(now), c.step, r.variant or "", c.mailbox, "sent")
             self.conn.run(
                 self.q.count_first_send if c.step == 1 else self.q.count_send,
                 (c.mailbox, day),
@@ -218,7 +220,7 @@ class Outbox(Core):
                 step, mailbox, due = next_step
                 self.schedule_step(c.enrollment_id, step, mailbox, due)
             else:
-                self.finish_enrollment(c.enrollment_id, now)
+                self.finish_enrollment(c.enrollment_id, now, (c.step, r.variant or "", c.mailbox))
 
     def sent_copies_due(self, mailbox: str, limit: int) -> list[tuple[int, str, bytes]]:
         """(message, Message-ID, content) of sent messages not yet saved in the mailbox's Sent folder."""

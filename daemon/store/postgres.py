@@ -229,6 +229,13 @@ def _params(sql: str, params: Sequence[Any]) -> Any:
 
 
 RESULTS = re.compile(r"CREATE (TABLE|FUNCTION|TRIGGER) result")
+ROLLUPS = re.compile(r"CREATE (TABLE|FUNCTION|TRIGGER) result_(totals|days|rolled_up)")
+ROLLED_UP = ("result_totals", "result_days")
+ROLLUPS_BEFORE = (  # as sqlite.ROLLUPS_BEFORE
+    """INSERT INTO result_totals SELECT cadence, step, variant, mailbox, kind, sum(n) FROM results
+       GROUP BY 1, 2, 3, 4, 5""",
+    "INSERT INTO result_days SELECT cadence, day, step, kind, sum(n) FROM results GROUP BY 1, 2, 3, 4",
+)
 RESULTS_BEFORE = (  # as sqlite.RESULTS_BEFORE
     """INSERT INTO results SELECT e.cadence, result_day(m.sent_at), m.step, '', m.mailbox, 'sent', count(*)
        FROM messages m JOIN enrollments e ON e.id = m.enrollment_id WHERE m.state = 'sent' GROUP BY 1, 2, 3, 4, 5""",
@@ -419,7 +426,18 @@ class PgEngine:
                     for statement in _statements(SCHEMA):
                         if RESULTS.search(statement):
                             self.pg.execute(statement)
-                    for statement in RESULTS_BEFORE:
+                    for statement in RESULTS_BEFORE:  # the rollups (created above with it) count them too
+                        self.run(statement)
+                # 19: the results rolled up without the day, and per day without variant or mailbox; sign-ins
+                self.run(
+                    """CREATE TABLE IF NOT EXISTS web_sessions (digest TEXT PRIMARY KEY, role TEXT NOT NULL,
+                       created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL)"""
+                )
+                if not self.execute("SELECT to_regclass('result_totals') IS NOT NULL").fetchone()[0]:
+                    for statement in _statements(SCHEMA):
+                        if ROLLUPS.search(statement):
+                            self.pg.execute(statement)
+                    for statement in ROLLUPS_BEFORE:
                         self.run(statement)
                 self.execute("UPDATE cadenced_schema SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
 
@@ -638,7 +656,8 @@ class PgEngine:
             missing = sorted(set(tables) - theirs)
             if missing:
                 raise StoreError(f"{where}: no table {', '.join(missing)} (schemas differ: upgrade cadenced)")
-            order = sorted(tables, key=lambda t: {"enrollments": 0, "messages": 1}.get(t, 2))  # references first
+            # References first; the rollups after the results they are made from.
+            order = sorted(tables, key=lambda t: {"enrollments": 0, "messages": 1}.get(t, 3 if t in ROLLED_UP else 2))
             copied: dict[str, int] = {}
             with self.transaction():
                 for table in order:
@@ -647,6 +666,9 @@ class PgEngine:
                 for table in order:
                     columns, batches = rows_of(table)
                     n = 0
+                    if table in ROLLED_UP:  # PostgreSQL's triggers make them from `results` as it is copied
+                        copied[table] = sum(len(rows) for rows in batches)
+                        continue
                     with (
                         self.pg.cursor() as cursor,
                         cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,

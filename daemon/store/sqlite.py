@@ -281,6 +281,16 @@ MIGRATIONS = {
     ALTER TABLE enrollments ADD COLUMN seq INTEGER;
     ALTER TABLE messages ADD COLUMN variant TEXT;
     """,
+    19: """
+    DROP TRIGGER IF EXISTS result_sent;
+    DROP TRIGGER IF EXISTS result_ended;
+    CREATE TABLE web_sessions (
+        digest TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,
@@ -301,9 +311,55 @@ COUNTING = (
 )
 
 
+# Results (`cadenced report`, /metrics), counted as things happen, installed with COUNTING: see schema/sqlite.sql.
+# The group commit counts its sends and ends by hand (Store.count_results): two trigger firings per send were
+# what the results cost it.
+RESULT_COUNTING = (
+    """CREATE TEMP TRIGGER IF NOT EXISTS result_sent AFTER UPDATE OF state ON main.messages
+    WHEN new.state != old.state AND (new.state = 'sent' OR (new.state = 'failed' AND new.reason = 'blocked')) BEGIN
+        INSERT INTO results SELECT e.cadence,
+            date(CASE WHEN new.state = 'sent' THEN new.sent_at ELSE unixepoch() END, 'unixepoch'),
+            new.step, coalesce(new.variant, ''), new.mailbox,
+            CASE WHEN new.state = 'sent' THEN 'sent' ELSE 'blocked' END, 1
+        FROM enrollments e WHERE e.id = new.enrollment_id
+        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + 1;
+END""",
+    """CREATE TEMP TRIGGER IF NOT EXISTS result_ended AFTER UPDATE OF state, outcome ON main.enrollments
+    WHEN new.state != old.state OR new.outcome IS NOT old.outcome BEGIN
+        -- What it was, taken back (-1), and what it is (+1), on the row of the last step sent: one lookup.
+        INSERT INTO results SELECT new.cadence, date(coalesce(k.at, unixepoch()), 'unixepoch'),
+            coalesce(m.step, 0), coalesce(m.variant, ''), coalesce(m.mailbox, k.mailbox), k.kind, k.n
+        FROM (SELECT old.state AS kind, -1 AS n, old.ended_at AS at, old.mailbox AS mailbox
+                  WHERE old.state != new.state AND old.state != 'active'
+              UNION ALL SELECT 'outcome:' || old.outcome, -1, old.ended_at, old.mailbox
+                  WHERE old.outcome IS NOT new.outcome AND old.outcome IS NOT NULL
+              UNION ALL SELECT new.state, 1, new.ended_at, new.mailbox
+                  WHERE new.state != old.state AND new.state != 'active'
+              UNION ALL SELECT 'outcome:' || new.outcome, 1, new.ended_at, new.mailbox
+                  WHERE new.outcome IS NOT old.outcome AND new.outcome IS NOT NULL) k
+        LEFT JOIN (SELECT step, variant, mailbox FROM messages
+                   WHERE enrollment_id = new.id AND state = 'sent' ORDER BY step DESC LIMIT 1) m
+        WHERE true
+        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + excluded.n;
+END""",
+    """CREATE TEMP TRIGGER IF NOT EXISTS result_rolled_up AFTER INSERT ON main.results BEGIN
+    INSERT INTO result_totals VALUES (new.cadence, new.step, new.variant, new.mailbox, new.kind, new.n)
+        ON CONFLICT (cadence, step, variant, mailbox, kind) DO UPDATE SET n = n + excluded.n;
+    INSERT INTO result_days VALUES (new.cadence, new.day, new.step, new.kind, new.n)
+        ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = n + excluded.n;
+END""",
+    """CREATE TEMP TRIGGER IF NOT EXISTS result_rolled_up_again AFTER UPDATE OF n ON main.results BEGIN
+    INSERT INTO result_totals VALUES (new.cadence, new.step, new.variant, new.mailbox, new.kind, new.n - old.n)
+        ON CONFLICT (cadence, step, variant, mailbox, kind) DO UPDATE SET n = n + excluded.n;
+    INSERT INTO result_days VALUES (new.cadence, new.day, new.step, new.kind, new.n - old.n)
+        ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = n + excluded.n;
+END""",
+)
+
+
 def install_counting(conn: sqlite3.Connection) -> None:
     """The counting triggers on a connection of its own (every writer but the group commit's has them)."""
-    for statement in COUNTING:
+    for statement in (*COUNTING, *RESULT_COUNTING):
         conn.execute(statement)
 
 
@@ -638,12 +694,19 @@ def statements(script: str) -> Iterator[str]:
 def migration(version: int) -> list[str]:
     """The statements that bring a database of `version` - 1 to `version`."""
     found = list(statements(MIGRATIONS[version]))
-    if version == 18:  # the results table and its triggers as a new database has them, then what came before
+    if version == 18:  # the results table, then what came before (its triggers are TEMP ones since 19)
         found += [s for s in statements(SCHEMA) if RESULTS.search(s)] + list(statements(RESULTS_BEFORE))
+    if version == 19:  # the result triggers made TEMP ones; the rollups as a new database has them, filled
+        found += [s for s in statements(SCHEMA) if ROLLUPS.search(s)] + list(statements(ROLLUPS_BEFORE))
     return found
 
 
-RESULTS = re.compile(r"CREATE (TABLE|TRIGGER) result")
+ROLLUPS = re.compile(r"CREATE TABLE result_(totals|days)")
+ROLLUPS_BEFORE = """
+INSERT INTO result_totals SELECT cadence, step, variant, mailbox, kind, sum(n) FROM results GROUP BY 1, 2, 3, 4, 5;
+INSERT INTO result_days SELECT cadence, day, step, kind, sum(n) FROM results GROUP BY 1, 2, 3, 4;
+"""
+RESULTS = re.compile(r"CREATE TABLE results\b")
 # What happened before schema 18, counted once: sends (no variant then), ends and outcomes on the row of the last
 # step sent, enrollments on their day.
 RESULTS_BEFORE = """

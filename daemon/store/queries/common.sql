@@ -84,6 +84,19 @@ SELECT coalesce(sum(n), 0) FROM enrollment_counts WHERE cadence = ?;
 INSERT INTO results VALUES (?, ?, 0, '', ?, ?, ?)
     ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = results.n + excluded.n;
 
+-- The group commit's sends and ends, counted by hand (SQLite's other connections count by their TEMP triggers).
+-- name: count_result_row
+INSERT INTO results VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = results.n + excluded.n;
+
+-- name: count_result_total
+INSERT INTO result_totals VALUES (?1, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (cadence, step, variant, mailbox, kind) DO UPDATE SET n = result_totals.n + excluded.n;
+
+-- name: count_result_day
+INSERT INTO result_days VALUES (?1, ?2, ?3, ?6, ?7)
+    ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = result_days.n + excluded.n;
+
 -- name: count_enrolled
 INSERT INTO enrollment_counts VALUES (?, 'active', ?)
     ON CONFLICT (cadence, state) DO UPDATE SET n = enrollment_counts.n + excluded.n;
@@ -552,27 +565,66 @@ SELECT id, email FROM enrollments WHERE cadence = ?1 AND state = 'active'
     AND substr(email, length(email) - length(?2) + 1) = ?2;
 
 -- `cadenced report`: results summed by cadence (and step, variant, mailbox or day) and kind; `first`: of step 1
--- (a prospect's first email: contacted). ?1: the cadence, ?2 true for every cadence, ?3 the first day.
+-- (a prospect's first email: contacted). ?1: the cadence, ?2 true for every cadence, ?3 the first day. All time
+-- is read from result_totals, a day and after from result_days, except per variant or mailbox from a day on.
 -- name: results_total
-SELECT cadence, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
+SELECT cadence, kind, step = 1, sum(n) FROM result_totals WHERE (cadence = ?1 OR ?2 = 1)
+    GROUP BY cadence, kind, step = 1;
+
+-- name: results_total_since
+SELECT cadence, kind, step = 1, sum(n) FROM result_days WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
     GROUP BY cadence, kind, step = 1;
 
 -- name: results_by_step
-SELECT cadence, step, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3 AND kind <> 'enrolled'
+SELECT cadence, step, kind, step = 1, sum(n) FROM result_totals WHERE (cadence = ?1 OR ?2 = 1) AND kind <> 'enrolled'
+    GROUP BY cadence, step, kind;
+
+-- name: results_by_step_since
+SELECT cadence, step, kind, step = 1, sum(n) FROM result_days
+    WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3 AND kind <> 'enrolled'
     GROUP BY cadence, step, kind;
 
 -- name: results_by_variant
-SELECT cadence, step, variant, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3 AND kind <> 'enrolled'
+SELECT cadence, step, variant, kind, step = 1, sum(n) FROM result_totals
+    WHERE (cadence = ?1 OR ?2 = 1) AND kind <> 'enrolled'
+    GROUP BY cadence, step, variant, kind;
+
+-- name: results_by_variant_since
+SELECT cadence, step, variant, kind, step = 1, sum(n) FROM results
+    WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3 AND kind <> 'enrolled'
     GROUP BY cadence, step, variant, kind;
 
 -- name: results_by_mailbox
+SELECT cadence, mailbox, kind, step = 1, sum(n) FROM result_totals WHERE (cadence = ?1 OR ?2 = 1)
+    GROUP BY cadence, mailbox, kind, step = 1;
+
+-- name: results_by_mailbox_since
 SELECT cadence, mailbox, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
     GROUP BY cadence, mailbox, kind, step = 1;
 
 -- name: results_by_day
-SELECT cadence, day, kind, step = 1, sum(n) FROM results WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
+SELECT cadence, day, kind, step = 1, sum(n) FROM result_days WHERE (cadence = ?1 OR ?2 = 1) AND day >= ?3
     GROUP BY cadence, day, kind, step = 1;
 
 -- /metrics: each cadence's messages by step, variant and what became of them.
 -- name: results_of_messages
-SELECT cadence, step, variant, kind, sum(n) FROM results WHERE step > 0 GROUP BY cadence, step, variant, kind;
+SELECT cadence, step, variant, kind, sum(n) FROM result_totals WHERE step > 0 GROUP BY cadence, step, variant, kind;
+
+-- The dashboard's sign-ins.
+-- name: make_web_key
+INSERT INTO daemon_state VALUES ('web_key', ?) ON CONFLICT (key) DO NOTHING;
+
+-- name: web_key
+SELECT value FROM daemon_state WHERE key = 'web_key';
+
+-- name: open_web_session
+INSERT INTO web_sessions VALUES (?, ?, ?, ?);
+
+-- name: forget_web_sessions
+DELETE FROM web_sessions WHERE expires_at < ?;
+
+-- name: web_session
+SELECT role FROM web_sessions WHERE digest = ? AND expires_at >= ?;
+
+-- name: end_web_session
+DELETE FROM web_sessions WHERE digest = ?;

@@ -253,3 +253,40 @@ END $$;
 CREATE TRIGGER result_ended AFTER UPDATE OF state, outcome ON enrollments FOR EACH ROW
     WHEN (NEW.state IS DISTINCT FROM OLD.state OR NEW.outcome IS DISTINCT FROM OLD.outcome)
     EXECUTE FUNCTION result_ended();
+-- The results rolled up as they are counted: see schema/sqlite.sql.
+CREATE TABLE result_totals (
+    cadence TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    PRIMARY KEY (cadence, step, variant, mailbox, kind)
+);
+CREATE TABLE result_days (
+    cadence TEXT NOT NULL,
+    day TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    PRIMARY KEY (cadence, day, step, kind)
+);
+CREATE FUNCTION result_rolled_up() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    d BIGINT := NEW.n - CASE WHEN TG_OP = 'UPDATE' THEN OLD.n ELSE 0 END;
+BEGIN
+    INSERT INTO result_totals VALUES (NEW.cadence, NEW.step, NEW.variant, NEW.mailbox, NEW.kind, d)
+    ON CONFLICT (cadence, step, variant, mailbox, kind) DO UPDATE SET n = result_totals.n + excluded.n;
+    INSERT INTO result_days VALUES (NEW.cadence, NEW.day, NEW.step, NEW.kind, d)
+    ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = result_days.n + excluded.n;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER result_rolled_up AFTER INSERT OR UPDATE OF n ON results FOR EACH ROW
+    EXECUTE FUNCTION result_rolled_up();
+-- Dashboard sign-ins (SPEC §12): the SHA-256 of each session's id (the cookie holds the id, signed), its role.
+CREATE TABLE web_sessions (
+    digest TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);

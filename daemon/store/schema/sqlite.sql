@@ -1,6 +1,5 @@
 -- The schema of a new SQLite database (version 18). Databases made before are brought to it by the
 -- migrations of daemon/store/sqlite.py; a test holds that both give the same tables, columns and indexes.
-
 CREATE TABLE suppressions (
     email TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
@@ -169,7 +168,8 @@ CREATE TABLE enrollment_events (
 CREATE INDEX enrollment_events_by_enrollment ON enrollment_events (enrollment_id, at);
 -- Results (`cadenced report`, /metrics): what happened, counted as it happens, per cadence, UTC day, step,
 -- variant and mailbox. A send counts on its step's row; an enrollment's end (and an outcome marked) on the row of
--- the last step it was sent (step 0 when none was); `enrolled` is counted by the import.
+-- the last step it was sent (step 0 when none was); `enrolled` is counted by the import. The counting is done
+-- by TEMP triggers each connection installs (sqlite.py RESULT_COUNTING), by hand on the daemon's group commit.
 CREATE TABLE results (
     cadence TEXT NOT NULL,
     day TEXT NOT NULL,
@@ -180,31 +180,30 @@ CREATE TABLE results (
     n INTEGER NOT NULL,
     PRIMARY KEY (cadence, day, step, variant, mailbox, kind)
 ) WITHOUT ROWID;
-CREATE TRIGGER result_sent AFTER UPDATE OF state ON messages
-    WHEN new.state != old.state AND (new.state = 'sent' OR (new.state = 'failed' AND new.reason = 'blocked')) BEGIN
-        INSERT INTO results SELECT e.cadence,
-            date(CASE WHEN new.state = 'sent' THEN new.sent_at ELSE unixepoch() END, 'unixepoch'),
-            new.step, coalesce(new.variant, ''), new.mailbox,
-            CASE WHEN new.state = 'sent' THEN 'sent' ELSE 'blocked' END, 1
-        FROM enrollments e WHERE e.id = new.enrollment_id
-        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER result_ended AFTER UPDATE OF state, outcome ON enrollments
-    WHEN new.state != old.state OR new.outcome IS NOT old.outcome BEGIN
-        INSERT INTO results SELECT old.cadence, date(coalesce(old.ended_at, unixepoch()), 'unixepoch'),
-            coalesce(m.step, 0), coalesce(m.variant, ''), coalesce(m.mailbox, old.mailbox), k.kind, -1
-        FROM (SELECT old.state AS kind WHERE old.state != new.state AND old.state != 'active'
-              UNION ALL SELECT 'outcome:' || old.outcome WHERE old.outcome IS NOT new.outcome) k
-        LEFT JOIN (SELECT step, variant, mailbox FROM messages
-                   WHERE enrollment_id = old.id AND state = 'sent' ORDER BY step DESC LIMIT 1) m
-        WHERE k.kind IS NOT NULL
-        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + excluded.n;
-        INSERT INTO results SELECT new.cadence, date(coalesce(new.ended_at, unixepoch()), 'unixepoch'),
-            coalesce(m.step, 0), coalesce(m.variant, ''), coalesce(m.mailbox, new.mailbox), k.kind, 1
-        FROM (SELECT new.state AS kind WHERE new.state != old.state AND new.state != 'active'
-              UNION ALL SELECT 'outcome:' || new.outcome WHERE new.outcome IS NOT old.outcome) k
-        LEFT JOIN (SELECT step, variant, mailbox FROM messages
-                   WHERE enrollment_id = new.id AND state = 'sent' ORDER BY step DESC LIMIT 1) m
-        WHERE k.kind IS NOT NULL
-        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = n + excluded.n;
-END;
+-- The results rolled up as they are counted, so that a report reads a few thousand rows, not every day of every
+-- mailbox: without the day (the report of all time, by step, variant or mailbox; /metrics) and per day without
+-- variant or mailbox (`--by day`, `--since`).
+CREATE TABLE result_totals (
+    cadence TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    variant TEXT NOT NULL,
+    mailbox TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (cadence, step, variant, mailbox, kind)
+) WITHOUT ROWID;
+CREATE TABLE result_days (
+    cadence TEXT NOT NULL,
+    day TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (cadence, day, step, kind)
+) WITHOUT ROWID;
+-- Dashboard sign-ins (SPEC §12): the SHA-256 of each session's id (the cookie holds the id, signed), its role.
+CREATE TABLE web_sessions (
+    digest TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
