@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemon import enroll, headers, logs, operate, prospects, readside, store
+from daemon import dashboard, enroll, headers, logs, operate, prospects, readside, store
 from daemon.config import LOOPBACK_HOSTS, is_loopback
 from daemon.errors import NotFound, Refused, StoreError, StoreUnavailable, UsageError
 from daemon.model import ApiSettings, Config, Playbook
@@ -723,6 +723,7 @@ def build_app(
         Route("/v1/prospects/{email}/mark", guarded(prospect_mark), methods=["POST"]),
         Route("/v1/cadences/{name}/pause", guarded(cadence_pause), methods=["POST"]),
         Route("/v1/cadences/{name}/resume", guarded(cadence_resume), methods=["POST"]),
+        *dashboard.routes(settings, config, wake),  # the pages at / (SPEC §12)
     ]
     app = Starlette(routes=routes)
     app.state.metrics = snapshot

@@ -298,6 +298,8 @@ class ApiSettings:
     tls_key: str = ""
     allow_plain_http: bool = False  # plain HTTP off loopback: the operator says a proxy on this host does TLS
     hosts: tuple[str, ...] = ()  # Host names accepted besides the loopback ones (a reverse proxy's own)
+    read_only_token: Secret | None = None  # the dashboard's viewers: they see every page and act on nothing
+    read_only_token_source: str = ""
 
 
 @dataclass(frozen=True, slots=True)

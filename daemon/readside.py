@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -108,11 +108,12 @@ def safeguards(
     return out
 
 
-def status(config: Config, store: Store, now: float) -> dict[str, Any]:
+def status(config: Config, store: Store, now: float, only: Collection[str] | None = None) -> dict[str, Any]:
+    """`status --json`; `only`: these mailboxes' rows alone (a page of the dashboard's)."""
     health = store.health()
     counts = store.message_counts()
     mailboxes = []
-    for m in config.mailboxes:
+    for m in config.mailboxes if only is None else (m for m in config.mailboxes if m.address in only):
         h = health.get(m.address)
         state = mailbox_state(m.paused, h)
         scheduled = counts.get((m.address, "scheduled"), 0) + counts.get((m.address, "sending"), 0)

@@ -815,6 +815,7 @@ def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
     listen = t.string("listen", "127.0.0.1:8025")
     token, source = _named_secret(t, "token", base_dir)
     metrics_token, metrics_source = _named_secret(t, "metrics_token", base_dir)
+    viewer_token, viewer_source = _named_secret(t, "read_only_token", base_dir)
     tls_cert = t.string("tls_cert", "")
     tls_key = t.string("tls_key", "")
     allow_plain_http = t.boolean("allow_plain_http", False)
@@ -822,7 +823,9 @@ def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
     t.finish()
     if not source:
         t.problems.add(t.path, "needs token_file, token_env or token_credential (every request but /metrics shows it)")
-    for secret, where in ((token, source), (metrics_token, metrics_source)):
+    if token is not None and viewer_token is not None and token.reveal().strip() == viewer_token.reveal().strip():
+        t.problems.add(t.at(viewer_source.partition(":")[0]), "must differ from the token (a viewer could act)")
+    for secret, where in ((token, source), (metrics_token, metrics_source), (viewer_token, viewer_source)):
         if secret is None:
             continue
         redact.register("api", secret.reveal())
@@ -848,13 +851,16 @@ def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
         if not re.fullmatch(r"[a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\]", name):
             t.problems.add(f"{t.at('hosts')}[{i}]", f"not a host name: {name!r}")
     plain = bool(allow_plain_http)
+    viewer = (viewer_token, viewer_source)
     if not isinstance(listen, str):
         return None
     if listen.startswith("unix:"):
         path = listen.removeprefix("unix:")
         if not path.startswith("/"):
             t.problems.add(t.at("listen"), f"a unix socket needs an absolute path, got {listen!r}")
-        return ApiSettings("", 0, path, token, source, metrics_token, metrics_source, cert, key_file, plain, names)
+        return ApiSettings(
+            "", 0, path, token, source, metrics_token, metrics_source, cert, key_file, plain, names, *viewer
+        )
     host, _, port_text = listen.rpartition(":")
     host = host.strip("[]")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
@@ -873,7 +879,7 @@ def _api(t: _Table, base_dir: Path) -> ApiSettings | None:
                 "tokens and prospects cross the network in clear unless a TLS proxy is in front"
             )
     return ApiSettings(
-        host, int(port_text), "", token, source, metrics_token, metrics_source, cert, key_file, plain, names
+        host, int(port_text), "", token, source, metrics_token, metrics_source, cert, key_file, plain, names, *viewer
     )
 
 

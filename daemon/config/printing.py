@@ -80,6 +80,9 @@ def _api_dict(a: ApiSettings) -> dict[str, Any]:
     metrics_kind, _, metrics_where = a.metrics_token_source.partition(":")
     if metrics_kind:
         out[metrics_kind] = metrics_where
+    viewer_kind, _, viewer_where = a.read_only_token_source.partition(":")
+    if viewer_kind:
+        out[viewer_kind] = viewer_where
     if a.tls_cert:
         out |= {"tls_cert": a.tls_cert, "tls_key": a.tls_key}
     if a.allow_plain_http:

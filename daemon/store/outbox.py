@@ -21,8 +21,12 @@ class Outbox(Core):
         cadence: str | None = None,
         prospect: str | None = None,
         limit: int | None = None,
+        after: int = 0,
     ) -> list[dict[str, Any]]:
+        """The outbox's messages in id order; `after`: those past this id (a page after the one that ended there)."""
         sql, args = self._outbox_query(state, mailbox, cadence, prospect)
+        if after:
+            sql += (" AND " if " WHERE " in sql else " WHERE ") + f"m.id > {int(after)}"
         sql += " ORDER BY m.id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
