@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,3 +177,32 @@ def test_in_a_browser_a_disconnected_mailboxs_emails_change_sender(
             assert refused.status == 403
         finally:
             browser.close()
+
+
+def test_the_outbox_pages_through_every_message_once(project: Project, server: SmtpServer, daemon: Daemon) -> None:
+    dead = {**server.smtp_config(), "port": free_port()}
+    project.add_mailboxes(2, smtp=dead)
+    project.add_cadence()
+    project.write()
+    assert project.enroll(project.people(130)).code == 0
+    daemon.start()
+    deadline = time.monotonic() + 30
+    while sum(m["error"] for m in project.run("status", "--json", write=False).json()["mailboxes"]) < 130:
+        assert time.monotonic() < deadline, "the messages never all reached the error section"
+        time.sleep(0.1)
+    seen: list[int] = []
+    with httpx.Client(base_url=daemon.url, timeout=10) as client:
+        assert _sign_in(client, TOKEN).status_code == 303
+        url: str | None = "/outbox?state=error"
+        while url is not None:
+            page = client.get(url)
+            assert page.status_code == 200
+            ids = [int(i) for i in re.findall(r'<tr data-id="(\d+)"', page.text)]
+            assert 0 < len(ids) <= 50
+            seen += ids
+            found = re.search(r'<a href="([^"]+)" class="next">', page.text)
+            url = found.group(1).replace("&amp;", "&") if found else None
+        assert "Error <small>130</small>" in client.get("/outbox?state=error").text
+        narrowed = client.get("/outbox?state=error&mailbox=mb1%40alice.example").text
+        assert set(re.findall(r"<td>(mb\d@alice.example)</td>", narrowed)) == {"mb1@alice.example"}
+    assert len(seen) == 130 and len(set(seen)) == 130  # every message once, none twice

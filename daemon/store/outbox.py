@@ -11,6 +11,23 @@ from daemon.store.core import Core
 from daemon.store.records import BLOCKED_BY, HELD_DUE, MESSAGE_STATES, SUPPRESSED_BY, Claimed, SentRecord, domain_of
 from daemon.timing import utc_day
 
+OUTBOX_KEYS = (  # the columns of the outbox queries, by name
+    "id",
+    "cadence",
+    "prospect",
+    "step",
+    "mailbox",
+    "state",
+    "reason",
+    "due_at",
+    "sent_at",
+    "message_id",
+    "attempts",
+    "smtp_code",
+    "detail",
+    "variant",
+)
+
 
 class Outbox(Core):
     def outbox(
@@ -21,32 +38,38 @@ class Outbox(Core):
         cadence: str | None = None,
         prospect: str | None = None,
         limit: int | None = None,
-        after: int = 0,
     ) -> list[dict[str, Any]]:
-        """The outbox's messages in id order; `after`: those past this id (a page after the one that ended there)."""
         sql, args = self._outbox_query(state, mailbox, cadence, prospect)
-        if after:
-            sql += (" AND " if " WHERE " in sql else " WHERE ") + f"m.id > {int(after)}"
         sql += " ORDER BY m.id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        keys = (
-            "id",
-            "cadence",
-            "prospect",
-            "step",
-            "mailbox",
-            "state",
-            "reason",
-            "due_at",
-            "sent_at",
-            "message_id",
-            "attempts",
-            "smtp_code",
-            "detail",
-            "variant",
-        )
-        return [dict(zip(keys, r, strict=True)) for r in self.conn.execute(sql, args)]
+        return [dict(zip(OUTBOX_KEYS, r, strict=True)) for r in self.conn.execute(sql, args)]
+
+    def outbox_page(
+        self,
+        state: str,
+        *,
+        mailbox: str | None = None,
+        cadence: str | None = None,
+        prospect: str | None = None,
+        after: tuple[str, float, int] | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """A page of one state's messages in mailbox order (then due order for scheduled ones, id order for the
+        rest), after the (mailbox, due_at, id) that ended the previous page: the order the state's index keeps,
+        so a page costs its rows at any size of the outbox (the dashboard's)."""
+        sql, args = self._outbox_query(state, mailbox, cadence, prospect)
+        # The due time the order keeps (a held message shows the one it will get back): `key_due`, the cursor's.
+        sql = sql.replace(" FROM messages m", ", m.due_at FROM messages m", 1)
+        q = self.q
+        columns = "m.mailbox, m.due_at, m.id" if state == "scheduled" else "m.mailbox, m.id"
+        if after is not None:
+            values = after if state == "scheduled" else (after[0], after[2])
+            marks = ", ".join([q.param] * len(values))
+            sql += (" AND " if " WHERE " in sql else " WHERE ") + f"({columns}) > ({marks})"
+            args += list(values)
+        sql += f" ORDER BY {columns} LIMIT {int(limit)}"
+        return [dict(zip((*OUTBOX_KEYS, "key_due"), r, strict=True)) for r in self.conn.execute(sql, args)]
 
     def outbox_count(
         self,
