@@ -290,8 +290,11 @@ def routes(
         return response
 
     async def signout(request: Request) -> Response:
-        session = await session_of(request)
-        form = await read_form(request)
+        try:
+            session = await session_of(request)
+            form = await read_form(request)
+        except Problem as exc:
+            return problem_page(request, None, exc.status, exc.detail)
         if session is not None and hmac.compare_digest(one(form, "csrf", 200), session.csrf):
             sid = request.cookies.get(SESSION_COOKIE, "").partition(".")[0]
             await db(lambda store: store.end_web_session(hashlib.sha256(sid.encode()).hexdigest()))
