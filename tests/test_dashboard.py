@@ -81,6 +81,11 @@ def test_sessions_csrf_and_the_read_only_token(project: Project, server: SmtpSer
         csrf = _csrf(page.text)
         paused = client.post("/mailboxes/pause", data={"csrf": csrf, "address": "mb1@alice.example"})
         assert paused.status_code == 303 and "paused" in paused.headers["location"]
+        told = client.get(paused.headers["location"]).text
+        assert '<p class="note" role="status">mb1@alice.example: paused</p>' in told  # the action's own note
+        forged = client.get("/mailboxes?note=Your+session+ended%3A+sign+in+at+evil.example&ns=0").text
+        assert "evil.example" not in forged  # a link made elsewhere puts no words on our pages
+        assert client.get("/outbox?state=error&am=x&ad=nan&ai=1").status_code == 400
         assert client.get("/mailboxes").text.count('class="badge paused"') == 1
         old = client.cookies.get("cadenced_session")
         assert client.post("/signout", data={"csrf": csrf}).status_code == 303
@@ -132,7 +137,9 @@ def test_in_a_browser_a_disconnected_mailboxs_emails_change_sender(
             page.wait_for_url(re.compile(r"/outbox\?state=error"))
             rows = page.locator("tbody tr[data-reason=disconnected]")
             rows.first.wait_for(timeout=20_000)
+            deadline = time.monotonic() + 20
             while rows.count() < 2:  # the second may be moved to the error section a moment later
+                assert time.monotonic() < deadline, "the second email never reached the error section"
                 page.reload()
             assert rows.count() == 2
             assert "disconnected: the mailbox could not connect" in page.inner_text("tbody")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -168,7 +169,7 @@ def routes(
         html = _ENV.get_template(name).render(
             session=session,
             path=request.url.path,
-            note=request.query_params.get("note", "")[:300],
+            note=_note(request, session),
             **values,
         )
         return HTMLResponse(html, status_code=status, headers=HEADERS)
@@ -203,23 +204,38 @@ def routes(
             raise Problem(422, f"{name}: at most {most} characters")
         return value
 
-    def viewing(handler: Callable[[Request, Session], Any]) -> Callable[[Request], Any]:
+    async def answered(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+        """A page's or an action's response, every refusal a page that says why: a Problem, what the shared
+        actions refuse (404 not found, 409 refused, 422 unusable), and anything else logged and a 500."""
+        try:
+            return await work()
+        except Problem as exc:
+            return problem_page(request, None, exc.status, exc.detail)
+        except (NotFound, Refused, UsageError) as exc:
+            status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Refused) else 422
+            return problem_page(request, None, status, str(exc))
+        except Exception as exc:
+            log.error("dashboard.failed", path=request.url.path, error=type(exc).__name__, detail=str(exc)[:300])
+            return problem_page(request, None, 500, "Something went wrong on our side; the daemon's log says what.")
+
+    def viewing(handler: Callable[[Request, Session], Awaitable[Response]]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
-            try:
+            async def work() -> Response:
                 session = await session_of(request)
                 if session is None:
                     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                     return RedirectResponse("/signin?next=" + urllib.parse.quote(target, safe=""), 303)
-                response: Response = await handler(request, session)
-                return response
-            except Problem as exc:
-                return problem_page(request, None, exc.status, exc.detail)
+                return await handler(request, session)
+
+            return await answered(request, work)
 
         return endpoint
 
-    def acting(handler: Callable[[Request, Session, dict[str, list[str]]], Any]) -> Callable[[Request], Any]:
+    def acting(
+        handler: Callable[[Request, Session, dict[str, list[str]]], Awaitable[Response]],
+    ) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
-            try:
+            async def work() -> Response:
                 session = await session_of(request)
                 if session is None:
                     return problem_page(request, None, 401, "Sign in first: this action needs a session.")
@@ -228,20 +244,20 @@ def routes(
                     return problem_page(request, session, 403, "This form is stale or not ours (CSRF): reload.")
                 if not session.may_act:
                     return problem_page(request, session, 403, "Signed in with the read-only token: view only.")
-                response: Response = await handler(request, session, form)
-                return response
-            except Problem as exc:
-                return problem_page(request, None, exc.status, exc.detail)
-            except (NotFound, Refused, UsageError) as exc:
-                status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Refused) else 422
-                return problem_page(request, None, status, str(exc))
+                return await handler(request, session, form)
+
+            return await answered(request, work)
 
         return endpoint
 
-    def back(form: dict[str, list[str]], fallback: str, note: str) -> Response:
+    def back(form: dict[str, list[str]], session: Session, fallback: str, note: str) -> Response:
+        """To the page the action came from, with what it did: the note signed for this session, so that a
+        link made elsewhere cannot put words of its own on our pages."""
         target = _local_path(one(form, "back", 2000), fallback)
         joiner = "&" if "?" in target else "?"
-        return RedirectResponse(f"{target}{joiner}note={urllib.parse.quote(note)}", 303)
+        note = note[:300]
+        told = urllib.parse.urlencode({"note": note, "ns": _note_mac(session, note)})
+        return RedirectResponse(f"{target}{joiner}{told}", 303)
 
     # --- sign-in ------------------------------------------------------------------------------------
 
@@ -348,7 +364,7 @@ def routes(
             note = f"{address}: resumed"
             wake()
         log.info("dashboard.mailbox_" + ("paused" if what == "pause" else "resumed"), mailbox=address)
-        return back(form, "/mailboxes", note)
+        return back(form, session, "/mailboxes", note)
 
     async def outbox(request: Request, session: Session) -> Response:
         cfg = config()
@@ -410,7 +426,7 @@ def routes(
         outcome = await db(lambda s: operate.retry(s, cfg, ids, None, False, include_uncertain=include))
         log.info("dashboard.retried", messages=len(outcome.messages))
         wake()
-        return back(form, "/outbox", f"{len(outcome.messages)} message(s) will be sent again")
+        return back(form, session, "/outbox", f"{len(outcome.messages)} message(s) will be sent again")
 
     async def reassign(request: Request, session: Session, form: dict[str, list[str]]) -> Response:
         ids, to, include = ids_of(form), one(form, "to", 320), one(form, "include_uncertain") == "1"
@@ -435,7 +451,7 @@ def routes(
         log.info("dashboard.reassigned", messages=len(outcome.messages), enrollments=outcome.enrollments, to=to)
         wake()
         told = f" (it sends at {outcome.goes_at})" if outcome.goes_at else ""
-        return back(form, "/outbox", f"{len(outcome.messages)} message(s) now go from {to}{told}")
+        return back(form, session, "/outbox", f"{len(outcome.messages)} message(s) now go from {to}{told}")
 
     # The plan forecasts every send of the next 14 days (700,000 at 1,000 mailboxes of 50 a day: seconds of
     # work). The dashboard keeps the last forecast and makes it again in the background when it is older than
@@ -565,7 +581,7 @@ def routes(
             done = await db(lambda s: prospects.mark(s, address, cadence, outcome, now))
             note = f"{done['email']}: marked {outcome}"
         log.info("dashboard.prospect_" + ("stopped" if what == "stop" else "marked"), prospect=done["email"])
-        return back(form, "/prospect?email=" + urllib.parse.quote(address), note)
+        return back(form, session, "/prospect?email=" + urllib.parse.quote(address), note)
 
     async def static(request: Request) -> Response:
         name = request.path_params["name"]
@@ -618,6 +634,18 @@ def _forecast(cfg: Config, store: Store, now: float) -> Forecast:
     return Forecast(now, cfg, readside.plan(cfg, store, now, PLAN_DAYS), firsts, live)
 
 
+def _note_mac(session: Session, note: str) -> str:
+    return hmac.new(session.csrf.encode(), f"note:{note}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _note(request: Request, session: Session | None) -> str:
+    """What the last action did (`note`), when this session's action said it (`ns`); nothing otherwise."""
+    note = request.query_params.get("note", "")[:300]
+    if not note or session is None:
+        return ""
+    return note if hmac.compare_digest(request.query_params.get("ns", ""), _note_mac(session, note)) else ""
+
+
 def _cursor(query: Any) -> tuple[str, float, int] | None:
     """Where an outbox page starts: after the (mailbox, due, id) that ended the one before (`am`, `ad`, `ai`)."""
     if "ai" not in query:
@@ -626,7 +654,9 @@ def _cursor(query: Any) -> tuple[str, float, int] | None:
     try:
         at = float(due)
     except ValueError:
-        raise Problem(400, "ad: not a time") from None
+        at = math.nan
+    if not math.isfinite(at):
+        raise Problem(400, "ad: not a time")
     return mailbox, at, _number(query.get("ai", ""), 0, 2**53)
 
 

@@ -32,17 +32,42 @@ def _scale(highest: int) -> int:
         top *= 10
 
 
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """The plotting area of a chart of `n` days whose highest figure is `highest`: each day's slot, the axis."""
+
+    n: int
+    highest: int
+
+    @property
+    def top(self) -> int:
+        return _scale(max(1, self.highest))
+
+    @property
+    def slot(self) -> float:
+        return (WIDTH - LEFT - 8) / max(self.n, 1)
+
+    def y(self, v: int) -> float:
+        inner_h = HEIGHT - BOTTOM - TOP
+        return TOP + inner_h - inner_h * v / self.top
+
+    def axes(self) -> str:
+        ticks = []
+        for k in range(5):
+            yy = TOP + (HEIGHT - BOTTOM - TOP) * (1 - k / 4)
+            ticks.append(
+                f'<line class="grid" x1="{LEFT}" x2="{WIDTH - 8}" y1="{yy:.1f}" y2="{yy:.1f}"/>'
+                f'<text x="{LEFT - 4}" y="{yy + 4:.1f}" text-anchor="end">{self.top * k // 4}</text>'
+            )
+        return "".join(ticks)
+
+
 def plan_chart(days: Sequence[PlanDay]) -> str:
     """Stacked bars per day (first emails below, follow-ups above) with each day's limit drawn as a line."""
-    top = _scale(max([1, *(d.new + d.follow_ups for d in days), *(d.limit for d in days)]))
-    inner_w, inner_h = WIDTH - LEFT - 8, HEIGHT - BOTTOM - TOP
-    slot = inner_w / max(len(days), 1)
+    frame = _Frame(len(days), max([0, *(d.new + d.follow_ups for d in days), *(d.limit for d in days)]))
+    slot, y = frame.slot, frame.y
     bar = max(slot * 0.6, 2)
-
-    def y(v: int) -> float:
-        return TOP + inner_h - inner_h * v / top
-
-    parts = [_axes(top, inner_w, inner_h)]
+    parts = [frame.axes()]
     for i, d in enumerate(days):
         x = LEFT + i * slot + (slot - bar) / 2
         parts.append(
@@ -65,15 +90,10 @@ def plan_chart(days: Sequence[PlanDay]) -> str:
 
 def results_chart(days: Sequence[tuple[str, int, int]]) -> str:
     """Replies and bounces per day (date, replied, bounced), side by side."""
-    top = _scale(max([1, *(r for _, r, _ in days), *(b for _, _, b in days)]))
-    inner_w, inner_h = WIDTH - LEFT - 8, HEIGHT - BOTTOM - TOP
-    slot = inner_w / max(len(days), 1)
+    frame = _Frame(len(days), max([0, *(r for _, r, _ in days), *(b for _, _, b in days)]))
+    slot, y = frame.slot, frame.y
     bar = max(slot * 0.35, 1.5)
-
-    def y(v: int) -> float:
-        return TOP + inner_h - inner_h * v / top
-
-    parts = [_axes(top, inner_w, inner_h)]
+    parts = [frame.axes()]
     for i, (day, replied, bounced) in enumerate(days):
         x = LEFT + i * slot + slot * 0.15
         parts.append(
@@ -92,18 +112,6 @@ def results_chart(days: Sequence[tuple[str, int, int]]) -> str:
         '</text><rect class="bounced" x="130" y="2" width="10" height="8"/><text x="144" y="10">bounced</text></g>'
     )
     return _svg("results-chart", "Replies and bounces per day (UTC)", [*parts, legend])
-
-
-def _axes(top: int, inner_w: float, inner_h: float) -> str:
-    ticks = []
-    for k in range(5):
-        v = top * k // 4
-        yy = TOP + inner_h - inner_h * k / 4
-        ticks.append(
-            f'<line class="grid" x1="{LEFT}" x2="{LEFT + inner_w:.1f}" y1="{yy:.1f}" y2="{yy:.1f}"/>'
-            f'<text x="{LEFT - 4}" y="{yy + 4:.1f}" text-anchor="end">{v}</text>'
-        )
-    return "".join(ticks)
 
 
 def _svg(name: str, label: str, parts: list[str]) -> str:
