@@ -398,18 +398,18 @@ def build_app(
     def guarded(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             if not authorized(request):
-                return refused()
+                return _closing_if_unread(request, refused())
             try:
                 response: Response = await handler(request)
             except BadRequest as exc:
-                return exc.response()
+                return _closing_if_unread(request, exc.response())
             return response
 
         return endpoint
 
     async def metrics(request: Request) -> Response:
         if metrics_expected is not None and not authorized(request, metrics_expected):
-            return refused()
+            return _closing_if_unread(request, refused())
         try:
             body = await snapshot.latest()
         except (StoreError, StoreUnavailable) as exc:
@@ -737,6 +737,16 @@ def _secret_bytes(secret: Any) -> bytes | None:
         return None
     value = secret.reveal().strip()
     return value.encode() if value else None
+
+
+def _closing_if_unread(request: Request, response: Response) -> Response:
+    """A refusal sent before a request's body was read says that the connection ends with it: the server drops
+    a connection whose request it did not read to the end, and a client that reused it would lose its next
+    request ("server disconnected without sending a response"). The body of a refused request is not read: it
+    may be a large import from someone without the token."""
+    if request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers:
+        response.headers["connection"] = "close"
+    return response
 
 
 def bearer_matches(header: str, expected: bytes | None) -> bool:

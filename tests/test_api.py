@@ -324,7 +324,7 @@ def test_a_playbook_enrolls_from_its_owners_mailboxes_once_per_key(
         headers={"Authorization": "Bearer wrong"},
         timeout=10,
     )
-    assert wrong.status_code == 401
+    assert wrong.status_code == 401 and wrong.headers["connection"] == "close"  # its body unread: not reusable
     assert daemon.enrolled() == 54  # none of the refused requests enrolled anything, not even its good prospect
 
     found = metrics(daemon.port, lambda f: f.get(("cadenced_messages_sent_total", ())) == 54)

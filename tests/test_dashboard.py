@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,3 +214,55 @@ def test_the_outbox_pages_through_every_message_once(project: Project, server: S
         narrowed = client.get("/outbox?state=error&mailbox=mb1%40alice.example").text
         assert set(re.findall(r"<td>(mb\d@alice.example)</td>", narrowed)) == {"mb1@alice.example"}
     assert len(seen) == 130 and len(set(seen)) == 130  # every message once, none twice
+
+
+def _exchange(sock: socket.socket, request: bytes) -> bytes:
+    """One request on an open connection and its whole response (headers and the Content-Length body)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection; got {data[:200]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return head
+
+
+def test_a_refused_action_leaves_the_connection_usable(project: Project, server: SmtpServer, daemon: Daemon) -> None:
+    """A browser (or a pooled client) sends its next request on the same connection: an action refused for want
+    of a session reads the form it was sent, so the connection carries the next request; a refusal that leaves
+    the body unread says `Connection: close` rather than dropping a connection the client would reuse."""
+    project.add_mailboxes(1, smtp=server.smtp_config())
+    project.add_cadence()
+    daemon.start()
+    form = b"csrf=x&id=1&" + b"pad=" + b"a" * 20000
+    host = f"Host: 127.0.0.1:{daemon.port}\r\n".encode()
+    post = (
+        b"POST /outbox/retry HTTP/1.1\r\n%sContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (host, len(form), form)
+    )
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        for _ in range(3):
+            head = _exchange(sock, post)
+            assert head.startswith(b"HTTP/1.1 401") and b"connection: close" not in head.lower()
+        # the body arriving after the headers, as a browser may send it: no answer before the form is read
+        sock.sendall(post[: len(post) - 10000])
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+        sock.settimeout(10)
+        head = _exchange(sock, post[len(post) - 10000 :])
+        assert head.startswith(b"HTTP/1.1 401")
+        head = _exchange(sock, b"GET /signin HTTP/1.1\r\n%s\r\n" % host)
+        assert head.startswith(b"HTTP/1.1 200")
+        wrong = post.replace(b"application/x-www-form-urlencoded", b"text/plain")
+        with httpx.Client(base_url=daemon.url, timeout=10) as client:  # a session, then a form of the wrong kind
+            assert _sign_in(client, TOKEN).status_code == 303
+            cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+        head = _exchange(sock, wrong.replace(host, host + f"Cookie: {cookie}\r\n".encode()))
+        assert head.startswith(b"HTTP/1.1 415") and b"connection: close" in head.lower()

@@ -14,6 +14,7 @@ action is refused (401). Sign-out ends the session in the database.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -47,6 +48,7 @@ SESSION_TTL = 12 * 3600.0  # seconds a sign-in lasts
 PAGE = 50  # rows of the outbox per page
 MAILBOX_PAGE = 100
 MAX_FORM = 256 * 1024  # bytes of a form (a page of ids and a few fields)
+UNREAD_BODY = frozenset({408, 413, 415})  # refusals sent before the request's body was read to its end
 MAX_IDS = 10_000
 PLAN_DAYS = 14
 PLAN_FRESH = 60.0  # seconds a forecast is shown before it is made again (in the background)
@@ -210,7 +212,10 @@ def routes(
         try:
             return await work()
         except Problem as exc:
-            return problem_page(request, None, exc.status, exc.detail)
+            response = problem_page(request, None, exc.status, exc.detail)
+            if exc.status in UNREAD_BODY:  # the rest of the body is not read: say the connection ends here
+                response.headers["connection"] = "close"
+            return response
         except (NotFound, Refused, UsageError) as exc:
             status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Refused) else 422
             return problem_page(request, None, status, str(exc))
@@ -238,6 +243,9 @@ def routes(
             async def work() -> Response:
                 session = await session_of(request)
                 if session is None:
+                    # read (bounded) what was sent, so that the connection can carry the client's next request
+                    with contextlib.suppress(Problem):
+                        await read_form(request)
                     return problem_page(request, None, 401, "Sign in first: this action needs a session.")
                 form = await read_form(request)
                 if not hmac.compare_digest(one(form, "csrf", 200), session.csrf):
