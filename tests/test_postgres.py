@@ -82,6 +82,56 @@ def test_text_postgresql_cannot_hold_matches_nothing_and_breaks_nothing(project:
         store.close()
 
 
+def test_a_schema_19_database_keeps_its_cadence_counts_per_node(postgres_url: str) -> None:
+    """Schema 20 keys a cadence's counts and its results per day by node (every daemon's sends changed one row
+    of each, so each daemon waited for the others' commits): the counts of 19 stay, as the rows of no node, and
+    a daemon's changes are counted on rows of its own that readers add up."""
+    Store.open(postgres_url).close()
+    for table, key in (("enrollment_counts", "cadence, state"), ("result_days", "cadence, day, step, kind")):
+        query(postgres_url, f"ALTER TABLE {table} DROP COLUMN node")  # and its primary key with it
+        query(postgres_url, f"ALTER TABLE {table} ADD PRIMARY KEY ({key})")
+    query(postgres_url, "INSERT INTO enrollment_counts VALUES ('c', 'active', 2), ('c', 'finished', 5)")
+    query(postgres_url, "INSERT INTO result_days VALUES ('c', '2026-01-02', 1, 'sent', 7)")
+    query(
+        postgres_url,
+        "INSERT INTO enrollments (id, cadence, email, mailbox, owner, adder, fields, state, created_at)"
+        " VALUES (1, 'c', 'p@x.example', 'm@x.example', 'a', 'a', '{}', 'active', 0),"
+        " (2, 'c', 'q@x.example', 'm@x.example', 'a', 'a', '{}', 'active', 0)",
+    )
+    query(postgres_url, "UPDATE cadenced_schema SET version = 19")
+    store = Store.open(postgres_url)
+    try:
+        assert store.server()[1] == SCHEMA_VERSION
+        assert store.enrollment_counts() == {"c": {"active": 2, "finished": 5}}
+        store.fence("node-a", 60.0)  # a daemon's connection: its transactions' changes on rows of its own
+        with store.transaction():
+            store.finish_enrollment(1, 1_767_312_000.0)
+        with store.transaction():
+            store.conn.run("UPDATE enrollments SET state = 'stopped', ended_at = 1767312000 WHERE id = 2")
+        assert store.enrollment_counts() == {"c": {"finished": 6, "stopped": 1}}  # two active ones ended
+    finally:
+        store.close()
+    rows = query(postgres_url, "SELECT state, node, n FROM enrollment_counts WHERE n <> 0 ORDER BY 1, 2")
+    assert rows == [
+        ("active", "", 2),
+        ("active", "node-a", -2),
+        ("finished", "", 5),
+        ("finished", "node-a", 1),
+        ("stopped", "node-a", 1),
+    ]
+    days = query(postgres_url, "SELECT day, kind, node, n FROM result_days ORDER BY 1, 2")
+    assert days == [
+        ("2026-01-02", "finished", "node-a", 1),
+        ("2026-01-02", "sent", "", 7),
+        ("2026-01-02", "stopped", "node-a", 1),
+    ]
+    plain = Store.open(postgres_url)
+    try:
+        assert plain.enrollment_counts() == {"c": {"finished": 6, "stopped": 1}}
+    finally:
+        plain.close()
+
+
 def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgres_url: str) -> None:
     """Schema 11 changed only how SQLite keeps its counts: a PostgreSQL database made at 10 is marked 11 and
     keeps its counting triggers."""
@@ -90,7 +140,7 @@ def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgr
     query(postgres_url, "UPDATE cadenced_schema SET version = 10")
     store = Store.open(postgres_url)
     try:
-        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 19
+        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 20
     finally:
         store.close()
     indexes = {r[0] for r in query(postgres_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")}

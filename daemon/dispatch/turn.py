@@ -80,6 +80,10 @@ def take_turn(
     with store.transaction():
         if pending is not None:
             store.record_sent(pending)
+        # Fenced twice on PostgreSQL: by this daemon's own clock since its last renewal (`leased`), and by the
+        # lease row, read and held in this transaction (a takeover waits for it): asked here, so that it goes
+        # with the send's record and the snapshot in one round trip, read before any claim.
+        holds = store.holding(mailbox.address)
         snap = store.snapshot(mailbox.address, day, clock.day_start(now))
         state = lifecycle.mailbox_state(mailbox.paused, snap.state, snap.paused_reason)
         if state != "connected" or snap.earliest_due is None:
@@ -122,9 +126,7 @@ def take_turn(
         )
         if deferred is not None:
             deferred = held_back + deferred
-        # Fenced twice on PostgreSQL: by this daemon's own clock since its last renewal (`leased`), and by the
-        # lease row, read and held in this transaction (a takeover waits for it).
-        if deferred is None or not leased or not store.holds(mailbox.address):
+        if deferred is None or not leased or not holds():
             return Turn(snap, day, decision if deferred is None else None, None, [])
         if not may_claim:
             return Turn(snap, day, decision, None, [], deferred, token_first=True)

@@ -21,7 +21,9 @@ class Core:
     path: Path | str
 
     transaction: Callable[[], AbstractContextManager[None]]  # one writer at a time; nests into an open one
-    holds: Callable[[str], bool]  # may this daemon claim the mailbox's messages (PostgreSQL: its lease lasts)?
+    # May this daemon claim the mailbox's messages (PostgreSQL: its lease lasts)? Asked at once, the answer read
+    # when called: in a pipeline it travels with the turn's first read.
+    holding: Callable[[str], Callable[[], bool]]
     shared: bool
     counts_by_hand: bool
 
@@ -30,7 +32,7 @@ class Core:
         self.q = engine.q
         self.path = engine.where
         self.transaction = engine.transaction  # the engine's own: no call between a store method and it
-        self.holds = engine.holds
+        self.holding = engine.holding
         # PostgreSQL: several daemons share the database, each sending for the mailboxes it leases.
         self.shared = engine.shared
         self.counts_by_hand = engine.counts_by_hand  # no counting triggers on this connection (group commit)
@@ -94,6 +96,10 @@ class Core:
 
     def schedule_step(self, enrollment: int, step: int, mailbox: str, due: float) -> None:
         """The next step of an active enrollment (nothing when it has ended, or the step is there already)."""
+        if self.conn.pipelines:  # counted in the statement: no answer to wait for (in a pipeline, none waited for)
+            self.conn.write(self.q.schedule_step_counted, (step, mailbox, due, enrollment))
+            self.conn.tell((mailbox,))  # (a step that was there already: a wake-up for nothing, rarely)
+            return
         inserted = self.conn.run(self.q.schedule_step, (step, mailbox, due, enrollment))
         if inserted > 0:
             self._count_scheduled([(mailbox, inserted)])
@@ -102,8 +108,11 @@ class Core:
     def finish_enrollment(self, enrollment: int, now: float, last: tuple[int, str, str] | None = None) -> None:
         """The enrollment ends `finished`. `last` (counts_by_hand: the group commit's send of the last step): the
         step, variant and mailbox of that send, which the result counts on."""
+        if not self.counts_by_hand:  # the triggers count it: no answer is read (a pipeline does not wait)
+            self.conn.write(self.q.finish_enrollment, (now, enrollment))
+            return
         row = self.conn.one(self.q.finish_enrollment, (now, enrollment))
-        if row is not None and self.counts_by_hand:
+        if row is not None:
             self.conn.run(self.q.uncount_active, (row[0],))
             self.conn.run(self.q.count_finished, (row[0],))
             if last is not None:

@@ -112,6 +112,7 @@ class Engine(Protocol):
     where: Path | str  # what an error names (a file, or a URL without its password)
     shared: bool  # True on PostgreSQL: several daemons, each sending for the mailboxes it leases
     counts_by_hand: bool  # no counting triggers on this connection (SQLite's group commit)
+    pipelines: bool  # statements go without waiting for their answers (`write`, `pipelined`): PostgreSQL
 
     @property
     def in_transaction(self) -> bool: ...
@@ -119,6 +120,16 @@ class Engine(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows: ...
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+
+    def write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose answer nobody reads: in a pipeline, sent with the next statement that is read."""
+
+    def pipelined(self) -> AbstractContextManager[None]:
+        """A batch of transactions in pipeline mode (PostgreSQL), where `write`s are not waited for."""
+        ...
+
+    def sync(self, quiet: bool = False) -> None:
+        """Everything sent in the pipeline answered, its first error raised (`quiet`: dropped)."""
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
 
@@ -146,7 +157,10 @@ class Engine(Protocol):
 
     def list_param(self, values: Sequence[Any]) -> Any: ...
 
-    def holds(self, mailbox: str) -> bool: ...
+    def holding(self, mailbox: str) -> Callable[[], bool]:
+        """Fencing: asks (and, on PostgreSQL, locks for the transaction) this daemon's lease on `mailbox`; the
+        answer is read when the returned function is called."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 

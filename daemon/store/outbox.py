@@ -178,10 +178,7 @@ class Outbox(Core):
                 return None
             attempts = row[8] + 1
             mid = message_id(row[0], attempts)
-            self.conn.run(
-                self.q.claim,
-                (attempts, mid, row[0]),
-            )
+            self.conn.write(self.q.claim, (attempts, mid, row[0]))
             if self.counts_by_hand:
                 self._recount(row[3], "scheduled", "sending")
         return Claimed(
@@ -213,36 +210,22 @@ class Outbox(Core):
         c, now, code, text, subject, day = r.claimed, r.at, r.code, r.text, r.subject, r.day
         gap_until, next_step, copy, count_domain = r.gap_until, r.next_step, r.copy, r.count_domain
         with self.transaction():
+            write = self.conn.write  # none of these answers is read: in a pipeline they go with the next read
             if count_domain:
-                self.conn.run(
-                    self.q.count_domain_send,
-                    (c.mailbox, day, domain_of(c.email)),
-                )
+                write(self.q.count_domain_send, (c.mailbox, day, domain_of(c.email)))
             if copy is not None:
-                self.conn.run(
-                    self.q.keep_sent_copy,
-                    (c.id, c.mailbox, c.message_id, copy),
-                )
+                write(self.q.keep_sent_copy, (c.id, c.mailbox, c.message_id, copy))
             was = None
             if r.count_cadence and c.step == 1:
-                self.conn.run(self.q.count_cadence_first, (c.mailbox, c.cadence, day))
+                write(self.q.count_cadence_first, (c.mailbox, c.cadence, day))
             if self.counts_by_hand:
                 was = self.conn.one(self.q.state_of_message, (c.id,))
-            self.conn.run(
-                self.q.mark_sent,
-                (now, code, text, subject, r.variant, c.id),
-            )
+            write(self.q.mark_sent, (now, code, text, subject, r.variant, c.id))
             if was is not None and was[1] != "sent":
                 self._recount(was[0], was[1], "sent")
                 self.count_results(c.cadence, utc_day(now), c.step, r.variant or "", c.mailbox, "sent")
-            self.conn.run(
-                self.q.count_first_send if c.step == 1 else self.q.count_send,
-                (c.mailbox, day),
-            )
-            self.conn.run(
-                self.q.note_send,
-                (c.mailbox, now, now, gap_until),
-            )
+            write(self.q.count_first_send if c.step == 1 else self.q.count_send, (c.mailbox, day))
+            write(self.q.note_send, (c.mailbox, now, now, gap_until))
             if next_step is not None:
                 step, mailbox, due = next_step
                 self.schedule_step(c.enrollment_id, step, mailbox, due)

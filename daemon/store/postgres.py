@@ -228,8 +228,9 @@ def _params(sql: str, params: Sequence[Any]) -> Any:
     return values
 
 
-RESULTS = re.compile(r"CREATE (TABLE|FUNCTION|TRIGGER) result")
-ROLLUPS = re.compile(r"CREATE (TABLE|FUNCTION|TRIGGER) result_(totals|days|rolled_up)")
+RESULTS = re.compile(r"CREATE (TABLE|(OR REPLACE )?FUNCTION|TRIGGER) result")
+ROLLUPS = re.compile(r"CREATE (TABLE|(OR REPLACE )?FUNCTION|TRIGGER) result_(totals|days|rolled_up)")
+PER_NODE = re.compile(r"CREATE OR REPLACE FUNCTION (counting_node|enrollment_recounted|result_rolled_up)\b")
 ROLLED_UP = ("result_totals", "result_days")
 ROLLUPS_BEFORE = (  # as sqlite.ROLLUPS_BEFORE
     """INSERT INTO result_totals SELECT cadence, step, variant, mailbox, kind, sum(n) FROM results
@@ -264,6 +265,7 @@ class PgEngine:
 
     shared = True
     counts_by_hand = False  # PostgreSQL keeps its counting triggers
+    pipelines = True
     LEASE_MARGIN = 0.5  # a claim needs its lease to last this share of a lease longer (a send fits in it)
 
     def __init__(self, url: str, *, wait: bool, timeout: float) -> None:
@@ -283,6 +285,9 @@ class PgEngine:
         self.node: str | None = None  # set on the daemon's connections: its claims are fenced by its leases
         self.lease_ttl = 60.0
         self.pid = 0
+        self.pipe: psycopg.Pipeline | None = None  # in pipeline mode (the group commit's batch): `pipelined`
+        self.begun = False  # a transaction of `transaction()` is open (libpq's status lags in a pipeline)
+        self.named: str | None = None  # the node this session counts for (`cadenced.node`), once set
         self.pg = self._connect()
 
     def _connect(self) -> psycopg.Connection[Any]:
@@ -297,6 +302,7 @@ class PgEngine:
         pg.adapters.register_dumper(str, StrDumper)  # text, not unknown: lists of strings are text[]
         pg.adapters.register_loader("numeric", _IntLoader)
         pg.add_notify_handler(self._heard)
+        self.named = None  # a new session counts for no node until its first transaction names it
         self.pid = pg.info.backend_pid
         self.own.add(self.pid)
         if self.listening:
@@ -419,6 +425,9 @@ class PgEngine:
                     """CREATE INDEX IF NOT EXISTS messages_uncertain ON messages (mailbox, uncertain_at)
                        WHERE state = 'error' AND reason = 'uncertain'"""
                 )
+                for statement in _statements(SCHEMA):  # 20 (first: 18's results count with them)
+                    if PER_NODE.search(statement):
+                        self.pg.execute(statement)
                 # 18: variants, and results counted as they happen (what came before counted once)
                 self.run("ALTER TABLE enrollments ADD COLUMN IF NOT EXISTS seq BIGINT")
                 self.run("ALTER TABLE messages ADD COLUMN IF NOT EXISTS variant TEXT")
@@ -439,6 +448,16 @@ class PgEngine:
                             self.pg.execute(statement)
                     for statement in ROLLUPS_BEFORE:
                         self.run(statement)
+                # 20: a cadence's counts and results per day kept per node (no daemon waits for another's)
+                per_node = (("enrollment_counts", "cadence, state"), ("result_days", "cadence, day, step, kind"))
+                for table, key in per_node:
+                    if not self.execute(
+                        "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+                        " AND table_name = %s AND column_name = 'node'",
+                        (table,),
+                    ).fetchone():
+                        self.run(f"ALTER TABLE {table} ADD COLUMN node TEXT NOT NULL DEFAULT ''")
+                        self.run(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey, ADD PRIMARY KEY ({key}, node)")
                 self.execute("UPDATE cadenced_schema SET version = %s WHERE version < %s", (SCHEMA_VERSION,) * 2)
 
     def server(self) -> tuple[str, int]:
@@ -449,7 +468,11 @@ class PgEngine:
 
     @property
     def in_transaction(self) -> bool:
-        """In a transaction, begun or failed (a broken connection's UNKNOWN is not one: it is opened again)."""
+        """In a transaction, begun or failed (a broken connection's UNKNOWN is not one: it is opened again).
+        In a pipeline libpq's status is only kept up to date at a sync (it says IDLE after a read in an open
+        transaction): there, the transaction this engine began is what counts."""
+        if self.pipe is not None and self.begun:
+            return not self.pg.broken
         status = self.pg.info.transaction_status
         return status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR, pq.TransactionStatus.ACTIVE)
 
@@ -464,7 +487,46 @@ class PgEngine:
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> int:
         with _errors(self.url):
-            return self._cursor(sql, params).rowcount
+            cursor = self._cursor(sql, params)
+            if self.pipe is not None:
+                self.pipe.sync()  # its count of rows is its answer: wait for it
+            return cursor.rowcount
+
+    def write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose answer nobody reads: in a pipeline it is sent with the next statement that needs an
+        answer (its error, if any, raised there), not waited for on its own."""
+        with _errors(self.url):
+            self._cursor(sql, params)
+
+    @contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """Pipeline mode for a batch of transactions (the group commit's): the writes whose answers are not read
+        (`write`) travel with the next statement that is read, a round trip each fewer. A commit, a `run` and
+        `sync` wait for every answer before them; an error is raised at the first of those or of a read."""
+        if self.pipe is not None:
+            yield
+            return
+        self._usable()
+        with _errors(self.url), self.pg.pipeline() as pipe:
+            self.pipe = pipe
+            try:
+                yield
+            finally:
+                self.pipe = None
+
+    def sync(self, quiet: bool = False) -> None:
+        """Every statement sent in the pipeline answered; its first error raised here (`quiet`: after an
+        error already raised, the statements sent after it are dropped and the pipeline usable again)."""
+        if self.pipe is None:
+            return
+        if quiet:
+            try:
+                self.pipe.sync()
+            except psycopg.Error:
+                pass
+            return
+        with _errors(self.url):
+            self.pipe.sync()
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         with _errors(self.url):
@@ -492,6 +554,10 @@ class PgEngine:
         self.news = None if self.loud else set()
         with _errors(self.url):
             self.pg.execute("BEGIN")
+            if self.node is not None and self.named != self.node:  # the counts per node (schema): this one's
+                self.pg.execute("SELECT set_config('cadenced.node', %s, false)", (self.node,))
+                self.named = self.node
+        self.begun = True
         try:
             yield
             with _errors(self.url):
@@ -500,11 +566,14 @@ class PgEngine:
                     payload = "" if len(names) > NOTIFY_MAX else names
                     self.pg.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                 self.pg.execute("COMMIT")
+                if self.pipe is not None:
+                    self.pipe.sync()  # committed, or its error raised here: no caller goes on before that
         except BaseException:
             self.rollback()
             raise
         finally:
             self.news = set()
+            self.begun = False
         commits.committed(time.perf_counter() - started)
 
     @contextmanager
@@ -521,9 +590,13 @@ class PgEngine:
         yield
 
     def rollback(self) -> None:
-        if self.in_transaction:
+        self.sync(quiet=True)  # a pipeline stopped by the error that brought us here: usable again
+        self.named = None  # a setting made in the transaction is undone with it
+        if self.begun or self.in_transaction:
             try:
                 self.pg.execute("ROLLBACK")
+                if self.pipe is not None:
+                    self.pipe.sync()
             except psycopg.Error:
                 pass  # the connection is broken: its next use opens another
 
@@ -610,17 +683,20 @@ class PgEngine:
             taken: list[str] = []
             if len(mine) < share:
                 free = [r[0] for r in self.execute(q.free_mailboxes, (wanted, now, share - len(mine))).fetchall()]
+                if free:
+                    self.execute(q.lock_taken, (free,))
                 taken = sorted(r[0] for r in self.all(q.take_lease, (free, node, now + ttl, now))) if free else []
             orphaned = taken + (mine if first else [])
             uncertain = [r[0] for r in self.execute(q.orphaned_to_uncertain, (now, node, orphaned)).fetchall()]
         return sorted(mine + taken), taken, uncertain, extra
 
-    def holds(self, mailbox: str) -> bool:
-        """Fencing, in the claiming transaction: this daemon's lease on the mailbox lasts long enough for a send."""
+    def holding(self, mailbox: str) -> Callable[[], bool]:
+        """Fencing, in the claiming transaction: this daemon's lease on the mailbox lasts long enough for a send
+        (and the lease row is held until the commit). Asked now; in a pipeline, answered with the next read."""
         if self.node is None:
-            return True
-        row = self.execute(self.q.holds_lease, (mailbox, self.node, self.lease_ttl * self.LEASE_MARGIN)).fetchone()
-        return row is not None
+            return lambda: True
+        rows = self.execute(self.q.holds_lease, (mailbox, self.node, self.lease_ttl * self.LEASE_MARGIN))
+        return lambda: rows.fetchone() is not None
 
     def release_all(self, node: str) -> None:
         """A daemon that stops lets go of everything at once: the others take over at their next round."""

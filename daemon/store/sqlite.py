@@ -8,7 +8,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -291,6 +291,7 @@ MIGRATIONS = {
         expires_at REAL NOT NULL
     );
     """,
+    20: "",  # PostgreSQL's cadence counts kept per node (one daemon writes SQLite)
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,
@@ -355,6 +356,10 @@ END""",
         ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = n + excluded.n;
 END""",
 )
+
+
+def _always() -> bool:
+    return True
 
 
 def install_counting(conn: sqlite3.Connection) -> None:
@@ -422,6 +427,7 @@ class SqliteEngine:
     """One SQLite connection in WAL mode; writes go through `transaction()`."""
 
     shared = False
+    pipelines = False
 
     def __init__(self, conn: sqlite3.Connection, path: Path, counts_by_hand: bool = False) -> None:
         self.conn = conn
@@ -540,6 +546,21 @@ class SqliteEngine:
         except sqlite3.Error as exc:
             raise failure(exc, self.path) from None
 
+    def write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose answer nobody reads (PostgreSQL's pipeline sends it with the next read)."""
+        try:
+            self.conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise failure(exc, self.path) from None
+
+    @contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """No pipeline in process: every statement is answered as it runs."""
+        yield
+
+    def sync(self, quiet: bool = False) -> None:
+        """Nothing waits to be answered in process."""
+
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """The first row of a statement, or None."""
         try:
@@ -634,9 +655,9 @@ class SqliteEngine:
         """A list as one parameter: JSON, for json_each."""
         return json.dumps(list(values))
 
-    def holds(self, mailbox: str) -> bool:
+    def holding(self, mailbox: str) -> Callable[[], bool]:
         """On SQLite one daemon sends for every mailbox."""
-        return True
+        return _always
 
     def trace(self, callback: Any) -> None:
         """Every statement run, to `callback` (tests of query plans); None stops."""

@@ -93,14 +93,6 @@ INSERT INTO results VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
 INSERT INTO result_totals VALUES (?1, ?3, ?4, ?5, ?6, ?7)
     ON CONFLICT (cadence, step, variant, mailbox, kind) DO UPDATE SET n = result_totals.n + excluded.n;
 
--- name: count_result_day
-INSERT INTO result_days VALUES (?1, ?2, ?3, ?6, ?7)
-    ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = result_days.n + excluded.n;
-
--- name: count_enrolled
-INSERT INTO enrollment_counts VALUES (?, 'active', ?)
-    ON CONFLICT (cadence, state) DO UPDATE SET n = enrollment_counts.n + excluded.n;
-
 -- name: schedule_first_steps
 INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
     SELECT id, 1, coalesce(?, mailbox), 'scheduled', ? FROM enrollments WHERE id >= ? ORDER BY id;
@@ -133,7 +125,7 @@ INSERT INTO message_counts VALUES (?, 'scheduled', ?)
 SELECT sent FROM daily_counts WHERE mailbox = ? AND day = ?;
 
 -- name: enrollment_counts
-SELECT cadence, state, n FROM enrollment_counts WHERE n > 0;
+SELECT cadence, state, sum(n) FROM enrollment_counts GROUP BY cadence, state HAVING sum(n) > 0;
 
 -- name: earliest_due
 SELECT min(due_at) FROM messages WHERE mailbox = ? AND state = 'scheduled';
@@ -422,13 +414,6 @@ INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
 -- name: finish_enrollment
 UPDATE enrollments SET state = 'finished', ended_at = ? WHERE id = ? AND state = 'active'
     RETURNING cadence;
-
--- name: uncount_active
-UPDATE enrollment_counts SET n = n - 1 WHERE cadence = ? AND state = 'active';
-
--- name: count_finished
-INSERT INTO enrollment_counts VALUES (?, 'finished', 1)
-    ON CONFLICT (cadence, state) DO UPDATE SET n = n + 1;
 
 -- name: scheduled_in_order
 SELECT due_at, step, enrollment_id, id FROM messages

@@ -245,11 +245,17 @@ UPDATE messages SET state = 'error', reason = 'uncertain', uncertain_at = ?,
     detail = 'found in sending when ' || ? || ' took the mailbox over: its daemon stopped mid-send'
     WHERE state = 'sending' AND mailbox = ANY(CAST(? AS text[])) RETURNING id;
 
--- Fencing, in the claim's transaction: the row is held FOR SHARE until the claim commits, so a takeover
--- (which updates it) waits for the claim, then finds its message in `sending`.
+-- Fencing, in the claim's transaction: the row is held FOR KEY SHARE until the claim commits, so a takeover
+-- (which locks it FOR UPDATE first: lock_taken) or a release (a delete) waits for the claim, then finds its
+-- message in `sending`. The holder's own renewal (an update of expires_at only) does not wait for its claims,
+-- nor they for it: with FOR SHARE each renewal queued behind the claims in flight and every claim behind it.
 -- name: holds_lease
 SELECT 1 FROM leases WHERE mailbox = ? AND holder = ?
-    AND expires_at > extract(epoch FROM clock_timestamp()) + ? FOR SHARE;
+    AND expires_at > extract(epoch FROM clock_timestamp()) + ? FOR KEY SHARE;
+
+-- The leases about to be taken over, locked as the fence requires: after the claims that hold them commit.
+-- name: lock_taken
+SELECT 1 FROM leases WHERE mailbox = ANY(CAST(? AS text[])) ORDER BY mailbox FOR UPDATE;
 
 -- name: release_leases
 DELETE FROM leases WHERE holder = ?;
@@ -329,3 +335,18 @@ INSERT INTO enrollment_events (enrollment_id, at, kind, detail)
 -- name: lacking_field
 SELECT count(*), min(email) FROM enrollments
     WHERE cadence = ? AND state = 'active' AND coalesce(CAST(fields AS json) ->> ?, '') = '';
+
+-- An import's enrollments, counted on the node's row of the cadence (see enrollment_counts in the schema).
+-- name: count_enrolled
+INSERT INTO enrollment_counts VALUES (?, 'active', ?, counting_node())
+    ON CONFLICT (cadence, state, node) DO UPDATE SET n = enrollment_counts.n + excluded.n;
+
+-- schedule_step and its count in one statement, so that the send's record waits for no answer (a pipeline).
+-- name: schedule_step_counted
+WITH scheduled AS (
+    INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
+        SELECT id, ?, ?, 'scheduled', ? FROM enrollments WHERE id = ? AND state = 'active'
+        ON CONFLICT (enrollment_id, step) DO NOTHING RETURNING mailbox
+)
+INSERT INTO message_counts SELECT mailbox, 'scheduled', count(*) FROM scheduled GROUP BY mailbox
+    ON CONFLICT (mailbox, state) DO UPDATE SET n = message_counts.n + excluded.n;

@@ -277,3 +277,20 @@ INSERT INTO enrollment_events (enrollment_id, at, kind, detail)
 -- name: lacking_field
 SELECT count(*), min(email) FROM enrollments
     WHERE cadence = ? AND state = 'active' AND coalesce(json_extract(fields, '$."' || ? || '"'), '') = '';
+
+-- A cadence's counts (and its results per day) by hand, in the group commit: rows keyed without PostgreSQL's
+-- node, as one daemon writes SQLite.
+-- name: count_enrolled
+INSERT INTO enrollment_counts VALUES (?, 'active', ?)
+    ON CONFLICT (cadence, state) DO UPDATE SET n = enrollment_counts.n + excluded.n;
+
+-- name: count_result_day
+INSERT INTO result_days VALUES (?1, ?2, ?3, ?6, ?7)
+    ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = result_days.n + excluded.n;
+
+-- name: uncount_active
+UPDATE enrollment_counts SET n = n - 1 WHERE cadence = ? AND state = 'active';
+
+-- name: count_finished
+INSERT INTO enrollment_counts VALUES (?, 'finished', 1)
+    ON CONFLICT (cadence, state) DO UPDATE SET n = n + 1;

@@ -108,11 +108,15 @@ CREATE TABLE rotation_credits (
     credit DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (cadence, grp, mailbox)
 );
+-- A cadence's counts (and its results per day) are rows that every daemon's sends change: kept per node
+-- (`cadenced.node`, set on a daemon's connections; '' for commands), so that no daemon waits for another's
+-- commit to count; readers sum them. Per mailbox counts need no node: one daemon sends for a mailbox.
 CREATE TABLE enrollment_counts (
     cadence TEXT NOT NULL,
     state TEXT NOT NULL,
     n BIGINT NOT NULL,
-    PRIMARY KEY (cadence, state)
+    node TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (cadence, state, node)
 );
 CREATE TABLE message_counts (
     mailbox TEXT NOT NULL,
@@ -158,14 +162,17 @@ CREATE TABLE leases (
 );
 CREATE FUNCTION instr(haystack TEXT, needle TEXT) RETURNS INTEGER
     LANGUAGE sql IMMUTABLE AS 'SELECT strpos(haystack, needle)';
-CREATE FUNCTION enrollment_recounted() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION counting_node() RETURNS TEXT LANGUAGE sql STABLE AS
+    $$ SELECT coalesce(current_setting('cadenced.node', true), '') $$;
+CREATE OR REPLACE FUNCTION enrollment_recounted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'DELETE' OR OLD.state IS DISTINCT FROM NEW.state THEN
-        UPDATE enrollment_counts SET n = n - 1 WHERE cadence = OLD.cadence AND state = OLD.state;
+        INSERT INTO enrollment_counts VALUES (OLD.cadence, OLD.state, -1, counting_node())
+        ON CONFLICT (cadence, state, node) DO UPDATE SET n = enrollment_counts.n - 1;
     END IF;
     IF TG_OP = 'UPDATE' AND OLD.state IS DISTINCT FROM NEW.state THEN
-        INSERT INTO enrollment_counts VALUES (NEW.cadence, NEW.state, 1)
-        ON CONFLICT (cadence, state) DO UPDATE SET n = enrollment_counts.n + 1;
+        INSERT INTO enrollment_counts VALUES (NEW.cadence, NEW.state, 1, counting_node())
+        ON CONFLICT (cadence, state, node) DO UPDATE SET n = enrollment_counts.n + 1;
     END IF;
     RETURN NULL;
 END $$;
@@ -269,16 +276,17 @@ CREATE TABLE result_days (
     step INTEGER NOT NULL,
     kind TEXT NOT NULL,
     n BIGINT NOT NULL,
-    PRIMARY KEY (cadence, day, step, kind)
+    node TEXT NOT NULL DEFAULT '',  -- as enrollment_counts: every daemon's sends count here
+    PRIMARY KEY (cadence, day, step, kind, node)
 );
-CREATE FUNCTION result_rolled_up() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION result_rolled_up() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     d BIGINT := NEW.n - CASE WHEN TG_OP = 'UPDATE' THEN OLD.n ELSE 0 END;
 BEGIN
     INSERT INTO result_totals VALUES (NEW.cadence, NEW.step, NEW.variant, NEW.mailbox, NEW.kind, d)
     ON CONFLICT (cadence, step, variant, mailbox, kind) DO UPDATE SET n = result_totals.n + excluded.n;
-    INSERT INTO result_days VALUES (NEW.cadence, NEW.day, NEW.step, NEW.kind, d)
-    ON CONFLICT (cadence, day, step, kind) DO UPDATE SET n = result_days.n + excluded.n;
+    INSERT INTO result_days VALUES (NEW.cadence, NEW.day, NEW.step, NEW.kind, d, counting_node())
+    ON CONFLICT (cadence, day, step, kind, node) DO UPDATE SET n = result_days.n + excluded.n;
     RETURN NULL;
 END $$;
 CREATE TRIGGER result_rolled_up AFTER INSERT OR UPDATE OF n ON results FOR EACH ROW
