@@ -126,6 +126,7 @@ class Daemon:
         self.log = logs.get()
         self.store: Store | None = None
         self._lock: Callable[[], None] | None = None
+        self._fatal: Refused | None = None  # why the daemon stopped itself (the node's lock taken by another)
         self.dispatcher: Dispatcher | None = None
         self._stop = anyio.Event()
         self._api_stop = anyio.Event()  # the [api] listener closes when it is set
@@ -252,6 +253,9 @@ class Daemon:
             raise failure[0]
         if raised:
             raise raised[0]
+        if self._fatal is not None:
+            self._release()
+            raise self._fatal
 
     async def _run(self) -> None:
         dispatcher = await self._reach(self.startup)
@@ -260,6 +264,9 @@ class Daemon:
                 if self.handle_signals:
                     await tg.start(self._signals)
                 await tg.start(self._serve, dispatcher)
+                check = getattr(self._lock, "check", None)  # PostgreSQL: the node's lock, kept
+                if check is not None:
+                    tg.start_soon(self._keep_node_lock, check)
                 api_running = self.config.api is not None  # [api] is read at start: a reload does not move it
                 if self.config.api is not None:
                     from daemon import api
@@ -298,6 +305,25 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             self.shutdown()
+
+    async def _keep_node_lock(self, check: Callable[[], bool]) -> None:
+        """PostgreSQL: the node's lock (one process per node name) is checked every few seconds, since a server
+        restart ends it: taken again; or, when another process of this node name took it meanwhile, this one
+        stops (both would pass the lease fence, which knows the node, not the process)."""
+        every = max(1.0, min(self.config.daemon.lease / 3, 5.0))
+        while not self._stop.is_set():
+            await anyio.sleep(every)
+            try:
+                again = await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+            except StoreUnavailable:
+                continue  # the server is away: nobody takes the lock there meanwhile; asked again next time
+            except Refused as exc:
+                self.log.error("daemon.node_lock_lost", detail=str(exc), action="stopping: nothing more is sent")
+                self._fatal = exc
+                self.stop()
+                return
+            if again:
+                self.log.info("daemon.node_lock_retaken", node=self.config.daemon.node)
 
     async def _serve(self, dispatcher: Dispatcher, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         try:

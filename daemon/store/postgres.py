@@ -150,31 +150,72 @@ def inspect(url: str) -> tuple[str, int | None]:
     return (str(version[0]) if version else "?"), (int(schema[0]) if schema else None)
 
 
-def hold_daemon_lock(url: str, node: str) -> Callable[[], None]:
+class NodeLock:
     """One process per node name: a session advisory lock on a connection of its own, held until released
-    (or the process dies); the connection's application_name says which process holds it. Daemons with
-    other node names share the database, each with the mailboxes it leases."""
-    name = f"cadenced run pid {os.getpid()} on {socket.gethostname()}"[:63]
-    try:
-        conn = _open(url, 10, application_name=name)
-    except psycopg.Error as exc:
-        raise _cannot_connect(url, exc) from None
-    key = f"cadenced node {node}"
-    row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
-    if not row or not row[0]:
+    (calling it) or the process dies; the connection's application_name says which process holds it. Daemons
+    with other node names share the database, each with the mailboxes it leases.
+
+    A server restart (or a cut connection) ends the session and its lock: `check`, every few seconds, takes it
+    again on a new connection, and raises Refused when another process has taken it meanwhile (two processes
+    of one node would both pass the lease fence: the one that finds the lock taken stops)."""
+
+    def __init__(self, url: str, node: str) -> None:
+        self.url, self.key = url, f"cadenced node {node}"
+        self.node = node
+        self.name = f"cadenced run pid {os.getpid()} on {socket.gethostname()}"[:63]
+        self.conn: psycopg.Connection[Any] | None = None
+        try:
+            self._take()
+        except psycopg.Error as exc:
+            raise _cannot_connect(url, exc) from None
+
+    def _take(self) -> None:
+        conn = _open(self.url, 10, application_name=self.name)
+        row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (self.key,)).fetchone()
+        if row and row[0]:
+            self.conn = conn
+            return
         holder = conn.execute(
             """SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                WHERE l.locktype = 'advisory' AND l.objid = (hashtext(%s)::bigint & 4294967295) AND l.granted
                AND a.pid != pg_backend_pid()""",
-            (key,),
+            (self.key,),
         ).fetchone()
         conn.close()
         who = str(holder[0]).removeprefix("cadenced run ") if holder else "unknown"
         raise Refused(
-            f"another cadenced run ({who}) already runs on {shown(url)} as node {node!r} "
+            f"another cadenced run ({who}) already runs on {shown(self.url)} as node {self.node!r} "
             "(give each daemon its own [daemon] node)"
         )
-    return conn.close
+
+    def check(self) -> bool:
+        """The lock still held, or taken again (True: it had been lost and is held again). A server that cannot
+        be reached raises StoreUnavailable (nobody can take the lock from it meanwhile: asked again next time);
+        another process holding it raises Refused."""
+        if self.conn is not None and not self.conn.closed:
+            try:
+                self.conn.execute("SELECT 1")
+                return False
+            except psycopg.Error:
+                pass
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        try:
+            self._take()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"the node's lock: {redact_url(str(exc).strip(), self.url)}") from None
+        return True
+
+    def __call__(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def hold_daemon_lock(url: str, node: str) -> NodeLock:
+    """The node's lock (NodeLock), taken now: Refused when another process holds it."""
+    return NodeLock(url, node)
 
 
 class _IntLoader(Loader):
