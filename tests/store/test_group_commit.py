@@ -1,0 +1,74 @@
+"""The daemon's group commit (dispatch.store_front.AsyncStore) on both engines: the sender loops' calls that
+arrive together commit in one transaction, and a call that fails is undone alone, its caller told, the
+others' writes kept. SQLite gives each call a savepoint; PostgreSQL (in pipeline mode, where a failure may come
+to light in a later call's read) rolls the batch back and runs each call alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from daemon.dispatch.store_front import AsyncStore
+from daemon.errors import Refused
+from daemon.store import Store
+from daemon.store.engine import commits
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    found: Path | str = tmp_path / "group.db"
+    if request.param == "postgresql":
+        found = request.getfixturevalue("postgres_url")
+    Store.open(found).close()  # the schema, made as a command makes it
+    yield found
+
+
+def _ok(store: Store, key: str) -> str:
+    store.set_daemon_state({key: "kept"})
+    return key
+
+
+def _bad(store: Store) -> str:
+    store.set_daemon_state({"bad": "kept"})  # written, then the call fails: undone with it
+    raise Refused("this call fails after a write")
+
+
+@pytest.mark.anyio
+async def test_a_batch_keeps_every_call_but_the_one_that_fails(where: Path | str) -> None:
+    made: list[float] = []
+    stop_counting = commits.add(made.append)
+    db = AsyncStore(where)
+    answers: dict[str, object] = {}
+    try:
+        async with anyio.create_task_group() as running:
+            running.start_soon(db.committer)
+
+            async def call(key: str) -> None:
+                try:
+                    answers[key] = await (db.grouped(_bad) if key == "bad" else db.grouped(_ok, key))
+                except Refused as exc:
+                    answers[key] = exc
+
+            async with anyio.create_task_group() as calls:  # one event loop pass: one batch
+                for key in ("a", "b", "c", "bad", "d", "e"):
+                    calls.start_soon(call, key)
+            running.cancel_scope.cancel()
+    finally:
+        stop_counting()
+        db.close()
+    assert {k: v for k, v in answers.items() if k != "bad"} == {k: k for k in "abcde"}
+    assert isinstance(answers["bad"], Refused)
+    store = Store.open(where)
+    try:
+        state = store.daemon_state()
+    finally:
+        store.close()
+    assert {k: state.get(k) for k in ("a", "b", "c", "d", "e", "bad")} == {
+        **dict.fromkeys("abcde", "kept"),
+        "bad": None,
+    }
+    # SQLite: one commit for the six (savepoints); PostgreSQL: the batch rolled back, then five calls alone.
+    assert len(made) == (5 if isinstance(where, str) else 1)
