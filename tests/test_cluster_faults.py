@@ -80,7 +80,7 @@ def test_a_stopped_or_cut_off_daemon_never_stops_the_others(
     """Three daemons; b is stopped (SIGSTOP) for two leases ten times at random moments, c's connection is
     blackholed for three leases: the others send all along, nobody exits, nothing goes twice or past a limit.
     The shortest lease (3 s) keeps ten pauses within two minutes."""
-    lease, limit = 3.0, 110
+    lease, limit = 3.0, 90
     url = private_postgres.database()
     servers = [SmtpServer(), SmtpServer()]
     for server in servers:
@@ -99,8 +99,8 @@ def test_a_stopped_or_cut_off_daemon_never_stops_the_others(
         project.add_cadence()
         node_config(project, tmp_path, "setup", url)
         project.config_path = tmp_path / "node-setup.toml"
-        # Demand above the limits: 1,100 first emails, 9 mailboxes at 110 may send 990 today.
-        assert project.enroll(project.people(1100)).json()["enrolled"] == 1100
+        # Demand above the limits: 1,000 first emails, 9 mailboxes at 90 may send 810 today.
+        assert project.enroll(project.people(1000)).json()["enrolled"] == 1000
         configs = {n: node_config(project, tmp_path, n, behind_proxy if n == "c" else url) for n in "abc"}
         daemons = {n: DaemonProcess(path) for n, path in configs.items()}
 
@@ -132,7 +132,14 @@ def test_a_stopped_or_cut_off_daemon_never_stops_the_others(
             counts = Counter(r[0] for r in rows if r[1] == "sent" or r[2] == "uncertain")
             return all(r[1] != "sending" for r in rows) and all(counts[m] == limit for m in boxes)
 
-        eventually(settled, 240, "every mailbox to reach its limit (sent or uncertain)")
+        try:  # about a minute alone; bounded well above that for a loaded machine
+            eventually(settled, 420, "every mailbox to reach its limit (sent or uncertain)")
+        except AssertionError:
+            rows = query(url, "SELECT mailbox, state, count(*) FROM messages GROUP BY 1, 2 ORDER BY 1, 2")
+            print("messages:", rows, "\nleases:", holders(url))
+            for node, d in daemons.items():
+                print(f"--- {node}", *d.lines[-15:], sep="\n")
+            raise
         for node, d in daemons.items():
             assert d.proc.poll() is None, f"{node} exited:\n" + "\n".join(d.lines[-20:])
     finally:

@@ -595,11 +595,12 @@ class PgEngine:
         self.news = None if self.loud else set()
         with _errors(self.url):
             self.pg.execute("BEGIN")
-            if self.node is not None and self.named != self.node:  # the counts per node (schema): this one's
-                self.pg.execute("SELECT set_config('cadenced.node', %s, false)", (self.node,))
-                self.named = self.node
         self.begun = True
         try:
+            if self.node is not None and self.named != self.node:  # the counts per node (schema): this one's
+                with _errors(self.url):
+                    self.pg.execute("SELECT set_config('cadenced.node', %s, false)", (self.node,))
+                self.named = self.node
             yield
             with _errors(self.url):
                 if self.news is None or self.news:
