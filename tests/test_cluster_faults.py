@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -57,12 +58,32 @@ def node_config(project: Project, tmp_path: Path, node: str, database: str) -> P
     return path
 
 
+def all_running(daemons: dict[str, DaemonProcess]) -> None:
+    for node, d in daemons.items():
+        assert d.proc.poll() is None, f"{node} exited:\n" + "\n".join(d.lines[-20:])
+
+
+def stop_all(daemons: dict[str, DaemonProcess]) -> dict[str, int]:
+    """SIGTERM to each daemon still running (SIGCONT first: one may be stopped); their exit codes."""
+    for d in daemons.values():
+        if d.proc.poll() is None:
+            d.signal(signal.SIGCONT)
+            d.signal(signal.SIGTERM)
+    return {n: d.wait(60) for n, d in daemons.items()}
+
+
+def sent_once(deliveries: list[Any]) -> Counter[int]:
+    """The outbox ids of the deliveries (from their Message-IDs), each asserted to have arrived once."""
+    ids = Counter(int(_OUTBOX_ID.search(d["Message-ID"]).group(1)) for d in deliveries)  # type: ignore[union-attr]
+    assert not ids or max(ids.values()) == 1, "a message went twice"
+    return ids
+
+
 def check_outcome(url: str, servers: list[SmtpServer], limit: int = DAILY_LIMIT) -> None:
     """No message delivered twice, none lost, what went out is recorded as sent or uncertain, and no mailbox
     passed its daily limit at the servers."""
     deliveries = [d for s in servers for d in s.recorder.deliveries]
-    ids = Counter(int(_OUTBOX_ID.search(d["Message-ID"]).group(1)) for d in deliveries)  # type: ignore[union-attr]
-    assert not ids or max(ids.values()) == 1, "a message went twice"
+    ids = sent_once(deliveries)
     rows = query(url, "SELECT id, state, reason FROM messages")
     state = {r[0]: (r[1], r[2]) for r in rows}
     assert {s for s, _ in state.values()} <= {"sent", "scheduled", "error"}, Counter(state.values())
@@ -140,14 +161,9 @@ def test_a_stopped_or_cut_off_daemon_never_stops_the_others(
             for node, d in daemons.items():
                 print(f"--- {node}", *d.lines[-15:], sep="\n")
             raise
-        for node, d in daemons.items():
-            assert d.proc.poll() is None, f"{node} exited:\n" + "\n".join(d.lines[-20:])
+        all_running(daemons)
     finally:
-        for d in daemons.values():
-            if d.proc.poll() is None:
-                d.signal(signal.SIGCONT)
-                d.signal(signal.SIGTERM)
-        codes = {n: d.wait(60) for n, d in daemons.items()}
+        codes = stop_all(daemons)
         proxy.close()
         for server in servers:
             server.stop()
@@ -215,9 +231,7 @@ def test_an_outside_transaction_and_server_restarts_stop_no_daemon(
                 codes.append(d.wait(60))
         server.stop()
     assert codes == [0, 0]
-    deliveries = server.recorder.deliveries
-    ids = Counter(int(_OUTBOX_ID.search(d["Message-ID"]).group(1)) for d in deliveries)  # type: ignore[union-attr]
-    assert max(ids.values()) == 1, "a message went twice"
+    assert sent_once(server.recorder.deliveries)
     rows = query(url, "SELECT state, reason FROM messages")
     assert Counter(r[0] for r in rows)["sent"] + Counter(r[1] for r in rows)["uncertain"] == 300
 
@@ -258,7 +272,7 @@ def test_ten_restarts_and_a_minute_down_stop_no_daemon(
                 d.wait_event("message.sent", within=30, after=marks[node])
                 took = time.monotonic() - back
                 assert took <= 10, f"{node} sent again {took:.1f} s after the server's return ({how}, {down} s down)"
-                assert d.proc.poll() is None, f"{node} exited:\n" + "\n".join(d.lines[-20:])
+            all_running(daemons)
 
         for restart in range(10):
             outage(1.0, "immediate" if restart % 2 else "fast")
@@ -269,17 +283,12 @@ def test_ten_restarts_and_a_minute_down_stop_no_daemon(
             d.wait_event("daemon.node_lock_retaken", within=20, after=before_last[node])
         twin = DaemonProcess(configs["a"])
         assert twin.wait(30) == 1 and any("already runs" in line for line in twin.lines), twin.lines[-5:]
-        for node, d in daemons.items():
-            assert d.proc.poll() is None, f"{node} exited:\n" + "\n".join(d.lines[-20:])
+        all_running(daemons)
     finally:
-        for d in daemons.values():
-            if d.proc.poll() is None:
-                d.signal(signal.SIGTERM)
-        codes = {n: d.wait(60) for n, d in daemons.items()}
+        codes = stop_all(daemons)
         server.stop()
     assert codes == {"a": 0, "b": 0}
-    ids = Counter(int(_OUTBOX_ID.search(d["Message-ID"]).group(1)) for d in server.recorder.deliveries)  # type: ignore[union-attr]
-    assert ids and max(ids.values()) == 1, "a message went twice"
+    assert sent_once(server.recorder.deliveries)
 
 
 def test_a_daemon_whose_node_lock_another_process_took_stops(
@@ -371,15 +380,10 @@ def test_a_daemon_paused_mid_send_past_its_lease_never_causes_a_second_delivery(
             return sorted(r[0] for r in rows) == ["sent"] * 5
 
         eventually(settled, 60, "the held message recorded as sent (by a, or from Sent by b)")
-        for node, d in daemons.items():
-            assert d.proc.poll() is None, f"{node} exited:\n" + "\n".join(d.lines[-20:])
+        all_running(daemons)
     finally:
         release.set()
-        for d in daemons.values():
-            if d.proc.poll() is None:
-                d.signal(signal.SIGCONT)
-                d.signal(signal.SIGTERM)
-        codes = {n: d.wait(60) for n, d in daemons.items()}
+        codes = stop_all(daemons)
         server.stop()
         dovecot.cleanup()
     assert codes == {"a": 0, "b": 0}

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from daemon.errors import StoreError
+from daemon.errors import StoreBusy, StoreError
 from daemon.store import SCHEMA_VERSION, Store
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, query
@@ -80,6 +80,31 @@ def test_text_postgresql_cannot_hold_matches_nothing_and_breaks_nothing(project:
         assert store.outbox(mailbox="m\x00@x") == []
     finally:
         store.close()
+
+
+def test_the_lease_fence_lets_its_renewal_through_and_holds_a_takeover_until_the_claim_commits(
+    postgres_url: str,
+) -> None:
+    """A claim reads its mailbox's lease row FOR KEY SHARE until it commits. The holder's renewal (an update of
+    expires_at) goes through meanwhile: with FOR SHARE each renewal queued behind the claims in flight, and
+    every claim behind it. A takeover locks the row FOR UPDATE first, so it waits for the claim (here: its one
+    second lock wait runs out) and takes the mailbox once the claim has committed."""
+    claimer, renewer, taker = (Store.open(postgres_url, busy_timeout=1.0, wait=False) for _ in range(3))
+    try:
+        claimer.fence("a", 60.0)
+        assert renewer.lease_round("a", ["m@x.example"], 60.0, [], True)[1] == ["m@x.example"]
+        with claimer.transaction():
+            assert claimer.holding("m@x.example")()  # the row held until this commits
+            held, _, _, _ = renewer.lease_round("a", ["m@x.example"], 60.0, [], False)  # no wait for the claim
+            assert held == ["m@x.example"]
+            query(postgres_url, "UPDATE leases SET expires_at = 0")  # a runs out, as if it had stopped
+            with pytest.raises(StoreBusy):
+                taker.lease_round("b", ["m@x.example"], 60.0, [], True)  # waits for the claim, a second
+        assert taker.lease_round("b", ["m@x.example"], 60.0, [], True)[1] == ["m@x.example"]
+        assert taker.leases()["m@x.example"][0] == "b"
+    finally:
+        for s in (claimer, renewer, taker):
+            s.close()
 
 
 def test_a_schema_19_database_keeps_its_cadence_counts_per_node(postgres_url: str) -> None:
