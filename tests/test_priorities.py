@@ -15,7 +15,7 @@ from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, eventually, query, states
 from tests.servers import SmtpServer
 
-pytestmark = pytest.mark.slow  # end to end: a daemon, its servers, real processes
+pytestmark = [pytest.mark.slow, pytest.mark.both_stores]  # end to end: a daemon, its servers, real processes
 
 PROSPECTS = "ABCDEFGH"
 

@@ -13,7 +13,7 @@ import anyio.lowlevel
 
 from daemon import compose, lifecycle, outcomes, smtp, timing
 from daemon.dispatch.store_front import T
-from daemon.dispatch.turn import Sent, Turn, sent_record, take_turn
+from daemon.dispatch.turn import Asked, Sent, Turn, ask_turn, sent_record, take_turn
 from daemon.errors import (
     AddressRejected,
     Blocked,
@@ -166,7 +166,7 @@ class MailboxRunner:
         pending, self._pending = self._pending, None
         may_claim = pending is not None or self._has_token()
         try:
-            turn = await self.d.db.grouped(self._turn, now, pending, may_claim)
+            turn = await self.d.db.grouped(self._turn, now, pending, may_claim, ahead=self._ask)
         except StoreUnavailable:
             self._pending = pending  # accepted by the server: kept in memory until it is recorded
             raise
@@ -225,15 +225,28 @@ class MailboxRunner:
             self.next_wake = snap.earliest_due
         return False
 
-    def _turn(self, store: Store, now: float, pending: Sent | None, may_claim: bool = True) -> Turn:
-        """take_turn for this mailbox (in the group commit's transaction)."""
+    def _ask(self, store: Store, now: float, pending: Sent | None, may_claim: bool = True) -> Asked:
+        """ask_turn for this mailbox (PostgreSQL: the batch's turns ask first, then each takes its turn)."""
+        record = pending.record if pending is not None else None
+        claiming = may_claim and self._leased()
+        return ask_turn(store, self.mailbox, self.clock, self._local_day(now), now, record, claiming)
+
+    def _turn(
+        self, store: Store, now: float, pending: Sent | None, may_claim: bool = True, asked: Asked | None = None
+    ) -> Turn:
+        """take_turn for this mailbox (in the group commit's transaction); `asked`: _ask ran first."""
         day = self._local_day(now)
         record = pending.record if pending is not None else None
-        leased = self.d.lease_left() >= self.d.config.daemon.lease * LEASE_MARGIN
         if self._caps[0] is not self.d.config:  # worked out once per config, not once per message
             self._caps = (self.d.config, {c.name: c.new_per_day for c in self.d.config.cadences if c.new_per_day})
         caps = self._caps[1]
-        return take_turn(store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim, leased, caps)
+        leased = self._leased()
+        return take_turn(
+            store, self.mailbox, self.clock, day, now, record, self._message_id, may_claim, leased, caps, asked
+        )
+
+    def _leased(self) -> bool:
+        return self.d.lease_left() >= self.d.config.daemon.lease * LEASE_MARGIN
 
     def _has_token(self) -> bool:
         """Nothing to fetch before a claim: not OAuth2, a connection already logged in, or a cached token."""

@@ -74,14 +74,21 @@ class AsyncStore:
             self._bounded(self.slow, functools.partial(fn, self.slow, *args)), limiter=self.limiter
         )
 
-    async def grouped(self, fn: Callable[..., T], *args: Any) -> T:
+    async def grouped(self, fn: Callable[..., T], *args: Any, ahead: Callable[..., Any] | None = None) -> T:
         """`fn(store, *args)` inside a transaction shared with the other mailboxes' calls.
 
         Group commit: while one batch commits, the next calls queue up, and each
         batch costs one BEGIN/COMMIT. Each call is its own savepoint, so one that
         fails is rolled back alone. A caller resumes only after the commit.
+
+        `ahead` (PostgreSQL): `ahead(store, *args)` runs first for every call of the batch, its reads asked and
+        not read, and then `fn(store, *args, asked=its answer)` (asked=None where it did not run): the batch's
+        reads travel together.
         """
-        call = _Call(lambda store: fn(store, *args))
+        if ahead is None:
+            call = _Call(lambda store, _: fn(store, *args))
+        else:
+            call = _Call(lambda store, asked: fn(store, *args, asked=asked), lambda store: ahead(store, *args))
         self._queue.append(call)
         self._pending.set()
         await call.done.wait()
@@ -171,7 +178,7 @@ class AsyncStore:
                 call.result, call.error = None, None
                 conn.write(f"SAVEPOINT call{i}")  # each call a savepoint: one that fails is rolled back alone
                 try:
-                    call.result = call.fn(store)
+                    call.result = call.fn(store, None)
                     conn.sync()  # in a pipeline: the call's writes answered, so that their errors are its own
                     store.keep_results()
                 except Exception as exc:
@@ -189,7 +196,8 @@ class AsyncStore:
         call.result, call.error = None, None
         try:
             with store.transaction():
-                call.result = call.fn(store)
+                ahead = call.ahead if store.conn.pipelines else None  # SQLite reads at once: nothing gained
+                call.result = call.fn(store, ahead(store) if ahead is not None else None)
                 store.keep_results()
                 store.write_held_results()
         except StoreUnavailable:
@@ -205,9 +213,10 @@ class AsyncStore:
         transaction of its own: each a function of the database and its arguments, none is half done twice."""
         try:
             with store.transaction():
-                for call in batch:
+                asked = [call.ahead(store) if call.ahead is not None else None for call in batch]
+                for call, answer in zip(batch, asked, strict=True):
                     call.result, call.error = None, None
-                    call.result = call.fn(store)
+                    call.result = call.fn(store, answer)
                     store.keep_results()
                 store.write_held_results()
         except StoreUnavailable:
@@ -274,10 +283,11 @@ class _Watchdog:
 
 
 class _Call:
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("ahead", "done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[Store], Any]) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable[[Store, Any], Any], ahead: Callable[[Store], Any] | None = None) -> None:
+        self.fn = fn  # fn(store, what `ahead` asked, or None)
+        self.ahead = ahead
         self.done = anyio.Event()
         self.result: Any = None
         self.error: Exception | None = None

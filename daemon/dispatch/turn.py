@@ -27,6 +27,39 @@ class Turn:
     token_first: bool = False  # a message may go now, but the mailbox's access token must be had before the claim
 
 
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """A turn's reads asked ahead (PostgreSQL, in the group commit's pipeline), read when the turn runs: every
+    turn of a batch asks first, so that their reads travel to the server together, one round trip a batch."""
+
+    holds: Callable[[], bool]
+    snap: Callable[[], Snapshot]
+    next_due: Callable[[], Any] | None  # the row a claim in the mailbox's own order would take (None: not asked)
+
+
+def ask_turn(
+    store: Store,
+    mailbox: Mailbox,
+    clock: timing.SenderClock,
+    day: str,
+    now: float,
+    pending: SentRecord | None,
+    claiming: bool = False,
+) -> Asked:
+    """The first half of a turn, in its transaction: the last send recorded, then the lease, the snapshot and
+    (`claiming`: the turn may claim) the next due message asked. The send is written before the reads that
+    count it; nothing is read yet."""
+    if pending is not None:
+        store.record_sent(pending)
+    # Fenced twice on PostgreSQL: by this daemon's own clock since its last renewal (`leased`), and by the
+    # lease row, read and held in this transaction (a takeover waits for it): asked here, so that it goes
+    # with the send's record and the snapshot in one round trip, read before any claim.
+    holds = store.holding(mailbox.address)
+    snap = store.ask_snapshot(mailbox.address, day, clock.day_start(now))
+    following = store.ask_next_due(mailbox.address, now, mailbox.schedule.prioritize) if claiming else None
+    return Asked(holds, snap, following)
+
+
 DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_daily_limit)
 
 
@@ -70,21 +103,20 @@ def take_turn(
     may_claim: bool = True,
     leased: bool = True,
     cadence_caps: Mapping[str, int] | None = None,
+    asked: Asked | None = None,
 ) -> Turn:
     """In one transaction: record the last send, look, and claim the next.
 
     The send just made is committed before the next one is claimed, so every state change is durable before
     the next action, at one commit per message. When the mailbox may send is lifecycle.may_send's rule.
     `may_claim` False: everything but the claim (the OAuth2 token is fetched first, with no message in hand).
+    `asked`: ask_turn ran first in this transaction (it recorded `pending`; its reads are read here).
     """
     with store.transaction():
-        if pending is not None:
-            store.record_sent(pending)
-        # Fenced twice on PostgreSQL: by this daemon's own clock since its last renewal (`leased`), and by the
-        # lease row, read and held in this transaction (a takeover waits for it): asked here, so that it goes
-        # with the send's record and the snapshot in one round trip, read before any claim.
-        holds = store.holding(mailbox.address)
-        snap = store.snapshot(mailbox.address, day, clock.day_start(now))
+        if asked is None:
+            asked = ask_turn(store, mailbox, clock, day, now, pending)
+        holds = asked.holds
+        snap = asked.snap()
         state = lifecycle.mailbox_state(mailbox.paused, snap.state, snap.paused_reason)
         if state != "connected" or snap.earliest_due is None:
             return Turn(snap, day, None, None, [])
@@ -130,7 +162,9 @@ def take_turn(
             return Turn(snap, day, decision if deferred is None else None, None, [])
         if not may_claim:
             return Turn(snap, day, decision, None, [], deferred, token_first=True)
-        claimed = store.claim(mailbox.address, now, message_id, prioritize)
+        # The row asked ahead is the one to take unless the order changed or messages were deferred since.
+        ahead = asked.next_due if prioritize == mailbox.schedule.prioritize and not deferred else None
+        claimed = store.claim(mailbox.address, now, message_id, prioritize, ahead)
         thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
         return Turn(snap, day, decision, claimed, thread, deferred)
 

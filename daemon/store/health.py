@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from daemon.model import PauseRule
@@ -23,12 +24,17 @@ class Health(Core):
     def snapshot(self, mailbox: str, day: str, day_start: float) -> Snapshot:
         """The mailbox as a turn sees it; `sent_today` counts the sends of its local `day` (which began at
         `day_start`) and the uncertain ones since (they may have been delivered)."""
-        row = self.conn.one(
-            self.q.snapshot,
-            (mailbox, day, day_start),
-        )
-        r = row
-        return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])
+        return self.ask_snapshot(mailbox, day, day_start)()
+
+    def ask_snapshot(self, mailbox: str, day: str, day_start: float) -> Callable[[], Snapshot]:
+        """`snapshot`, asked now and read when called: in a pipeline it travels with the batch's other reads."""
+        rows = self.conn.execute(self.q.snapshot, (mailbox, day, day_start))
+
+        def read() -> Snapshot:
+            r = rows.fetchone()
+            return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])
+
+        return read
 
     def pause_if(self, mailbox: str, rule: PauseRule, since_day: str, now: float) -> tuple[str, tuple[int, ...]] | None:
         """Past a rate of `rule` over the window: paused (kept here, not in the config). (reason, numbers) when

@@ -128,16 +128,29 @@ class Outbox(Core):
         row = self._next_due(mailbox, now, prioritize)
         return domain_of(row[5]) if row else None
 
-    def _next_due(self, mailbox: str, now: float, prioritize: str) -> Any:
-        """The row of the message a claim takes now, in the mailbox's order (model.PRIORITIES)."""
+    def _next_due_statement(self, prioritize: str) -> str:
         q = self.q
-        statement = {
+        return {
             "follow_ups": q.next_due_follow_ups_first,
             "new": q.next_due_new_first,
             "follow_ups_only": q.next_due_follow_up,  # new_per_day reached: no first email today
         }.get(prioritize, q.next_due)
+
+    def ask_next_due(self, mailbox: str, now: float, prioritize: str) -> Callable[[], Any]:
+        """The row `claim` would take now, asked ahead and read when called (PostgreSQL, in the group commit's
+        pipeline: with the turn's snapshot, one round trip for both). The row is locked until the commit, taken
+        or not; `claim(..., ahead=)` takes it when the turn decides to send."""
+        rows = self.conn.execute(self._next_due_statement(prioritize), (mailbox, now))
+        return rows.fetchone
+
+    def _next_due(self, mailbox: str, now: float, prioritize: str, ahead: Callable[[], Any] | None = None) -> Any:
+        """The row of the message a claim takes now, in the mailbox's order (model.PRIORITIES); `ahead`: that
+        row, asked before (ask_next_due)."""
+        q = self.q
+        statement = self._next_due_statement(prioritize)
         while True:
-            row = self.conn.one(statement, (mailbox, now))
+            row = ahead() if ahead is not None else self.conn.one(statement, (mailbox, now))
+            ahead = None
             if row is None or not row[11]:
                 return row
             # Its cadence is paused: its due messages on this mailbox are held (their due time kept) and the
@@ -168,12 +181,18 @@ class Outbox(Core):
         return [r[0] for r in rows]
 
     def claim(
-        self, mailbox: str, now: float, message_id: Callable[[int, int], str], prioritize: str = "due"
+        self,
+        mailbox: str,
+        now: float,
+        message_id: Callable[[int, int], str],
+        prioritize: str = "due",
+        ahead: Callable[[], Any] | None = None,
     ) -> Claimed | None:
         """The next due message of `mailbox` (the oldest, or follow-ups or first emails first: `prioritize`),
-        moved to `sending` and committed before any send."""
+        moved to `sending` and committed before any send. `ahead`: ask_next_due's answer for the same mailbox,
+        time and order, in this transaction, with nothing deferred since."""
         with self.transaction():
-            row = self._next_due(mailbox, now, prioritize)
+            row = self._next_due(mailbox, now, prioritize, ahead)
             if row is None:
                 return None
             attempts = row[8] + 1
