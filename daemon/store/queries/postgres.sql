@@ -342,6 +342,21 @@ INSERT INTO enrollment_counts VALUES (?, 'active', ?, counting_node())
     ON CONFLICT (cadence, state, node) DO UPDATE SET n = enrollment_counts.n + excluded.n;
 
 -- schedule_step and its count in one statement, so that the send's record waits for no answer (a pipeline).
+-- A send's record in one statement: the message sent, the mailbox's day counted (?9: 1 for a first email, which
+-- new_per_day counts apart), its last send and gap noted (as mark_sent, count_send or count_first_send, note_send).
+-- name: mark_sent_counted
+WITH sent AS (
+    UPDATE messages SET state = 'sent', sent_at = ?1, smtp_code = ?2, detail = ?3, subject = ?4, variant = ?5
+        WHERE id = ?6
+), counted AS (
+    INSERT INTO daily_counts (mailbox, day, sent, first_emails) VALUES (?7, ?8, 1, ?9)
+        ON CONFLICT (mailbox, day) DO UPDATE SET sent = daily_counts.sent + 1,
+        first_emails = daily_counts.first_emails + excluded.first_emails
+)
+INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before) VALUES (?7, 'connected', ?1, ?1, ?10)
+    ON CONFLICT (mailbox) DO UPDATE SET last_send_at = excluded.last_send_at,
+    not_before = excluded.not_before, throttled_until = NULL;
+
 -- name: schedule_step_counted
 WITH scheduled AS (
     INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
