@@ -165,7 +165,10 @@ def take_turn(
         # The row asked ahead is the one to take unless the order changed or messages were deferred since.
         ahead = asked.next_due if prioritize == mailbox.schedule.prioritize and not deferred else None
         claimed = store.claim(mailbox.address, now, message_id, prioritize, ahead)
-        thread = store.thread(claimed.enrollment_id, claimed.step) if claimed and claimed.step > 1 else []
+        thread: list[tuple[int, str, str]] = []
+        if claimed is not None and claimed.step > 1:
+            known = claimed.thread
+            thread = list(known) if known is not None else store.thread(claimed.enrollment_id, claimed.step)
         return Turn(snap, day, decision, claimed, thread, deferred)
 
 

@@ -214,6 +214,7 @@ class Outbox(Core):
             sticky=row[10],
             message_id=mid,
             seq=row[12],
+            thread=tuple((int(t[0]), t[1], t[2]) for t in row[13] or ()) if len(row) > 13 else None,
         )
 
     def thread(self, enrollment_id: int, before_step: int) -> list[tuple[int, str, str]]:

@@ -72,6 +72,8 @@ class Claimed:
     sticky: str
     message_id: str
     seq: int = 0  # the enrollment's number in its cadence (lifecycle.variant_of)
+    # (step, Message-ID, subject) of the steps sent before, when the claim read them (PostgreSQL); else None
+    thread: tuple[tuple[int, str, str], ...] | None = None
 
 
 def domain_of(email: str) -> str:

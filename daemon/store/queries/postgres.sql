@@ -271,12 +271,15 @@ SELECT node, pid, host, started_at, seen_at FROM daemons ORDER BY node;
 
 -- The message a claim takes, as on SQLite (SPEC §4), locked as it is read: a row another transaction holds
 -- (an operator's retry, a reassign) is passed over, never waited for, and one that changed meanwhile is read
--- again before it is taken. No global lock: two daemons claim for their own mailboxes side by side.
+-- again before it is taken. No global lock: two daemons claim for their own mailboxes side by side. A follow-up
+-- comes with its thread (as `thread`: step, Message-ID and subject of the steps sent before): no read of its own.
 -- name: next_due
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
     m.attempts, m.transient_failures, e.mailbox,
     EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
-        coalesce(e.seq, e.id) AS seq
+        coalesce(e.seq, e.id) AS seq,
+        (SELECT json_agg(json_build_array(t.step, t.message_id, t.subject) ORDER BY t.step)
+            FROM messages t WHERE t.enrollment_id = m.enrollment_id AND t.state = 'sent' AND t.step < m.step) AS thread
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED;
@@ -286,7 +289,9 @@ SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m
 SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
     m.attempts, m.transient_failures, e.mailbox,
     EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
-        coalesce(e.seq, e.id) AS seq
+        coalesce(e.seq, e.id) AS seq,
+        (SELECT json_agg(json_build_array(t.step, t.message_id, t.subject) ORDER BY t.step)
+            FROM messages t WHERE t.enrollment_id = m.enrollment_id AND t.state = 'sent' AND t.step < m.step) AS thread
     FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
     WHERE m.mailbox = ? AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?
     ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED;
@@ -295,7 +300,9 @@ SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
         EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
-        coalesce(e.seq, e.id) AS seq
+        coalesce(e.seq, e.id) AS seq,
+        (SELECT json_agg(json_build_array(t.step, t.message_id, t.subject) ORDER BY t.step)
+            FROM messages t WHERE t.enrollment_id = m.enrollment_id AND t.state = 'sent' AND t.step < m.step) AS thread
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS f
@@ -303,7 +310,9 @@ UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
         EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
-        coalesce(e.seq, e.id) AS seq
+        coalesce(e.seq, e.id) AS seq,
+        (SELECT json_agg(json_build_array(t.step, t.message_id, t.subject) ORDER BY t.step)
+            FROM messages t WHERE t.enrollment_id = m.enrollment_id AND t.state = 'sent' AND t.step < m.step) AS thread
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS n
@@ -313,7 +322,9 @@ LIMIT 1;
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
         EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
-        coalesce(e.seq, e.id) AS seq
+        coalesce(e.seq, e.id) AS seq,
+        (SELECT json_agg(json_build_array(t.step, t.message_id, t.subject) ORDER BY t.step)
+            FROM messages t WHERE t.enrollment_id = m.enrollment_id AND t.state = 'sent' AND t.step < m.step) AS thread
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step = 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS n
@@ -321,7 +332,9 @@ UNION ALL
 SELECT * FROM (SELECT m.id, m.enrollment_id, m.step, m.mailbox, e.cadence, e.email, e.fields, m.due_at,
         m.attempts, m.transient_failures, e.mailbox AS sticky,
         EXISTS (SELECT 1 FROM cadence_pauses p WHERE p.cadence = e.cadence) AS held,
-        coalesce(e.seq, e.id) AS seq
+        coalesce(e.seq, e.id) AS seq,
+        (SELECT json_agg(json_build_array(t.step, t.message_id, t.subject) ORDER BY t.step)
+            FROM messages t WHERE t.enrollment_id = m.enrollment_id AND t.state = 'sent' AND t.step < m.step) AS thread
         FROM messages m JOIN enrollments e ON e.id = m.enrollment_id
         WHERE m.mailbox = ?1 AND m.state = 'scheduled' AND m.step > 1 AND m.due_at <= ?2
         ORDER BY m.due_at, m.id LIMIT 1 FOR UPDATE OF m SKIP LOCKED) AS f
