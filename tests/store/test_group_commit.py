@@ -72,3 +72,65 @@ async def test_a_batch_keeps_every_call_but_the_one_that_fails(where: Path | str
     }
     # SQLite: one commit for the six (savepoints); PostgreSQL: the batch rolled back, then five calls alone.
     assert len(made) == (5 if isinstance(where, str) else 1)
+
+
+@pytest.mark.anyio
+async def test_a_batch_asks_every_calls_reads_first_then_runs_each_and_a_failure_still_fails_alone(
+    where: Path | str,
+) -> None:
+    """`grouped(..., ahead=)`: on PostgreSQL every call's `ahead` (writes sent, reads asked, none waited for)
+    runs before the first call, so the batch's reads travel together; each call then reads its own answers. A
+    call that fails after its ahead wrote is undone alone (with its ahead's write), the others answered from
+    what they asked. SQLite reads at once: the calls run without it."""
+    events: list[str] = []
+
+    def ahead(store: Store, key: str) -> object:
+        events.append(f"ask {key}")
+        store.set_daemon_state({f"{key}-asked": "kept"})
+        return store.ask_snapshot(key, "2026-12-06", 0.0)
+
+    def turn(store: Store, key: str, asked: object = None) -> str:
+        events.append(f"run {key}")
+        snap = asked() if callable(asked) else store.snapshot(key, "2026-12-06", 0.0)
+        if key == "bad":
+            raise Refused("this call fails after its ahead wrote")
+        return f"{key} {snap.state} {'asked' if asked is not None else 'read'}"
+
+    db = AsyncStore(where)
+    answers: dict[str, object] = {}
+    try:
+        async with anyio.create_task_group() as running:
+            running.start_soon(db.committer)
+
+            async def call(key: str) -> None:
+                try:
+                    answers[key] = await db.grouped(turn, key, ahead=ahead)
+                except Refused as exc:
+                    answers[key] = exc
+
+            async with anyio.create_task_group() as calls:  # one event loop pass: one batch
+                for key in ("a", "b", "bad", "c"):
+                    calls.start_soon(call, key)
+            running.cancel_scope.cancel()
+    finally:
+        db.close()
+    remote = isinstance(where, str)
+    how = "asked" if remote else "read"
+    assert {k: v for k, v in answers.items() if k != "bad"} == {k: f"{k} connected {how}" for k in "abc"}
+    assert isinstance(answers["bad"], Refused)
+    if remote:  # the batch: every ask first; it failed at `bad`, then each call alone, its ask then its run
+        assert events[:4] == ["ask a", "ask b", "ask bad", "ask c"]
+        assert events[4:7] == ["run a", "run b", "run bad"]
+        assert events[7:] == [f"{step} {k}" for k in ("a", "b", "bad", "c") for step in ("ask", "run")]
+    else:  # savepoints, one call after another
+        assert events == ["run a", "run b", "run bad", "run c"]
+    store = Store.open(where)
+    try:
+        state = store.daemon_state()
+    finally:
+        store.close()
+    asked = {k: state.get(f"{k}-asked") for k in ("a", "b", "bad", "c")}
+    if remote:  # the asks' writes kept with their calls; the failed call's undone with it
+        assert asked == {"a": "kept", "b": "kept", "bad": None, "c": "kept"}
+    else:
+        assert set(asked.values()) == {None}  # no ask ran
