@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from daemon.errors import StoreBusy, StoreError
-from daemon.store import SCHEMA_VERSION, Store
+from daemon.store import SCHEMA_VERSION, SentRecord, Store
 from tests.conftest import Project
 from tests.daemon_helpers import DaemonProcess, query
 from tests.postgres_server import Postgres
@@ -105,6 +108,34 @@ def test_the_lease_fence_lets_its_renewal_through_and_holds_a_takeover_until_the
     finally:
         for s in (claimer, renewer, taker):
             s.close()
+
+
+def test_a_send_recorded_again_counts_once(tmp_path: Path, postgres_url: str) -> None:
+    """A commit whose answer is lost (the connection cut after COMMIT went out) leaves the daemon holding the
+    send, and it records it again once the database answers. The record counts the mailbox's day, the
+    recipient's domain, the cadence's first emails and the result only while the message was not sent yet."""
+    project = Project(tmp_path, postgres_url)
+    address = project.add_mailboxes(1, gap="0s", domain_daily_limit=5)[0]
+    project.add_cadence(new_per_day=5)
+    project.write()
+    assert project.enroll(project.people(1)).code == 0
+    store = Store.open(postgres_url)
+    try:
+        now = time.time()
+        claimed = store.claim(address, now, lambda i, a: f"<{i}.{a}@send.example>")
+        assert claimed is not None
+        day = datetime.now(UTC).date().isoformat()
+        record = SentRecord(claimed, now, 250, "ok", "Hello", day, now, None, None, True, True)
+        for _ in range(2):
+            with store.transaction():
+                store.record_sent(record)
+    finally:
+        store.close()
+    assert query(postgres_url, "SELECT sent, first_emails FROM daily_counts") == [(1, 1)]
+    assert query(postgres_url, "SELECT domain, sent FROM domain_counts") == [("prospects.example", 1)]
+    assert query(postgres_url, "SELECT cadence, first_emails FROM cadence_counts") == [("c1", 1)]
+    assert query(postgres_url, "SELECT n FROM results WHERE kind = 'sent'") == [(1,)]
+    assert query(postgres_url, "SELECT state FROM messages") == [("sent",)]
 
 
 def test_a_schema_19_database_keeps_its_cadence_counts_per_node(postgres_url: str) -> None:

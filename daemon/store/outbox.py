@@ -231,20 +231,22 @@ class Outbox(Core):
         gap_until, next_step, copy, count_domain = r.gap_until, r.next_step, r.copy, r.count_domain
         with self.transaction():
             write = self.conn.write  # none of these answers is read: in a pipeline they go with the next read
-            if count_domain:
-                write(self.q.count_domain_send, (c.mailbox, day, domain_of(c.email)))
             if copy is not None:
                 write(self.q.keep_sent_copy, (c.id, c.mailbox, c.message_id, copy))
             was = None
-            if r.count_cadence and c.step == 1:
-                write(self.q.count_cadence_first, (c.mailbox, c.cadence, day))
+            cadence = c.cadence if r.count_cadence and c.step == 1 else None
             if self.conn.pipelines:  # one statement (its triggers count the rest): no answer to wait for
+                domain = domain_of(c.email) if count_domain else None
                 first = int(c.step == 1)
                 write(
                     self.q.mark_sent_counted,
-                    (now, code, text, subject, r.variant, c.id, c.mailbox, day, first, gap_until),
+                    (now, code, text, subject, r.variant, c.id, c.mailbox, day, first, gap_until, domain, cadence),
                 )
             else:
+                if count_domain:
+                    write(self.q.count_domain_send, (c.mailbox, day, domain_of(c.email)))
+                if cadence is not None:
+                    write(self.q.count_cadence_first, (c.mailbox, cadence, day))
                 if self.counts_by_hand:
                     was = self.conn.one(self.q.state_of_message, (c.id,))
                 write(self.q.mark_sent, (now, code, text, subject, r.variant, c.id))

@@ -355,16 +355,27 @@ INSERT INTO enrollment_counts VALUES (?, 'active', ?, counting_node())
     ON CONFLICT (cadence, state, node) DO UPDATE SET n = enrollment_counts.n + excluded.n;
 
 -- schedule_step and its count in one statement, so that the send's record waits for no answer (a pipeline).
--- A send's record in one statement: the message sent, the mailbox's day counted (?9: 1 for a first email, which
--- new_per_day counts apart), its last send and gap noted (as mark_sent, count_send or count_first_send, note_send).
+-- A send's record in one statement, counted once: the message sent, and only if it was not already (a record
+-- written again after a commit whose answer was lost counts nothing twice), the mailbox's day (?9: 1 for a first
+-- email, which new_per_day counts apart), the recipient's domain (?11, domain_daily_limit) and the cadence's first
+-- emails (?12, its new_per_day); its last send and gap noted. (mark_sent, count_send or count_first_send,
+-- count_domain_send, count_cadence_first and note_send, in one round trip.)
 -- name: mark_sent_counted
 WITH sent AS (
     UPDATE messages SET state = 'sent', sent_at = ?1, smtp_code = ?2, detail = ?3, subject = ?4, variant = ?5
-        WHERE id = ?6
+        WHERE id = ?6 AND state <> 'sent' RETURNING id
 ), counted AS (
-    INSERT INTO daily_counts (mailbox, day, sent, first_emails) VALUES (?7, ?8, 1, ?9)
+    INSERT INTO daily_counts (mailbox, day, sent, first_emails) SELECT ?7, ?8, 1, ?9 FROM sent
         ON CONFLICT (mailbox, day) DO UPDATE SET sent = daily_counts.sent + 1,
         first_emails = daily_counts.first_emails + excluded.first_emails
+), by_domain AS (
+    INSERT INTO domain_counts (mailbox, day, domain, sent) SELECT ?7, ?8, CAST(?11 AS TEXT), 1 FROM sent
+        WHERE CAST(?11 AS TEXT) IS NOT NULL
+        ON CONFLICT (mailbox, day, domain) DO UPDATE SET sent = domain_counts.sent + 1
+), by_cadence AS (
+    INSERT INTO cadence_counts (mailbox, cadence, day, first_emails) SELECT ?7, CAST(?12 AS TEXT), ?8, 1 FROM sent
+        WHERE CAST(?12 AS TEXT) IS NOT NULL
+        ON CONFLICT (mailbox, cadence, day) DO UPDATE SET first_emails = cadence_counts.first_emails + 1
 )
 INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before) VALUES (?7, 'connected', ?1, ?1, ?10)
     ON CONFLICT (mailbox) DO UPDATE SET last_send_at = excluded.last_send_at,
