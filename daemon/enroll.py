@@ -385,10 +385,14 @@ class _Joined:
     def read(self, size: int = -1) -> bytes:
         if not self.head:
             return self.rest.read(size)
-        head, self.head = self.head, b""
         if size < 0:
+            head, self.head = self.head, b""
             return head + self.rest.read()
-        return head + self.rest.read(max(size - len(head), 0)) if size > len(head) else head
+        if size < len(self.head):  # no more than asked: the blocks end where they would without the look ahead
+            head, self.head = self.head[:size], self.head[size:]
+            return head
+        head, self.head = self.head, b""
+        return head + self.rest.read(size - len(head))
 
 
 class _Recoded:

@@ -132,6 +132,7 @@ CSV_PIECES = [
 @example(b"email,name\n", [b"a", b",", b"B ", b"\n", b"x" * 9, b"\r\n", b"\n", b"a"], 4, 40)  # plain, CR LF, blank
 @example(b"email,name\n", [b"a", b"\n", b'"', b"\n", b'"', b",", b"a", b"\n", b"a"], 3, 40)  # a quoted line end
 @example(b"email,name\n", [b"a", b"\n", b'"', b"a", b"\n"], 4, 40)  # a quote never closed
+@example(b"name\n", [b"\xff", b"\n"], 3, 8)  # the header's problem (line 1) before a bad byte on line 2
 def test_plain_runs_read_as_the_csv_module_reads_every_line(
     header: bytes, pieces: list[bytes], read: int, most: int
 ) -> None:
