@@ -1095,6 +1095,26 @@ def _prospect_paths(common: dict[str, Any], refused: dict[str, Any], unauthorize
     }
 
 
+def check_listen(settings: ApiSettings) -> None:
+    """[api] listen can be bound now: Refused (exit 1, systemd starts the daemon again) names the address and the
+    reason (another program listens there), where Hypercorn's OSError ended the daemon with a traceback.
+    Checked before anything starts; the port is bound again by the server a moment later."""
+    if settings.socket:
+        return  # a unix socket: Hypercorn's own error names the path
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    probe = ServerConfig()
+    probe.bind = [f"{host}:{settings.port}"]
+    try:
+        sockets = probe.create_sockets()
+    except OSError as exc:
+        raise Refused(
+            f"[api] listen {host}:{settings.port}: cannot listen there ({exc.strerror or exc}); is another program "
+            "(or another cadenced) listening on that port?"
+        ) from None
+    for sock in sockets.insecure_sockets:
+        sock.close()
+
+
 async def run(
     settings: ApiSettings,
     config: Callable[[], Config],

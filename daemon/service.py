@@ -258,6 +258,10 @@ class Daemon:
             raise self._fatal
 
     async def _run(self) -> None:
+        if self.config.api is not None:
+            from daemon import api
+
+            api.check_listen(self.config.api)  # before anything starts: a port taken is said, not a traceback
         dispatcher = await self._reach(self.startup)
         try:
             async with anyio.create_task_group() as tg:

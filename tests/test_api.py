@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +36,9 @@ TOKEN = "api-token-for-the-tests-0123456789"
 def wait_listening(port: int, proc: subprocess.Popen[bytes], within: float = 20.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "the daemon exited"
+        if proc.poll() is not None:
+            out = proc.communicate()[0] if proc.stdout is not None else b""  # read: no pipe left open
+            raise AssertionError(f"the daemon exited ({proc.returncode}): {out.decode(errors='replace')[-2000:]}")
         try:
             httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1.0)
             return
@@ -160,14 +163,24 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
-        self.project.write()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(self.project.config_path), "run"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        wait_listening(self.port, self.proc)
-        return self
+        for _ in range(3):
+            self.project.write()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "--config", str(self.project.config_path), "run"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                wait_listening(self.port, self.proc)
+                return self
+            except AssertionError as exc:
+                if "cannot listen there" not in str(exc):
+                    raise
+            # free_port's port was taken by another test between its choice and the daemon's start: another
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.project.data["api"]["listen"] = f"127.0.0.1:{self.port}"
+        raise AssertionError("three ports taken in a row")
 
     def stop(self) -> str:
         assert self.proc is not None
@@ -527,3 +540,29 @@ def test_events_are_counted_under_any_log_level() -> None:
     assert logs.event_counts[deferred] == before[deferred] + 1
     shown = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert shown == ["message.deferred", "store.error"]
+
+
+def test_a_port_another_program_listens_on_is_named_not_a_traceback(project: Project, tmp_path: Path) -> None:
+    """[api] listen on a port already taken: the daemon says which address and why, exits 1 (systemd starts it
+    again: the other program may go), and has sent nothing."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        (tmp_path / "api-token").write_text(TOKEN)
+        (tmp_path / "api-token").chmod(0o600)
+        project.data["api"] = {"listen": f"127.0.0.1:{port}", "token_file": str(tmp_path / "api-token")}
+        project.add_mailboxes(1)
+        project.add_cadence()
+        result = subprocess.run(
+            [sys.executable, "-m", "daemon", "--config", str(project.write()), "run"],
+            capture_output=True,
+            timeout=60,
+        )
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    said = result.stderr.decode()
+    assert f"[api] listen 127.0.0.1:{port}: cannot listen there (Address already in use)" in said
+    assert "Traceback" not in said and "Traceback" not in result.stdout.decode()
