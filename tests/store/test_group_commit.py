@@ -5,7 +5,7 @@ to light in a later call's read) rolls the batch back and runs each call alone."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -36,36 +36,51 @@ def _bad(store: Store) -> str:
     raise Refused("this call fails after a write")
 
 
+async def _one_batch(
+    db: AsyncStore, keys: str | tuple[str, ...], call: Callable[[str], Awaitable[object]]
+) -> dict[str, object]:
+    """`call(key)` for each key, started in one event loop pass (one batch of the group commit): each key's
+    answer, or the Refused it raised."""
+    answers: dict[str, object] = {}
+    async with anyio.create_task_group() as running:
+        running.start_soon(db.committer)
+
+        async def one(key: str) -> None:
+            try:
+                answers[key] = await call(key)
+            except Refused as exc:
+                answers[key] = exc
+
+        async with anyio.create_task_group() as calls:
+            for key in keys:
+                calls.start_soon(one, key)
+        running.cancel_scope.cancel()
+    return answers
+
+
+def _daemon_state(where: Path | str) -> dict[str, str]:
+    store = Store.open(where)
+    try:
+        return store.daemon_state()
+    finally:
+        store.close()
+
+
 @pytest.mark.anyio
 async def test_a_batch_keeps_every_call_but_the_one_that_fails(where: Path | str) -> None:
     made: list[float] = []
     stop_counting = commits.add(made.append)
     db = AsyncStore(where)
-    answers: dict[str, object] = {}
     try:
-        async with anyio.create_task_group() as running:
-            running.start_soon(db.committer)
-
-            async def call(key: str) -> None:
-                try:
-                    answers[key] = await (db.grouped(_bad) if key == "bad" else db.grouped(_ok, key))
-                except Refused as exc:
-                    answers[key] = exc
-
-            async with anyio.create_task_group() as calls:  # one event loop pass: one batch
-                for key in ("a", "b", "c", "bad", "d", "e"):
-                    calls.start_soon(call, key)
-            running.cancel_scope.cancel()
+        answers = await _one_batch(
+            db, ("a", "b", "c", "bad", "d", "e"), lambda k: db.grouped(_bad) if k == "bad" else db.grouped(_ok, k)
+        )
     finally:
         stop_counting()
         db.close()
     assert {k: v for k, v in answers.items() if k != "bad"} == {k: k for k in "abcde"}
     assert isinstance(answers["bad"], Refused)
-    store = Store.open(where)
-    try:
-        state = store.daemon_state()
-    finally:
-        store.close()
+    state = _daemon_state(where)
     assert {k: state.get(k) for k in ("a", "b", "c", "d", "e", "bad")} == {
         **dict.fromkeys("abcde", "kept"),
         "bad": None,
@@ -97,21 +112,8 @@ async def test_a_batch_asks_every_calls_reads_first_then_runs_each_and_a_failure
         return f"{key} {snap.state} {'asked' if asked is not None else 'read'}"
 
     db = AsyncStore(where)
-    answers: dict[str, object] = {}
     try:
-        async with anyio.create_task_group() as running:
-            running.start_soon(db.committer)
-
-            async def call(key: str) -> None:
-                try:
-                    answers[key] = await db.grouped(turn, key, ahead=ahead)
-                except Refused as exc:
-                    answers[key] = exc
-
-            async with anyio.create_task_group() as calls:  # one event loop pass: one batch
-                for key in ("a", "b", "bad", "c"):
-                    calls.start_soon(call, key)
-            running.cancel_scope.cancel()
+        answers = await _one_batch(db, ("a", "b", "bad", "c"), lambda k: db.grouped(turn, k, ahead=ahead))
     finally:
         db.close()
     remote = isinstance(where, str)
@@ -124,11 +126,7 @@ async def test_a_batch_asks_every_calls_reads_first_then_runs_each_and_a_failure
         assert events[7:] == [f"{step} {k}" for k in ("a", "b", "bad", "c") for step in ("ask", "run")]
     else:  # savepoints, one call after another
         assert events == ["run a", "run b", "run bad", "run c"]
-    store = Store.open(where)
-    try:
-        state = store.daemon_state()
-    finally:
-        store.close()
+    state = _daemon_state(where)
     asked = {k: state.get(f"{k}-asked") for k in ("a", "b", "bad", "c")}
     if remote:  # the asks' writes kept with their calls; the failed call's undone with it
         assert asked == {"a": "kept", "b": "kept", "bad": None, "c": "kept"}
