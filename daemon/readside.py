@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import os
@@ -335,6 +336,18 @@ class _Kind:
         heapq.heappush(self.made, (due, rank, step, enrollment, route))
 
 
+def _held_until(turns: list[tuple[float, float]], due: float) -> float:
+    """When a first email due at `due` is due after the turns (when, until), in time order, that found its
+    cadence's first emails of the day all sent: each moved it on, as Store.defer_cadence_new does, if it was due
+    by then."""
+    i = 0
+    while (i := bisect.bisect_left(turns, (due,), i)) < len(turns):
+        when, until = turns[i]
+        due = until + (due - when) / 1e6
+        i += 1
+    return due
+
+
 def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     """Forecast sends per mailbox per local day, with the daemon's own rules (lifecycle, timing).
 
@@ -384,6 +397,9 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
     moved: dict[tuple[str, str], tuple[float, float]] = {}
     # [[cadences]] new_per_day: (mailbox, day, cadence) → first emails, today's as the store counted them
     caps = {c.name: c.new_per_day for c in config.cadences if c.new_per_day}
+    # (mailbox, cadence) → the turns (when, until) that found the cadence's first emails of the day all sent:
+    # each moved all its due first emails on, whether or not one was next (take_turn)
+    held: dict[tuple[str, str], list[tuple[float, float]]] = {}
     cadence_counts: dict[tuple[str, str, str], int] = {
         (address, timing.local_day(now, m.schedule.timezone), cadence): store.cadence_first_emails(
             address, cadence, timing.local_day(now, m.schedule.timezone)
@@ -429,6 +445,24 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
         assert head is not None  # the slot was found from a head due by then
         due, rank, step, enrollment, route = head
         kind.pop()
+        if step == 1 and caps:  # a cadence's new_per_day: moved on by the turns that found its cadence full
+            route = route or store.route_of(enrollment)
+            turns = held.get((address, route[0]), []) if route is not None and route[0] in caps else None
+            if turns is not None and (later := _held_until(turns, due)) != due:
+                kind.push(later, rank, step, enrollment, route)  # a turn before this one moved it: not one now
+                look(address)
+                continue
+        moved_now = None
+        for cadence, limit in caps.items():  # this turn may send: every full cadence's due first emails move on
+            if cadence_counts.get((address, day, cadence), 0) >= limit:
+                until = timing.next_sending_day(at, m.schedule, stretches[address].first_day)
+                held.setdefault((address, cadence), []).append((at, until))
+                if step == 1 and route is not None and route[0] == cadence:
+                    moved_now = until + (due - at) / 1e6  # as Store.defer_cadence_new: in order, before `until`
+        if moved_now is not None:
+            kind.push(moved_now, rank, step, enrollment, route)
+            look(address)
+            continue
         cap = m.schedule.domain_daily_limit
         if cap:  # domain_daily_limit: a full domain's due messages wait for the next sending day; the others go on
             domain = domains.setdefault(enrollment, domain_of(store.email_of(enrollment)))
@@ -444,22 +478,6 @@ def plan(config: Config, store: Store, now: float, days: int) -> dict[str, Any]:
                 kind.push(until + (due - when) / 1e6, rank, step, enrollment, route)  # it keeps its id
                 look(address)
                 continue
-        if step == 1 and caps:  # a cadence's new_per_day: as a full domain, its due first emails move on
-            route = route or store.route_of(enrollment)
-            if route is not None and (limit := caps.get(route[0], 0)):
-                key = (address, "\0" + route[0])  # beside the domains' moves: no domain starts with NUL
-                when, until = moved.get(key, (0.0, 0.0))
-                if due > when:
-                    if cadence_counts.get((address, day, route[0]), 0) < limit:
-                        when = until = 0.0
-                    else:
-                        when = at
-                        until = timing.next_sending_day(at, m.schedule, stretches[address].first_day)
-                        moved[key] = (when, until)
-                if until:
-                    kind.push(until + (due - when) / 1e6, rank, step, enrollment, route)
-                    look(address)
-                    continue
         if gone or paused or step > shortest:
             route = route or store.route_of(enrollment)
             if route is None or route[0] in paused or lifecycle.step_of(config, route[0], step)[1] is None:
