@@ -196,7 +196,7 @@ def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgr
     query(postgres_url, "UPDATE cadenced_schema SET version = 10")
     store = Store.open(postgres_url)
     try:
-        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 20
+        assert store.conn.execute("SELECT version FROM cadenced_schema").fetchone()[0] == SCHEMA_VERSION == 21
     finally:
         store.close()
     indexes = {r[0] for r in query(postgres_url, "SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")}
@@ -206,6 +206,31 @@ def test_a_schema_10_database_is_brought_to_this_schema(project: Project, postgr
     query(postgres_url, "UPDATE cadenced_schema SET version = 9")
     with pytest.raises(StoreError, match="schema 9: this cadenced cannot upgrade it"):
         Store.open(postgres_url)
+
+
+COUNTING = ("message_recounted", "enrollment_recounted", "result_sent", "result_ended", "result_rolled_up")
+
+
+def test_a_schema_20_database_gets_counting_triggers_that_stand_aside(postgres_url: str) -> None:
+    """Schema 21: the counting triggers do not fire on the group commit's session (its statements count); a
+    database of 20, whose triggers always fired, has them made again, and still counts on other sessions."""
+    Store.open(postgres_url).close()
+    tables = dict(
+        query(postgres_url, "SELECT DISTINCT trigger_name, event_object_table FROM information_schema.triggers")
+    )
+    for name in COUNTING:  # as schema 20 made them: no condition on the session (each calls its namesake)
+        query(postgres_url, f"DROP TRIGGER {name} ON {tables[name]}")
+        query(
+            postgres_url, f"CREATE TRIGGER {name} AFTER UPDATE ON {tables[name]} FOR EACH ROW EXECUTE FUNCTION {name}()"
+        )
+    query(postgres_url, "UPDATE cadenced_schema SET version = 20")
+    Store.open(postgres_url).close()
+    definitions = dict(
+        query(postgres_url, "SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger WHERE NOT tgisinternal")
+    )
+    for name in COUNTING:
+        assert "cadenced.counting" in definitions[name], name
+    assert query(postgres_url, "SELECT version FROM cadenced_schema") == [(SCHEMA_VERSION,)]
 
 
 def test_one_daemon_per_node_name(project: Project, postgres_url: str) -> None:

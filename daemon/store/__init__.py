@@ -90,13 +90,13 @@ class Store(Outbox, Enrollments, Imports, Health, Counts, Prospects, Core):
         """The database of `daemon.database`: an SQLite file, or a PostgreSQL URL.
 
         `wait` False: a write that finds another process's lock fails at once (StoreBusy) instead of waiting.
-        `counts_by_hand` (SQLite): no counting triggers; only claim, record_sent and finish_enrollment may
-        change a state on this connection (the daemon's group commit). PostgreSQL keeps its triggers.
+        `counts_by_hand`: no counting triggers; only claim, record_sent and finish_enrollment may change a state
+        on this connection (the daemon's group commit). SQLite counts in Python; PostgreSQL in those statements.
         """
         if isinstance(path, str):
             from daemon.store.postgres import PgEngine  # psycopg is loaded only for a PostgreSQL database
 
-            return cls(PgEngine.connect(path, busy_timeout=busy_timeout, wait=wait))
+            return cls(PgEngine.connect(path, busy_timeout=busy_timeout, wait=wait, counting=counts_by_hand))
         return cls(
             SqliteEngine.open(path, create=create, busy_timeout=busy_timeout, wait=wait, counts_by_hand=counts_by_hand)
         )

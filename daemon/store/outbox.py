@@ -197,7 +197,8 @@ class Outbox(Core):
                 return None
             attempts = row[8] + 1
             mid = message_id(row[0], attempts)
-            self.conn.write(self.q.claim, (attempts, mid, row[0]))
+            # PostgreSQL: counted in the statement where the session's triggers stand aside (the group commit)
+            self.conn.write(self.q.claim_counted if self.conn.pipelines else self.q.claim, (attempts, mid, row[0]))
             if self.counts_by_hand:
                 self._recount(row[3], "scheduled", "sending")
         return Claimed(
@@ -235,13 +236,12 @@ class Outbox(Core):
                 write(self.q.keep_sent_copy, (c.id, c.mailbox, c.message_id, copy))
             was = None
             cadence = c.cadence if r.count_cadence and c.step == 1 else None
-            if self.conn.pipelines:  # one statement (its triggers count the rest): no answer to wait for
+            if self.conn.pipelines:  # one statement (it or the triggers count the rest): no answer to wait for
                 domain = domain_of(c.email) if count_domain else None
                 first = int(c.step == 1)
-                write(
-                    self.q.mark_sent_counted,
-                    (now, code, text, subject, r.variant, c.id, c.mailbox, day, first, gap_until, domain, cadence),
-                )
+                ends = c.enrollment_id if next_step is None else None  # its last step: ended in the statement
+                counted = (now, code, text, subject, r.variant, c.id, c.mailbox, day, first, gap_until, domain, cadence)
+                write(self.q.mark_sent_counted, (*counted, ends, c.cadence, c.step))
             else:
                 if count_domain:
                     write(self.q.count_domain_send, (c.mailbox, day, domain_of(c.email)))
@@ -258,7 +258,7 @@ class Outbox(Core):
             if next_step is not None:
                 step, mailbox, due = next_step
                 self.schedule_step(c.enrollment_id, step, mailbox, due)
-            else:
+            elif not self.conn.pipelines:  # PostgreSQL's statement above finished it
                 self.finish_enrollment(c.enrollment_id, now, (c.step, r.variant or "", c.mailbox))
 
     def sent_copies_due(self, mailbox: str, limit: int) -> list[tuple[int, str, bytes]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 20
+SCHEMA_VERSION = 21
 
 MESSAGE_STATES = ("scheduled", "sending", "sent", "error", "failed", "cancelled")
 ENROLLMENT_STATES = ("active", "finished", "replied", "bounced", "stopped")

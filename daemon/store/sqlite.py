@@ -292,6 +292,7 @@ MIGRATIONS = {
     );
     """,
     20: "",  # PostgreSQL's cadence counts kept per node (one daemon writes SQLite)
+    21: "",  # PostgreSQL's counting triggers stand aside where a statement counts (SQLite's are TEMP ones)
 }
 
 # What the permanent triggers did until schema 11, installed on each connection as it opens (Store.open,

@@ -53,6 +53,40 @@ def sent(c: Claimed, next_step: tuple[int, str, float] | None) -> SentRecord:
     return SentRecord(c, 1000.0, 250, "ok", f"step {c.step}", DAY, 1060.0, next_step)
 
 
+def test_the_group_commits_session_counts_what_the_triggers_count(store: Store) -> None:
+    """The daemon's group commit counts without the counting triggers (SQLite by hand, PostgreSQL in the claim's
+    and the record's statements): the same sends, one cadence and mailbox through it and another through a
+    session with the triggers, leave the same counts and results."""
+    where = store.conn.url if store.shared else store.path  # type: ignore[attr-defined]
+    group = Store.open(where, wait=False, counts_by_hand=True)
+    try:
+        if store.shared:  # its triggers stand aside: the statements count
+            assert group.conn.one("SELECT current_setting('cadenced.counting', true)")[0] == "statement"
+        for s, cadence, mailbox in ((group, "c1", A), (store, "c2", B)):
+            enroll(store, cadence, ["p1@x.example", "p2@y.example"], mailbox=mailbox)
+            for _ in range(2):
+                c = claim(s, mailbox)
+                with s.transaction():
+                    s.record_sent(sent(c, (2, mailbox, 1500.0)))
+            c = claim(s, mailbox, 2000.0)
+            with s.transaction():
+                s.record_sent(sent(c, None))  # its last step: the enrollment finished
+            with s.transaction():
+                s.record_sent(sent(c, None))  # recorded again (a commit whose answer was lost): counted once
+    finally:
+        group.close()
+    counts_agree(store)
+    counts = store.message_counts()
+    assert {(m, s): n for (m, s), n in counts.items() if m == A} == {
+        (A, s): n for (m, s), n in counts.items() if m == B
+    }
+    assert store.enrollment_counts() == {"c1": {"active": 1, "finished": 1}, "c2": {"active": 1, "finished": 1}}
+    for by, since in (("variant", ""), ("mailbox", ""), ("day", ""), ("step", "1970-01-01")):
+        rows = {(r[0], *(A if v == B else v for v in r[1:])) for r in store.results(by, None, since)}
+        assert {r[1:] for r in rows if r[0] == "c1"} == {r[1:] for r in rows if r[0] == "c2"}, by
+        assert any(r[0] == "c1" and "finished" in r for r in rows), by
+
+
 def test_a_claim_takes_the_oldest_due_and_a_send_schedules_the_next_step(store: Store) -> None:
     enroll(store, "c1", ["p1@x.example"], due=100.0)
     enroll(store, "c1", ["p2@y.example"], due=50.0)

@@ -46,6 +46,7 @@ def test_each_engine_has_every_statement_the_store_runs_in_its_own_placeholders(
         "lock_taken",
         "schedule_step_counted",
         "mark_sent_counted",
+        "claim_counted",
         "release_leases",
         "release_daemon",
         "daemons",

@@ -354,16 +354,57 @@ SELECT count(*), min(email) FROM enrollments
 INSERT INTO enrollment_counts VALUES (?, 'active', ?, counting_node())
     ON CONFLICT (cadence, state, node) DO UPDATE SET n = enrollment_counts.n + excluded.n;
 
--- schedule_step and its count in one statement, so that the send's record waits for no answer (a pipeline).
+-- The claim, counted in the statement on a session whose counting triggers stand aside (see mark_sent_counted):
+-- the message was read scheduled, and locked, in this transaction.
+-- name: claim_counted
+WITH claimed AS (
+    UPDATE messages SET state = 'sending', attempts = ?1, message_id = ?2, reason = NULL, detail = NULL
+        WHERE id = ?3 RETURNING mailbox
+)
+INSERT INTO message_counts SELECT c.mailbox, k.state, k.n
+    FROM claimed c, (VALUES ('scheduled', -1), ('sending', 1)) k (state, n)
+    WHERE current_setting('cadenced.counting', true) = 'statement'
+    ON CONFLICT (mailbox, state) DO UPDATE SET n = message_counts.n + excluded.n;
+
 -- A send's record in one statement, counted once: the message sent, and only if it was not already (a record
 -- written again after a commit whose answer was lost counts nothing twice), the mailbox's day (?9: 1 for a first
 -- email, which new_per_day counts apart), the recipient's domain (?11, domain_daily_limit) and the cadence's first
--- emails (?12, its new_per_day); its last send and gap noted. (mark_sent, count_send or count_first_send,
--- count_domain_send, count_cadence_first and note_send, in one round trip.)
+-- emails (?12, its new_per_day); its last send and gap noted; ?13: the enrollment, at its last step, finished.
+-- (mark_sent, count_send or count_first_send, count_domain_send, count_cadence_first, note_send and
+-- finish_enrollment, in one round trip.) On a session whose counting triggers stand aside (`cadenced.counting`,
+-- the group commit's) it also counts what they would: the message by state, the send's result (?14: the
+-- cadence, ?15: the step) and the enrollment's, their rollups, and the enrollment by state.
 -- name: mark_sent_counted
-WITH sent AS (
-    UPDATE messages SET state = 'sent', sent_at = ?1, smtp_code = ?2, detail = ?3, subject = ?4, variant = ?5
-        WHERE id = ?6 AND state <> 'sent' RETURNING id
+WITH by_statement AS (
+    SELECT 1 WHERE current_setting('cadenced.counting', true) = 'statement'
+), was AS (
+    SELECT id, state, mailbox FROM messages WHERE id = ?6 AND state <> 'sent' FOR UPDATE
+), sent AS (
+    UPDATE messages m SET state = 'sent', sent_at = ?1, smtp_code = ?2, detail = ?3, subject = ?4, variant = ?5
+        FROM was WHERE m.id = was.id RETURNING was.state, was.mailbox
+), uncounted AS (
+    UPDATE message_counts c SET n = c.n - 1 FROM sent, by_statement
+        WHERE c.mailbox = sent.mailbox AND c.state = sent.state
+), finished AS (
+    UPDATE enrollments SET state = 'finished', ended_at = ?1 WHERE id = ?13 AND state = 'active' RETURNING cadence
+), ended AS (
+    INSERT INTO enrollment_counts SELECT f.cadence, k.state, k.n, counting_node()
+        FROM finished f, by_statement, (VALUES ('active', -1), ('finished', 1)) k (state, n)
+        ON CONFLICT (cadence, state, node) DO UPDATE SET n = enrollment_counts.n + excluded.n
+), result AS (
+    SELECT CAST(?14 AS TEXT) AS cadence, result_day(?1) AS day, CAST(?15 AS INTEGER) AS step,
+        coalesce(?5, '') AS variant, sent.mailbox, 'sent' AS kind FROM sent, by_statement
+    UNION ALL SELECT f.cadence, result_day(?1), CAST(?15 AS INTEGER), coalesce(?5, ''), ?7, 'finished'
+        FROM finished f, by_statement
+), results_counted AS (
+    INSERT INTO results SELECT cadence, day, step, variant, mailbox, kind, 1 FROM result
+        ON CONFLICT (cadence, day, step, variant, mailbox, kind) DO UPDATE SET n = results.n + 1
+), totals_counted AS (
+    INSERT INTO result_totals SELECT cadence, step, variant, mailbox, kind, 1 FROM result
+        ON CONFLICT (cadence, step, variant, mailbox, kind) DO UPDATE SET n = result_totals.n + 1
+), days_counted AS (
+    INSERT INTO result_days SELECT cadence, day, step, kind, 1, counting_node() FROM result
+        ON CONFLICT (cadence, day, step, kind, node) DO UPDATE SET n = result_days.n + 1
 ), counted AS (
     INSERT INTO daily_counts (mailbox, day, sent, first_emails) SELECT ?7, ?8, 1, ?9 FROM sent
         ON CONFLICT (mailbox, day) DO UPDATE SET sent = daily_counts.sent + 1,
@@ -381,6 +422,7 @@ INSERT INTO mailbox_health (mailbox, state, since, last_send_at, not_before) VAL
     ON CONFLICT (mailbox) DO UPDATE SET last_send_at = excluded.last_send_at,
     not_before = excluded.not_before, throttled_until = NULL;
 
+-- schedule_step and its count in one statement, so that the send's record waits for no answer (a pipeline).
 -- name: schedule_step_counted
 WITH scheduled AS (
     INSERT INTO messages (enrollment_id, step, mailbox, state, due_at)
