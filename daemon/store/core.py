@@ -182,7 +182,8 @@ class Core:
     # On SQLite the counts of messages and enrollments by state follow each change by TEMP triggers every
     # connection installs, except the daemon's group commit's, whose claim and send count by hand (a trigger
     # cost SQLite 15 µs a row before its body ran: a sixth of the daemon's CPU per send, measured); PostgreSQL
-    # keeps them by its PL/pgSQL triggers. Inserts are counted here, in bulk, on both.
+    # keeps them by its PL/pgSQL triggers, except on the group commit's session, where claim_counted and
+    # mark_sent_counted count in the statement. Inserts are counted here, in bulk, on both.
 
     def count_enrollments(self, cadence: str, added: dict[str, int]) -> None:
         """Keep the per-mailbox tally rotation balances on (SPEC §3: fewest so far)."""

@@ -1,7 +1,8 @@
 """The store on PostgreSQL: `database = "postgresql://…"` (SPEC §10).
 
 The statements are the store's named queries (queries/common.sql and queries/postgres.sql), the schema is
-schema/postgres.sql with its counting triggers in PL/pgSQL. There is no global write lock: writers lock the
+schema/postgres.sql with its counting triggers in PL/pgSQL (which stand aside on the group commit's session,
+whose claim and send record count in their own statements). There is no global write lock: writers lock the
 rows they change. A claim takes its message with `FOR UPDATE SKIP LOCKED` and holds its mailbox's lease row
 `FOR SHARE` (a takeover waits for it), so one daemon claims for a mailbox at a time and a day's count, gap and
 new-prospect count, kept per mailbox, hold as on SQLite; imports take one advisory lock among themselves
@@ -306,7 +307,7 @@ class PgEngine:
     """One psycopg connection, as the store uses it."""
 
     shared = True
-    counts_by_hand = False  # PostgreSQL keeps its counting triggers
+    counts_by_hand = False  # nothing is counted in Python: the triggers or (`counting`) the statements count
     pipelines = True
     LEASE_MARGIN = 0.5  # a claim needs its lease to last this share of a lease longer (a send fits in it)
 
