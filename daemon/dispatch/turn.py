@@ -54,10 +54,8 @@ def ask_turn(
     # Fenced twice on PostgreSQL: by this daemon's own clock since its last renewal (`leased`), and by the
     # lease row, read and held in this transaction (a takeover waits for it): asked here, so that it goes
     # with the send's record and the snapshot in one round trip, read before any claim.
-    holds = store.holding(mailbox.address)
-    snap = store.ask_snapshot(mailbox.address, day, clock.day_start(now))
-    following = store.ask_next_due(mailbox.address, now, mailbox.schedule.prioritize) if claiming else None
-    return Asked(holds, snap, following)
+    prioritize = mailbox.schedule.prioritize if claiming else None
+    return Asked(*store.ask_turn_reads(mailbox.address, day, clock.day_start(now), now, prioritize))
 
 
 DOMAIN_LOOKS = 20  # full recipient domains passed over in one turn (domain_daily_limit)

@@ -16,6 +16,7 @@ Nothing outside this package imports sqlite3 or psycopg: every error comes out a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ from daemon.store.core import Core
 from daemon.store.counts import Counts
 from daemon.store.engine import Engine, Leasing, commits
 from daemon.store.enrollments import Enrollments
-from daemon.store.health import Health
+from daemon.store.health import Health, snapshot_of
 from daemon.store.imports import Imports
 from daemon.store.outbox import Outbox
 from daemon.store.prospects import Prospects
@@ -100,6 +101,35 @@ class Store(Outbox, Enrollments, Imports, Health, Counts, Prospects, Core):
         return cls(
             SqliteEngine.open(path, create=create, busy_timeout=busy_timeout, wait=wait, counts_by_hand=counts_by_hand)
         )
+
+    def ask_turn_reads(
+        self, mailbox: str, day: str, day_start: float, now: float, prioritize: str | None
+    ) -> tuple[Callable[[], bool], Callable[[], Snapshot], Callable[[], Any] | None]:
+        """holding, ask_snapshot and (`prioritize`: the turn may claim) ask_next_due, asked now and each read when
+        called. A fenced PostgreSQL session in a pipeline asks them in one statement (the `ask_` ones): the
+        server's work for each statement was a sixth of its CPU per message."""
+        fence = self.conn.fence(mailbox)
+        if fence is None or not self.conn.pipelines:
+            holds = self.holding(mailbox)
+            snap = self.ask_snapshot(mailbox, day, day_start)
+            return holds, snap, None if prioritize is None else self.ask_next_due(mailbox, now, prioritize)
+        if prioritize is None:
+            rows = self.conn.execute(self.q.ask_lease_snapshot, (*fence, mailbox, day, day_start))
+        else:
+            statement = self._next_due_statement(prioritize, "ask_lease_snapshot_")
+            rows = self.conn.execute(statement, (*fence, mailbox, day, day_start, mailbox, now))
+        got: list[Any] = []
+
+        def row() -> Any:
+            if not got:
+                got.append(rows.fetchone())
+            return got[0]
+
+        def following() -> Any:
+            r = row()
+            return None if r[13] is None else r[13:]  # holds_lease's column, snapshot's 12, then next_due's
+
+        return lambda: row()[0] is not None, lambda: snapshot_of(row()[1:13]), None if prioritize is None else following
 
     # --- several daemons on one database (PostgreSQL) ------------------------------------------------
 

@@ -74,10 +74,41 @@ def sources(dialect: str) -> dict[str, str]:
     return shared | own
 
 
+_COMPOSE = "-- compose:"
+
+
+def compose(name: str, parts: list[str], written: dict[str, str]) -> str:
+    """`-- compose: a b c`: the statements a, b and c (each returning at most one row) as one, side by side: a's
+    columns, then b's, then c's, NULL where one found no row. Their parameters follow each other in that order
+    (numbered anew); each part runs as written (a lock it takes, it takes)."""
+    ctes, offset = [], 0
+    for k, part in enumerate(parts):
+        sql = written.get(part)
+        if sql is None or sql.startswith(_COMPOSE):
+            raise ValueError(f"{name}: composes {part!r}, which is not a statement written in a .sql file")
+        numbers = [int(n) for n in re.findall(r"\?(\d+)", sql)]
+        if numbers and re.search(r"\?(?!\d)", sql):
+            raise ValueError(f"{name}: {part!r} has numbered and unnumbered placeholders")
+        count = max(numbers) if numbers else sql.count("?")
+        bare = iter(range(1, count + 1))
+
+        def renumbered(m: re.Match[str], first: int = offset, bare: Iterator[int] = bare) -> str:
+            return f"?{first + (int(m.group(1)) if m.group(1) else next(bare))}"
+
+        ctes.append(f"q{k} AS ({_PLACEHOLDER.sub(renumbered, sql)})")
+        offset += count
+    joined = " ".join(f"LEFT JOIN q{k} ON true" for k in range(len(parts)))
+    columns = ", ".join(f"q{k}.*" for k in range(len(parts)))
+    return f"WITH {', '.join(ctes)} SELECT {columns} FROM (SELECT 1) AS one {joined}"
+
+
 def load(dialect: str) -> Queries:
-    """The statements of `dialect`, ready for its driver."""
+    """The statements of `dialect`, ready for its driver (a composed one made once, here: see `compose`)."""
     statements: dict[str, Statement] = {}
-    for name, sql in sources(dialect).items():
+    written = sources(dialect)
+    for name, sql in written.items():
+        if sql.startswith(_COMPOSE):
+            sql = compose(name, sql.removeprefix(_COMPOSE).split(), written)
         numbered = bool(re.search(r"\?\d", sql))
         if dialect == "postgres":
             sql = _PLACEHOLDER.sub(lambda m: f"%(p{m.group(1)})s" if m.group(1) else "%s", sql.replace("%", "%%"))
@@ -160,6 +191,10 @@ class Engine(Protocol):
     def holding(self, mailbox: str) -> Callable[[], bool]:
         """Fencing: asks (and, on PostgreSQL, locks for the transaction) this daemon's lease on `mailbox`; the
         answer is read when the returned function is called."""
+        ...
+
+    def fence(self, mailbox: str) -> tuple[str, str, float] | None:
+        """holds_lease's parameters for `mailbox` on a fenced PostgreSQL session (None: nothing to hold)."""
         ...
 
     def describe(self) -> dict[str, Any]: ...

@@ -10,6 +10,11 @@ from daemon.store.core import Core
 from daemon.store.records import Snapshot
 
 
+def snapshot_of(r: Any) -> Snapshot:
+    """A `snapshot` row (the 12 columns it reads)."""
+    return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])
+
+
 class Health(Core):
     def mailbox_states(self) -> dict[str, tuple[str, str | None]]:
         """(stored state, paused_reason) by mailbox: lifecycle.mailbox_state says what that makes it."""
@@ -29,12 +34,7 @@ class Health(Core):
     def ask_snapshot(self, mailbox: str, day: str, day_start: float) -> Callable[[], Snapshot]:
         """`snapshot`, asked now and read when called: in a pipeline it travels with the batch's other reads."""
         rows = self.conn.execute(self.q.snapshot, (mailbox, day, day_start))
-
-        def read() -> Snapshot:
-            r = rows.fetchone()
-            return Snapshot(r[0], r[1] or 0, r[2], r[3], r[4], r[5], r[6], r[7] or 0, r[8], r[9], r[10], r[11])
-
-        return read
+        return lambda: snapshot_of(rows.fetchone())
 
     def pause_if(self, mailbox: str, rule: PauseRule, since_day: str, now: float) -> tuple[str, tuple[int, ...]] | None:
         """Past a rate of `rule` over the window: paused (kept here, not in the config). (reason, numbers) when

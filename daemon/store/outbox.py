@@ -128,13 +128,13 @@ class Outbox(Core):
         row = self._next_due(mailbox, now, prioritize)
         return domain_of(row[5]) if row else None
 
-    def _next_due_statement(self, prioritize: str) -> str:
-        q = self.q
-        return {
-            "follow_ups": q.next_due_follow_ups_first,
-            "new": q.next_due_new_first,
-            "follow_ups_only": q.next_due_follow_up,  # new_per_day reached: no first email today
-        }.get(prioritize, q.next_due)
+    def _next_due_statement(self, prioritize: str, prefix: str = "") -> str:
+        names = {
+            "follow_ups": "next_due_follow_ups_first",
+            "new": "next_due_new_first",
+            "follow_ups_only": "next_due_follow_up",  # new_per_day reached: no first email today
+        }
+        return getattr(self.q, prefix + names.get(prioritize, "next_due"))  # type: ignore[no-any-return]
 
     def ask_next_due(self, mailbox: str, now: float, prioritize: str) -> Callable[[], Any]:
         """The row `claim` would take now, asked ahead and read when called (PostgreSQL, in the group commit's

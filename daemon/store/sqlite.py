@@ -660,6 +660,9 @@ class SqliteEngine:
         """On SQLite one daemon sends for every mailbox."""
         return _always
 
+    def fence(self, mailbox: str) -> tuple[str, str, float] | None:
+        return None
+
     def trace(self, callback: Any) -> None:
         """Every statement run, to `callback` (tests of query plans); None stops."""
         self.conn.set_trace_callback(callback)

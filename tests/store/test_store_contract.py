@@ -87,6 +87,34 @@ def test_the_group_commits_session_counts_what_the_triggers_count(store: Store) 
         assert any(r[0] == "c1" and "finished" in r for r in rows), by
 
 
+@pytest.mark.parametrize("prioritize", ["due", "follow_ups", "new", "follow_ups_only", None])
+def test_a_turns_reads_asked_together_are_the_reads_asked_one_by_one(store: Store, prioritize: str | None) -> None:
+    """A fenced PostgreSQL session in a pipeline asks a turn's lease, snapshot and next row in one statement;
+    they read what the three statements read on their own (SQLite, and an unfenced session: those three)."""
+    enroll(store, "c1", ["p1@x.example", "p2@y.example"], due=50.0)
+    c = claim(store)
+    with store.transaction():
+        store.record_sent(sent(c, (2, A, 500.0)))
+    if store.shared:
+        store.lease_round("node-a", [A], 60.0, [], True)
+        store.fence("node-a", 60.0)
+    for mailbox, held in ((A, True), (B, not store.shared)):
+        with store.conn.pipelined(), store.transaction():
+            holds, snap, following = store.ask_turn_reads(mailbox, DAY, 0.0, 1000.0, prioritize)
+            alone = store.holding(mailbox), store.ask_snapshot(mailbox, DAY, 0.0)
+            row = store.ask_next_due(mailbox, 1000.0, prioritize)() if prioritize is not None else None
+            assert (holds(), snap()) == (alone[0](), alone[1]())
+            assert holds() is held
+            if prioritize is None:
+                assert following is None
+            else:
+                assert following is not None
+                got = following()
+                assert (got is None and row is None) or tuple(got) == tuple(row), (got, row)
+    if store.shared:
+        assert following is not None or prioritize is None
+
+
 def test_a_claim_takes_the_oldest_due_and_a_send_schedules_the_next_step(store: Store) -> None:
     enroll(store, "c1", ["p1@x.example"], due=100.0)
     enroll(store, "c1", ["p2@y.example"], due=50.0)

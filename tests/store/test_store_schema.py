@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from daemon.store import SCHEMA_VERSION, Store
-from daemon.store.engine import load, read_blocks, sources
+from daemon.store.engine import compose, load, read_blocks, sources
 from daemon.store.sqlite import MIGRATIONS, statements
 
 # Heads the store completes with conditions (outbox): a partial index is usable only with its state.
@@ -29,11 +29,30 @@ def test_a_statement_named_twice_or_empty_is_refused() -> None:
     assert blocks == {"a": "SELECT 1", "b": "SELECT ?"}
 
 
+def test_a_composed_statement_runs_its_parts_side_by_side_with_their_parameters_in_turn() -> None:
+    written = {"a": "SELECT 1 FROM t WHERE x = ? AND y = ? FOR KEY SHARE", "b": "SELECT ?2, ?1", "c": "SELECT ?, ?1"}
+    assert compose("ab", ["a", "b"], written) == (
+        "WITH q0 AS (SELECT 1 FROM t WHERE x = ?1 AND y = ?2 FOR KEY SHARE), q1 AS (SELECT ?4, ?3)"
+        " SELECT q0.*, q1.* FROM (SELECT 1) AS one LEFT JOIN q0 ON true LEFT JOIN q1 ON true"
+    )
+    with pytest.raises(ValueError, match="ab: composes 'z', which is not a statement"):
+        compose("ab", ["a", "z"], written)
+    with pytest.raises(ValueError, match="ac: 'c' has numbered and unnumbered placeholders"):
+        compose("ac", ["a", "c"], written)
+
+
 def test_each_engine_has_every_statement_the_store_runs_in_its_own_placeholders() -> None:
     lite, pg = load("sqlite"), load("postgres")
     # SQLite's group commit counts a cadence's ends and results per day by hand, on rows without a node
     assert lite.names - pg.names == {"uncount_active", "count_finished", "count_result_day"}
-    assert {n for n in pg.names - lite.names if not n.startswith(("lease", "server_now"))} == {
+    assert {n for n in pg.names - lite.names if n.startswith("ask_")} == {
+        "ask_lease_snapshot",  # a turn's reads, composed of the statements of these names (see compose)
+        "ask_lease_snapshot_next_due",
+        "ask_lease_snapshot_next_due_follow_up",
+        "ask_lease_snapshot_next_due_follow_ups_first",
+        "ask_lease_snapshot_next_due_new_first",
+    }
+    assert {n for n in pg.names - lite.names if not n.startswith(("lease", "server_now", "ask_"))} == {
         "daemon_seen",
         "forget_daemons",
         "live_daemons",
