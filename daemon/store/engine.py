@@ -193,7 +193,7 @@ class Engine(Protocol):
         answer is read when the returned function is called."""
         ...
 
-    def fence(self, mailbox: str) -> tuple[str, str, float] | None:
+    def lease_check(self, mailbox: str) -> tuple[str, str, float] | None:
         """holds_lease's parameters for `mailbox` on a fenced PostgreSQL session (None: nothing to hold)."""
         ...
 

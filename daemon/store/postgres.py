@@ -754,13 +754,13 @@ class PgEngine:
     def holding(self, mailbox: str) -> Callable[[], bool]:
         """Fencing, in the claiming transaction: this daemon's lease on the mailbox lasts long enough for a send
         (and the lease row is held until the commit). Asked now; in a pipeline, answered with the next read."""
-        fence = self.fence(mailbox)
+        fence = self.lease_check(mailbox)
         if fence is None:
             return lambda: True
         rows = self.execute(self.q.holds_lease, fence)
         return lambda: rows.fetchone() is not None
 
-    def fence(self, mailbox: str) -> tuple[str, str, float] | None:
+    def lease_check(self, mailbox: str) -> tuple[str, str, float] | None:
         return None if self.node is None else (mailbox, self.node, self.lease_ttl * self.LEASE_MARGIN)
 
     def release_all(self, node: str) -> None:

@@ -660,7 +660,7 @@ class SqliteEngine:
         """On SQLite one daemon sends for every mailbox."""
         return _always
 
-    def fence(self, mailbox: str) -> tuple[str, str, float] | None:
+    def lease_check(self, mailbox: str) -> tuple[str, str, float] | None:
         return None
 
     def trace(self, callback: Any) -> None:
